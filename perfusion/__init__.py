@@ -1,0 +1,1 @@
+"""Myocardial perfusion SPECT polar maps: reading, features, classifiers, clinical scores."""
