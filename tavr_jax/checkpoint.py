@@ -1,0 +1,274 @@
+"""Checkpoints of training runs (the only module that imports orbax).
+
+A workdir keeps two orbax `CheckpointManager`s under `W/checkpoints/`:
+`latest/` (the last `keep` saves, for exact resume) and `best/` (the one with the highest
+validation F1). Each checkpoint holds the whole train state (params, optimiser state, batch
+stats, EMA, step, RNG) as one pytree plus the data iterator state as JSON, so a restart
+continues bit for bit. Orbax writes every step into a temporary directory and renames it
+when complete, so a checkpoint half-written at a crash is never listed as a step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import tempfile
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from tavr_jax.schema import KeypointSchema, get_schema
+
+_STATE = "state"
+_DATA = "data"
+BEST_METRIC = "val_f1"
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Writes JSON to a temporary file beside `path`, then renames it over `path`."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _encode_data_state(data_state: Any) -> dict:
+    # Grain iterators return either a JSON-able dict or JSON bytes depending on the API.
+    if data_state is None:
+        return {"kind": "none"}
+    if isinstance(data_state, bytes):
+        return {"kind": "bytes", "value": data_state.decode("utf-8")}
+    return {"kind": "json", "value": data_state}
+
+
+def _decode_data_state(blob: dict | None) -> Any:
+    if not blob or blob.get("kind") == "none":
+        return None
+    if blob["kind"] == "bytes":
+        return blob["value"].encode("utf-8")
+    return blob["value"]
+
+
+def _manager(directory: pathlib.Path, *, keep: int, best: bool, async_save: bool):
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        best_fn=(lambda m: float(m[BEST_METRIC])) if best else None,
+        best_mode="max",
+        keep_checkpoints_without_metrics=not best,
+        # A run killed mid-save leaves `<step>.orbax-checkpoint-tmp-*`: drop it on restart.
+        cleanup_tmp_directories=True,
+        enable_async_checkpointing=async_save,
+    )
+    return ocp.CheckpointManager(directory, options=options, item_names=(_STATE, _DATA))
+
+
+class CheckpointStore:
+    """Latest and best checkpoints of one training workdir.
+
+    Args:
+      workdir: the training workdir; checkpoints live in `workdir/checkpoints/{latest,best}`.
+      keep: how many latest checkpoints to keep.
+      async_save: write in a background thread (the device-to-host copy is synchronous, so
+        the caller may donate the state's buffers right after `save` returns).
+    """
+
+    def __init__(self, workdir: str | os.PathLike, *, keep: int = 2, async_save: bool = True):
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        root = pathlib.Path(workdir).absolute() / "checkpoints"
+        self._latest = _manager(root / "latest", keep=keep, best=False, async_save=async_save)
+        self._best = _manager(root / "best", keep=1, best=True, async_save=async_save)
+        best_step = self._best.best_step()
+        self.best_f1 = (
+            float(self._best.metrics(best_step)[BEST_METRIC]) if best_step is not None else -1.0
+        )
+
+    def latest_step(self) -> int | None:
+        return self._latest.latest_step()
+
+    def best_step(self) -> int | None:
+        return self._best.best_step()
+
+    def save(self, step: int, state: Any, data_state: Any = None, *, force: bool = False) -> bool:
+        """Saves `state` (a pytree of arrays) and the data iterator state as step `step`."""
+        args = ocp.args.Composite(
+            **{
+                _STATE: ocp.args.StandardSave(state),
+                _DATA: ocp.args.JsonSave(_encode_data_state(data_state)),
+            }
+        )
+        return self._latest.save(int(step), args=args, force=force)
+
+    def save_best(self, step: int, state: Any, val_f1: float, data_state: Any = None) -> bool:
+        """Saves `state` as the best checkpoint when `val_f1` beats the best so far."""
+        if not np.isfinite(val_f1) or val_f1 <= self.best_f1:
+            return False
+        if self._best.latest_step() == int(step):
+            return False
+        args = ocp.args.Composite(
+            **{
+                _STATE: ocp.args.StandardSave(state),
+                _DATA: ocp.args.JsonSave(_encode_data_state(data_state)),
+            }
+        )
+        saved = self._best.save(int(step), args=args, metrics={BEST_METRIC: float(val_f1)})
+        if saved:
+            self.best_f1 = float(val_f1)
+        return saved
+
+    def restore(
+        self, abstract_state: Any = None, *, which: str = "latest", step: int | None = None
+    ) -> tuple[Any, Any, int] | None:
+        """Restores (state, data_state, step), or None when there is no checkpoint.
+
+        `abstract_state` (a pytree of `jax.ShapeDtypeStruct` with shardings) restores the
+        arrays straight into those shardings and that tree structure; without it the saved
+        tree comes back as nested dicts of arrays.
+        """
+        manager = self._manager_for(which)
+        if step is None:
+            step = manager.best_step() if which == "best" else manager.latest_step()
+        if step is None:
+            return None
+        restored = manager.restore(
+            int(step),
+            args=ocp.args.Composite(
+                **{
+                    _STATE: ocp.args.StandardRestore(abstract_state),
+                    _DATA: ocp.args.JsonRestore(),
+                }
+            ),
+        )
+        return restored[_STATE], _decode_data_state(restored[_DATA]), int(step)
+
+    def _manager_for(self, which: str):
+        if which not in ("latest", "best"):
+            raise ValueError(f"which must be 'latest' or 'best', got {which!r}")
+        return self._latest if which == "latest" else self._best
+
+    def wait(self) -> None:
+        """Blocks until pending asynchronous saves are committed."""
+        self._latest.wait_until_finished()
+        self._best.wait_until_finished()
+
+    def close(self) -> None:
+        self._latest.close()
+        self._best.close()
+
+    def __enter__(self) -> CheckpointStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_config(workdir: str | os.PathLike) -> dict:
+    """The training config written at the start of a run (W/config.json) as a dict."""
+    path = pathlib.Path(workdir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no config.json; is {workdir} a training workdir?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed JSON ({e})") from None
+
+
+def read_thresholds(workdir: str | os.PathLike, schema: KeypointSchema) -> np.ndarray:
+    """(K,) float32 visibility thresholds from W/thresholds.json, or 0.5 everywhere.
+
+    Accepts a number, a list of K numbers, or a dict with `per_point` (a list, or a dict by
+    point name, missing points keeping `threshold`/`global`, default 0.5).
+    """
+    path = pathlib.Path(workdir) / "thresholds.json"
+    k = schema.num_points
+    if not path.exists():
+        return np.full((k,), 0.5, np.float32)
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed JSON ({e})") from None
+    if isinstance(raw, int | float):
+        return np.full((k,), raw, np.float32)
+    if isinstance(raw, list):
+        per_point, default = raw, 0.5
+    elif isinstance(raw, dict):
+        default = float(raw.get("threshold", raw.get("global", 0.5)))
+        per_point = raw.get("per_point", {})
+    else:
+        raise ValueError(f"{path}: expected a number, a list or an object, got {type(raw)}")
+    if isinstance(per_point, dict):
+        out = np.full((k,), default, np.float32)
+        for name, value in per_point.items():
+            out[schema.index(name)] = float(value)
+        return out
+    if len(per_point) != k:
+        raise ValueError(f"{path}: {len(per_point)} thresholds for {k} points of {schema.name}")
+    return np.asarray(per_point, np.float32)
+
+
+def load_for_inference(workdir: str | os.PathLike, which: str = "best"):
+    """Loads a trained model from a workdir for inference.
+
+    Args:
+      workdir: a training workdir (W/config.json and W/checkpoints/).
+      which: "best" (highest validation F1; falls back to "latest" when no best exists) or
+        "latest".
+
+    Returns:
+      (model, variables, meta): the Flax module, `{"params", "batch_stats"}` (the EMA
+      weights when the run kept them) as host arrays, and a dict with `schema`
+      (KeypointSchema), `backbone`, `head`, `grouped`, `image_size`, `dtype`, `thresholds`
+      ((K,) float32), `step`, `which`, `config`.
+    """
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from tavr_jax.models import create_model  # noqa: PLC0415
+
+    workdir = pathlib.Path(workdir)
+    config = read_config(workdir)
+    schema = get_schema(config["schema"])
+    store = CheckpointStore(workdir, async_save=False)
+    try:
+        restored = store.restore(which=which)
+        if restored is None and which == "best":
+            logging.warning("%s: no best checkpoint, using the latest", workdir)
+            which = "latest"
+            restored = store.restore(which=which)
+    finally:
+        store.close()
+    if restored is None:
+        raise FileNotFoundError(f"{workdir}/checkpoints: no {which} checkpoint found")
+    state, _, step = restored
+    params = state.get("ema_params") or state["params"]
+    variables = jax.device_get({"params": params, "batch_stats": state.get("batch_stats", {})})
+    dtype = config.get("dtype", "float32")
+    model = create_model(
+        schema,
+        backbone=config["backbone"],
+        head=config.get("head", "regression"),
+        grouped=bool(config.get("grouped", True)),
+        dtype=jnp.dtype(dtype),
+    )
+    meta = {
+        "schema": schema,
+        "backbone": config["backbone"],
+        "head": config.get("head", "regression"),
+        "grouped": bool(config.get("grouped", True)),
+        "image_size": int(config["image_size"]),
+        "dtype": dtype,
+        "thresholds": read_thresholds(workdir, schema),
+        "step": step,
+        "which": which,
+        "config": config,
+    }
+    return model, variables, meta
