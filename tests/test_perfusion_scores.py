@@ -1,0 +1,160 @@
+import numpy as np
+import pytest
+
+from perfusion import geometry, scores
+
+
+def _tiny_segments():
+    # 4x4 grid: segment 1 top-left 2x2, segment 2 top-right 2x2, segment 17 bottom-left,
+    # bottom-right outside the LV.
+    seg = np.zeros((4, 4), np.int32)
+    seg[:2, :2] = 1
+    seg[:2, 2:] = 2
+    seg[2:, :2] = 17
+    return seg
+
+
+def test_fit_normal_limits_hand_values_and_sex_fallback():
+    stress = np.stack([np.full((4, 4), v, np.float32) for v in (0.6, 0.8, 1.0)])
+    rest = stress + 0.1
+    nl = scores.fit_normal_limits(stress, rest, sex=["M", "M", "F"], min_group=2, sd_floor=0.0)
+    np.testing.assert_allclose(nl.mean["all"][0], 0.8, atol=1e-6)
+    np.testing.assert_allclose(nl.mean["all"][1], 0.9, atol=1e-6)
+    np.testing.assert_allclose(nl.sd["all"][0], 0.2, atol=1e-6)  # sample SD of 0.6, 0.8, 1.0
+    np.testing.assert_allclose(nl.mean["M"][0], 0.7, atol=1e-6)
+    assert "F" not in nl.mean  # one female normal < min_group: pooled limits are used
+    m, _ = nl.for_sex("female")
+    np.testing.assert_allclose(m, nl.mean["all"])
+    m, _ = nl.for_sex("M")
+    np.testing.assert_allclose(m, nl.mean["M"])
+    floored = scores.fit_normal_limits(stress, stress, sd_floor=0.5)
+    np.testing.assert_allclose(floored.sd["all"], 0.5)
+
+
+def test_normal_limits_save_load_roundtrip(tmp_path):
+    rng = np.random.default_rng(0)
+    nl = scores.fit_normal_limits(
+        rng.random((12, 8, 8)), rng.random((12, 8, 8)), sex=["M"] * 10 + ["F"] * 2
+    )
+    nl.save(tmp_path / "nl.npz")
+    back = scores.NormalLimits.load(tmp_path / "nl.npz")
+    assert back.count == nl.count == {"all": 12, "M": 10}
+    np.testing.assert_array_equal(back.sd["M"], nl.sd["M"])
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+        scores.NormalLimits.load(tmp_path / "missing.npz")
+
+
+def test_score_studies_tiny_grid_by_hand():
+    seg = _tiny_segments()
+    mean = np.full((2, 4, 4), 0.8, np.float32)
+    sd = np.full((2, 4, 4), 0.1, np.float32)
+    stress = np.full((4, 4), 0.8, np.float32)
+    stress[0, 0] = 0.0  # z = 8, severity 1
+    stress[0, 1] = 0.4  # z = 4, severity 0.5
+    stress[1, 0] = 0.6  # z = 2 < k: not blackout, still counts in the segment mean
+    stress[3, 3] = 0.0  # outside the LV: ignored everywhere
+    rest = np.full((4, 4), 0.8, np.float32)
+    rest[0, 0] = 0.4  # z = 4 at rest
+    cfg = scores.ScoreConfig(k=2.5, segment_z=(1.0, 2.0, 3.0, 4.0), territory_min_score=3)
+    out = scores.score_studies(stress[None], rest[None], mean, sd, seg, cfg)
+    n_lv = 12
+    np.testing.assert_allclose(out["extent_pct"][0], [100 * 2 / n_lv, 100 * 1 / n_lv], rtol=1e-6)
+    np.testing.assert_allclose(out["tpd"][0], [100 * 1.5 / n_lv, 100 * 0.5 / n_lv], rtol=1e-5)
+    # Segment 1 stress: z = (8 + 4 + 2 + 0) / 4 = 3.5 -> score 3; rest: 4 / 4 = 1 -> score 1.
+    np.testing.assert_allclose(out["segment_z"][0, :, 0], [3.5, 1.0], rtol=1e-6)
+    assert out["scores"][0, 0, 0] == 3 and out["scores"][0, 1, 0] == 1
+    assert out["scores"][0].sum() == 4  # no other segment is abnormal
+    assert out["sss"][0] == 3 and out["srs"][0] == 1 and out["sds"][0] == 2
+    assert out["reversibility"][0, 0] == scores.REVERSIBILITY.index("partially_reversible")
+    # Segment 1 is LAD: territory score 3 >= 3.
+    assert scores.territory_names(out["territories"][0]) == ["LAD"]
+    assert out["blackout"][0, 0, 3, 3] == 0
+
+
+def _loop_reference(stress, rest, mean, sd, seg, cfg):
+    """Straightforward per-study, per-pixel loops."""
+    res = []
+    lv = [(i, j) for i in range(seg.shape[0]) for j in range(seg.shape[1]) if seg[i, j] > 0]
+    for b in range(stress.shape[0]):
+        study = {"extent": [], "tpd": [], "scores": []}
+        for p, u in enumerate((stress[b], rest[b])):
+            m, s = mean[b, p], sd[b, p]
+            nblack, sev = 0, 0.0
+            zsum = [0.0] * 17
+            zcnt = [0] * 17
+            for i, j in lv:
+                z = (m[i, j] - u[i, j]) / s[i, j]
+                zsum[seg[i, j] - 1] += z
+                zcnt[seg[i, j] - 1] += 1
+                if z > cfg.k:
+                    nblack += 1
+                    sev += min(max((m[i, j] - u[i, j]) / m[i, j], 0.0), 1.0)
+            study["extent"].append(100 * nblack / len(lv))
+            study["tpd"].append(100 * sev / len(lv))
+            sc = []
+            for q in range(17):
+                zq = zsum[q] / zcnt[q] if zcnt[q] else 0.0
+                sc.append(sum(zq >= t for t in cfg.segment_z))
+            study["scores"].append(sc)
+        s_sc, r_sc = study["scores"]
+        study["sds"] = sum(max(a - c, 0) for a, c in zip(s_sc, r_sc, strict=True))
+        terr = []
+        for name in scores.TERRITORY_NAMES:
+            tot = sum(s_sc[q - 1] for q in geometry.TERRITORIES[name])
+            terr.append(tot >= cfg.territory_min_score)
+        study["territories"] = terr
+        res.append(study)
+    return res
+
+
+def test_score_studies_matches_numpy_loop_on_polar_grid():
+    size = 24
+    seg = geometry.segment_map(size)
+    rng = np.random.default_rng(1)
+    b = 3
+    mean = rng.uniform(0.6, 0.9, (b, 2, size, size)).astype(np.float32)
+    sd = rng.uniform(0.03, 0.08, (b, 2, size, size)).astype(np.float32)
+    stress = (mean[:, 0] - rng.normal(1.5, 2.0, (b, size, size)) * sd[:, 0]).astype(np.float32)
+    rest = (mean[:, 1] - rng.normal(0.5, 2.0, (b, size, size)) * sd[:, 1]).astype(np.float32)
+    cfg = scores.ScoreConfig(k=2.0, segment_z=(0.5, 1.0, 1.5, 2.5), territory_min_score=4)
+    out = scores.score_studies(stress, rest, mean, sd, seg, cfg)
+    ref = _loop_reference(stress, rest, mean, sd, seg, cfg)
+    for i, r in enumerate(ref):
+        np.testing.assert_allclose(out["extent_pct"][i], r["extent"], rtol=1e-5)
+        np.testing.assert_allclose(out["tpd"][i], r["tpd"], rtol=1e-4)
+        np.testing.assert_array_equal(out["scores"][i], r["scores"])
+        assert out["sds"][i] == r["sds"]
+        np.testing.assert_array_equal(out["territories"][i], r["territories"])
+    assert out["scores"].max() > 0  # the test exercises non-trivial scores
+
+
+def test_score_studies_rejects_mismatched_sizes():
+    seg = geometry.segment_map(16)
+    with pytest.raises(ValueError, match="differ"):
+        scores.score_studies(
+            np.zeros((1, 8, 8)), np.zeros((1, 8, 8)), np.ones((2, 8, 8)), np.ones((2, 8, 8)), seg
+        )
+
+
+def test_segment_f1_and_tune_config_by_hand():
+    true = np.zeros((2, 17), bool)
+    true[0, [0, 1]] = True
+    pred = np.zeros((2, 17), bool)
+    pred[0, 0] = pred[1, 5] = True
+    f = scores.segment_f1(pred, true)
+    assert (f["tp"], f["fp"], f["fn"]) == (1, 1, 1)
+    assert f["f1"] == pytest.approx(0.5)
+    # Defect segments have z 3, others 0.5: any t1 in (0.5, 3] separates them perfectly.
+    seg_z = np.where(true, 3.0, 0.5).astype(np.float32)
+    terr = np.array([[True, False, False], [False, False, False]])
+    cfg, info = scores.tune_config(seg_z, true, terr)
+    assert 0.5 < cfg.segment_z[0] <= 3.0
+    assert info["segment_f1"] == 1.0 and info["territory_exact"] == 1.0
+    assert list(cfg.segment_z) == sorted(cfg.segment_z)
+
+
+def test_reversibility_categories():
+    s = np.array([0, 2, 2, 2, 1])
+    r = np.array([0, 0, 1, 2, 3])
+    got = [scores.REVERSIBILITY[i] for i in scores.reversibility(s, r)]
+    assert got == ["normal", "reversible", "partially_reversible", "fixed", "fixed"]
