@@ -1,0 +1,331 @@
+"""The paper's keypoint metrics, threshold tuning on validation, and project evaluation.
+
+Definitions (SPEC.md section A, "Metrics"). A point k of image n is predicted visible when
+its probability exceeds its threshold (strictly, as in the paper's `p_k > 0.5`) and, when group
+probabilities are given, its group's probability exceeds the group threshold too (gating).
+Against the annotated visibility this gives TP / FP / FN per (image, point); then
+
+- precision = TP / (TP + FP), recall = TP / (TP + FN), F1 = 2 TP / (2 TP + FP + FN);
+- mean_error_px: mean Euclidean distance over the TP pairs (visible in truth and prediction),
+  in pixels of the ORIGINAL frames; loc_accuracy_20px: share of those with distance <= dist_px;
+- mean_error_mm: the same distances times each frame's pixel spacing, over frames whose
+  spacing is known (> 0); None when no frame has one.
+
+"Pooled" values sum the counts over all (image, point) pairs. `per_image_mean` is the
+reference's protocol: each image gets its own five values, then they are averaged over images.
+A value whose denominator is zero is undefined (None when pooled) and such images are left out
+of the per-image mean (nan-mean): an image with no predicted point has no precision, one with
+no annotated point has no recall, one with neither has no F1, one with no TP pair has no error
+or localisation accuracy. `per_image_defined` says how many images each mean is over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import tempfile
+from collections.abc import Sequence
+
+import numpy as np
+
+from tavr_jax.schema import KeypointSchema
+
+METRIC_KEYS = ("precision", "recall", "f1", "mean_error_px", "loc_accuracy_20px")
+THRESHOLDS_FILE = "thresholds.json"
+
+
+def _div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den elementwise, NaN where den == 0."""
+    num = np.asarray(num, np.float64)
+    den = np.asarray(den, np.float64)
+    out = np.full(np.broadcast(num, den).shape, np.nan)
+    np.divide(num, den, out=out, where=den > 0)
+    return out
+
+
+def _summaries(counts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Counts (any common shape) -> the metrics of each cell, NaN where undefined."""
+    tp, fp, fn = counts["tp"], counts["fp"], counts["fn"]
+    return {
+        "precision": _div(tp, tp + fp),
+        "recall": _div(tp, tp + fn),
+        "f1": _div(2 * tp, 2 * tp + fp + fn),
+        "mean_error_px": _div(counts["dist_sum"], tp),
+        "loc_accuracy_20px": _div(counts["n_within"], tp),
+        "mean_error_mm": _div(counts["mm_sum"], counts["n_mm"]),
+    }
+
+
+def _to_json_value(x) -> float | None:
+    x = float(x)
+    return None if np.isnan(x) else x
+
+
+def _as_thresholds(threshold, n: int, what: str) -> np.ndarray:
+    t = np.asarray(threshold, np.float64)
+    if t.ndim == 0:
+        t = np.full((n,), float(t))
+    if t.shape != (n,):
+        raise ValueError(f"{what} threshold must be a scalar or have shape ({n},), got {t.shape}")
+    return t
+
+
+def predicted_visibility(
+    pred_prob: np.ndarray,
+    schema: KeypointSchema,
+    *,
+    threshold=0.5,
+    group_prob: np.ndarray | None = None,
+    group_threshold=0.5,
+) -> np.ndarray:
+    """(N, K) bool: probability above its point threshold and, if given, its group's too."""
+    k = schema.num_points
+    pred = np.asarray(pred_prob, np.float64) > _as_thresholds(threshold, k, "point")
+    if group_prob is not None:
+        g = schema.num_groups
+        gp = np.asarray(group_prob, np.float64)
+        if gp.shape != (pred.shape[0], g):
+            raise ValueError(f"group_prob must have shape ({pred.shape[0]}, {g}), got {gp.shape}")
+        group_on = gp > _as_thresholds(group_threshold, g, "group")  # (N, G)
+        pred &= group_on[:, schema.point_group]
+    return pred
+
+
+def keypoint_metrics(
+    pred_prob: np.ndarray,
+    pred_xy: np.ndarray,
+    true_vis: np.ndarray,
+    true_xy: np.ndarray,
+    schema: KeypointSchema,
+    *,
+    threshold=0.5,
+    group_prob: np.ndarray | None = None,
+    group_threshold=0.5,
+    dist_px: float = 20.0,
+    pixel_spacing_mm: np.ndarray | None = None,
+) -> dict:
+    """The paper's metrics, pooled, per image (averaged), per group and per point.
+
+    Args:
+      pred_prob: (N, K) visibility probabilities.
+      pred_xy: (N, K, 2) predicted (x, y) in pixels of the original frames.
+      true_vis: (N, K) bool annotated visibility.
+      true_xy: (N, K, 2) annotated (x, y) in pixels of the original frames.
+      schema: the keypoint schema (K points in G groups).
+      threshold: scalar or (K,) per-point visibility thresholds.
+      group_prob: optional (N, G) group presence probabilities; gates the points of each group.
+      group_threshold: scalar or (G,) thresholds for `group_prob`.
+      dist_px: localisation radius in original pixels (a distance equal to it counts).
+      pixel_spacing_mm: optional (N,) mm per original pixel, <= 0 or NaN when unknown.
+
+    Returns:
+      A JSON-serialisable dict (floats, ints, None): the five metrics pooled, `mean_error_mm`,
+      `per_image_mean`, `per_image_defined`, `per_group`, `per_point`, `counts`, `threshold`,
+      `group_threshold`, `dist_px`, `n_images`. See the module docstring for the definitions.
+    """
+    k = schema.num_points
+    prob = np.asarray(pred_prob, np.float64)
+    if prob.ndim != 2 or prob.shape[1] != k:
+        raise ValueError(
+            f"pred_prob must have shape (N, {k}) for schema {schema.name!r}, got {prob.shape}"
+        )
+    n = prob.shape[0]
+    vis = np.asarray(true_vis).astype(bool)
+    pxy = np.asarray(pred_xy, np.float64)
+    txy = np.asarray(true_xy, np.float64)
+    for name, arr, shape in (
+        ("true_vis", vis, (n, k)),
+        ("pred_xy", pxy, (n, k, 2)),
+        ("true_xy", txy, (n, k, 2)),
+    ):
+        if arr.shape != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {arr.shape}")
+    pred = predicted_visibility(
+        prob, schema, threshold=threshold, group_prob=group_prob, group_threshold=group_threshold
+    )
+
+    tp = pred & vis
+    dist = np.where(tp, np.linalg.norm(np.where(tp[..., None], pxy - txy, 0.0), axis=-1), 0.0)
+    if np.isnan(dist).any():
+        raise ValueError("non-finite coordinates for a point visible in truth and prediction")
+    if pixel_spacing_mm is None:
+        spacing = np.zeros((n,))
+    else:
+        spacing = np.nan_to_num(np.asarray(pixel_spacing_mm, np.float64), nan=0.0)
+        if spacing.shape != (n,):
+            raise ValueError(f"pixel_spacing_mm must have shape ({n},), got {spacing.shape}")
+    has_mm = (spacing > 0)[:, None] & tp
+    cells = {  # (N, K) per (image, point) counts; every breakdown sums these
+        "tp": tp.astype(np.float64),
+        "fp": (pred & ~vis).astype(np.float64),
+        "fn": (~pred & vis).astype(np.float64),
+        "dist_sum": dist,
+        "n_within": (tp & (dist <= dist_px)).astype(np.float64),
+        "mm_sum": np.where(has_mm, dist * spacing[:, None], 0.0),
+        "n_mm": has_mm.astype(np.float64),
+    }
+
+    pooled = _summaries({c: v.sum() for c, v in cells.items()})
+    per_image = _summaries({c: v.sum(axis=1) for c, v in cells.items()})  # each (N,)
+    per_point = _summaries({c: v.sum(axis=0) for c, v in cells.items()})  # each (K,)
+    gm = schema.group_matrix.astype(np.float64)  # (G, K)
+    per_group = _summaries({c: gm @ v.sum(axis=0) for c, v in cells.items()})  # each (G,)
+
+    keys = (*METRIC_KEYS, "mean_error_mm")
+
+    def row(summary, i):
+        return {m: _to_json_value(summary[m][i]) for m in keys}
+
+    per_image_mean, per_image_defined = {}, {}
+    for m in keys:
+        defined = ~np.isnan(per_image[m])
+        per_image_defined[m] = int(defined.sum())
+        per_image_mean[m] = float(per_image[m][defined].mean()) if defined.any() else None
+
+    t = _as_thresholds(threshold, k, "point")
+    out = {m: _to_json_value(pooled[m]) for m in keys}
+    out.update(
+        per_image_mean=per_image_mean,
+        per_image_defined=per_image_defined,
+        per_group={g: row(per_group, i) for i, g in enumerate(schema.group_names)},
+        per_point={p: row(per_point, i) for i, p in enumerate(schema.point_names)},
+        counts={c: int(cells[c].sum()) for c in ("tp", "fp", "fn", "n_within")},
+        threshold=float(t[0])
+        if np.all(t == t[0])
+        else dict(zip(schema.point_names, t.tolist(), strict=True)),
+        group_threshold=None
+        if group_prob is None
+        else _as_json_thresholds(group_threshold, schema.group_names),
+        dist_px=float(dist_px),
+        n_images=int(n),
+    )
+    return out
+
+
+def _as_json_thresholds(threshold, names: Sequence[str]):
+    t = _as_thresholds(threshold, len(names), "group")
+    return float(t[0]) if np.all(t == t[0]) else dict(zip(names, t.tolist(), strict=True))
+
+
+# ----------------------------------------------------------------------------------------------
+# Threshold tuning
+
+
+def _best_threshold(pred: np.ndarray, truth: np.ndarray, candidates: np.ndarray):
+    """pred (C, N, J) bool per candidate, truth (N, J) -> (best threshold (J,), best F1 (J,)).
+
+    F1 is taken as 1 where neither truth nor prediction has a positive (nothing to find,
+    nothing claimed), so a point never seen in validation gets a threshold that predicts
+    nothing. Ties go to the candidate closest to 0.5, the paper's default.
+    """
+    tp = (pred & truth).sum(axis=1)  # (C, J)
+    fp = (pred & ~truth).sum(axis=1)
+    fn = (~pred & truth).sum(axis=1)
+    f1 = np.nan_to_num(_div(2 * tp, 2 * tp + fp + fn), nan=1.0)
+    best = f1.max(axis=0)
+    tie = np.isclose(f1, best)  # (C, J)
+    closeness = np.where(tie, -np.abs(candidates - 0.5)[:, None], -np.inf)
+    idx = closeness.argmax(axis=0)
+    return candidates[idx], best
+
+
+def tune_thresholds(
+    pred_prob: np.ndarray,
+    true_vis: np.ndarray,
+    schema: KeypointSchema,
+    candidates: Sequence[float] | np.ndarray | None = None,
+    *,
+    group_prob: np.ndarray | None = None,
+) -> dict:
+    """Per-point (and per-group) visibility thresholds maximising F1 on validation.
+
+    Each point's threshold maximises that point's pooled F1 over `candidates` (default
+    0.05, 0.10, ..., 0.95). With `group_prob`, group thresholds are tuned first on group
+    presence (a group is present when any of its points is annotated), then the point
+    thresholds under that gating.
+
+    Returns:
+      {"points": {name: t}, "groups": {name: t} or None, "val_f1": {"points": ..., "groups": ...},
+       "schema": name}, the content of W/thresholds.json.
+    """
+    if candidates is None:
+        candidates = np.round(np.arange(0.05, 0.951, 0.05), 4)
+    cand = np.asarray(candidates, np.float64).reshape(-1)
+    if cand.size == 0:
+        raise ValueError("tune_thresholds needs at least one candidate threshold")
+    prob = np.asarray(pred_prob, np.float64)
+    vis = np.asarray(true_vis).astype(bool)
+    if prob.ndim != 2 or prob.shape[1] != schema.num_points or vis.shape != prob.shape:
+        raise ValueError(
+            f"pred_prob and true_vis must both have shape (N, {schema.num_points}), "
+            f"got {prob.shape} and {vis.shape}"
+        )
+    gate = np.ones_like(vis)
+    groups, group_f1 = None, None
+    if group_prob is not None:
+        gp = np.asarray(group_prob, np.float64)
+        if gp.shape != (prob.shape[0], schema.num_groups):
+            raise ValueError(
+                f"group_prob must have shape ({prob.shape[0]}, {schema.num_groups}), got {gp.shape}"
+            )
+        g_thr, g_f1 = _best_threshold(
+            gp[None] > cand[:, None, None], schema.group_presence(vis), cand
+        )
+        gate = (gp > g_thr)[:, schema.point_group]
+        groups = dict(zip(schema.group_names, g_thr.tolist(), strict=True))
+        group_f1 = dict(zip(schema.group_names, g_f1.tolist(), strict=True))
+    p_thr, p_f1 = _best_threshold((prob[None] > cand[:, None, None]) & gate[None], vis, cand)
+    return {
+        "schema": schema.name,
+        "points": dict(zip(schema.point_names, p_thr.tolist(), strict=True)),
+        "groups": groups,
+        "val_f1": {
+            "points": dict(zip(schema.point_names, p_f1.tolist(), strict=True)),
+            "groups": group_f1,
+        },
+    }
+
+
+def _atomic_write_text(path: pathlib.Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path, obj) -> None:
+    """Writes `obj` as indented JSON, atomically."""
+    _atomic_write_text(pathlib.Path(path), json.dumps(obj, indent=2) + "\n")
+
+
+def save_thresholds(workdir, thresholds: dict) -> pathlib.Path:
+    """Writes the output of `tune_thresholds` to W/thresholds.json (atomic)."""
+    path = pathlib.Path(workdir) / THRESHOLDS_FILE
+    write_json(path, thresholds)
+    return path
+
+
+def load_thresholds(workdir, schema: KeypointSchema) -> tuple[np.ndarray, np.ndarray | None]:
+    """W/thresholds.json -> (point thresholds (K,), group thresholds (G,) or None).
+
+    Missing file: 0.5 for every point and no group gating.
+    """
+    path = pathlib.Path(workdir) / THRESHOLDS_FILE
+    if not path.exists():
+        return np.full((schema.num_points,), 0.5), None
+    try:
+        d = json.loads(path.read_text())
+        points = np.array([float(d["points"][p]) for p in schema.point_names])
+        groups = d.get("groups")
+        if groups is not None:
+            groups = np.array([float(groups[g]) for g in schema.group_names])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"cannot read thresholds from {path}: {e!r}") from None
+    return points, groups
