@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from tavr_jax.schema import KeypointSchema, get_schema
+from tavr_jax.schema import get_schema
 
 _STATE = "state"
 _DATA = "data"
@@ -183,39 +183,6 @@ def read_config(workdir: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: malformed JSON ({e})") from None
 
 
-def read_thresholds(workdir: str | os.PathLike, schema: KeypointSchema) -> np.ndarray:
-    """(K,) float32 visibility thresholds from W/thresholds.json, or 0.5 everywhere.
-
-    Accepts a number, a list of K numbers, or a dict with `per_point` (a list, or a dict by
-    point name, missing points keeping `threshold`/`global`, default 0.5).
-    """
-    path = pathlib.Path(workdir) / "thresholds.json"
-    k = schema.num_points
-    if not path.exists():
-        return np.full((k,), 0.5, np.float32)
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: malformed JSON ({e})") from None
-    if isinstance(raw, int | float):
-        return np.full((k,), raw, np.float32)
-    if isinstance(raw, list):
-        per_point, default = raw, 0.5
-    elif isinstance(raw, dict):
-        default = float(raw.get("threshold", raw.get("global", 0.5)))
-        per_point = raw.get("per_point", {})
-    else:
-        raise ValueError(f"{path}: expected a number, a list or an object, got {type(raw)}")
-    if isinstance(per_point, dict):
-        out = np.full((k,), default, np.float32)
-        for name, value in per_point.items():
-            out[schema.index(name)] = float(value)
-        return out
-    if len(per_point) != k:
-        raise ValueError(f"{path}: {len(per_point)} thresholds for {k} points of {schema.name}")
-    return np.asarray(per_point, np.float32)
-
-
 def load_for_inference(workdir: str | os.PathLike, which: str = "best"):
     """Loads a trained model from a workdir for inference.
 
@@ -228,10 +195,12 @@ def load_for_inference(workdir: str | os.PathLike, which: str = "best"):
       (model, variables, meta): the Flax module, `{"params", "batch_stats"}` (the EMA
       weights when the run kept them) as host arrays, and a dict with `schema`
       (KeypointSchema), `backbone`, `head`, `grouped`, `image_size`, `dtype`, `thresholds`
-      ((K,) float32), `step`, `which`, `config`.
+      ((K,) float32 from W/thresholds.json, else 0.5), `group_thresholds` ((G,) or None),
+      `step`, `which`, `config`.
     """
     import jax.numpy as jnp  # noqa: PLC0415
 
+    from tavr_jax.evaluate import load_thresholds  # noqa: PLC0415
     from tavr_jax.models import create_model  # noqa: PLC0415
 
     workdir = pathlib.Path(workdir)
@@ -259,6 +228,7 @@ def load_for_inference(workdir: str | os.PathLike, which: str = "best"):
         grouped=bool(config.get("grouped", True)),
         dtype=jnp.dtype(dtype),
     )
+    thresholds, group_thresholds = load_thresholds(workdir, schema)
     meta = {
         "schema": schema,
         "backbone": config["backbone"],
@@ -266,7 +236,8 @@ def load_for_inference(workdir: str | os.PathLike, which: str = "best"):
         "grouped": bool(config.get("grouped", True)),
         "image_size": int(config["image_size"]),
         "dtype": dtype,
-        "thresholds": read_thresholds(workdir, schema),
+        "thresholds": np.asarray(thresholds, np.float32),
+        "group_thresholds": group_thresholds,
         "step": step,
         "which": which,
         "config": config,
