@@ -1,0 +1,68 @@
+"""The grouped keypoint network: backbone + head, uint8 frames in, the output dict out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tavr_jax.models.backbones import BACKBONES
+from tavr_jax.models.heads import HEADS
+from tavr_jax.schema import KeypointSchema
+
+# ImageNet statistics collapsed to one grey channel (mean and std of the RGB means).
+GRAY_MEAN = 0.449
+GRAY_STD = 0.226
+
+
+def normalize_images(images: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+    """(B, H, W) or (B, H, W, C) in 0..255, any dtype -> (B, H, W, C) standardised `dtype`."""
+    x = jnp.asarray(images).astype(jnp.float32)
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4:
+        raise ValueError(f"images must be (B, H, W) or (B, H, W, C), got shape {x.shape}")
+    return ((x / 255.0 - GRAY_MEAN) / GRAY_STD).astype(dtype)
+
+
+class KeypointNet(nn.Module):
+    """Hard-parameter-sharing multi-task network of the paper (section 3.1).
+
+    Variables: {"params": {"backbone": ..., "head": ...}, "batch_stats": {"backbone": ...}}.
+    Call: `model.apply(variables, images, train=False)`; in training pass
+    `rngs={"dropout": key}` and `mutable=["batch_stats"]`.
+    """
+
+    schema: KeypointSchema
+    backbone: str = "resnet34"
+    head: str = "regression"
+    grouped: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+        features = BACKBONES[self.backbone](dtype=self.dtype, name="backbone")(
+            normalize_images(images, self.dtype), train=train
+        )
+        head = HEADS[self.head](self.schema, grouped=self.grouped, dtype=self.dtype, name="head")
+        return head(features, train=train)
+
+
+def create_model(
+    schema: KeypointSchema,
+    *,
+    backbone: str = "resnet34",
+    head: str = "regression",
+    grouped: bool = True,
+    dtype: Any = jnp.float32,
+) -> KeypointNet:
+    """The keypoint network for `schema`; parameters float32, computation in `dtype`."""
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; known: {', '.join(BACKBONES)}")
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; known: {', '.join(HEADS)}")
+    return KeypointNet(
+        schema, backbone=backbone, head=head, grouped=grouped, dtype=jnp.dtype(dtype)
+    )
