@@ -241,9 +241,10 @@ def tune_thresholds(
     """Per-point (and per-group) visibility thresholds maximising F1 on validation.
 
     Each point's threshold maximises that point's pooled F1 over `candidates` (default
-    0.05, 0.10, ..., 0.95). With `group_prob`, group thresholds are tuned first on group
-    presence (a group is present when any of its points is annotated), then the point
-    thresholds under that gating.
+    0.05, 0.10, ..., 0.95). With `group_prob`, group thresholds are tuned on group presence
+    (a group is present when any of its points is annotated), then the point thresholds under
+    that gating; the gated set is kept only if its pooled F1 beats the ungated one, else
+    "groups" is None (no gating).
 
     Returns:
       {"points": {name: t}, "groups": {name: t} or None, "val_f1": {"points": ..., "groups": ...},
@@ -261,7 +262,7 @@ def tune_thresholds(
             f"pred_prob and true_vis must both have shape (N, {schema.num_points}), "
             f"got {prob.shape} and {vis.shape}"
         )
-    gate = np.ones_like(vis)
+    p_thr, p_f1 = _best_threshold(prob[None] > cand[:, None, None], vis, cand)
     groups, group_f1 = None, None
     if group_prob is not None:
         gp = np.asarray(group_prob, np.float64)
@@ -273,9 +274,14 @@ def tune_thresholds(
             gp[None] > cand[:, None, None], schema.group_presence(vis), cand
         )
         gate = (gp > g_thr)[:, schema.point_group]
-        groups = dict(zip(schema.group_names, g_thr.tolist(), strict=True))
-        group_f1 = dict(zip(schema.group_names, g_f1.tolist(), strict=True))
-    p_thr, p_f1 = _best_threshold((prob[None] > cand[:, None, None]) & gate[None], vis, cand)
+        gated_thr, gated_f1 = _best_threshold(
+            (prob[None] > cand[:, None, None]) & gate[None], vis, cand
+        )
+        # Gating is kept only when it raises the pooled validation F1 over ungated points.
+        if _pooled_f1(prob > gated_thr, gate, vis) > _pooled_f1(prob > p_thr, True, vis):
+            p_thr, p_f1 = gated_thr, gated_f1
+            groups = dict(zip(schema.group_names, g_thr.tolist(), strict=True))
+            group_f1 = dict(zip(schema.group_names, g_f1.tolist(), strict=True))
     return {
         "schema": schema.name,
         "points": dict(zip(schema.point_names, p_thr.tolist(), strict=True)),
@@ -285,6 +291,12 @@ def tune_thresholds(
             "groups": group_f1,
         },
     }
+
+
+def _pooled_f1(pred: np.ndarray, gate, truth: np.ndarray) -> float:
+    pred = pred & gate
+    tp, fp, fn = (pred & truth).sum(), (pred & ~truth).sum(), (~pred & truth).sum()
+    return float(np.nan_to_num(_div(2 * tp, 2 * tp + fp + fn), nan=1.0))
 
 
 def _atomic_write_text(path: pathlib.Path, text: str) -> None:

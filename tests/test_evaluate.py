@@ -282,26 +282,51 @@ def test_tune_thresholds_matches_loop_and_beats_default(seed):
     assert tuned_f1 >= default_f1
 
 
-def test_tune_thresholds_with_groups_and_unseen_point(tmp_path):
-    # Group b's point R is never visible: the best threshold predicts nothing (F1 taken as 1).
+def test_tune_thresholds_unseen_point_and_useless_gating(tmp_path):
     prob = np.array([[0.9, 0.2, 0.3], [0.35, 0.8, 0.6], [0.1, 0.1, 0.2]])
     vis = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 0]], bool)
     gprob = np.array([[0.8, 0.1], [0.9, 0.7], [0.2, 0.9]])
     cands = [0.1, 0.3, 0.5, 0.7]
     tuned = evaluate.tune_thresholds(prob, vis, TINY, cands, group_prob=gprob)
-    # Group a present in images 0, 1: gp 0.8, 0.9 vs 0.2 -> 0.3, 0.5, 0.7 all perfect; 0.5 wins.
-    # Group b never present, gp 0.1, 0.7, 0.9: some FP at every candidate, F1 0 -> closest 0.5.
-    assert tuned["groups"] == {"a": 0.5, "b": 0.5}
-    # P under gate a (images 0, 1): 0.9, 0.35 both visible -> t in {0.1, 0.3} perfect; 0.3 wins.
-    # R gated on by b (gp > 0.5) in images 1, 2 (prob 0.6, 0.2), never visible: only t = 0.7
-    # predicts nothing (F1 taken as 1); every lower candidate has a FP (F1 0).
-    assert tuned["points"]["P"] == 0.3 and tuned["points"]["R"] == 0.7
+    # Ungated: P (0.9, 0.35 | 0.1) is perfect at 0.1 and 0.3 -> 0.3 (closer to 0.5);
+    # Q (0.8 | 0.2, 0.1) perfect at 0.3, 0.5 -> 0.5; R is never visible: only 0.7 predicts
+    # nothing (F1 taken as 1), lower candidates give a FP (F1 0) -> 0.7.
+    # Ungated pooled F1 is already 1, so gating cannot beat it and is dropped.
+    assert tuned["points"] == {"P": 0.3, "Q": 0.5, "R": 0.7}
+    assert tuned["groups"] is None
     path = evaluate.save_thresholds(tmp_path, tuned)
     assert json.loads(path.read_text()) == tuned
     points, groups = evaluate.load_thresholds(tmp_path, TINY)
-    np.testing.assert_allclose(points, [0.3, tuned["points"]["Q"], 0.7])
-    np.testing.assert_allclose(groups, [0.5, 0.5])
+    np.testing.assert_allclose(points, [0.3, 0.5, 0.7])
+    assert groups is None
     assert [p.name for p in tmp_path.iterdir()] == ["thresholds.json"]  # no temp file left
+
+
+def test_tune_thresholds_keeps_gating_when_it_helps(tmp_path):
+    # Point probabilities cannot tell the images apart; the group probabilities can.
+    prob = np.array([[0.6, 0.2, 0.9], [0.6, 0.2, 0.9], [0.6, 0.2, 0.4], [0.6, 0.2, 0.35]])
+    vis = np.array([[1, 0, 0], [1, 0, 0], [0, 0, 1], [0, 0, 1]], bool)
+    gprob = np.array([[0.9, 0.1], [0.9, 0.2], [0.1, 0.9], [0.2, 0.8]])
+    tuned = evaluate.tune_thresholds(prob, vis, TINY, [0.1, 0.3, 0.5, 0.7], group_prob=gprob)
+    # Groups: a present in images 0, 1 (gp 0.9, 0.9 vs 0.1, 0.2): perfect at 0.3, 0.5 -> 0.5;
+    # b present in 2, 3 (0.9, 0.8 vs 0.1, 0.2): perfect at 0.3, 0.5, 0.7 -> 0.5.
+    assert tuned["groups"] == {"a": 0.5, "b": 0.5}
+    assert tuned["val_f1"]["groups"] == {"a": 1.0, "b": 1.0}
+    # Gated, R only in images 2, 3 (0.4, 0.35, both visible): perfect at 0.1, 0.3 -> 0.3.
+    assert tuned["points"] == {"P": 0.5, "Q": 0.5, "R": 0.3}
+    evaluate.save_thresholds(tmp_path, tuned)
+    points, groups = evaluate.load_thresholds(tmp_path, TINY)
+    m = evaluate.keypoint_metrics(
+        prob,
+        np.zeros((4, 3, 2)),
+        vis,
+        np.zeros((4, 3, 2)),
+        TINY,
+        threshold=points,
+        group_prob=gprob,
+        group_threshold=groups,
+    )
+    assert m["f1"] == 1.0
 
 
 def test_load_thresholds_defaults_and_errors(tmp_path):
