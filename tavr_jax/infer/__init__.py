@@ -1,0 +1,1 @@
+"""Real-time inference: compiled engine, frame streams, post-processing, tracking, outputs."""

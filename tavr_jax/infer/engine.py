@@ -1,0 +1,399 @@
+"""Ahead-of-time compiled keypoint inference: raw uint8 frames in, keypoints in pixels out.
+
+One XLA executable per (input height, width, batch) of an engine (an engine has one backbone
+and one dtype): resizing to the network input, the network, the sigmoids and the mapping of
+normalised coordinates back to original-frame pixels all run inside it, so the host only moves
+uint8 frames in and a few floats out. Weights are put on the device once.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import pathlib
+import struct
+import tempfile
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tavr_jax.schema import KeypointSchema, get_schema
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_EXPORT_MAGIC = b"TAVRJAX-EXPORT-1\n"
+
+
+def compute_dtype(name: str):
+    """'float32' | 'bfloat16' -> the jnp dtype (a clear error otherwise)."""
+    try:
+        return _DTYPES[str(name)]
+    except KeyError:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {name!r}") from None
+
+
+def _image_hw(image_size) -> tuple[int, int]:
+    if isinstance(image_size, int | np.integer):
+        return int(image_size), int(image_size)
+    h, w = image_size
+    return int(h), int(w)
+
+
+def _apply_kwargs(model) -> dict:
+    # Networks take `train=` (batch norm, dropout); accept either common spelling.
+    params = inspect.signature(type(model).__call__).parameters
+    if "train" in params:
+        return {"train": False}
+    if "deterministic" in params:
+        return {"deterministic": True}
+    return {}
+
+
+def keypoint_forward(model, variables, frames, *, image_size, dtype=jnp.float32) -> dict:
+    """Pure forward pass: (B,H,W) uint8 frames -> probabilities and original-frame pixels.
+
+    Returns a dict of float32 arrays: visibility (B,K) and group (B,G) probabilities,
+    coords (B,K,2) pixel (x, y) in the H x W input frame.
+    """
+    if frames.ndim == 4 and frames.shape[-1] == 1:
+        frames = frames[..., 0]
+    b, h, w = frames.shape
+    sh, sw = _image_hw(image_size)
+    x = frames.astype(jnp.float32)
+    if (h, w) != (sh, sw):
+        # Antialiased linear resize: downscaling 1024 -> 512 must average, not alias.
+        x = jax.image.resize(x, (b, sh, sw), method="linear", antialias=True)
+    out = model.apply(variables, x.astype(dtype), **_apply_kwargs(model))
+    # Normalised coordinates of the network input map to the original frame by the frame size:
+    # with half-pixel centres, continuous coordinates scale exactly by w/sw and h/sh.
+    scale = jnp.array([w, h], jnp.float32).reshape(1, 1, 2)
+    return {
+        "visibility": jax.nn.sigmoid(out["visibility_logits"].astype(jnp.float32)),
+        "group": jax.nn.sigmoid(out["group_logits"].astype(jnp.float32)),
+        "coords": out["coords"].astype(jnp.float32) * scale,
+    }
+
+
+def _cast_floats(tree, dtype):
+    return jax.tree_util.tree_map(
+        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree
+    )
+
+
+def _as_schema(schema) -> KeypointSchema:
+    if isinstance(schema, KeypointSchema):
+        return schema
+    if isinstance(schema, dict):
+        return KeypointSchema.from_json(schema)
+    return get_schema(str(schema))
+
+
+class KeypointEngine:
+    """Compiled uint8-frames-in / keypoints-out inference for one network and dtype.
+
+    `engine(frames)` takes (B,H,W) uint8 frames of any B and returns numpy arrays:
+    visibility (B,K) and group (B,G) probabilities and coords (B,K,2) in frame pixels.
+    Frames are run in chunks of `batch_size` (the last one zero-padded), so each frame size
+    compiles exactly once.
+    """
+
+    def __init__(
+        self,
+        model,
+        variables,
+        meta: dict,
+        *,
+        batch_size: int = 1,
+        dtype: str = "float32",
+        device: jax.Device | None = None,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.meta = dict(meta)
+        self.schema = _as_schema(meta["schema"])
+        self.image_size = _image_hw(meta["image_size"])
+        self.batch_size = int(batch_size)
+        self.dtype_name = str(dtype)
+        self.dtype = compute_dtype(dtype)
+        # The module computes in the engine's dtype; bf16 weights halve the memory traffic.
+        if hasattr(model, "dtype") and model.dtype != self.dtype:
+            model = model.clone(dtype=self.dtype)
+        self.model = model
+        self.device = device or jax.devices()[0]
+        if self.dtype != jnp.float32:
+            variables = _cast_floats(variables, self.dtype)
+        self.variables = jax.device_put(variables, self.device)  # resident for the engine's life
+        self.trace_count = 0  # incremented each time the forward pass is traced
+        self._compiled: dict[tuple[int, int, int], Any] = {}
+        self._jitted = jax.jit(self._traced_forward)
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_workdir(
+        cls,
+        workdir,
+        *,
+        which: str = "best",
+        schema=None,
+        backbone: str | None = None,
+        **kwargs,
+    ) -> KeypointEngine:
+        """Loads a trained checkpoint; `schema`/`backbone`, when given, must match it."""
+        from tavr_jax.checkpoint import load_for_inference
+
+        model, variables, meta = load_for_inference(workdir, which=which)
+        check_meta(meta, workdir, schema=schema, backbone=backbone)
+        return cls(model, variables, meta, **kwargs)
+
+    @classmethod
+    def random_init(
+        cls,
+        schema,
+        backbone: str,
+        image_size: int,
+        *,
+        head: str = "regression",
+        grouped: bool = True,
+        seed: int = 0,
+        **kwargs,
+    ) -> KeypointEngine:
+        """Randomly initialised weights of the real architecture (enough for timing)."""
+        from tavr_jax.models import create_model
+
+        schema = _as_schema(schema)
+        model = create_model(schema, backbone=backbone, head=head, grouped=grouped)
+        sh, sw = _image_hw(image_size)
+        init = jax.jit(model.init)
+        variables = init(jax.random.key(seed), jnp.zeros((1, sh, sw), jnp.uint8))
+        meta = {
+            "schema": schema,
+            "backbone": backbone,
+            "head": head,
+            "grouped": grouped,
+            "image_size": image_size,
+            "thresholds": None,
+        }
+        return cls(model, variables, meta, **kwargs)
+
+    # -- compilation --------------------------------------------------------------------------
+
+    def _traced_forward(self, variables, frames):
+        self.trace_count += 1  # Python side effect: runs at trace time only
+        return keypoint_forward(
+            self.model, variables, frames, image_size=self.image_size, dtype=self.dtype
+        )
+
+    def compiled(self, height: int, width: int, batch: int | None = None):
+        """The AOT-compiled executable for (batch, height, width) uint8 input (cached)."""
+        key = (int(batch or self.batch_size), int(height), int(width))
+        exe = self._compiled.get(key)
+        if exe is None:
+            spec = jax.ShapeDtypeStruct(key, jnp.uint8)
+            exe = self._jitted.lower(self.variables, spec).compile()
+            self._compiled[key] = exe
+        return exe
+
+    def cost_analysis(self, height: int, width: int, batch: int | None = None) -> dict:
+        """XLA's cost analysis of the compiled executable (flops, bytes accessed...)."""
+        cost = self.compiled(height, width, batch).cost_analysis()
+        if isinstance(cost, list | tuple):  # older jax returns one dict per computation
+            cost = cost[0] if cost else {}
+        return dict(cost or {})
+
+    # -- running ------------------------------------------------------------------------------
+
+    def put(self, frames: np.ndarray) -> jax.Array:
+        """Starts the (asynchronous) host-to-device copy of one padded uint8 batch."""
+        return jax.device_put(self._pad(frames), self.device)
+
+    def _pad(self, frames) -> np.ndarray:
+        frames = _check_frames(frames)
+        n = frames.shape[0]
+        if n > self.batch_size:
+            raise ValueError(f"batch of {n} frames exceeds the engine batch size {self.batch_size}")
+        if n < self.batch_size:
+            pad = np.zeros((self.batch_size - n, *frames.shape[1:]), np.uint8)
+            frames = np.concatenate([frames, pad])
+        return frames
+
+    def dispatch(self, frames) -> dict[str, jax.Array]:
+        """Launches one batch (host numpy or device array, <= batch_size frames); no sync."""
+        if not isinstance(frames, jax.Array) or frames.shape[0] != self.batch_size:
+            frames = self.put(np.asarray(frames))
+        _, h, w = frames.shape
+        return self.compiled(h, w)(self.variables, frames)
+
+    @staticmethod
+    def fetch(outputs: dict[str, jax.Array], n: int | None = None) -> dict[str, np.ndarray]:
+        """Blocks for one dispatched batch and returns its first n rows as numpy."""
+        host = jax.device_get(outputs)
+        return {k: np.asarray(v)[:n] for k, v in host.items()}
+
+    def __call__(self, frames) -> dict[str, np.ndarray]:
+        frames = _check_frames(frames)
+        chunks = range(0, frames.shape[0], self.batch_size)
+        # Dispatch every chunk before fetching any: the device never waits for the host.
+        pending = [
+            (self.dispatch(frames[i : i + self.batch_size]), min(self.batch_size, len(frames) - i))
+            for i in chunks
+        ]
+        outs = [self.fetch(o, n) for o, n in pending]
+        return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+    def run_batches(self, batches: Iterable) -> Iterator[tuple[Any, dict[str, np.ndarray]]]:
+        """Runs `(tag, frames)` batches with one batch in flight while the next is fetched.
+
+        `frames` may already be on the device and zero-padded (see
+        `streams.prefetch_to_device`); when `tag` is a list its length is the number of real
+        frames. Yields `(tag, outputs)` in order.
+        """
+        previous = None
+        for tag, frames in batches:
+            n = len(tag) if isinstance(tag, list | tuple) else frames.shape[0]
+            current = (tag, self.dispatch(frames), n)
+            if previous is not None:
+                yield previous[0], self.fetch(previous[1], previous[2])
+            previous = current
+        if previous is not None:
+            yield previous[0], self.fetch(previous[1], previous[2])
+
+    # -- export -------------------------------------------------------------------------------
+
+    def export(
+        self,
+        path,
+        height: int,
+        width: int,
+        *,
+        batch: int | None = None,
+        platforms: tuple[str, ...] | None = None,
+    ) -> pathlib.Path:
+        """Serialises the whole uint8-in / keypoints-out function, weights included, to one file.
+
+        `batch=None` exports a symbolic batch dimension. The file holds a small JSON header
+        (schema, thresholds, frame size) followed by the `jax.export` serialisation; see
+        `load_exported`.
+        """
+        variables = self.variables
+
+        def fn(frames):
+            return keypoint_forward(
+                self.model, variables, frames, image_size=self.image_size, dtype=self.dtype
+            )
+
+        if batch is None:
+            (b,) = jax.export.symbolic_shape("b")
+        else:
+            b = int(batch)
+        spec = jax.ShapeDtypeStruct((b, int(height), int(width)), jnp.uint8)
+        exported = jax.export.export(jax.jit(fn), platforms=platforms)(spec)
+        header = json.dumps(
+            {
+                "schema": self.schema.to_json(),
+                "backbone": self.meta.get("backbone"),
+                "image_size": list(self.image_size),
+                "frame_size": [int(height), int(width)],
+                "batch": batch,
+                "dtype": self.dtype_name,
+                "thresholds": _jsonable(self.meta.get("thresholds")),
+            }
+        ).encode()
+        payload = _EXPORT_MAGIC + struct.pack("<Q", len(header)) + header + exported.serialize()
+        path = pathlib.Path(path)
+        atomic_write_bytes(path, payload)
+        return path
+
+
+class ExportedEngine:
+    """A deployment-side runner of an exported engine file: needs jax, not the model code."""
+
+    def __init__(self, meta: dict, exported):
+        self.meta = meta
+        self.schema = KeypointSchema.from_json(meta["schema"])
+        self.exported = exported
+        self._call = jax.jit(exported.call)
+
+    def __call__(self, frames) -> dict[str, np.ndarray]:
+        frames = jnp.asarray(_check_frames(frames))
+        return {k: np.asarray(v) for k, v in self._call(frames).items()}
+
+
+def load_exported(path) -> ExportedEngine:
+    """Loads a file written by `KeypointEngine.export`."""
+    path = pathlib.Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise FileNotFoundError(f"cannot read exported engine {path}: {e.strerror}") from None
+    if not data.startswith(_EXPORT_MAGIC):
+        raise ValueError(f"{path} is not an exported keypoint engine (bad header)")
+    (n,) = struct.unpack("<Q", data[len(_EXPORT_MAGIC) : len(_EXPORT_MAGIC) + 8])
+    start = len(_EXPORT_MAGIC) + 8
+    meta = json.loads(data[start : start + n])
+    exported = jax.export.deserialize(bytearray(data[start + n :]))
+    return ExportedEngine(meta, exported)
+
+
+def check_meta(meta: dict, workdir, *, schema=None, backbone: str | None = None) -> None:
+    """Raises a one-line ValueError when a checkpoint's schema or backbone is not the requested."""
+    if schema is not None:
+        want = _as_schema(schema)
+        have = _as_schema(meta["schema"])
+        if want.point_names != have.point_names or want.group_names != have.group_names:
+            raise ValueError(
+                f"checkpoint {workdir} was trained for schema {have.name!r} "
+                f"({have.num_points} points), not {want.name!r} ({want.num_points} points)"
+            )
+    if backbone is not None and meta.get("backbone") != backbone:
+        raise ValueError(
+            f"checkpoint {workdir} has backbone {meta.get('backbone')!r}, not {backbone!r}"
+        )
+
+
+def _check_frames(frames) -> np.ndarray:
+    if isinstance(frames, jax.Array):
+        frames = np.asarray(frames)
+    frames = np.asarray(frames)
+    if frames.ndim == 4 and frames.shape[-1] == 1:
+        frames = frames[..., 0]
+    if frames.ndim == 2:
+        frames = frames[None]
+    if frames.ndim != 3 or frames.dtype != np.uint8:
+        raise ValueError(
+            f"expected uint8 frames of shape (B,H,W), got {frames.dtype} {frames.shape}"
+        )
+    return frames
+
+
+def _jsonable(x):
+    if x is None or isinstance(x, str | int | float | bool):
+        return x
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, np.ndarray | jax.Array):
+        return np.asarray(x).tolist()
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if hasattr(x, "to_json"):
+        return x.to_json()
+    if hasattr(x, "__dict__"):
+        return _jsonable(vars(x))
+    return str(x)
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Writes to a temporary file beside `path`, then renames it over `path`."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise

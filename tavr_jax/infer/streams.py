@@ -1,0 +1,260 @@
+"""Frame sources (image, folder of images, video, DICOM cine) and device prefetching.
+
+Every source iterates `Frame(index, time_s, image uint8 (H,W), pixel_spacing_mm)`; the time is
+None when the source does not know it, the spacing is the column (x) spacing in mm per pixel
+or None. `source.pixel_spacing_rc` gives (row, column) spacing for anisotropic pixels.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import queue
+import re
+import threading
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
+
+import cv2
+import jax
+import numpy as np
+
+from tavr_jax import dicom
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".pgm", ".webp")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
+class Frame(NamedTuple):
+    index: int
+    time_s: float | None
+    image: np.ndarray  # (H, W) uint8
+    pixel_spacing_mm: float | None
+
+
+def to_gray_uint8(image: np.ndarray, path) -> np.ndarray:
+    """Any OpenCV-decoded image (gray/BGR/BGRA, 8 or 16 bit) -> (H,W) uint8."""
+    if image.ndim == 3:
+        code = cv2.COLOR_BGRA2GRAY if image.shape[2] == 4 else cv2.COLOR_BGR2GRAY
+        image = cv2.cvtColor(image, code)
+    if image.ndim != 2:
+        raise ValueError(f"{path}: unexpected image shape {image.shape}")
+    if image.dtype == np.uint8:
+        return image
+    if image.dtype in (np.uint16, np.int16, np.float32):
+        return dicom.window_to_uint8(image)  # 12/16-bit: robust percentile window
+    raise ValueError(f"{path}: unexpected pixel type {image.dtype} (expected 8 or 16 bit)")
+
+
+def read_image(path) -> np.ndarray:
+    """One image file (PNG/JPEG/TIFF..., or a single-frame DICOM) as (H,W) uint8."""
+    path = pathlib.Path(path)
+    if path.suffix.lower() in DICOM_SUFFIXES or dicom.is_dicom(path):
+        return dicom.DicomCine(path).frame(0)
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise ValueError(f"cannot read image {path}")
+    return to_gray_uint8(image, path)
+
+
+def _natural_key(p: pathlib.Path):
+    # frame2.png sorts before frame10.png
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", p.name)]
+
+
+class FrameSource:
+    """Base class: a re-iterable sequence of frames with optional timing and spacing."""
+
+    kind = "frames"
+    fps: float | None = None
+    pixel_spacing_rc: tuple[float, float] | None = None
+
+    def __init__(self, path):
+        self.path = pathlib.Path(path)
+
+    @property
+    def pixel_spacing_mm(self) -> float | None:
+        return None if self.pixel_spacing_rc is None else self.pixel_spacing_rc[1]
+
+    def __iter__(self) -> Iterator[Frame]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+
+class ImageSource(FrameSource):
+    """One image file, or a folder of images (natural sort order); no timing."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        if self.path.is_dir():
+            self.kind = "folder"
+            self.files = sorted(
+                (
+                    p
+                    for p in self.path.iterdir()
+                    if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES + DICOM_SUFFIXES
+                ),
+                key=_natural_key,
+            )
+            if not self.files:
+                raise ValueError(
+                    f"folder {self.path} holds no images ({', '.join(IMAGE_SUFFIXES)})"
+                )
+        else:
+            self.kind = "image"
+            self.files = [self.path]
+            read_image(self.path)  # fail now, naming the file, rather than mid-stream
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __iter__(self) -> Iterator[Frame]:
+        for i, f in enumerate(self.files):
+            yield Frame(i, None, read_image(f), None)
+
+
+class VideoSource(FrameSource):
+    """Any video OpenCV reads; times from its frame rate."""
+
+    kind = "video"
+
+    def __init__(self, path):
+        super().__init__(path)
+        cap = self._open()
+        fps = cap.get(cv2.CAP_PROP_FPS)
+        self.fps = float(fps) if fps and np.isfinite(fps) and fps > 0 else None
+        self._count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        ok, _ = cap.read()
+        cap.release()
+        if not ok:
+            raise ValueError(f"cannot read video {self.path}: no decodable frame")
+
+    def _open(self):
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no such video file: {self.path}")
+        cap = cv2.VideoCapture(str(self.path))
+        if not cap.isOpened():
+            raise ValueError(f"cannot read video {self.path}: OpenCV cannot open it")
+        return cap
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[Frame]:
+        cap = self._open()
+        try:
+            i = 0
+            while True:
+                ok, image = cap.read()
+                if not ok:
+                    return
+                t = i / self.fps if self.fps else None
+                yield Frame(i, t, to_gray_uint8(image, self.path), None)
+                i += 1
+        finally:
+            cap.release()
+
+
+class DicomSource(FrameSource):
+    """A single- or multi-frame DICOM cine, decoded one frame at a time."""
+
+    kind = "dicom"
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.cine = dicom.DicomCine(self.path)
+        self.pixel_spacing_rc = self.cine.pixel_spacing_rc
+        self.fps = self.cine.fps
+
+    def __len__(self) -> int:
+        return len(self.cine)
+
+    def __iter__(self) -> Iterator[Frame]:
+        times = self.cine.times_s
+        for i in range(len(self.cine)):
+            t = None if times is None else float(times[i])
+            yield Frame(i, t, self.cine.frame(i), self.pixel_spacing_mm)
+
+
+def open_source(path) -> FrameSource:
+    """The frame source for a path: image, folder, DICOM (by magic or suffix) or video."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        return ImageSource(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such input: {path}")
+    if path.suffix.lower() in DICOM_SUFFIXES or dicom.is_dicom(path):
+        return DicomSource(path)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return ImageSource(path)
+    return VideoSource(path)
+
+
+def batch_frames(frames: Iterable[Frame], batch_size: int) -> Iterator[list[Frame]]:
+    """Groups frames into lists of at most batch_size, cutting where the frame size changes."""
+    batch: list[Frame] = []
+    for f in frames:
+        if batch and (len(batch) == batch_size or f.image.shape != batch[0].image.shape):
+            yield batch
+            batch = []
+        batch.append(f)
+    if batch:
+        yield batch
+
+
+_END = object()
+
+
+def prefetch_to_device(
+    frames: Iterable[Frame],
+    *,
+    batch_size: int,
+    device: jax.Device | None = None,
+    depth: int = 2,
+) -> Iterator[tuple[list[Frame], jax.Array]]:
+    """Decodes, batches and copies frames to the device in a background thread.
+
+    Yields `(frames, device_batch)` with the batch zero-padded to batch_size. With depth=2 the
+    thread decodes and transfers batch t+1 while the caller runs batch t (double buffering).
+    Exceptions of the decoder are re-raised in the caller.
+    """
+    device = device or jax.devices()[0]
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work():
+        try:
+            for batch in batch_frames(frames, batch_size):
+                stack = np.stack([f.image for f in batch])
+                if len(batch) < batch_size:
+                    pad = np.zeros((batch_size - len(batch), *stack.shape[1:]), np.uint8)
+                    stack = np.concatenate([stack, pad])
+                # device_put returns at once; the copy proceeds while the caller computes.
+                if not put((batch, jax.device_put(stack, device))):
+                    return
+            put(_END)
+        except BaseException as e:  # hand the error to the consumer
+            put(e)
+
+    thread = threading.Thread(target=work, name="frame-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
