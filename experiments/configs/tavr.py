@@ -19,7 +19,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The default config; `arg="runlocal"` shrinks it to a few CPU minutes."""
     c = ml_collections.ConfigDict()
     c.schema = "paper11"  # a schema name or a path to a schema .json
-    c.backbone = "resnet34"  # resnet18|resnet34|resnet50|vgg16|efficientnet_b7|tiny
+    c.backbone = "resnet34"  # resnet18|resnet34|resnet50|vgg16|efficientnet_b7|resnet_tiny
     c.head = "regression"  # regression (the paper) | integral (soft-argmax heatmaps)
     c.grouped = True
     c.pretrained = ""  # optional path to a torchvision-style .npz/.pth state dict
@@ -45,17 +45,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.l2 = 1.0
     c.l3 = 1.0
 
-    # On-device augmentation (the reference's set, SPEC section A).
+    # On-device augmentation (the reference's set, SPEC section A); fields of
+    # tavr_jax.data.augment.AugmentConfig.
+    c.augment_enabled = True
     c.augment = ml_collections.ConfigDict(
         dict(
-            enabled=True,
             brightness=(0.8, 1.2),
             contrast=(0.8, 1.2),
             blur_prob=0.3,
+            blur_sigma=(0.1, 2.0),
             noise_prob=0.2,
-            noise_std=5.0,
+            noise_std=(2.0, 8.0),
             scale=0.3,
-            rotation_sigma=40.0,
+            rotation_sigma_deg=40.0,
             rotation_prob=0.8,
             flip_prob=0.5,
         )

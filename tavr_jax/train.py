@@ -1,0 +1,490 @@
+"""Training of the grouped keypoint network: one jitted, data-parallel step over a device mesh.
+
+The train state is a plain dict pytree, replicated on every device:
+`{"step", "params", "batch_stats", "opt_state", "rng", ["ema_params"]}`. Batches are global
+arrays sharded on the mesh axis "data" (each process feeds its own slice), so the same code
+runs on one CPU, on simulated CPU devices, on GPUs and across processes. Randomness is a pure
+function of (seed, step), and the data iterator state is checkpointed with the train state,
+so a run killed and resumed reproduces the uninterrupted run bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import pathlib
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from tavr_jax.checkpoint import CheckpointStore, write_json_atomic
+from tavr_jax.data.augment import augment_batch
+from tavr_jax.losses import total_loss
+from tavr_jax.models import create_model
+from tavr_jax.schema import KeypointSchema, get_schema
+
+State = dict[str, Any]
+# Keys of a host batch that the device step needs (orig_size/pixel_spacing stay on the host).
+TRAIN_KEYS = ("image", "visibility", "coords")
+
+
+class NaNLossError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+def make_mesh(devices=None) -> jax.sharding.Mesh:
+    """A 1-D data-parallel mesh over all (or the given) devices, axis name "data".
+
+    The axis is `Auto` (the compiler propagates shardings), so library code such as the
+    augmentation's vmaps needs no sharding annotations of its own.
+    """
+    auto = (jax.sharding.AxisType.Auto,)
+    if devices is None:
+        return jax.make_mesh((jax.device_count(),), ("data",), axis_types=auto)
+    return jax.sharding.Mesh(np.asarray(devices), ("data",), axis_types=auto)
+
+
+def make_optimizer(
+    config: ml_collections.ConfigDict,
+) -> tuple[optax.GradientTransformation, Callable]:
+    """(optax transformation, learning_rate(opt_state, step) -> scalar) for the config."""
+    clip = optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0 else optax.identity()
+    if config.optimizer == "adamw":
+        schedule = optax.warmup_cosine_decay_schedule(
+            init_value=0.0,
+            peak_value=config.learning_rate,
+            warmup_steps=config.warmup_steps,
+            decay_steps=max(config.num_steps, config.warmup_steps + 1),
+            end_value=config.learning_rate * 1e-2,
+        )
+        tx = optax.chain(clip, optax.adamw(schedule, weight_decay=config.weight_decay))
+        return tx, lambda opt_state, step: schedule(step)
+    if config.optimizer == "adam_plateau":
+        p = config.plateau
+        tx = optax.chain(
+            clip,
+            optax.adamw(config.learning_rate, weight_decay=config.weight_decay),
+            optax.contrib.reduce_on_plateau(
+                factor=p.factor,
+                patience=p.patience,
+                cooldown=p.cooldown,
+                accumulation_size=p.accumulation_size,
+                min_scale=p.min_scale,
+            ),
+        )
+        return tx, lambda opt_state, step: config.learning_rate * opt_state[-1].scale
+    raise ValueError(f"unknown optimizer {config.optimizer!r}; known: adamw, adam_plateau")
+
+
+def build_model(config: ml_collections.ConfigDict, schema: KeypointSchema):
+    if config.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be float32 or bfloat16, got {config.dtype!r}")
+    return create_model(
+        schema,
+        backbone=config.backbone,
+        head=config.head,
+        grouped=config.grouped,
+        dtype=jnp.dtype(config.dtype),
+    )
+
+
+def create_train_state(
+    config: ml_collections.ConfigDict,
+    model,
+    tx: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    *,
+    init_variables: dict | None = None,
+) -> tuple[State, Any]:
+    """The initial train state, created directly in its (replicated) sharding.
+
+    Returns (state, state_sharding). `init_variables` replaces the random initialisation
+    (e.g. imported ImageNet weights) where given.
+    """
+    size = config.image_size
+
+    def init():
+        rng = jax.random.PRNGKey(config.seed)
+        init_rng, train_rng = jax.random.split(rng)
+        variables = model.init(init_rng, jnp.zeros((1, size, size), jnp.uint8), train=False)
+        if init_variables is not None:
+            variables = {**variables, **init_variables}
+        params = variables["params"]
+        state = {
+            "step": jnp.zeros((), jnp.int32),
+            "params": params,
+            "batch_stats": variables.get("batch_stats", {}),
+            "opt_state": tx.init(params),
+            "rng": train_rng,
+        }
+        if config.ema_decay > 0:
+            state["ema_params"] = params
+        return state
+
+    abstract = jax.eval_shape(init)
+    replicated = NamedSharding(mesh, P())
+    sharding = jax.tree.map(lambda _: replicated, abstract)
+    state = jax.jit(init, out_shardings=sharding)()
+    return state, sharding
+
+
+def abstract_state(state_sharding, state_or_shapes) -> Any:
+    """Shape/dtype/sharding structs of a state, the target of a checkpoint restore."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        state_or_shapes,
+        state_sharding,
+    )
+
+
+def train_step(
+    state: State,
+    batch: dict,
+    *,
+    model,
+    tx: optax.GradientTransformation,
+    learning_rate_fn: Callable,
+    schema: KeypointSchema,
+    config: ml_collections.ConfigDict,
+) -> tuple[State, dict]:
+    """One optimisation step on a global batch: augment, forward, loss, update, EMA."""
+    step = state["step"]
+    rng = jax.random.fold_in(state["rng"], step)
+    augment_rng, dropout_rng = jax.random.split(rng)
+    if config.augment_enabled:
+        batch = augment_batch(augment_rng, batch, schema, config.augment)
+
+    def loss_fn(params):
+        outputs, updates = model.apply(
+            {"params": params, "batch_stats": state["batch_stats"]},
+            batch["image"],
+            train=True,
+            rngs={"dropout": dropout_rng},
+            mutable=["batch_stats"],
+        )
+        # bf16 compute, fp32 loss: the optimiser always sees fp32 gradients of fp32 params.
+        outputs = jax.tree.map(lambda x: x.astype(jnp.float32), outputs)
+        loss, parts = total_loss(
+            outputs,
+            batch,
+            schema,
+            image_size=config.image_size,
+            weights=(config.l1, config.l2, config.l3),
+            grouped=config.grouped,
+        )
+        return loss, (parts, updates.get("batch_stats", {}))
+
+    (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"], value=loss)
+    params = optax.apply_updates(state["params"], updates)
+    new_state = {
+        **state,
+        "step": step + 1,
+        "params": params,
+        "batch_stats": batch_stats,
+        "opt_state": opt_state,
+    }
+    if "ema_params" in state:
+        d = config.ema_decay
+        new_state["ema_params"] = jax.tree.map(
+            lambda e, p: d * e + (1.0 - d) * p, state["ema_params"], params
+        )
+    metrics = {
+        "loss": loss,
+        **{f"loss_{k}": v for k, v in parts.items() if k != "total"},
+        "grad_norm": optax.global_norm(grads),
+        "update_norm": optax.global_norm(updates),
+        "param_norm": optax.global_norm(params),
+        "learning_rate": learning_rate_fn(opt_state, step),
+    }
+    return new_state, metrics
+
+
+def eval_step(state: State, batch: dict, *, model, image_size: int) -> dict:
+    """Predictions on a batch: visibility and group probabilities, coords in input pixels."""
+    params = state.get("ema_params", state["params"])
+    outputs = model.apply(
+        {"params": params, "batch_stats": state["batch_stats"]}, batch["image"], train=False
+    )
+    return {
+        "visibility_prob": jax.nn.sigmoid(outputs["visibility_logits"].astype(jnp.float32)),
+        "group_prob": jax.nn.sigmoid(outputs["group_logits"].astype(jnp.float32)),
+        "coords": outputs["coords"].astype(jnp.float32) * image_size,
+    }
+
+
+def make_step_fns(model, tx, learning_rate_fn, schema, config, mesh, state_sharding):
+    """(jitted train step, jitted eval step, batch sharding) for this mesh."""
+    batch_sharding = NamedSharding(mesh, P("data"))
+    replicated = NamedSharding(mesh, P())
+    train_fn = jax.jit(
+        functools.partial(
+            train_step,
+            model=model,
+            tx=tx,
+            learning_rate_fn=learning_rate_fn,
+            schema=schema,
+            config=config,
+        ),
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, replicated),
+        donate_argnums=(0,),
+    )
+    eval_fn = jax.jit(
+        functools.partial(eval_step, model=model, image_size=config.image_size),
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=batch_sharding,
+    )
+    return train_fn, eval_fn, batch_sharding
+
+
+def to_global(batch: dict, sharding: NamedSharding, keys=TRAIN_KEYS) -> dict:
+    """This process's slice of a batch (numpy) -> global arrays sharded on "data"."""
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k])) for k in keys}
+
+
+def _fetch(x) -> np.ndarray:
+    """A global array, or this process's numpy slice, -> the full numpy array everywhere."""
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def visibility_f1(prob: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> float:
+    """Pooled F1 of point visibility over all (image, point) pairs."""
+    pred = prob > threshold
+    truth = truth > 0.5
+    tp = np.sum(pred & truth)
+    fp = np.sum(pred & ~truth)
+    fn = np.sum(~pred & truth)
+    return float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn > 0 else 1.0
+
+
+def process_rows(batch: dict, global_batch_size: int) -> dict:
+    """This process's rows of a global host batch (a short last batch is zero-padded first)."""
+    n = len(batch["image"])
+    pad = global_batch_size - n
+    batch = {k: _pad(np.asarray(v), pad) for k, v in batch.items()}
+    batch["valid"] = _pad(np.ones(n, bool), pad)
+    if jax.process_count() == 1:
+        return batch
+    rows = global_batch_size // jax.process_count()
+    start = jax.process_index() * rows
+    return {k: v[start : start + rows] for k, v in batch.items()}
+
+
+def _pad(x: np.ndarray, n: int) -> np.ndarray:
+    return np.concatenate([x, np.zeros((n, *x.shape[1:]), x.dtype)]) if n else x
+
+
+def evaluate_batches(eval_fn, state, batches: Iterator[dict], sharding, local_batch_size: int):
+    """Runs the eval step over batches (the last one padded) -> host arrays of the split."""
+    keys = ("visibility", "coords", "orig_size")
+    out = {k: [] for k in ("prob", "pred_coords", *keys)}
+    for batch in batches:
+        pad = local_batch_size - len(batch["image"])
+        padded = {k: _pad(np.asarray(batch[k]), pad) for k in (*TRAIN_KEYS, "orig_size")}
+        padded["valid"] = _pad(
+            np.asarray(batch.get("valid", np.ones(len(batch["image"]), bool))), pad
+        )
+        pred = eval_fn(state, to_global(padded, sharding))
+        valid = _fetch(padded["valid"])
+        out["prob"].append(_fetch(pred["visibility_prob"])[valid])
+        out["pred_coords"].append(_fetch(pred["coords"])[valid])
+        for k in keys:
+            out[k].append(_fetch(padded[k])[valid])
+    return {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in out.items()}
+
+
+def validation_metrics(arrays: dict, schema: KeypointSchema, image_size: int) -> dict:
+    """Validation F1 (visibility at 0.5, pooled) and, when available, the paper's metrics."""
+    if len(arrays["prob"]) == 0:
+        return {}
+    metrics = {"val_f1": visibility_f1(arrays["prob"], arrays["visibility"])}
+    try:
+        from tavr_jax.evaluate import keypoint_metrics  # noqa: PLC0415
+    except ImportError:
+        return metrics
+    # Input pixels -> original pixels: frames are resized to S x S, x by W/S and y by H/S.
+    scale = arrays["orig_size"][:, None, ::-1].astype(np.float32) / image_size  # (N, 1, 2)
+    full = keypoint_metrics(
+        arrays["prob"],
+        arrays["pred_coords"] * scale,
+        arrays["visibility"] > 0.5,
+        arrays["coords"] * scale,
+        schema,
+    )
+    for k in ("precision", "recall", "f1", "mean_error_px", "loc_accuracy_20px"):
+        if full.get(k) is not None:
+            metrics[f"val_{k}"] = float(full[k])
+    return metrics
+
+
+class _Writer:
+    """TensorBoard scalars (process 0 only)."""
+
+    def __init__(self, logdir: pathlib.Path):
+        self._writer = None
+        if jax.process_index() == 0:
+            from tensorboardX import SummaryWriter  # noqa: PLC0415
+
+            self._writer = SummaryWriter(str(logdir))
+
+    def scalars(self, step: int, values: dict) -> None:
+        if self._writer is not None:
+            for k, v in values.items():
+                self._writer.add_scalar(k, float(v), step)
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def _check_finite(metrics: dict, step: int) -> None:
+    loss = float(metrics["loss"])
+    if not math.isfinite(loss):
+        parts = ", ".join(f"{k}={float(v):.4g}" for k, v in metrics.items() if k.startswith("loss"))
+        raise NaNLossError(
+            f"training loss is {loss} at step {step} ({parts}); stopping. Lower the learning "
+            "rate, check the data, or resume from the last checkpoint."
+        )
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str | pathlib.Path, data_dir: str | pathlib.Path
+) -> dict:
+    """Trains (resuming from W/checkpoints when present) and returns the final metrics."""
+    from tqdm import tqdm  # noqa: PLC0415
+
+    from tavr_jax.data.pipeline import make_loader  # noqa: PLC0415
+
+    workdir = pathlib.Path(workdir)
+    schema = get_schema(config.schema)
+    n_proc = jax.process_count()
+    if config.batch_size % jax.device_count():
+        raise ValueError(
+            f"batch_size {config.batch_size} is not divisible by the {jax.device_count()} devices"
+        )
+    local_batch_size = config.batch_size // n_proc
+    if jax.process_index() == 0:
+        write_json_atomic(workdir / "config.json", config.to_dict())
+
+    mesh = make_mesh()
+    model = build_model(config, schema)
+    tx, learning_rate_fn = make_optimizer(config)
+    state, state_sharding = create_train_state(config, model, tx, mesh)
+    train_fn, eval_fn, batch_sharding = make_step_fns(
+        model, tx, learning_rate_fn, schema, config, mesh, state_sharding
+    )
+
+    def loader(split, *, shuffle):
+        # Every process reads the global batch and keeps its own rows (make_loader has no
+        # sharding option): deterministic, and identical to one process reading it all.
+        return make_loader(
+            data_dir,
+            split,
+            schema=schema,
+            image_size=config.image_size,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            shuffle=shuffle,
+            num_epochs=None if shuffle else 1,
+            drop_remainder=shuffle,
+            num_workers=config.num_workers,
+            split_seed=config.data_seed,
+            val_fraction=config.val_fraction,
+            test_fraction=config.test_fraction,
+        )
+
+    train_iter = loader("train", shuffle=True)
+    store = CheckpointStore(workdir, keep=config.keep)
+    restored = store.restore(abstract_state(state_sharding, state))
+    start = 0
+    if restored is not None:
+        state, data_state, start = restored
+        if data_state is not None:
+            train_iter.set_state(data_state)
+        logging.info("resumed from step %d", start)
+        tqdm.write(f"resumed from step {start}")
+
+    writer = _Writer(workdir / "events")
+    history: list[dict] = []
+    final: dict = {}
+    pending: tuple[int, dict] | None = None  # metrics of the previous step, fetched one late
+    t0, seen = time.perf_counter(), 0
+    bar = tqdm(total=config.num_steps, initial=start, disable=jax.process_index() != 0, unit="step")
+    try:
+        for step in range(start, config.num_steps):
+            batch = process_rows(next(train_iter), config.batch_size)
+            state, metrics = train_fn(state, to_global(batch, batch_sharding))
+            # Fetching the previous step's scalars keeps one step in flight on the device
+            # while still naming the exact step where the loss went NaN.
+            if pending is not None:
+                _record(pending, history, writer, bar, config, t0, seen)
+            pending = (step, metrics)
+            seen += config.batch_size
+            done = step + 1
+            if done % config.checkpoint_every == 0 or done == config.num_steps:
+                _record(pending, history, writer, bar, config, t0, seen)
+                pending = None
+                store.save(done, state, train_iter.get_state())
+                tqdm.write(f"step {done}: saved checkpoint")
+            if done % config.eval_every == 0 or done == config.num_steps:
+                if pending is not None:
+                    _record(pending, history, writer, bar, config, t0, seen)
+                    pending = None
+                val = validation_metrics(
+                    evaluate_batches(
+                        eval_fn,
+                        state,
+                        (process_rows(b, config.batch_size) for b in loader("val", shuffle=False)),
+                        batch_sharding,
+                        local_batch_size,
+                    ),
+                    schema,
+                    config.image_size,
+                )
+                if val:
+                    writer.scalars(done, val)
+                    tqdm.write(f"step {done}: " + " ".join(f"{k}={v:.4f}" for k, v in val.items()))
+                    if store.save_best(done, state, val["val_f1"], train_iter.get_state()):
+                        tqdm.write(f"step {done}: new best val_f1={val['val_f1']:.4f}")
+                final = {"step": done, **val}
+            bar.update(1)
+        if pending is not None:
+            _record(pending, history, writer, bar, config, t0, seen)
+    finally:
+        bar.close()
+        store.wait()
+        store.close()
+        writer.close()
+    if history:
+        final.update({k: v for k, v in history[-1].items() if k != "step"})
+    final["step"] = int(jax.device_get(state["step"]))
+    return final
+
+
+def _record(pending, history, writer, bar, config, t0, seen) -> None:
+    step, metrics = pending
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    _check_finite(metrics, step)
+    history.append({"step": step, **metrics})
+    if (step + 1) % config.log_every == 0 or step + 1 == config.num_steps:
+        # Averages over the logging window are less noisy than the last step alone.
+        window = history[-config.log_every :]
+        means = {k: float(np.mean([h[k] for h in window])) for k in metrics}
+        means["images_per_s"] = seen / max(time.perf_counter() - t0, 1e-9)
+        writer.scalars(step + 1, means)
+        bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means['learning_rate']:.2e}")

@@ -1,0 +1,135 @@
+"""Helpers for the training tests: a tiny Supervisely project, a tiny config, and a worker
+process (`python tests/_train_worker.py MODE ...`) for the kill/resume and multi-host tests."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import pathlib
+import sys
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**overrides):
+    """The runlocal preset shrunk to a 32 px tiny ResNet that trains in seconds on a CPU."""
+    spec = importlib.util.spec_from_file_location(
+        "tavr_config", ROOT / "experiments/configs/tavr.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("runlocal")
+    config.backbone = "resnet_tiny"
+    config.image_size = 32
+    config.batch_size = 8
+    config.num_steps = 6
+    config.warmup_steps = 2
+    config.eval_every = 1000
+    config.checkpoint_every = 3
+    config.log_every = 1
+    config.val_fraction = 0.25
+    for k, v in overrides.items():
+        setattr(config, k, v)
+    return config
+
+
+def write_tiny_project(root, *, cases=4, frames=6, size=48, seed=0):
+    """Random frames with a bright dot at each visible keypoint of the paper11 schema."""
+    from tavr_jax.data.supervisely import AnnotatedFrame, write_project
+    from tavr_jax.schema import get_schema
+
+    schema = get_schema("paper11")
+    rng = np.random.default_rng(seed)
+    out = []
+    for c in range(cases):
+        for f in range(frames):
+            image = rng.integers(0, 60, (size, size), dtype=np.uint8)
+            present = rng.random(schema.num_groups) < 0.7
+            visibility = present[schema.point_group]
+            coords = rng.uniform(4, size - 4, (schema.num_points, 2)).astype(np.float32)
+            coords[~visibility] = 0
+            for x, y in coords[visibility].astype(int):
+                image[max(y - 1, 0) : y + 2, max(x - 1, 0) : x + 2] = 255
+            out.append(
+                AnnotatedFrame(f"case{c:02d}", f"{f:04d}.png", image, visibility, coords, 0.3)
+            )
+    return write_project(root, schema, out)
+
+
+def flat_params(params) -> dict[str, np.ndarray]:
+    import jax
+
+    return {
+        jax.tree_util.keystr(p): np.asarray(v)
+        for p, v in jax.tree_util.tree_leaves_with_path(params)
+    }
+
+
+def _train(args) -> None:
+    from tavr_jax.train import train_and_evaluate
+
+    config = tiny_config(num_steps=args.steps, checkpoint_every=args.checkpoint_every)
+    train_and_evaluate(config, args.workdir, args.data)
+
+
+def _multihost(args) -> None:
+    import jax
+
+    jax.distributed.initialize(
+        coordinator_address=args.coordinator,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+    )
+    from tavr_jax import train
+
+    config = tiny_config()
+    schema = train.get_schema(config.schema)
+    model = train.build_model(config, schema)
+    tx, lr_fn = train.make_optimizer(config)
+    mesh = train.make_mesh()
+    state, sharding = train.create_train_state(config, model, tx, mesh)
+    train_fn, _, batch_sharding = train.make_step_fns(
+        model, tx, lr_fn, schema, config, mesh, sharding
+    )
+    batch = synthetic_batch(config.batch_size, config.image_size, schema.num_points)
+    local = train.process_rows(batch, config.batch_size)
+    for _ in range(2):
+        state, _ = train_fn(state, train.to_global(local, batch_sharding))
+    params = jax.device_get(state["params"])
+    np.savez(
+        args.out,
+        device_count=jax.device_count(),
+        process_count=jax.process_count(),
+        **flat_params(params),
+    )
+
+
+def synthetic_batch(batch_size, size, k, seed=0) -> dict:
+    rng = np.random.default_rng(seed)
+    visibility = (rng.random((batch_size, k)) < 0.6).astype(np.float32)
+    coords = rng.uniform(0, size, (batch_size, k, 2)).astype(np.float32) * visibility[..., None]
+    return {
+        "image": rng.integers(0, 256, (batch_size, size, size), dtype=np.uint8),
+        "visibility": visibility,
+        "coords": coords,
+        "orig_size": np.full((batch_size, 2), size, np.int32),
+        "pixel_spacing": np.zeros((batch_size,), np.float32),
+    }
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=["train", "multihost"])
+    parser.add_argument("--workdir")
+    parser.add_argument("--data")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--checkpoint_every", type=int, default=3)
+    parser.add_argument("--coordinator")
+    parser.add_argument("--num_processes", type=int)
+    parser.add_argument("--process_id", type=int)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    {"train": _train, "multihost": _multihost}[args.mode](args)
