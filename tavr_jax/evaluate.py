@@ -299,12 +299,12 @@ def _pooled_f1(pred: np.ndarray, gate, truth: np.ndarray) -> float:
     return float(np.nan_to_num(_div(2 * tp, 2 * tp + fp + fn), nan=1.0))
 
 
-def _atomic_write_text(path: pathlib.Path, text: str) -> None:
+def _atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -314,7 +314,7 @@ def _atomic_write_text(path: pathlib.Path, text: str) -> None:
 
 def write_json(path, obj) -> None:
     """Writes `obj` as indented JSON, atomically."""
-    _atomic_write_text(pathlib.Path(path), json.dumps(obj, indent=2) + "\n")
+    _atomic_write_bytes(pathlib.Path(path), (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def save_thresholds(workdir, thresholds: dict) -> pathlib.Path:
@@ -341,3 +341,178 @@ def load_thresholds(workdir, schema: KeypointSchema) -> tuple[np.ndarray, np.nda
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"cannot read thresholds from {path}: {e!r}") from None
     return points, groups
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluating a trained workdir on a Supervisely project
+
+
+def predict_project(engine, project, *, desc: str = "predict") -> dict[str, np.ndarray]:
+    """Runs a `KeypointEngine` over every frame of `project`, in original-frame pixels.
+
+    Frames are batched by size (each size compiles once). Returns numpy arrays in frame
+    order: visibility (N, K) and group (N, G) probabilities, coords (N, K, 2) pixels.
+    """
+    from tqdm import tqdm  # noqa: PLC0415
+
+    n = len(project.frames)
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, f in enumerate(project.frames):
+        by_size.setdefault((f.height, f.width), []).append(i)
+    out: dict[str, np.ndarray] = {}
+    bs = engine.batch_size
+
+    def batches():
+        for idx in by_size.values():
+            for s in range(0, len(idx), bs):
+                chunk = idx[s : s + bs]
+                yield chunk, np.stack([project.load_image(i) for i in chunk])
+
+    with tqdm(total=n, desc=desc, unit="frame", leave=False) as bar:
+        for chunk, res in engine.run_batches(batches()):
+            for key, value in res.items():
+                if key not in out:
+                    out[key] = np.zeros((n, *value.shape[1:]), np.float32)
+                out[key][chunk] = value
+            bar.update(len(chunk))
+    return out
+
+
+def _frame_arrays(project) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    vis = np.stack([f.visibility for f in project.frames]).astype(bool)
+    xy = np.stack([f.coords for f in project.frames]).astype(np.float64)
+    spacing = np.array([f.pixel_spacing_mm or 0.0 for f in project.frames], np.float64)
+    return vis, xy, spacing
+
+
+def _load(workdir, data_dir, split: str, batch_size: int, which: str):
+    from tavr_jax.checkpoint import load_for_inference  # noqa: PLC0415
+    from tavr_jax.data.supervisely import read_project  # noqa: PLC0415
+    from tavr_jax.infer.engine import KeypointEngine  # noqa: PLC0415
+
+    model, variables, meta = load_for_inference(workdir, which=which)
+    config = meta["config"]
+    # The training run's own case split, so "val"/"test" are cases it never trained on.
+    project = read_project(
+        data_dir,
+        meta["schema"],
+        split=split,
+        seed=int(config.get("data_seed", 0)),
+        val_fraction=float(config.get("val_fraction", 0.2)),
+        test_fraction=float(config.get("test_fraction", 0.0)),
+    )
+    if not project.frames:
+        raise ValueError(f"{data_dir}: split {split!r} has no frames (cases: {project.cases})")
+    engine = KeypointEngine(model, variables, meta, batch_size=batch_size, dtype=meta["dtype"])
+    return engine, meta, project
+
+
+def tune_project(workdir, data_dir, *, batch_size: int = 16, which: str = "best") -> dict:
+    """Tunes visibility thresholds on the validation cases and writes W/thresholds.json."""
+    engine, meta, project = _load(workdir, data_dir, "val", batch_size, which)
+    pred = predict_project(engine, project, desc="tune on val")
+    vis, _, _ = _frame_arrays(project)
+    tuned = tune_thresholds(
+        pred["visibility"],
+        vis,
+        meta["schema"],
+        group_prob=pred["group"] if meta["grouped"] else None,
+    )
+    tuned.update(split="val", n_images=len(project.frames), step=meta["step"])
+    save_thresholds(workdir, tuned)
+    return tuned
+
+
+def evaluate_project(
+    workdir,
+    data_dir,
+    *,
+    split: str = "val",
+    threshold: float | None = None,
+    batch_size: int = 16,
+    overlays_dir=None,
+    which: str = "best",
+) -> dict:
+    """The paper's metrics of a trained workdir on one split of a Supervisely project.
+
+    Args:
+      workdir: training workdir (W/config.json, W/checkpoints/, optional W/thresholds.json).
+      data_dir: Supervisely project; the split uses the training config's case split.
+      split: all | train | val | test.
+      threshold: one visibility threshold for every point, no group gating; None uses the
+        tuned W/thresholds.json (0.5 everywhere when absent).
+      batch_size: frames per compiled batch.
+      overlays_dir: when given, one PNG per frame: truth as circles, prediction as crosses.
+      which: "best" or "latest" checkpoint.
+
+    Returns:
+      `keypoint_metrics` of the split, plus `split`, `n_cases`, `step`, `backbone`, `head`,
+      `grouped`, `image_size`. Errors are in pixels of the original frames.
+    """
+    engine, meta, project = _load(workdir, data_dir, split, batch_size, which)
+    schema = meta["schema"]
+    pred = predict_project(engine, project, desc=f"evaluate {split}")
+    vis, xy, spacing = _frame_arrays(project)
+    if threshold is None:
+        point_thr, group_thr = meta["thresholds"], meta["group_thresholds"]
+    else:
+        point_thr, group_thr = float(threshold), None
+    metrics = keypoint_metrics(
+        pred["visibility"],
+        pred["coords"],
+        vis,
+        xy,
+        schema,
+        threshold=point_thr,
+        group_prob=None if group_thr is None else pred["group"],
+        group_threshold=0.5 if group_thr is None else group_thr,
+        pixel_spacing_mm=spacing,
+    )
+    metrics.update(
+        split=project.split,
+        n_cases=len(project.cases),
+        step=int(meta["step"]),
+        backbone=meta["backbone"],
+        head=meta["head"],
+        grouped=bool(meta["grouped"]),
+        image_size=int(meta["image_size"]),
+    )
+    if overlays_dir is not None:
+        shown = predicted_visibility(
+            pred["visibility"],
+            schema,
+            threshold=point_thr,
+            group_prob=None if group_thr is None else pred["group"],
+            group_threshold=0.5 if group_thr is None else group_thr,
+        )
+        write_overlays(overlays_dir, project, pred["coords"], shown, pred["visibility"])
+    return metrics
+
+
+def write_overlays(out_dir, project, coords: np.ndarray, shown: np.ndarray, prob=None) -> int:
+    """One PNG per frame: truth as circles, predictions as crosses, coloured by group."""
+    import cv2  # noqa: PLC0415
+
+    from tavr_jax.visualize import draw_keypoints, draw_legend  # noqa: PLC0415
+
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    schema = project.schema
+    for i, f in enumerate(project.frames):
+        image = project.load_image(i)
+        rgb = draw_keypoints(image, f.coords, f.visibility, schema, marker="circle", labels=False)
+        rgb = draw_keypoints(
+            rgb,
+            coords[i],
+            shown[i],
+            schema,
+            marker="cross",
+            probabilities=None if prob is None else prob[i],
+        )
+        draw_legend(rgb, schema)
+        ok, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+        if not ok:
+            raise ValueError(f"cannot encode the overlay of {f.image_path}")
+        name = f"{f.case_id}__{pathlib.Path(f.frame_name).stem}.png"
+        _atomic_write_bytes(out_dir / name, png.tobytes())
+    return len(project.frames)

@@ -336,3 +336,116 @@ def test_load_thresholds_defaults_and_errors(tmp_path):
     (tmp_path / "thresholds.json").write_text('{"points": {"P": 0.5}}')
     with pytest.raises(ValueError, match="thresholds.json"):
         evaluate.load_thresholds(tmp_path, TINY)
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluate_project: a tiny checkpoint on a tiny project with frames of two sizes
+
+
+def _tiny_workdir_and_project(tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    from tavr_jax.checkpoint import CheckpointStore
+    from tavr_jax.data.supervisely import AnnotatedFrame, write_project
+    from tavr_jax.models import create_model
+
+    rng = np.random.default_rng(0)
+    frames = []
+    for c in range(5):
+        h, w = (48, 64) if c % 2 else (64, 64)  # two frame sizes: coords must scale per frame
+        for f in range(2):
+            vis = rng.uniform(size=SCHEMA.num_points) < 0.6
+            xy = np.where(vis[:, None], rng.uniform(2, [w - 2, h - 2], (SCHEMA.num_points, 2)), 0)
+            frames.append(
+                AnnotatedFrame(
+                    case_id=f"case{c}",
+                    frame_name=f"{f:04d}.png",
+                    image=rng.integers(0, 256, (h, w), dtype=np.uint8),
+                    visibility=vis,
+                    coords=xy.astype(np.float32),
+                    pixel_spacing_mm=0.3 if c < 3 else None,
+                )
+            )
+    data = write_project(tmp_path / "data", SCHEMA, frames)
+    config = dict(
+        schema="paper11", backbone="resnet_tiny", head="regression", grouped=True,
+        image_size=32, dtype="float32", data_seed=0, val_fraction=0.4, test_fraction=0.0,
+    )  # fmt: skip
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    (workdir / "config.json").write_text(json.dumps(config))
+    model = create_model(SCHEMA, backbone="resnet_tiny")
+    variables = model.init(jax.random.key(1), jnp.zeros((1, 32, 32), jnp.uint8))
+    with CheckpointStore(workdir, async_save=False) as store:
+        store.save_best(1, {"params": variables["params"], **variables}, 0.5)
+    return workdir, data, model, variables, config
+
+
+def _direct_prediction(model, variables, image, size):
+    """Resize + network by hand, coordinates scaled to the frame: the engine's contract."""
+    import jax
+    import jax.numpy as jnp
+
+    h, w = image.shape
+    x = jax.image.resize(jnp.asarray(image, jnp.float32)[None], (1, size, size), "linear")
+    out = model.apply(variables, x, train=False)
+    prob = np.asarray(jax.nn.sigmoid(out["visibility_logits"]))[0]
+    return prob, np.asarray(out["coords"])[0] * np.array([w, h])
+
+
+def test_evaluate_project_matches_direct_forward(tmp_path):
+    from tavr_jax.data.supervisely import read_project, split_cases
+
+    workdir, data, model, variables, config = _tiny_workdir_and_project(tmp_path)
+    val_cases = split_cases([f"case{c}" for c in range(5)], seed=0, val_fraction=0.4,
+                            test_fraction=0.0)["val"]  # fmt: skip
+    overlays = tmp_path / "overlays"
+    m = evaluate.evaluate_project(
+        workdir, data, split="val", batch_size=3, overlays_dir=overlays, threshold=0.5
+    )
+    project = read_project(data, SCHEMA, split="val", seed=0, val_fraction=0.4)
+    assert sorted(project.cases) == sorted(val_cases) and m["n_cases"] == len(val_cases)
+    assert m["n_images"] == 2 * len(val_cases) and m["split"] == "val"
+    prob, xy = zip(*(_direct_prediction(model, variables, project.load_image(i), 32)
+                     for i in range(len(project))), strict=True)  # fmt: skip
+    vis = np.stack([f.visibility for f in project.frames])
+    txy = np.stack([f.coords for f in project.frames])
+    spacing = np.array([f.pixel_spacing_mm or 0 for f in project.frames])
+    want = evaluate.keypoint_metrics(
+        np.stack(prob), np.stack(xy), vis, txy, SCHEMA, pixel_spacing_mm=spacing
+    )
+    for key in (*evaluate.METRIC_KEYS, "mean_error_mm"):
+        _assert_close_tol(m[key], want[key])
+        _assert_close_tol(m["per_image_mean"][key], want["per_image_mean"][key])
+    assert m["counts"] == want["counts"]
+    pngs = sorted(overlays.glob("*.png"))
+    assert len(pngs) == m["n_images"]
+    import cv2
+
+    first = project.frames[0]
+    assert cv2.imread(str(pngs[0])).shape == (first.height, first.width, 3)
+
+    # Tuned thresholds are written to the workdir and then used by default.
+    tuned = evaluate.tune_project(workdir, data, batch_size=4)
+    assert json.loads((workdir / "thresholds.json").read_text())["points"] == tuned["points"]
+    m2 = evaluate.evaluate_project(workdir, data, split="val", batch_size=4)
+    got = (
+        m2["threshold"]
+        if isinstance(m2["threshold"], dict)
+        else dict.fromkeys(SCHEMA.point_names, m2["threshold"])
+    )
+    assert got == pytest.approx(tuned["points"])  # float32 in the checkpoint meta
+    assert m["threshold"] == 0.5
+
+
+def _assert_close_tol(got, want):
+    if want is None:
+        assert got is None
+    else:
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-4)
+
+
+def test_evaluate_project_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        evaluate.evaluate_project(tmp_path, tmp_path, split="val")
