@@ -61,7 +61,7 @@ def _one_euro_reference(xs, ts, min_cutoff, beta, d_cutoff):
         return 1.0 / (1.0 + tau / dt)
 
     out, x_prev, dx_prev, t_prev = [], None, 0.0, None
-    for x, t in zip(xs, ts):
+    for x, t in zip(xs, ts, strict=True):
         if x_prev is None:
             x_hat, dx_hat = x, 0.0
         else:

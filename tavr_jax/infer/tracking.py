@@ -208,7 +208,7 @@ class PointTracker:
         return dt
 
     def update(self, visibility, group, coords, time_s: float | None = None):
-        """One frame: (K,) and (G,) probabilities, (K, 2) pixels -> (coords (K,2), reported (K,))."""
+        """One frame: probabilities (K,), (G,) and pixels (K, 2) -> (coords, reported (K,))."""
         if self.hysteresis == "band":
             point_on = self._points.update(visibility)
             group_on = self._groups.update(group) & self.gate.expected
