@@ -182,7 +182,7 @@ def sample_schedule(rng: np.random.Generator, frames: int) -> list[FrameState]:
     for stage_index, n in zip(stages, lengths, strict=True):
         stage = STAGES[stage_index]
         dt = 1.0 / FPS
-        duration = {"aortogram": 4.5, "positioning": 6.0, "deployment": 14.0}.get(stage, 4.5)
+        duration = {"positioning": 6.0, "deployment": 14.0}.get(stage, 3.6)
         tau0 = float(rng.uniform(0.0, max(duration - n * dt, 0.0)))
         tau = tau0 + dt * np.arange(n)
         peak = rng.uniform(0.75, 1.0)
@@ -366,7 +366,11 @@ class CaseRenderer:
     # ---- the contrast-filled root (canonical grid, per case)
     def _root_radius(self, u, cos_phi):
         p = self.p
-        r0 = np.interp(u, [0.0, p.h_sinus, p.h_sinus + 20.0], [p.r_annulus, p.r_stj, p.r_aorta])
+        r0 = (
+            p.r_annulus
+            + (p.r_stj - p.r_annulus) * np.clip(u / p.h_sinus, 0.0, 1.0)
+            + (p.r_aorta - p.r_stj) * np.clip((u - p.h_sinus) / 20.0, 0.0, 1.0)
+        )
         lobe = np.sqrt(np.clip(0.5 * (1.0 + 4.0 * cos_phi**3 - 3.0 * cos_phi), 0, 1))  # cos 3 phi
         x = np.clip(u / p.h_sinus, 0.0, 1.0)
         bulge = p.bulge * 6.75 * x * (1.0 - x) ** 2 * (1.0 + 0.8 * x) / 1.25  # peak at ~0.4
@@ -380,7 +384,7 @@ class CaseRenderer:
         p = self.p
         g = max(p.spacing_mm, 0.3)
         self.grid_mm = g
-        span = self.size * p.spacing_mm * 1.6  # reaches beyond the image in every view
+        span = self.size * p.spacing_mm * 0.95 + 25.0  # annulus to the farthest corner, plus motion
         b_lo, b_hi = -8.0, span
         a_lo = -(p.r_aorta + p.bulge) - 30.0
         a_hi = p.r_aorta + p.bulge + p.curvature * span**2 + 30.0
@@ -401,7 +405,7 @@ class CaseRenderer:
         rows = ~top
         r_max = p.r_aorta + p.bulge
         sel = np.abs(a) < r_max + 4.0
-        nz = 40
+        nz = 28
         z = np.linspace(-r_max - 6.0, r_max + 6.0, nz, dtype=np.float32)
         dz = float(z[1] - z[0])
         B, A, Z = b[rows][:, None, None], a[sel][None, :, None], z[None, None, :]
@@ -698,8 +702,12 @@ class CaseRenderer:
         return out
 
     # ---- one frame
-    def render(self, st: FrameState, rng: np.random.Generator):
-        """One frame: (image (S,S) uint8, landmarks dict name -> (x, y, visible))."""
+    def render(self, st: FrameState, rng: np.random.Generator, *, layers: bool = False):
+        """One frame: (image (S,S) uint8, landmarks dict name -> (x, y, visible)).
+
+        With `layers=True` also a dict of the noiseless inputs (attenuation maps, uint8 device
+        drawings "thin", "dense", "struts", float "contrast") for tests and figures.
+        """
         p = self.p
         n = self.size
         m = self.frame_transform(st)
@@ -712,7 +720,8 @@ class CaseRenderer:
             self.moving, shift, self.moving.shape[::-1], borderMode=cv2.BORDER_REPLICATE
         )
         atten += cv2.resize(mv, (n, n), interpolation=cv2.INTER_CUBIC)
-        if st.contrast > 0.01:
+        root = None
+        if st.contrast > 0.01 or layers:
             warp = (m @ self.grid)[:2].astype(np.float32)
             root = cv2.warpAffine(self.root_map, warp, (n, n), flags=cv2.INTER_LINEAR)
             atten += st.contrast * root
@@ -762,9 +771,13 @@ class CaseRenderer:
                 ]
             )
             cv2.fillPoly(dense, [_fixed(cone)], 170, cv2.LINE_AA, _SHIFT)
-        atten += thin.astype(np.float32) * (0.45 / 255.0)
+        extra = {}
+        if layers:
+            extra = dict(thin=thin.copy(), dense=dense.copy(), struts=struts.copy(), contrast=root)
+        # one conversion: the layers' attenuations scaled onto a common 0..255 = 0..1 range
+        np.maximum(thin, cv2.convertScaleAbs(struts, alpha=0.7 / 0.45), out=thin)
+        cv2.addWeighted(thin, 0.45, dense, 1.0, 0.0, dst=dense)
         atten += dense.astype(np.float32) * (1.0 / 255.0)
-        atten += struts.astype(np.float32) * (0.7 / 255.0)
         # Beer-Lambert, quantum noise (normal approx. of Poisson), detector blur, log display
         lam = self.n0 * (st.dose_scale * np.exp(-atten))
         counts = lam + np.sqrt(lam) * rng.standard_normal(lam.shape, dtype=np.float32)
@@ -775,6 +788,9 @@ class CaseRenderer:
         img = (np.log(np.maximum(counts, 1.0)) - lo_s) * (255.0 / (hi_s - lo_s))
         img = np.clip(img, 0, 255).astype(np.uint8)
         self._burn_text(img, st)
+        if layers:
+            extra["attenuation"] = atten
+            return img, self._landmarks(m, dev, st), extra
         return img, self._landmarks(m, dev, st)
 
     def _burn_text(self, img, st):
@@ -973,3 +989,33 @@ def simulate_project(
             bar.update(1)
     bar.close()
     return writer.root
+
+
+def benchmark(
+    schema: KeypointSchema, *, size: int = 512, frames: int = 20, repeats: int = 5, seed: int = 0
+) -> dict:
+    """Frames/s of `simulate_case` on one CPU thread, case set-up included (median of runs)."""
+    import time
+
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        simulate_case(np.random.default_rng([seed, 99]), schema, frames=2, size=size)  # warm-up
+        rates, setups = [], []
+        for r in range(repeats):
+            rng = np.random.default_rng([seed, r])
+            params = sample_case(rng, size)
+            t0 = time.perf_counter()
+            CaseRenderer(params, size)
+            setups.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            simulate_case(rng, schema, frames=frames, size=size, params=params)
+            rates.append(frames / (time.perf_counter() - t0))
+    finally:
+        cv2.setNumThreads(threads)
+    return {
+        "frames_per_s": float(np.median(rates)),
+        "setup_ms": float(np.median(setups) * 1e3),
+        "frames": frames,
+        "repeats": repeats,
+    }

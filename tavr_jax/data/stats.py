@@ -1,0 +1,146 @@
+"""What a user checks first in a keypoint project: counts, sizes, patterns and a contact sheet."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import pathlib
+import tempfile
+
+import cv2
+import numpy as np
+
+from tavr_jax import visualize
+from tavr_jax.data import supervisely
+from tavr_jax.schema import KeypointSchema
+
+
+def presence_pattern(visibility: np.ndarray, schema: KeypointSchema) -> str:
+    """'anatomical+contour'-style name of the groups present in one frame ('none' if empty)."""
+    present = schema.group_presence(visibility)
+    names = [g for g, p in zip(schema.group_names, present, strict=True) if p]
+    return "+".join(names) if names else "none"
+
+
+def project_stats(project: supervisely.Project) -> dict:
+    """Counts of one read project (see docs/data.md for the keys)."""
+    schema = project.schema
+    frames = project.frames
+    vis = np.array([f.visibility for f in frames], bool).reshape(len(frames), schema.num_points)
+    per_name = vis.sum(axis=0)
+    per_group = vis.astype(np.int64) @ schema.group_matrix.T.astype(np.int64)
+    sizes = collections.Counter(f"{f.height}x{f.width}" for f in frames)
+    patterns = collections.Counter(presence_pattern(v, schema) for v in vis)
+    stages = collections.Counter(f.stage for f in frames if f.stage is not None)
+    counts = project.counts
+    return {
+        "schema": schema.name,
+        "split": project.split,
+        "n_cases": len(project.cases),
+        "n_frames": len(frames),
+        "cases": list(project.cases),
+        "image_sizes": dict(sorted(sizes.items())),
+        "points_per_name": {n: int(c) for n, c in zip(schema.point_names, per_name, strict=True)},
+        "points_per_group": {
+            g: int(c) for g, c in zip(schema.group_names, per_group.sum(axis=0), strict=True)
+        },
+        "frames_per_pattern": dict(sorted(patterns.items())),
+        "frames_per_stage": dict(sorted(stages.items())),
+        "dropped_points": counts["dropped_points"],
+        "ignored_points": counts["ignored_points"],
+        "dropped_per_name": counts["dropped_per_name"],
+        "ignored_per_class": counts["ignored_per_class"],
+    }
+
+
+def sample_frames(project: supervisely.Project, n: int, *, seed: int = 0) -> list[int]:
+    """Up to n frame indices, round-robin over presence patterns and cases so all kinds show."""
+    rng = np.random.default_rng(seed)
+    by_pattern: dict[str, list[int]] = collections.defaultdict(list)
+    for i, f in enumerate(project.frames):
+        by_pattern[presence_pattern(f.visibility, project.schema)].append(i)
+    queues = []
+    for key in sorted(by_pattern):
+        idx = by_pattern[key]
+        # one frame per case first, then the rest, each in a seeded order
+        order = rng.permutation(len(idx))
+        seen, first, rest = set(), [], []
+        for j in order:
+            case = project.frames[idx[j]].case_id
+            (rest if case in seen else first).append(idx[j])
+            seen.add(case)
+        queues.append(first + rest)
+    picked: list[int] = []
+    while len(picked) < min(n, len(project.frames)):
+        for q in queues:
+            if q and len(picked) < n:
+                picked.append(q.pop(0))
+    return picked
+
+
+def contact_sheet_image(
+    project: supervisely.Project, indices: list[int], *, ncols: int = 4
+) -> np.ndarray:
+    """RGB grid of frames with their keypoints coloured by group and a group legend."""
+    tiles, titles = [], []
+    for i in indices:
+        f = project.frames[i]
+        tile = visualize.draw_keypoints(
+            project.load_image(i), f.coords, f.visibility, project.schema
+        )
+        tiles.append(visualize.draw_legend(tile, project.schema))
+        titles.append(f"{f.case_id}/{f.frame_name}" + (f" {f.stage}" if f.stage else ""))
+    return visualize.contact_sheet(tiles, ncols, titles=titles)
+
+
+def _atomic_write(path: pathlib.Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_png(path: os.PathLike, rgb: np.ndarray) -> pathlib.Path:
+    path = pathlib.Path(path)
+    ok, png = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]))
+    if not ok:
+        raise ValueError(f"{path}: PNG encoding failed")
+    _atomic_write(path, png.tobytes())
+    return path
+
+
+def write_contact_sheet(
+    project: supervisely.Project, path: os.PathLike, *, n: int = 8, ncols: int = 4, seed: int = 0
+) -> pathlib.Path:
+    """Writes a contact sheet of `n` sample frames of the project as a PNG."""
+    if not project.frames:
+        raise ValueError(f"{project.root}: no frames in split {project.split!r}")
+    return write_png(
+        path, contact_sheet_image(project, sample_frames(project, n, seed=seed), ncols=ncols)
+    )
+
+
+def write_stats(
+    data: os.PathLike,
+    out: os.PathLike,
+    *,
+    schema: KeypointSchema,
+    split: str = "all",
+    seed: int = 0,
+    sheet_frames: int = 8,
+) -> tuple[pathlib.Path, pathlib.Path]:
+    """Reads a project, writes its stats JSON at `out` and a contact sheet PNG beside it."""
+    project = supervisely.read_project(data, schema, split=split, seed=seed)
+    if not project.frames:
+        raise ValueError(f"{data}: split {split!r} has no frames")
+    out = pathlib.Path(out)
+    stats = project_stats(project)
+    _atomic_write(out, (json.dumps(stats, indent=1) + "\n").encode())
+    png = write_contact_sheet(project, out.with_suffix(".png"), n=sheet_frames, seed=seed)
+    return out, png
