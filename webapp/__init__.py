@@ -1,0 +1,1 @@
+"""A small local web page (FastAPI) for polar maps and aortography frames."""
