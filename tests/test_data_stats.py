@@ -1,0 +1,89 @@
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from tavr_jax.data import stats, supervisely
+from tavr_jax.schema import get_schema
+
+SCHEMA = get_schema("paper11")
+
+
+def _frame(case, name, visible_names, size=(48, 64)):
+    k = SCHEMA.num_points
+    vis = np.zeros(k, bool)
+    coords = np.zeros((k, 2), np.float32)
+    for n in visible_names:
+        i = SCHEMA.index(n)
+        vis[i] = True
+        coords[i] = (5 + 3 * i, 7 + 2 * i)
+    image = np.full(size, 100, np.uint8)
+    return supervisely.AnnotatedFrame(case, name, image, vis, coords, stage="aortogram")
+
+
+def test_stats_count_a_known_project(tmp_path):
+    anat = ["AA1", "AA2", "STJ1", "STJ2"]
+    frames = [
+        _frame("p1", "0000.png", anat + ["PT"]),
+        _frame("p1", "0001.png", anat + ["PT"]),
+        _frame("p1", "0002.png", ["CT", "CD", "PT"], size=(40, 40)),
+        _frame("p2", "0000.png", []),
+        _frame("p2", "0001.png", ["CP", "FE1"]),
+    ]
+    root = supervisely.write_project(tmp_path / "proj", SCHEMA, frames)
+    # One point outside its image (dropped) and one unknown class (ignored), added by hand.
+    ann_path = root / "p2" / "ann" / "0000.png.json"
+    ann = json.loads(ann_path.read_text())
+    point = lambda t, x, y: {  # noqa: E731
+        "classTitle": t,
+        "geometryType": "point",
+        "points": {"exterior": [[x, y]], "interior": []},
+    }
+    ann["objects"] += [point("CT", 500.0, 3.0), point("EC1", 3.0, 3.0)]
+    ann_path.write_text(json.dumps(ann))
+
+    json_path, png_path = stats.write_stats(root, tmp_path / "out" / "stats.json", schema=SCHEMA)
+    got = json.loads(json_path.read_text())
+    assert got["n_cases"] == 2 and got["n_frames"] == 5 and got["cases"] == ["p1", "p2"]
+    assert got["image_sizes"] == {"40x40": 1, "48x64": 4}
+    expected_names = dict.fromkeys(SCHEMA.point_names, 0)
+    for n in anat:
+        expected_names[n] = 2
+    expected_names.update(PT=3, CT=1, CD=1, CP=1, FE1=1)
+    assert got["points_per_name"] == expected_names
+    assert got["points_per_group"] == {"anatomical": 8, "instrumental": 3, "contour": 4}
+    assert got["frames_per_pattern"] == {
+        "anatomical+contour": 2,
+        "instrumental+contour": 2,
+        "none": 1,
+    }
+    assert got["dropped_points"] == 1 and got["ignored_points"] == 1
+    assert got["frames_per_stage"] == {"aortogram": 5}
+    sheet = cv2.imread(str(png_path))
+    assert png_path == tmp_path / "out" / "stats.png"
+    assert sheet is not None and sheet.shape[2] == 3 and sheet.shape[0] >= 48
+
+
+def test_sample_frames_cover_every_pattern(tmp_path):
+    frames = [_frame("a", f"{i:04d}.png", ["PT"]) for i in range(6)]
+    frames += [_frame("b", "0000.png", ["CT"]), _frame("c", "0000.png", [])]
+    root = supervisely.write_project(tmp_path / "p", SCHEMA, frames)
+    project = supervisely.read_project(root, SCHEMA)
+    picked = stats.sample_frames(project, 3, seed=0)
+    patterns = {stats.presence_pattern(project.frames[i].visibility, SCHEMA) for i in picked}
+    assert patterns == {"contour", "instrumental", "none"}
+    assert len(stats.sample_frames(project, 100)) == len(frames)
+
+
+def test_presence_pattern_names_groups_in_schema_order():
+    vis = np.zeros(SCHEMA.num_points, bool)
+    assert stats.presence_pattern(vis, SCHEMA) == "none"
+    vis[SCHEMA.index("FE2")] = vis[SCHEMA.index("AA1")] = True
+    assert stats.presence_pattern(vis, SCHEMA) == "anatomical+contour"
+
+
+def test_empty_split_is_a_clear_error(tmp_path):
+    root = supervisely.write_project(tmp_path / "p", SCHEMA, [_frame("a", "0000.png", ["PT"])])
+    with pytest.raises(ValueError, match="no frames"):
+        stats.write_stats(root, tmp_path / "s.json", schema=SCHEMA, split="val", seed=0)
