@@ -79,9 +79,7 @@ def uptake_to_rgb(uptake, colormap="spectrum") -> np.ndarray:
     u = np.asarray(uptake, np.float64)
     finite = np.isfinite(u)
     idx = np.round(np.clip(np.where(finite, u, 0.0), 0.0, 1.0) * (len(table) - 1)).astype(np.int64)
-    rgb = table[idx]
-    rgb[~finite] = 0
-    return rgb
+    return np.where(finite[..., None], table[idx], 0).astype(np.uint8)
 
 
 def rgb_to_uptake(rgb, colormap="spectrum", *, return_distance: bool = False):
@@ -122,6 +120,22 @@ def best_colormap(rgb_pixels) -> str:
         for name in COLORMAP_NAMES
     }
     return min(scores, key=scores.get)
+
+
+def match_named(table, *, tolerance: float = 6.0) -> str | None:
+    """The named colormap a colour-bar table is a stretch of, or None.
+
+    A bar whose dark low end merges into a dark background is read short; when its colours lie
+    on a known table (median distance below tolerance, rising uptake) that whole table is used.
+    """
+    table = np.asarray(table)
+    best, best_d = None, tolerance
+    for name in COLORMAP_NAMES:
+        u, d = rgb_to_uptake(table, name, return_distance=True)
+        rising = np.mean(np.diff(u) >= -1e-6) > 0.95 and u[-1] - u[0] > 0.5
+        if rising and np.median(d) < best_d:
+            best, best_d = name, float(np.median(d))
+    return best
 
 
 def colorbar_from_image(image, *, background=None, min_length: int = 40, min_aspect: float = 4.0):

@@ -81,8 +81,8 @@ def _defect_field(rng, size: int, territory: str) -> np.ndarray:
     """(S, S) in 0-1: a smooth partial-territory defect shape (1 = full depth)."""
     r, a = geometry.polar_coords(size)
     centre, span = _TERRITORY_ANGLES[territory]
-    c = centre + rng.uniform(-0.5, 0.5) * span
-    half = rng.uniform(0.35, 0.9) * span
+    c = centre + rng.uniform(-0.35, 0.35) * span
+    half = rng.uniform(0.35, 0.8) * span
     soft = rng.uniform(6.0, 15.0)
     angular = _smooth_step(half - np.abs(_angle_diff(a, c)), 0.0, soft)
     inner = rng.uniform(0.0, 0.55) if territory == "LAD" else rng.uniform(0.2, 0.6)
@@ -93,8 +93,8 @@ def _defect_field(rng, size: int, territory: str) -> np.ndarray:
         field = np.maximum(field, _smooth_step(0.25 - r, 0.0, 0.15))
     # keep the defect inside its territory, with a soft (not cut) boundary
     terr = geometry.territory_map(size) == 1 + geometry.TERRITORY_NAMES.index(territory)
-    terr = cv2.GaussianBlur(terr.astype(np.float32), (0, 0), sigmaX=size / 30)
-    field = field * np.clip(terr * 1.2, 0.0, 1.0)
+    terr = cv2.GaussianBlur(terr.astype(np.float32), (0, 0), sigmaX=size / 15)
+    field = field * np.clip(terr * 1.5, 0.0, 1.0)
     # perfusion falls off gradually at a defect border
     return cv2.GaussianBlur(field.astype(np.float32), (0, 0), sigmaX=size / 40)
 

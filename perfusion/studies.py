@@ -136,7 +136,9 @@ def _colour_table(image, colormap, disk_pixels) -> np.ndarray:
         return colormaps.get_colormap(colormap)
     table = colormaps.colorbar_from_image(image)
     if table is not None and len(table) >= 16:
-        return _orient_table(table)
+        table = _orient_table(table)
+        named = colormaps.match_named(table)
+        return colormaps.get_colormap(named) if named else table
     return colormaps.get_colormap(colormaps.best_colormap(disk_pixels))
 
 

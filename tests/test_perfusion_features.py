@@ -1,0 +1,63 @@
+"""The jnp strip/ring features against a straightforward float64 numpy loop."""
+
+import numpy as np
+import pytest
+
+from perfusion import features
+
+
+def _maps(rng, b, size):
+    maps = rng.integers(0, 256, (b, size, size, 3)).astype(np.uint8)
+    maps[:, : size // 3, : size // 4] = 0  # a black corner, as the painted background
+    maps[0, :, : size // 5] = 0  # first vertical strip entirely black: mean 0, std 0
+    return maps
+
+
+def test_matches_numpy_loop_uint8():
+    rng = np.random.default_rng(0)
+    maps = _maps(rng, 5, 40)
+    got = np.asarray(features.strip_ring_features(maps), np.float64)
+    ref = features.strip_ring_features_loop(maps)
+    assert got.shape == (5, 84)
+    # 1e-5 relative to the 0-255 scale of the values
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=255 * 1e-5)
+    assert got[0, 0] == 0 and got[0, 1] == 0  # empty part
+
+
+def test_matches_numpy_loop_float_to_1e5():
+    rng = np.random.default_rng(1)
+    maps = _maps(rng, 3, 33).astype(np.float32) / 255.0  # odd size: uneven strips
+    got = np.asarray(features.strip_ring_features(maps), np.float64)
+    np.testing.assert_allclose(got, features.strip_ring_features_loop(maps), atol=1e-5)
+
+
+def test_variance_is_stable_for_constant_bright_regions():
+    # a constant 250 map: E[x^2] - mean^2 in float32 would not give exactly 0
+    maps = np.full((1, 32, 32, 3), 250, np.uint8)
+    got = np.asarray(features.strip_ring_features(maps))[0]
+    np.testing.assert_allclose(got[0::2], 250.0)
+    np.testing.assert_allclose(got[1::2], 0.0, atol=1e-4)  # one ulp of 250 in the mean
+
+
+def test_explicit_mask_and_order():
+    rng = np.random.default_rng(2)
+    maps = _maps(rng, 2, 20)
+    mask = np.zeros((20, 20), bool)
+    mask[:, 16:] = True  # only the last vertical strip
+    got = np.asarray(features.strip_ring_features(maps, mask))
+    ref = features.strip_ring_features_loop(maps, mask)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-3)
+    # vertical strip 4 of channel G (index 1*28 + 4*2) is the mean of columns 16.. of G
+    np.testing.assert_allclose(got[1, 28 + 8], maps[1, :, 16:, 1].mean(), rtol=1e-6)
+    assert features.FEATURE_NAMES[28 + 8] == "G_vstrip4_mean"
+    assert len(features.FEATURE_NAMES) == 84
+
+
+def test_study_features_concatenates_difference():
+    rng = np.random.default_rng(3)
+    s, r = _maps(rng, 2, 16), _maps(rng, 2, 16)
+    f = np.asarray(features.study_features(s, r))
+    assert f.shape == (2, 252)
+    np.testing.assert_allclose(f[:, 168:], f[:, :84] - f[:, 84:168], atol=1e-4)
+    with pytest.raises(ValueError, match="expected maps"):
+        features.strip_ring_features(np.zeros((2, 16, 15, 3)))

@@ -1,0 +1,103 @@
+"""Study reading: disk detection, colour bar, uptake recovery, folders and their errors."""
+
+import cv2
+import numpy as np
+import pytest
+
+from perfusion import colormaps, geometry, simulate, studies
+
+
+def _write(path, rgb):
+    cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+
+
+def test_colormap_roundtrip_and_bar():
+    u = np.linspace(0, 1, 256)
+    for name in ("spectrum", "thermal", "jet"):
+        back = colormaps.rgb_to_uptake(colormaps.uptake_to_rgb(u, name), name)
+        assert np.abs(back - u).max() <= 4 / 255 + 1e-6  # 8-bit tables repeat a few colours
+    img = np.zeros((120, 200, 3), np.uint8)
+    img[10:110, 150:165] = colormaps.uptake_to_rgb(np.linspace(1, 0, 100)[:, None], "thermal")
+    table = colormaps.colorbar_from_image(img)
+    assert table is not None and len(table) >= 90
+    # read low -> high: first entries dark, last entries near white
+    assert table[:3].astype(int).sum(1).max() < 100 and table[-3:].astype(int).sum(1).min() > 650
+    # its near-black end merged with the background, but it is a stretch of "thermal"
+    assert colormaps.match_named(table) == "thermal"
+    assert colormaps.match_named(table[::-1]) is None
+
+
+def test_read_study_image_recovers_uptake(tmp_path):
+    sim = simulate.simulate_study(np.random.default_rng(1), 64, label="ischemia")
+    img = simulate.render_study_image(sim.stress, sim.rest, colormap="thermal", disk_px=150)
+    _write(tmp_path / "s.png", img)
+    st = studies.read_study_image(tmp_path / "s.png", size=64)  # colour bar, not the name
+    inner = geometry.polar_coords(64)[0] < 0.95
+    assert np.abs(st.stress_uptake - sim.stress)[inner].mean() < 0.02
+    assert np.abs(st.rest_uptake - sim.rest)[inner].mean() < 0.02
+    assert st.stress_rgb.shape == (64, 64, 3) and (st.stress_rgb[~st.mask] == 0).all()
+    # without the colour bar: the named colormap nearest to the disk colours
+    _write(
+        tmp_path / "n.png",
+        simulate.render_study_image(
+            sim.stress, sim.rest, colormap="jet", disk_px=120, colorbar=False
+        ),
+    )
+    st2 = studies.read_study_image(tmp_path / "n.png", size=64)
+    assert np.abs(st2.stress_uptake - sim.stress)[inner].mean() < 0.03
+
+
+def test_disk_detection_geometry():
+    img = np.zeros((200, 400, 3), np.uint8)
+    cv2.circle(img, (100, 110), 70, (200, 50, 50), -1)
+    cv2.circle(img, (300, 100), 60, (50, 200, 50), -1)
+    cv2.putText(img, "STRESS", (60, 25), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (255, 255, 255), 2)
+    img[20:180, 380:392] = 128  # a bar-like rectangle
+    disks = sorted(studies.find_disks(img), key=lambda d: d.cx)
+    assert len(disks) == 2
+    assert disks[0].cx == pytest.approx(100, abs=1) and disks[0].radius == pytest.approx(
+        70.5, abs=1.5
+    )
+    assert disks[1].cy == pytest.approx(100, abs=1) and disks[1].radius == pytest.approx(
+        60.5, abs=1.5
+    )
+
+
+def test_pair_and_arrays(tmp_path):
+    sim = simulate.simulate_study(np.random.default_rng(2), 48, label="infarction")
+    for which, u in (("stress", sim.stress), ("rest", sim.rest)):
+        disk = colormaps.uptake_to_rgb(cv2.resize(u, (100, 100)), "spectrum")
+        disk[~geometry.disk_mask(100)] = 0
+        _write(tmp_path / f"p_{which}.png", np.pad(disk, ((20, 20), (20, 20), (0, 0))))
+    st = studies.read_study_pair(
+        tmp_path / "p_stress.png", tmp_path / "p_rest.png", colormap="spectrum", size=48
+    )
+    inner = geometry.polar_coords(48)[0] < 0.9
+    assert np.abs(st.rest_uptake - sim.rest)[inner].mean() < 0.03
+    arr = studies.study_from_arrays(sim.stress, sim.rest, size=48)
+    np.testing.assert_allclose(arr.stress_uptake, sim.stress, atol=1e-6)
+
+
+def test_folder_and_errors(tmp_path):
+    simulate.simulate_dataset(tmp_path, 3, seed=0, size=32, disk_px=70)
+    got = studies.read_study_folder(tmp_path, size=32)
+    assert [s.label for s in got] == [
+        r.split(",")[1] for r in (tmp_path / "labels.csv").read_text().splitlines()[1:]
+    ]
+    (tmp_path / "labels.csv").write_text("filename,label\nstudy_0000.png,weird\n")
+    with pytest.raises(ValueError, match="unknown label 'weird'"):
+        studies.read_study_folder(tmp_path)
+    (tmp_path / "labels.csv").write_text("filename,label\nmissing.png,normal\n")
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        studies.read_study_folder(tmp_path)
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="bad.png: unreadable image"):
+        studies.read_study_image(tmp_path / "bad.png")
+    blank = np.zeros((100, 100, 3), np.uint8)
+    _write(tmp_path / "blank.png", blank)
+    with pytest.raises(ValueError, match="blank.png: no disk found"):
+        studies.read_study_image(tmp_path / "blank.png")
+    cv2.circle(blank, (50, 50), 30, (0, 0, 255), -1)
+    _write(tmp_path / "one.png", blank)
+    with pytest.raises(ValueError, match="one.png: one disk where 2"):
+        studies.read_study_image(tmp_path / "one.png")
