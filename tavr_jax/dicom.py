@@ -63,6 +63,7 @@ class DicomCine:
     """One single- or multi-frame DICOM image file, read lazily frame by frame."""
 
     def __init__(self, path):
+        self._file = None
         self.path = pathlib.Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"no such DICOM file: {self.path}")
@@ -94,7 +95,6 @@ class DicomCine:
         )
         self.pixel_spacing_rc = pixel_spacing_mm(ds)
         self.times_s = frame_times_s(ds, self.num_frames)
-        self._file = None
 
     def __len__(self) -> int:
         return self.num_frames
@@ -206,13 +206,15 @@ def write_test_cine(
 ) -> pathlib.Path:
     """Writes a small uncompressed XA DICOM (single- or multi-frame) for tests and demos.
 
+    uint32 frames give a file of an unsupported bit depth (for error tests).
+
     Args:
-      frames: (N,H,W) or (H,W) uint8 or uint16 pixel values.
+      frames: (N,H,W) or (H,W) uint8 or uint16 (or uint32) pixel values.
     """
     frames = np.asarray(frames)
     if frames.ndim == 2:
         frames = frames[None]
-    if frames.dtype not in (np.uint8, np.uint16):
+    if frames.dtype not in (np.uint8, np.uint16, np.uint32):
         raise ValueError(f"write_test_cine takes uint8 or uint16 frames, got {frames.dtype}")
     n, h, w = frames.shape
     bits_allocated = frames.dtype.itemsize * 8

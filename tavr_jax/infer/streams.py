@@ -195,10 +195,13 @@ def batch_frames(frames: Iterable[Frame], batch_size: int) -> Iterator[list[Fram
     """Groups frames into lists of at most batch_size, cutting where the frame size changes."""
     batch: list[Frame] = []
     for f in frames:
-        if batch and (len(batch) == batch_size or f.image.shape != batch[0].image.shape):
+        if batch and f.image.shape != batch[0].image.shape:
             yield batch
             batch = []
         batch.append(f)
+        if len(batch) == batch_size:  # hand a full batch on at once, before decoding more
+            yield batch
+            batch = []
     if batch:
         yield batch
 

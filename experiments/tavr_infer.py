@@ -1,0 +1,58 @@
+"""Keypoints for every frame of an image, folder of images, video or DICOM cine.
+
+    python experiments/tavr_infer.py --workdir=W --input=cine.dcm --out=OUT --overlay \
+        --track=kalman --expect=anatomical,contour
+Writes OUT/predictions.jsonl (one line per frame), OUT/coco_keypoints.json and, with
+--overlay, OUT/overlay.avi (video/DICOM) or OUT/overlay/*.png (images).
+"""
+
+import sys
+
+from absl import app, flags
+
+from tavr_jax.infer.engine import KeypointEngine
+from tavr_jax.infer.outputs import run_inference
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "training workdir (config.json, checkpoints/)")
+_INPUT = flags.DEFINE_string("input", None, "image, folder of images, video or DICOM file")
+_OUT = flags.DEFINE_string("out", None, "output folder")
+_OVERLAY = flags.DEFINE_bool("overlay", False, "also write annotated frames")
+_TRACK = flags.DEFINE_enum("track", "kalman", ["oneeuro", "kalman", "none"], "temporal filter")
+_EXPECT = flags.DEFINE_string("expect", None, "groups expected at this stage, e.g. anatomical")
+_BATCH = flags.DEFINE_integer("batch_size", 1, "frames per compiled call")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
+_WHICH = flags.DEFINE_enum("which", "best", ["best", "latest"], "checkpoint to load")
+_SCHEMA = flags.DEFINE_string("schema", None, "refuse a checkpoint of another schema")
+_BACKBONE = flags.DEFINE_string("backbone", None, "refuse a checkpoint of another backbone")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    for flag in (_WORKDIR, _INPUT, _OUT):
+        if not flag.value:
+            raise app.UsageError(f"--{flag.name} is required")
+    try:
+        engine = KeypointEngine.from_workdir(
+            _WORKDIR.value,
+            which=_WHICH.value,
+            schema=_SCHEMA.value,
+            backbone=_BACKBONE.value,
+            batch_size=_BATCH.value,
+            dtype=_DTYPE.value,
+        )
+        summary = run_inference(
+            engine,
+            _INPUT.value,
+            _OUT.value,
+            overlay=_OVERLAY.value,
+            track=_TRACK.value,
+            expect=_EXPECT.value,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    print(f"{summary['frames']} frames ({summary['source']}) -> {summary['predictions']}")
+
+
+if __name__ == "__main__":
+    app.run(main)
