@@ -11,6 +11,7 @@ Endpoints (see README "Web page and JSON API"):
   POST /api/tavr/predict                form file `media` (image, video or DICOM cine),
                                         form field `expect` (comma-separated group names)
   GET  /api/tavr/result/{id}?expect=..  the same result re-gated for other expected groups
+                                        (`expect` absent or empty: every group; "none": none)
 """
 
 from __future__ import annotations
@@ -222,8 +223,10 @@ def create_app(
 
     def _gated(entry: dict, expect: str | None) -> list[list[dict]]:
         engine = models.tavr
+        # "none" = the user expects no group at this stage; absent/empty = no stage prior.
+        expect_groups = [] if expect == "none" else expect
         try:
-            gate = postprocess.Gate.from_meta(engine.meta, engine.schema, expect=expect)
+            gate = postprocess.Gate.from_meta(engine.meta, engine.schema, expect=expect_groups)
         except ValueError as e:
             raise BadInput(str(e).replace("--expect", "expect"), 422) from None
         reported = gate(entry["out"]["visibility"], entry["out"]["group"])

@@ -276,6 +276,7 @@ def _atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; exports are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -82,7 +82,8 @@ $("perf-form").addEventListener("submit", (ev) => { ev.preventDefault(); submitP
 
 // ---------- aortography ----------
 function expectedGroups() {
-  return [...document.querySelectorAll("input[name=expect]:checked")].map((c) => c.value).join(",");
+  const names = [...document.querySelectorAll("input[name=expect]:checked")].map((c) => c.value);
+  return names.length ? names.join(",") : "none";
 }
 
 function drawFrame() {
