@@ -1,4 +1,4 @@
-"""End to end in headless Chromium: upload a simulated frame and a simulated study, read the page."""
+"""End to end in headless Chromium: upload a simulated frame and study, read the page."""
 
 import cv2
 import numpy as np
