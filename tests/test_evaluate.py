@@ -376,22 +376,38 @@ def _tiny_workdir_and_project(tmp_path):
     workdir.mkdir()
     (workdir / "config.json").write_text(json.dumps(config))
     model = create_model(SCHEMA, backbone="resnet_tiny")
-    variables = model.init(jax.random.key(1), jnp.zeros((1, 32, 32), jnp.uint8))
+    # Random variables of the real shapes, filled on the host: eval_shape only traces (the
+    # jitted model.init takes tens of seconds on a loaded 2-core CPU).
+    shapes = jax.eval_shape(model.init, jax.random.key(1), jnp.zeros((1, 32, 32), jnp.uint8))
+
+    def fill(path, leaf):
+        name = path[-1].key
+        if name in ("var", "scale"):
+            return np.ones(leaf.shape, np.float32)
+        if name == "kernel":
+            fan_in = np.prod(leaf.shape[:-1]) if len(leaf.shape) == 4 else leaf.shape[-2]
+            return (rng.normal(size=leaf.shape) / np.sqrt(fan_in)).astype(np.float32)
+        return (0.1 * rng.normal(size=leaf.shape)).astype(np.float32)
+
+    variables = jax.tree_util.tree_map_with_path(fill, shapes)
     with CheckpointStore(workdir, async_save=False) as store:
         store.save_best(1, {"params": variables["params"], **variables}, 0.5)
     return workdir, data, model, variables, config
 
 
-def _direct_prediction(model, variables, image, size):
-    """Resize + network by hand, coordinates scaled to the frame: the engine's contract."""
+def _direct_prediction(model, variables, images, size):
+    """Resize + network by hand, coordinates scaled to each frame: the engine's contract."""
     import jax
     import jax.numpy as jnp
 
-    h, w = image.shape
-    x = jax.image.resize(jnp.asarray(image, jnp.float32)[None], (1, size, size), "linear")
-    out = model.apply(variables, x, train=False)
-    prob = np.asarray(jax.nn.sigmoid(out["visibility_logits"]))[0]
-    return prob, np.asarray(out["coords"])[0] * np.array([w, h])
+    x = jnp.stack(
+        [jax.image.resize(jnp.asarray(im, jnp.float32), (size, size), "linear") for im in images]
+    )
+    out = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+    wh = np.array([[im.shape[1], im.shape[0]] for im in images], np.float64)
+    return np.asarray(jax.nn.sigmoid(out["visibility_logits"])), np.asarray(out["coords"]) * wh[
+        :, None
+    ]
 
 
 def test_evaluate_project_matches_direct_forward(tmp_path):
@@ -407,18 +423,17 @@ def test_evaluate_project_matches_direct_forward(tmp_path):
     project = read_project(data, SCHEMA, split="val", seed=0, val_fraction=0.4)
     assert sorted(project.cases) == sorted(val_cases) and m["n_cases"] == len(val_cases)
     assert m["n_images"] == 2 * len(val_cases) and m["split"] == "val"
-    prob, xy = zip(*(_direct_prediction(model, variables, project.load_image(i), 32)
-                     for i in range(len(project))), strict=True)  # fmt: skip
+    images = [project.load_image(i) for i in range(len(project))]
+    prob, xy = _direct_prediction(model, variables, images, 32)
     vis = np.stack([f.visibility for f in project.frames])
     txy = np.stack([f.coords for f in project.frames])
     spacing = np.array([f.pixel_spacing_mm or 0 for f in project.frames])
-    want = evaluate.keypoint_metrics(
-        np.stack(prob), np.stack(xy), vis, txy, SCHEMA, pixel_spacing_mm=spacing
-    )
+    want = evaluate.keypoint_metrics(prob, xy, vis, txy, SCHEMA, pixel_spacing_mm=spacing)
     for key in (*evaluate.METRIC_KEYS, "mean_error_mm"):
         _assert_close_tol(m[key], want[key])
         _assert_close_tol(m["per_image_mean"][key], want["per_image_mean"][key])
     assert m["counts"] == want["counts"]
+    assert m["counts"]["tp"] > 0 and m["mean_error_mm"] is not None  # the distances were compared
     pngs = sorted(overlays.glob("*.png"))
     assert len(pngs) == m["n_images"]
     import cv2
