@@ -93,7 +93,7 @@ def total_loss(
     visibility = jnp.asarray(batch["visibility"], jnp.float32)  # (B, K)
     target = jnp.asarray(batch["coords"], jnp.float32)  # (B, K, 2)
     size = jnp.broadcast_to(jnp.asarray(image_size, jnp.float32), (2,))  # (height, width)
-    pred_px = outputs["coords"].astype(jnp.float32) * size[::-1]  # (x, y) scaled by (w, h)
+    pred_px = outputs["coords"].astype(jnp.float32) * size[None, None, ::-1]  # x by w, y by h
 
     if grouped:
         presence = (visibility @ jnp.asarray(schema.group_matrix).T > 0).astype(jnp.float32)
