@@ -81,24 +81,24 @@ class AugmentConfig:
         return max(1, math.ceil(3.0 * self.blur_sigma[1]))
 
 
-def sample_params(rng: jax.Array, batch_size: int, config: AugmentConfig) -> dict:
-    """Draws per-frame augmentation parameters, each a (B,) array."""
-    keys = jax.random.split(rng, 10)
-    b = (batch_size,)
-    u = lambda k, lo, hi: jax.random.uniform(k, b, minval=lo, maxval=hi)
-    coin = lambda k, p: jax.random.uniform(k, b) < p
-    rotate = coin(keys[0], config.rotation_prob)
-    angle = jnp.deg2rad(config.rotation_sigma_deg) * jax.random.normal(keys[1], b)
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def sample_params(rng: jax.Array, batch_size: int, image_shape: tuple[int, int], config) -> dict:
+    """Draws per-frame augmentation parameters: (B,) arrays, and a (B, H, W) noise field."""
+    # Three random calls in all: each call site costs seconds of XLA compile time on CPU.
+    k_uniform, k_angle, k_noise = jax.random.split(rng, 3)
+    u = jax.random.uniform(k_uniform, (9, batch_size))
+    between = lambda v, lo_hi: lo_hi[0] + v * (lo_hi[1] - lo_hi[0])
+    angle = jnp.deg2rad(config.rotation_sigma_deg) * jax.random.normal(k_angle, (batch_size,))
     return {
-        "scale": u(keys[2], 1.0 - config.scale, 1.0 + config.scale),
-        "angle": jnp.where(rotate, angle, 0.0),
-        "flip": coin(keys[3], config.flip_prob),
-        "brightness": u(keys[4], *config.brightness),
-        "contrast": u(keys[5], *config.contrast),
+        "scale": between(u[0], (1.0 - config.scale, 1.0 + config.scale)),
+        "angle": jnp.where(u[1] < config.rotation_prob, angle, 0.0),
+        "flip": u[2] < config.flip_prob,
+        "brightness": between(u[3], config.brightness),
+        "contrast": between(u[4], config.contrast),
         # sigma 0 means no blur: the kernel degenerates to a delta.
-        "blur_sigma": jnp.where(coin(keys[6], config.blur_prob), u(keys[7], *config.blur_sigma), 0),
-        "noise_std": jnp.where(coin(keys[8], config.noise_prob), u(keys[9], *config.noise_std), 0),
-        "noise_key": jax.random.split(jax.random.fold_in(rng, 1), batch_size),
+        "blur_sigma": jnp.where(u[5] < config.blur_prob, between(u[6], config.blur_sigma), 0.0),
+        "noise_std": jnp.where(u[7] < config.noise_prob, between(u[8], config.noise_std), 0.0),
+        "noise": jax.random.normal(k_noise, (batch_size, *image_shape)),
     }
 
 
@@ -110,13 +110,18 @@ def affine_matrix(scale, angle, flip) -> jax.Array:
     return scale * rotation @ mirror
 
 
+def _inverse_2x2(m: jax.Array) -> jax.Array:
+    det = m[0, 0] * m[1, 1] - m[0, 1] * m[1, 0]
+    return jnp.array([[m[1, 1], -m[0, 1]], [-m[1, 0], m[0, 0]]]) / det
+
+
 def warp_image(image: jax.Array, matrix: jax.Array) -> jax.Array:
     """(S, S) image warped by p' = c + A (p - c) with one bilinear inverse-mapped sample."""
     h, w = image.shape
-    centre = jnp.array([w / 2.0, h / 2.0])
+    centre = jnp.array([[[w / 2.0, h / 2.0]]])  # (1, 1, 2)
     ys, xs = jnp.meshgrid(jnp.arange(h) + 0.5, jnp.arange(w) + 0.5, indexing="ij")
     out_xy = jnp.stack([xs, ys], -1) - centre  # (S, S, 2) output pixel centres
-    src_xy = out_xy @ jnp.linalg.inv(matrix).T + centre
+    src_xy = out_xy @ _inverse_2x2(matrix).T + centre
     # map_coordinates indexes pixel centres at integers: subtract the half pixel.
     rows, cols = src_xy[..., 1] - 0.5, src_xy[..., 0] - 0.5
     return jax.scipy.ndimage.map_coordinates(image, [rows, cols], order=1, mode="constant")
@@ -127,7 +132,7 @@ def warp_points(
 ) -> tuple[jax.Array, jax.Array]:
     """(K, 2) coords under the same affine; points leaving [0, W) x [0, H) become invisible."""
     h, w = size
-    centre = jnp.array([w / 2.0, h / 2.0])
+    centre = jnp.array([[w / 2.0, h / 2.0]])  # (1, 2)
     moved = (coords - centre) @ matrix.T + centre
     inside = (moved[:, 0] >= 0) & (moved[:, 0] < w) & (moved[:, 1] >= 0) & (moved[:, 1] < h)
     visible = (visibility > 0) & inside
@@ -145,11 +150,11 @@ def gaussian_blur(image: jax.Array, sigma: jax.Array, radius: int) -> jax.Array:
     kernel = jnp.exp(-0.5 * (taps / safe) ** 2)
     kernel = jnp.where(sigma > 0, kernel, (taps == 0).astype(jnp.float32))
     kernel = kernel / kernel.sum()
-    h, w = image.shape
-    padded = jnp.pad(image, radius, mode="edge")
-    # A short sum of shifted copies fuses into one pass and vmaps with a per-frame kernel.
-    rows = sum(kernel[t] * padded[t : t + h, :] for t in range(2 * radius + 1))
-    return sum(kernel[t] * rows[:, t : t + w] for t in range(2 * radius + 1))
+    padded = jnp.pad(image, radius, mode="edge")[None, None]  # (N=1, C=1, H+2r, W+2r)
+    conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(1, 1), padding="VALID")
+    # Under vmap the per-frame kernels become one grouped convolution.
+    rows = conv(padded, kernel.reshape(1, 1, -1, 1))
+    return conv(rows, kernel.reshape(1, 1, 1, -1))[0, 0]
 
 
 def brightness_contrast(image: jax.Array, brightness, contrast) -> jax.Array:
@@ -168,7 +173,7 @@ def _augment_one(params, image, visibility, coords, *, flip_perm, radius):
     coords, visibility = coords[perm], visibility[perm]
     image = brightness_contrast(image, params["brightness"], params["contrast"])
     image = gaussian_blur(image, params["blur_sigma"], radius)
-    image = image + params["noise_std"] * jax.random.normal(params["noise_key"], image.shape)
+    image = image + params["noise_std"] * params["noise"]
     return jnp.clip(image, 0.0, 255.0), visibility, coords
 
 
@@ -184,7 +189,7 @@ def apply_augmentation(batch: dict, params: dict, *, flip_perm: tuple[int, ...],
 
 @functools.partial(jax.jit, static_argnames=("flip_perm", "config"))
 def _augment_batch(rng, batch, *, flip_perm, config):
-    params = sample_params(rng, batch["image"].shape[0], config)
+    params = sample_params(rng, batch["image"].shape[0], batch["image"].shape[1:], config)
     return apply_augmentation(batch, params, flip_perm=flip_perm, radius=config.blur_radius)
 
 
