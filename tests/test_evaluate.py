@@ -2,6 +2,7 @@
 
 import json
 import math
+import pathlib
 
 import numpy as np
 import pytest
@@ -342,18 +343,13 @@ def test_load_thresholds_defaults_and_errors(tmp_path):
 # evaluate_project: a tiny checkpoint on a tiny project with frames of two sizes
 
 
-def _tiny_workdir_and_project(tmp_path):
-    import jax
-    import jax.numpy as jnp
-
-    from tavr_jax.checkpoint import CheckpointStore
+def _write_tiny_project(root, sizes=((64, 64), (48, 64)), cases=5):
     from tavr_jax.data.supervisely import AnnotatedFrame, write_project
-    from tavr_jax.models import create_model
 
     rng = np.random.default_rng(0)
     frames = []
-    for c in range(5):
-        h, w = (48, 64) if c % 2 else (64, 64)  # two frame sizes: coords must scale per frame
+    for c in range(cases):
+        h, w = sizes[c % len(sizes)]  # two frame sizes: coords must scale per frame
         for f in range(2):
             vis = rng.uniform(size=SCHEMA.num_points) < 0.6
             xy = np.where(vis[:, None], rng.uniform(2, [w - 2, h - 2], (SCHEMA.num_points, 2)), 0)
@@ -367,18 +363,27 @@ def _tiny_workdir_and_project(tmp_path):
                     pixel_spacing_mm=0.3 if c < 3 else None,
                 )
             )
-    data = write_project(tmp_path / "data", SCHEMA, frames)
-    config = dict(
-        schema="paper11", backbone="resnet_tiny", head="regression", grouped=True,
-        image_size=32, dtype="float32", data_seed=0, val_fraction=0.4, test_fraction=0.0,
-    )  # fmt: skip
-    workdir = tmp_path / "w"
-    workdir.mkdir()
+    return write_project(root, SCHEMA, frames)
+
+
+def _write_tiny_checkpoint(workdir, config: dict):
+    """config.json + a best checkpoint of random weights, as a training run leaves them."""
+    import jax
+    import jax.numpy as jnp
+
+    from tavr_jax.checkpoint import CheckpointStore
+    from tavr_jax.models import create_model
+
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(config))
-    model = create_model(SCHEMA, backbone="resnet_tiny")
+    model = create_model(SCHEMA, backbone=config["backbone"], head=config["head"],
+                         grouped=config["grouped"])  # fmt: skip
     # Random variables of the real shapes, filled on the host: eval_shape only traces (the
     # jitted model.init takes tens of seconds on a loaded 2-core CPU).
-    shapes = jax.eval_shape(model.init, jax.random.key(1), jnp.zeros((1, 32, 32), jnp.uint8))
+    size = config["image_size"]
+    shapes = jax.eval_shape(model.init, jax.random.key(1), jnp.zeros((1, size, size), jnp.uint8))
+    rng = np.random.default_rng(1)
 
     def fill(path, leaf):
         name = path[-1].key
@@ -391,8 +396,20 @@ def _tiny_workdir_and_project(tmp_path):
 
     variables = jax.tree_util.tree_map_with_path(fill, shapes)
     with CheckpointStore(workdir, async_save=False) as store:
-        store.save_best(1, {"params": variables["params"], **variables}, 0.5)
-    return workdir, data, model, variables, config
+        store.save_best(1, dict(variables), 0.5)
+    return model, variables
+
+
+TINY_CONFIG = dict(
+    schema="paper11", backbone="resnet_tiny", head="regression", grouped=True,
+    image_size=32, dtype="float32", data_seed=0, val_fraction=0.4, test_fraction=0.0,
+)  # fmt: skip
+
+
+def _tiny_workdir_and_project(tmp_path):
+    data = _write_tiny_project(tmp_path / "data")
+    model, variables = _write_tiny_checkpoint(tmp_path / "w", TINY_CONFIG)
+    return tmp_path / "w", data, model, variables, TINY_CONFIG
 
 
 def _direct_prediction(model, variables, images, size):
@@ -464,3 +481,92 @@ def _assert_close_tol(got, want):
 def test_evaluate_project_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         evaluate.evaluate_project(tmp_path, tmp_path, split="val")
+
+
+# ----------------------------------------------------------------------------------------------
+# Table 1
+
+
+def _metrics(f1, precision=0.9, recall=0.8, err=12.5, acc=0.75, pim_f1=None, width=512.0):
+    return {
+        "precision": precision, "recall": recall, "f1": f1, "mean_error_px": err,
+        "loc_accuracy_20px": acc, "per_image_mean": {"f1": f1 if pim_f1 is None else pim_f1},
+        "frame_width_px": width, "train_seconds": 61.0,
+    }  # fmt: skip
+
+
+def test_table1_variants():
+    V = evaluate.Variant
+    assert evaluate.table1_variants(["resnet18", "resnet34"]) == [
+        V("resnet18"), V("resnet34"), V("resnet34", head="integral"), V("resnet34", grouped=False)
+    ]  # fmt: skip
+    assert evaluate.table1_variants(["vgg16"], "resnet_tiny")[1:] == [
+        V("resnet_tiny"), V("resnet_tiny", head="integral"), V("resnet_tiny", grouped=False)
+    ]  # fmt: skip
+    assert V("resnet34", grouped=False).name == "resnet34-regression-ungrouped"
+
+
+def test_table1_markdown_rows_and_ablation():
+    V = evaluate.Variant
+    results = [
+        (V("resnet34"), _metrics(0.9, err=12.5, width=512.0, pim_f1=0.88)),
+        (V("resnet34", head="integral"), _metrics(0.95, err=None, acc=None)),
+        (V("resnet34", grouped=False), _metrics(0.8)),
+    ]
+    text = evaluate.table1_markdown(
+        results, ablation_backbone="resnet34", command="python x.py", budget="10 steps",
+        device="cpu", date="2026-11-21",
+    )  # fmt: skip
+    lines = text.splitlines()
+    # Ours then the paper's row (error @1024 = 12.5 * 1024 / 512 = 25.00; paper 25.65 * 2).
+    ours = lines.index("| ResNet34 | regression | yes | ours | 0.9000 | 0.8000 | 0.9000 | 12.50 "
+                       "| 0.7500 | 25.00 | 0.8800 | 61 |")  # fmt: skip
+    assert lines[ours + 1] == (
+        "| ResNet34 | regression | yes | paper | 0.9235 | 0.9602 | 0.9332 | 25.65 | 0.5505 "
+        "| 51.30 | - | - |"
+    )
+    assert "| ResNet34 | integral | yes | ours | 0.9000 | 0.8000 | 0.9500 | - | - | - |" in text
+    assert sum(" | paper | " in line for line in lines) == 1  # only the paper's own setup
+    # Ablation: 0.9 - 0.8 = +0.1000 F1 points, 0.1 / 0.8 = +12.5% relative: both hold.
+    assert "F1 difference (grouped - not grouped): +0.1000 (+12.5% relative)" in text
+    assert "0.08 F1 points, holds; read as 8% relative, holds" in text
+    assert "Command: `python x.py`" in text and "2026-11-21" in text
+    partial = evaluate.table1_markdown(
+        results[:1], ablation_backbone="resnet34", command="", budget="", device="", date=""
+    )
+    assert "Not available" in partial
+
+
+def test_run_table1_trains_each_variant_and_writes_table(tmp_path):
+    import ml_collections
+
+    data = _write_tiny_project(tmp_path / "data", sizes=((32, 32),))
+    seen = []
+
+    def fake_train(config, workdir, data_dir):
+        assert data_dir == data
+        seen.append((config.backbone, config.head, config.grouped, config.num_steps,
+                     config.image_size, config.test_fraction))  # fmt: skip
+        _write_tiny_checkpoint(workdir, config.to_dict())
+
+    base = ml_collections.ConfigDict(dict(TINY_CONFIG, batch_size=4, optimizer="adamw",
+                                          learning_rate=1e-3, warmup_steps=30, num_steps=300,
+                                          eval_every=100, checkpoint_every=100))  # fmt: skip
+    out = tmp_path / "docs" / "table1.md"
+    results = evaluate.run_table1(
+        base, data, out, backbones=["resnet_tiny"], steps=4, image_size=32,
+        workdir_root=tmp_path / "runs", ablation_backbone="resnet_tiny", train_fn=fake_train,
+        eval_batch_size=2,
+    )  # fmt: skip
+    assert seen == [
+        ("resnet_tiny", "regression", True, 4, 32, 0.2),
+        ("resnet_tiny", "integral", True, 4, 32, 0.2),
+        ("resnet_tiny", "regression", False, 4, 32, 0.2),
+    ]
+    assert base.num_steps == 300  # the caller's config is not modified
+    for variant, m in results:
+        saved = json.loads((tmp_path / "runs" / variant.name / "metrics_test.json").read_text())
+        assert saved["split"] == "test" and saved["f1"] == m["f1"]
+        assert (tmp_path / "runs" / variant.name / "thresholds.json").exists()
+    text = out.read_text()
+    assert text.count(" | ours | ") == 3 and "## Grouped vs not grouped" in text

@@ -1,0 +1,55 @@
+"""The paper's metrics of a trained TAVR workdir on one split of a Supervisely project.
+
+    python experiments/tavr_eval.py --workdir=W --data=DIR --split=test --out=metrics.json \
+        [--threshold=0.5] [--tune_thresholds] [--overlays=DIR]
+--tune_thresholds first tunes per-point (and per-group) thresholds on the validation cases
+and writes W/thresholds.json; without --threshold the evaluation uses that file.
+"""
+
+import sys
+
+from absl import app, flags
+
+from tavr_jax import evaluate
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "training workdir (config.json, checkpoints/)")
+_DATA = flags.DEFINE_string("data", None, "Supervisely project folder")
+_SPLIT = flags.DEFINE_enum("split", "val", ["all", "train", "val", "test"], "case split")
+_OUT = flags.DEFINE_string("out", None, "metrics JSON to write")
+_THRESHOLD = flags.DEFINE_float("threshold", None, "one threshold for all points (no gating)")
+_TUNE = flags.DEFINE_bool("tune_thresholds", False, "tune thresholds on val first")
+_OVERLAYS = flags.DEFINE_string("overlays", None, "folder for truth/prediction PNGs")
+_BATCH = flags.DEFINE_integer("batch_size", 16, "frames per compiled call")
+_WHICH = flags.DEFINE_enum("which", "best", ["best", "latest"], "checkpoint to load")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    for flag in (_WORKDIR, _DATA):
+        if not flag.value:
+            raise app.UsageError(f"--{flag.name} is required")
+    try:
+        if _TUNE.value:
+            tuned = evaluate.tune_project(
+                _WORKDIR.value, _DATA.value, batch_size=_BATCH.value, which=_WHICH.value
+            )
+            print(f"thresholds tuned on {tuned['n_images']} val frames -> W/thresholds.json")
+        metrics = evaluate.evaluate_project(
+            _WORKDIR.value,
+            _DATA.value,
+            split=_SPLIT.value,
+            threshold=_THRESHOLD.value,
+            batch_size=_BATCH.value,
+            overlays_dir=_OVERLAYS.value,
+            which=_WHICH.value,
+        )
+        if _OUT.value:
+            evaluate.write_json(_OUT.value, metrics)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    print(evaluate.summary_table(metrics))
+
+
+if __name__ == "__main__":
+    app.run(main)
