@@ -1,0 +1,207 @@
+"""TFDS array_record builder (no TensorFlow) and grain loader, on a tiny written project."""
+
+import json
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from tavr_jax.data import pipeline, supervisely
+from tavr_jax.schema import get_schema
+
+SCHEMA = get_schema("paper11")
+K = SCHEMA.num_points
+S = 32
+# Per case: (height, width); the first case is already at the training size, so its points
+# must come through bit for bit.
+SIZES = [(32, 32), (48, 40), (40, 64), (64, 64), (24, 36), (32, 32)]
+FRAMES_PER_CASE = 3
+
+
+def _frames():
+    rng = np.random.default_rng(0)
+    frames = []
+    for c, (h, w) in enumerate(SIZES):
+        for f in range(FRAMES_PER_CASE):
+            image = rng.integers(0, 256, (h, w), np.uint8)
+            visibility = rng.random(K) < 0.6
+            # Fractional coordinates, as real annotation tools export them.
+            coords = np.round(rng.uniform(0, 1, (K, 2)) * [w - 1, h - 1], 3) * visibility[:, None]
+            spacing = 0.2 + 0.01 * c if c % 2 else None
+            frames.append(
+                supervisely.AnnotatedFrame(
+                    f"case{c}",
+                    f"{f:04d}.png",
+                    image,
+                    visibility,
+                    coords,
+                    spacing,
+                    stage="aortogram",
+                )
+            )
+    return frames
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tavr") / "project"
+    supervisely.write_project(root, SCHEMA, _frames())
+    return root
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(project, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tfds") / "frames"
+    return pipeline.build_tfds(project, out, image_size=S, schema=SCHEMA, seed=0, val_fraction=0.3)
+
+
+def _annotations(project):
+    """Independent reference: the annotation JSON and PNG files, read directly."""
+    ref = {}
+    for ann in project.glob("*/ann/*.json"):
+        data = json.loads(ann.read_text())
+        h, w = data["size"]["height"], data["size"]["width"]
+        vis = np.zeros(K, np.float32)
+        xy = np.zeros((K, 2), np.float64)
+        for obj in data["objects"]:
+            k = SCHEMA.index(obj["classTitle"])
+            vis[k] = 1
+            xy[k] = obj["points"]["exterior"][0]
+        spacing = {t["name"]: t["value"] for t in data["tags"]}.get("pixel_spacing_mm", 0.0)
+        image = cv2.imread(str(ann.parent.parent / "img" / ann.name[:-5]), cv2.IMREAD_GRAYSCALE)
+        ref[(ann.parent.parent.name, ann.name[:-5])] = dict(
+            vis=vis, xy=xy, h=h, w=w, spacing=spacing, image=image
+        )
+    return ref
+
+
+def test_build_without_tensorflow_and_examples_match_annotations(project, tfds_dir):
+    assert "tensorflow" not in sys.modules  # tfds ran on its NumPy paths only
+    builder = tfds.builder_from_directory(str(tfds_dir))
+    assert set(builder.info.splits) == {"train", "validation"}
+    ref = _annotations(project)
+    cases = supervisely.split_cases([f"case{c}" for c in range(len(SIZES))], val_fraction=0.3)
+    seen = set()
+    for split, names in (("train", cases["train"]), ("validation", cases["val"])):
+        source = builder.as_data_source(split)  # TFDS's own decoder
+        for i in range(len(source)):
+            ex = source[i]
+            key = (ex["case_id"].decode(), ex["frame_name"].decode())
+            assert key[0] in names and key not in seen
+            seen.add(key)
+            r = ref[key]
+            resized = cv2.resize(r["image"], (S, S), interpolation=cv2.INTER_AREA)
+            np.testing.assert_array_equal(ex["image"], resized)
+            assert ex["image"].dtype == np.uint8 and ex["image"].shape == (S, S)
+            np.testing.assert_array_equal(ex["visibility"], r["vis"])
+            expected = (r["xy"] * [S / r["w"], S / r["h"]]).astype(np.float32)
+            np.testing.assert_allclose(ex["coords"], expected, rtol=1e-6)
+            if (r["h"], r["w"]) == (S, S):  # native size: exactly the annotated numbers
+                np.testing.assert_array_equal(ex["coords"], r["xy"].astype(np.float32))
+            np.testing.assert_array_equal(ex["orig_size"], [r["h"], r["w"]])
+            assert ex["pixel_spacing"] == pytest.approx(r["spacing"])
+            back = pipeline.to_original_pixels(ex["coords"], ex["orig_size"], S)
+            np.testing.assert_allclose(back, r["xy"], atol=1e-3)
+    assert seen == set(ref)
+    meta = pipeline.read_tfds_meta(tfds_dir)
+    assert meta["image_size"] == S and meta["schema"]["name"] == "paper11"
+    assert meta["split"]["cases"]["validation"] == cases["val"]
+
+
+def test_fast_decoder_matches_tfds_decoder(tfds_dir):
+    reference = tfds.builder_from_directory(str(tfds_dir)).as_data_source("train")
+    ours = pipeline.open_source(tfds_dir, "train")
+    assert len(ours) == len(reference)
+    for i in range(len(ours)):
+        a, b = ours[i], reference[i]
+        for key, dtype in pipeline.TRAINING_DTYPES.items():
+            assert a[key].dtype == dtype
+            np.testing.assert_array_equal(a[key], np.asarray(b[key], dtype))
+        assert a["case_id"] == b["case_id"].decode() and a["stage"] == "aortogram"
+
+
+def _collect(loader):
+    return [b for b in loader]
+
+
+def _by_image(batches):
+    """Examples keyed by their image bytes, to compare sources that order frames differently."""
+    out = {}
+    for b in batches:
+        for i in range(len(b["image"])):
+            out[b["image"][i].tobytes()] = {k: v[i] for k, v in b.items()}
+    return out
+
+
+def test_tfds_and_project_loaders_agree_and_cover_each_frame_once(project, tfds_dir):
+    kw = dict(batch_size=4, seed=1, num_epochs=1, drop_remainder=False)
+    from_tfds = _collect(pipeline.make_loader(tfds_dir, "all", **kw))
+    from_project = _collect(pipeline.make_loader(project, "all", image_size=S, **kw))
+    n = len(SIZES) * FRAMES_PER_CASE
+    assert sum(len(b["image"]) for b in from_tfds) == n
+    assert [len(b["image"]) for b in from_tfds] == [4] * (n // 4) + [n % 4]
+    for b in from_tfds:
+        assert set(b) == set(pipeline.TRAINING_DTYPES)
+        for key, dtype in pipeline.TRAINING_DTYPES.items():
+            assert b[key].dtype == dtype
+        assert b["coords"].shape[1:] == (K, 2) and b["image"].shape[1:] == (S, S)
+    a, b = _by_image(from_tfds), _by_image(from_project)
+    assert len(a) == n and a.keys() == b.keys()
+    for key in a:
+        for field in pipeline.TRAINING_DTYPES:
+            np.testing.assert_array_equal(a[key][field], b[key][field])
+
+
+def test_shuffle_is_seeded_and_epochs_differ(tfds_dir):
+    def two_epochs(seed):  # 12 training frames: 6 batches of 2 per epoch
+        it = pipeline.make_loader(tfds_dir, "train", batch_size=2, seed=seed)
+        images = np.concatenate([next(it)["image"] for _ in range(12)])
+        return images[:12], images[12:]
+
+    (a1, a2), (b1, _), (c1, _) = two_epochs(3), two_epochs(3), two_epochs(4)
+    np.testing.assert_array_equal(a1, b1)
+    assert not np.array_equal(a1, c1)
+    assert not np.array_equal(a1, a2)  # each epoch reshuffled ...
+    key = lambda images: sorted(im.tobytes() for im in images)
+    assert key(a1) == key(a2) == key(c1)  # ... over the same frames
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_restored_iterator_state_resumes_with_the_exact_next_batch(tfds_dir, num_workers):
+    it = pipeline.make_loader(tfds_dir, "train", batch_size=3, seed=0, num_workers=num_workers)
+    for _ in range(5):  # past the end of the first epoch (12 frames)
+        next(it)
+    state = it.get_state()
+    expected = [next(it) for _ in range(3)]
+    fresh = pipeline.make_loader(tfds_dir, "train", batch_size=3, seed=0, num_workers=num_workers)
+    fresh.set_state(json.loads(json.dumps(state)))  # the state survives a JSON round trip
+    for want in expected:
+        got = next(fresh)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+    if num_workers:
+        it.close()
+        fresh.close()
+
+
+def test_bad_inputs_give_clear_errors(project, tfds_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        pipeline.make_loader(tmp_path / "missing", "train", batch_size=2, seed=0)
+    with pytest.raises(ValueError, match="needs image_size"):
+        pipeline.make_loader(project, "train", batch_size=2, seed=0)
+    with pytest.raises(ValueError, match="no split 'test'"):
+        pipeline.make_loader(tfds_dir, "test", batch_size=2, seed=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        pipeline.make_loader(tfds_dir, "train", batch_size=0, seed=0)
+
+
+def test_rebuild_replaces_the_output_folder(project, tmp_path):
+    out = tmp_path / "ds"
+    pipeline.build_tfds(project, out, image_size=16, val_fraction=0.0)
+    pipeline.build_tfds(project, out, image_size=S, val_fraction=0.3)
+    builder = tfds.builder_from_directory(str(out))
+    assert builder.info.features["image"].shape == (S, S)
+    assert set(builder.info.splits) == {"train", "validation"}
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]  # no temporary folders left
