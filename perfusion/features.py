@@ -156,3 +156,14 @@ def strip_ring_features_loop(maps, mask=None) -> np.ndarray:
                     out[i, c * 28 + p * 2] = values.mean()
                     out[i, c * 28 + p * 2 + 1] = values.std()
     return out
+
+
+def study_feature_matrix(studies, *, batch: int = 64) -> np.ndarray:
+    """(N, 252) float32 stress / rest / stress-minus-rest features of perfusion.studies.Study."""
+    out = []
+    for start in range(0, len(studies), batch):
+        chunk = studies[start : start + batch]
+        stress = np.stack([s.stress_rgb for s in chunk])
+        rest = np.stack([s.rest_rgb for s in chunk])
+        out.append(np.asarray(study_features(stress, rest)))
+    return np.concatenate(out, axis=0) if out else np.zeros((0, 3 * NUM_FEATURES), np.float32)
