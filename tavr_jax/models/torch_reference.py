@@ -186,6 +186,9 @@ TORCH_MODELS = {
 }
 
 
-def state_dict_numpy(model) -> dict:
-    """The model's state dict as numpy arrays (what `np.savez` stores)."""
-    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+def state_dict_numpy(model_or_state_dict) -> dict:
+    """A torch model's (or state dict's) tensors as numpy arrays, ready for `np.savez`."""
+    sd = model_or_state_dict
+    if hasattr(sd, "state_dict"):
+        sd = sd.state_dict()
+    return {k: v.detach().cpu().numpy() for k, v in sd.items()}
