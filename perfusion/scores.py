@@ -293,7 +293,7 @@ def tune_config(
     true_territories: np.ndarray,
     *,
     base: ScoreConfig = ScoreConfig(),
-    t1_grid=np.arange(0.5, 4.01, 0.1),
+    t1_grid=np.arange(0.5, 10.01, 0.1),
     territory_grid=range(1, 9),
 ) -> tuple[ScoreConfig, dict]:
     """Pick the segment thresholds and territory threshold on training studies.

@@ -1,0 +1,54 @@
+"""Fit the perfusion analysis model: classifiers, normal limits, thresholds (and a U-Net).
+
+python experiments/perfusion_fit.py --data=data/perfusion_train --out=models/perfusion [--unet]
+"""
+
+import json
+import sys
+
+from absl import app, flags
+
+from perfusion import analyze, classifiers
+
+_DATA = flags.DEFINE_string(
+    "data", None, "labelled study folder (images/, labels.csv)", required=True
+)
+_OUT = flags.DEFINE_string("out", None, "model directory to write", required=True)
+_MODEL = flags.DEFINE_enum("model", "rf", classifiers.FEATURE_MODELS, "feature classifier")
+_SIZE = flags.DEFINE_integer("size", 128, "canonical polar grid (pixels)")
+_COLORMAP = flags.DEFINE_string("colormap", None, "colormap name when images lack a colour bar")
+_K = flags.DEFINE_float("k", None, "blackout at mean - k SD (default: tuned on masks/ or 2.5)")
+_UNET = flags.DEFINE_bool("unet", False, "also train the U-Net on the folder's masks/")
+_UNET_STEPS = flags.DEFINE_integer("unet_steps", 600, "U-Net training steps")
+_SEED = flags.DEFINE_integer("seed", 0, "random seed")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    unet_config = None
+    if _UNET.value:
+        from perfusion import cnn
+
+        unet_config = cnn.UNetConfig(steps=_UNET_STEPS.value, seed=_SEED.value)
+    try:
+        meta = analyze.fit(
+            _DATA.value,
+            _OUT.value,
+            model=_MODEL.value,
+            size=_SIZE.value,
+            colormap=_COLORMAP.value,
+            k=_K.value,
+            unet=_UNET.value,
+            unet_config=unet_config,
+            seed=_SEED.value,
+            progress=True,
+        )
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    print(json.dumps({"score_config": meta["score_config"], "fit": meta["fit"]}, indent=1))
+    print(f"wrote {_OUT.value}")
+
+
+if __name__ == "__main__":
+    app.run(main)
