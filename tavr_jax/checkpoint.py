@@ -59,14 +59,17 @@ def _decode_data_state(blob: dict | None) -> Any:
     return blob["value"]
 
 
-def _manager(directory: pathlib.Path, *, keep: int, best: bool, async_save: bool):
+def _manager(directory: pathlib.Path, *, keep: int, best: bool, async_save: bool, read_only: bool):
     options = ocp.CheckpointManagerOptions(
+        read_only=read_only,
+        create=not read_only,
         max_to_keep=keep,
         best_fn=(lambda m: float(m[BEST_METRIC])) if best else None,
         best_mode="max",
         keep_checkpoints_without_metrics=not best,
-        # A run killed mid-save leaves `<step>.orbax-checkpoint-tmp-*`: drop it on restart.
-        cleanup_tmp_directories=True,
+        # A run killed mid-save leaves `<step>.orbax-checkpoint-tmp`: a restarted writer drops
+        # it; a reader must not, since it may belong to a save still in progress.
+        cleanup_tmp_directories=not read_only,
         enable_async_checkpointing=async_save,
     )
     return ocp.CheckpointManager(directory, options=options, item_names=(_STATE, _DATA))
@@ -80,14 +83,25 @@ class CheckpointStore:
       keep: how many latest checkpoints to keep.
       async_save: write in a background thread (the device-to-host copy is synchronous, so
         the caller may donate the state's buffers right after `save` returns).
+      read_only: open for reading only (e.g. inference while training is still running).
     """
 
-    def __init__(self, workdir: str | os.PathLike, *, keep: int = 2, async_save: bool = True):
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        *,
+        keep: int = 2,
+        async_save: bool = True,
+        read_only: bool = False,
+    ):
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         root = pathlib.Path(workdir).absolute() / "checkpoints"
-        self._latest = _manager(root / "latest", keep=keep, best=False, async_save=async_save)
-        self._best = _manager(root / "best", keep=1, best=True, async_save=async_save)
+        if read_only and not root.is_dir():
+            raise FileNotFoundError(f"{root}: no checkpoints directory")
+        kw = dict(async_save=async_save, read_only=read_only)
+        self._latest = _manager(root / "latest", keep=keep, best=False, **kw)
+        self._best = _manager(root / "best", keep=1, best=True, **kw)
         best_step = self._best.best_step()
         self.best_f1 = (
             float(self._best.metrics(best_step)[BEST_METRIC]) if best_step is not None else -1.0
@@ -206,7 +220,7 @@ def load_for_inference(workdir: str | os.PathLike, which: str = "best"):
     workdir = pathlib.Path(workdir)
     config = read_config(workdir)
     schema = get_schema(config["schema"])
-    store = CheckpointStore(workdir, async_save=False)
+    store = CheckpointStore(workdir, async_save=False, read_only=True)
     try:
         restored = store.restore(which=which)
         if restored is None and which == "best":

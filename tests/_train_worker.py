@@ -68,15 +68,20 @@ def flat_params(params) -> dict[str, np.ndarray]:
 
 
 def _train(args) -> None:
+    import jax
+
+    jax.config.update("jax_disable_most_optimizations", True)  # compile time dominates
     from tavr_jax.train import train_and_evaluate
 
     config = tiny_config(num_steps=args.steps, checkpoint_every=args.checkpoint_every)
-    train_and_evaluate(config, args.workdir, args.data)
+    metrics = train_and_evaluate(config, args.workdir, args.data)
+    print(f"finished at step {metrics['step']}", flush=True)
 
 
 def _multihost(args) -> None:
     import jax
 
+    jax.config.update("jax_disable_most_optimizations", True)  # compile time dominates
     jax.distributed.initialize(
         coordinator_address=args.coordinator,
         num_processes=args.num_processes,
@@ -84,7 +89,7 @@ def _multihost(args) -> None:
     )
     from tavr_jax import train
 
-    config = tiny_config()
+    config = tiny_config(augment_enabled=False)
     schema = train.get_schema(config.schema)
     model = train.build_model(config, schema)
     tx, lr_fn = train.make_optimizer(config)
