@@ -1,22 +1,31 @@
 """Weight import checked against a forward pass of the same architecture in plain torch."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from tavr_jax.models import convert, create_model, get_backbone
 from tavr_jax.schema import get_schema
 
-torch = pytest.importorskip(
-    "torch", reason="torch is not installed: the converter's numerical reference needs it"
-)
-from tavr_jax.models import torch_reference  # noqa: E402
-
 S = 64
 
 
+@pytest.fixture(scope="module")
+def torch():
+    return pytest.importorskip(
+        "torch", reason="torch is not installed: the converter's numerical reference needs it"
+    )
+
+
 def _torch_model(name, seed, **kw):
+    import torch
+
+    from tavr_jax.models import torch_reference
+
     torch.manual_seed(seed)
     model = torch_reference.TORCH_MODELS[name](**kw).eval()
     # Non-trivial batch-norm statistics, so a swapped scale/var or mean/bias cannot pass.
@@ -42,8 +51,10 @@ def _backbone_variables(name, channels):
 
 
 def _save(state_dict, path, fmt):
+    import torch
+
     if fmt == "npz":
-        np.savez(path, **torch_reference.state_dict_numpy(state_dict))
+        np.savez(path, **{k: v.numpy() for k, v in state_dict.items()})
     else:
         torch.save(state_dict, path)
     return path
@@ -59,7 +70,7 @@ def _save(state_dict, path, fmt):
         ("vgg16", 3, "npz", {"classifier": False}),
     ],
 )
-def test_feature_map_matches_torch(tmp_path, name, channels, fmt, kw):
+def test_feature_map_matches_torch(torch, tmp_path, name, channels, fmt, kw):
     tmodel = _torch_model(name, seed=channels, **kw)
     path = _save(tmodel.state_dict(), tmp_path / f"w.{fmt}", fmt)
     variables = convert.load_backbone_weights(_backbone_variables(name, channels), path, prefix="")
@@ -78,7 +89,7 @@ def test_feature_map_matches_torch(tmp_path, name, channels, fmt, kw):
     assert np.abs(ref).max() > 1e-3  # not trivially zero
 
 
-def test_keypoint_model_gets_backbone_and_keeps_head(tmp_path):
+def test_keypoint_model_gets_backbone_and_keeps_head(torch, tmp_path):
     schema = get_schema("paper11")
     model = create_model(schema, backbone="resnet_tiny")
     images = np.zeros((1, S, S), np.uint8)
@@ -102,6 +113,29 @@ def test_keypoint_model_gets_backbone_and_keeps_head(tmp_path):
     assert out["coords"].shape == (1, schema.num_points, 2)
 
 
+def _to_torchvision_npz(variables, path):
+    """Our variables written back as a torchvision-style state dict (the inverse mapping)."""
+    sd = {}
+    for c in ("params", "batch_stats"):
+        for keys, v in traverse_util.flatten_dict(variables[c]).items():
+            module = ".".join(re.sub(r"_(\d+)$", r".\1", k) for k in keys[:-1])
+            leaf = {"kernel": "weight", "scale": "weight", "mean": "running_mean"}.get(keys[-1])
+            leaf = leaf or {"var": "running_var"}.get(keys[-1], keys[-1])
+            sd[f"{module}.{leaf}"] = np.transpose(v, (3, 2, 0, 1)) if v.ndim == 4 else v
+    sd["fc.weight"] = np.zeros((1000, 16), np.float32)  # classifiers are dropped
+    np.savez(path, **sd)
+    return path
+
+
+def test_npz_round_trip_without_torch(tmp_path):
+    variables = _backbone_variables("resnet_tiny", 3)
+    path = _to_torchvision_npz(variables, tmp_path / "tiny.npz")
+    assert "layer2.0.downsample.1.running_var" in np.load(path).files
+    zeros = jax.tree_util.tree_map(np.zeros_like, variables)
+    back = convert.load_backbone_weights(zeros, path, prefix="")
+    jax.tree_util.tree_map(np.testing.assert_array_equal, back, variables)
+
+
 def test_bad_files_give_clear_errors(tmp_path):
     target = _backbone_variables("resnet_tiny", 1)
     with pytest.raises(FileNotFoundError, match="missing.npz"):
@@ -109,6 +143,16 @@ def test_bad_files_give_clear_errors(tmp_path):
     (tmp_path / "w.h5").write_bytes(b"x")
     with pytest.raises(ValueError, match="unsupported weights format '.h5'"):
         convert.load_backbone_weights(target, tmp_path / "w.h5", prefix="")
+    # A 3-channel model cannot take weights of a different architecture.
+    path = _to_torchvision_npz(_backbone_variables("resnet_tiny", 3), tmp_path / "t.npz")
+    with pytest.raises(
+        ValueError, match=r"t\.npz: state dict has no weights for params/features_0"
+    ):
+        convert.load_backbone_weights(_backbone_variables("vgg16", 3), path, prefix="")
+
+
+def test_wrong_resnet_gives_clear_error(torch, tmp_path):
+    target = _backbone_variables("resnet_tiny", 1)
     # ResNet18 weights do not fit the tiny preset: the error names the file and the shapes.
     path = _save(_torch_model("resnet18", seed=0).state_dict(), tmp_path / "r18.npz", "npz")
     with pytest.raises(ValueError, match=r"r18\.npz: .*model expects"):

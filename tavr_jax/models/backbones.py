@@ -144,15 +144,22 @@ class VGG(nn.Module):
                 idx += 1
                 continue
             x = nn.Conv(
-                v, (3, 3), padding=_pad(3), dtype=self.dtype, kernel_init=_conv_init,
+                v,
+                (3, 3),
+                padding=_pad(3),
+                dtype=self.dtype,
+                kernel_init=_conv_init,
                 name=f"features_{idx}",
-            )(x)  # fmt: skip
+            )(x)
             idx += 1
             if self.batch_norm:
                 x = nn.BatchNorm(
-                    use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
+                    use_running_average=not train,
+                    momentum=0.9,
+                    epsilon=1e-5,
+                    dtype=self.dtype,
                     name=f"features_{idx}",
-                )(x)  # fmt: skip
+                )(x)
                 idx += 1
             x = nn.relu(x)
             idx += 1
@@ -202,14 +209,21 @@ class MBConv(nn.Module):
         if self.expand_ratio != 1:
             y = nn.swish(self.norm(name="expand_bn")(conv(hidden, (1, 1), name="expand_conv")(y)))
         y = conv(
-            hidden, (self.kernel, self.kernel), (self.strides,) * 2, padding=_pad(self.kernel),
-            feature_group_count=hidden, name="dw_conv",
-        )(y)  # fmt: skip
+            hidden,
+            (self.kernel, self.kernel),
+            (self.strides,) * 2,
+            padding=_pad(self.kernel),
+            feature_group_count=hidden,
+            name="dw_conv",
+        )(y)
         y = nn.swish(self.norm(name="dw_bn")(y))
         # Squeeze-and-excitation, squeezed relative to the block's input width.
         s = jnp.mean(y, axis=(1, 2), keepdims=True)
-        s = nn.swish(nn.Conv(max(1, int(in_ch * self.se_ratio)), (1, 1), dtype=self.dtype,
-                             name="se_reduce")(s))  # fmt: skip
+        s = nn.swish(
+            nn.Conv(max(1, int(in_ch * self.se_ratio)), (1, 1), dtype=self.dtype, name="se_reduce")(
+                s
+            )
+        )
         s = nn.sigmoid(nn.Conv(hidden, (1, 1), dtype=self.dtype, name="se_expand")(s))
         y = y * s
         y = self.norm(name="project_bn")(conv(self.out_channels, (1, 1), name="project_conv")(y))

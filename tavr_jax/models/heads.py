@@ -158,8 +158,9 @@ class IntegralHead(nn.Module):
         visibility = PointOutputs(self.schema, 1, self.grouped, self.dtype, name="points")(h)
         visibility = visibility[..., 0].astype(jnp.float32)
 
-        x = nn.Conv(self.hidden, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                    name="heatmap_conv")(features)  # fmt: skip
+        x = nn.Conv(
+            self.hidden, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name="heatmap_conv"
+        )(features)
         x = nn.relu(x)
         if self.upsample > 1:
             b, hh, ww, c = x.shape

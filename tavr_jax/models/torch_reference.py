@@ -106,8 +106,9 @@ def _classes() -> SimpleNamespace:
             return self.fc(torch.flatten(self.avgpool(self.forward_features(x)), 1))
 
     class VGG(nn.Module):
-        def __init__(self, cfg, *, batch_norm=False, in_channels=3, num_classes=1000,
-                     classifier=True):  # fmt: skip
+        def __init__(
+            self, cfg, *, batch_norm=False, in_channels=3, num_classes=1000, classifier=True
+        ):
             super().__init__()
             layers, cin = [], in_channels
             for v in cfg:
@@ -131,7 +132,7 @@ def _classes() -> SimpleNamespace:
                     nn.ReLU(True),
                     nn.Dropout(),
                     nn.Linear(4096, num_classes),
-                )  # fmt: skip
+                )
                 if classifier
                 else None
             )
@@ -150,9 +151,12 @@ def resnet(layers, *, bottleneck: bool = False, width: int = 64, in_channels: in
     """A torchvision-layout ResNet with the given blocks per stage (random weights)."""
     c = _classes()
     return c.ResNet(
-        c.Bottleneck if bottleneck else c.BasicBlock, layers, width=width,
-        in_channels=in_channels, **kw,
-    )  # fmt: skip
+        c.Bottleneck if bottleneck else c.BasicBlock,
+        layers,
+        width=width,
+        in_channels=in_channels,
+        **kw,
+    )
 
 
 def resnet18(**kw):
