@@ -7,6 +7,7 @@ import cv2
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from array_record.python import array_record_module
 
 from tavr_jax.data import pipeline, supervisely
 from tavr_jax.schema import get_schema
@@ -197,10 +198,17 @@ def test_bad_inputs_give_clear_errors(project, tfds_dir, tmp_path):
         pipeline.make_loader(tfds_dir, "train", batch_size=0, seed=0)
 
 
+def _writer_options(tfds_dir):
+    (shard,) = tfds_dir.glob("*-train.array_record-*")
+    return array_record_module.ArrayRecordReader(str(shard)).writer_options_string()
+
+
 def test_rebuild_replaces_the_output_folder(project, tmp_path):
     out = tmp_path / "ds"
-    pipeline.build_tfds(project, out, image_size=16, val_fraction=0.0)
+    pipeline.build_tfds(project, out, image_size=16, val_fraction=0.0, compress=True)
+    assert "zstd" in _writer_options(out)
     pipeline.build_tfds(project, out, image_size=S, val_fraction=0.3)
+    assert "uncompressed" in _writer_options(out)
     builder = tfds.builder_from_directory(str(out))
     assert builder.info.features["image"].shape == (S, S)
     assert set(builder.info.splits) == {"train", "validation"}

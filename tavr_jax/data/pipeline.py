@@ -18,6 +18,7 @@ import json
 import os
 import pathlib
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 
 import cv2
@@ -25,6 +26,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags
+from array_record.python import array_record_module
 from tensorflow_datasets.proto import tf_example_pb2
 
 from tavr_jax.data import supervisely
@@ -159,12 +161,15 @@ def build_tfds(
     seed: int = 0,
     val_fraction: float = 0.2,
     test_fraction: float = 0.0,
+    compress: bool = False,
 ) -> pathlib.Path:
     """Converts a Supervisely project into an array_record TFDS dataset in `out_dir`.
 
     Splits train / validation / test are by case, from `supervisely.split_cases`; empty
     splits are left out. `out_dir` is replaced as a whole once the new dataset is complete,
     and is readable with `tfds.builder_from_directory(out_dir).as_data_source(split)`.
+    compress=False stores records uncompressed: 1.4x the disk of TFDS's zstd, 3-4x faster
+    reads (decompression is most of the host's cost per frame).
     """
     if image_size < 8:
         raise ValueError(f"image_size must be at least 8 pixels, got {image_size}")
@@ -186,6 +191,9 @@ def build_tfds(
         )
         builder.download_and_prepare()
         built = pathlib.Path(builder.data_path)
+        if not compress:
+            for shard in built.glob("*.array_record-*"):
+                _rewrite_array_record(shard, "group_size:1,uncompressed")
         meta = {
             "schema": schema.to_json(),
             "image_size": image_size,
@@ -200,6 +208,20 @@ def build_tfds(
             os.replace(out_dir, old)
         os.replace(built, out_dir)
     return out_dir
+
+
+def _rewrite_array_record(path: pathlib.Path, options: str, chunk: int = 256) -> None:
+    """Rewrites one array_record shard with other writer options (same records, same order)."""
+    reader = array_record_module.ArrayRecordReader(str(path))
+    tmp = path.with_name(path.name + ".rewrite")
+    writer = array_record_module.ArrayRecordWriter(str(tmp), options)
+    n = reader.num_records()
+    for start in range(0, n, chunk):
+        for record in reader.read(list(range(start, min(n, start + chunk)))):
+            writer.write(record)
+    writer.close()
+    reader.close()
+    os.replace(tmp, path)
 
 
 def is_tfds_dir(path: os.PathLike) -> bool:
@@ -375,3 +397,39 @@ def make_loader(
             flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return iter(it)
+
+
+def benchmark_loader(
+    source: os.PathLike,
+    split: str = "train",
+    *,
+    batch_size: int = 32,
+    batches: int = 40,
+    repeats: int = 5,
+    num_workers: int = 0,
+    num_threads: int = 2,
+    image_size: int | None = None,
+) -> dict:
+    """Host frames/s of `make_loader`: median over repeats of `batches` batches, after warm-up."""
+    it = make_loader(
+        source,
+        split,
+        batch_size=batch_size,
+        seed=0,
+        num_workers=num_workers,
+        num_threads=num_threads,
+        image_size=image_size,
+    )
+    try:
+        for _ in range(max(2, num_workers * 2)):  # worker start-up and first reads
+            next(it)
+        rates = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(batches):
+                next(it)
+            rates.append(batches * batch_size / (time.perf_counter() - start))
+    finally:
+        if num_workers > 0:
+            it.close()
+    return {"frames_per_s": float(np.median(rates)), "runs": rates}
