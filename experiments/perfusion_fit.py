@@ -19,7 +19,8 @@ _SIZE = flags.DEFINE_integer("size", 128, "canonical polar grid (pixels)")
 _COLORMAP = flags.DEFINE_string("colormap", None, "colormap name when images lack a colour bar")
 _K = flags.DEFINE_float("k", None, "blackout at mean - k SD (default: tuned on masks/ or 2.5)")
 _UNET = flags.DEFINE_bool("unet", False, "also train the U-Net on the folder's masks/")
-_UNET_STEPS = flags.DEFINE_integer("unet_steps", 600, "U-Net training steps")
+_UNET_STEPS = flags.DEFINE_integer("unet_steps", 500, "U-Net training steps")
+_UNET_SIZE = flags.DEFINE_integer("unet_size", 32, "U-Net input size (pixels, divisible by 4)")
 _SEED = flags.DEFINE_integer("seed", 0, "random seed")
 
 
@@ -30,7 +31,9 @@ def main(argv):
     if _UNET.value:
         from perfusion import cnn
 
-        unet_config = cnn.UNetConfig(steps=_UNET_STEPS.value, seed=_SEED.value)
+        unet_config = cnn.UNetConfig(
+            size=_UNET_SIZE.value, steps=_UNET_STEPS.value, seed=_SEED.value
+        )
     try:
         meta = analyze.fit(
             _DATA.value,

@@ -336,30 +336,43 @@ def read_input(path, *, size: int, colormap=None, progress: bool = False):
 
 
 def analyze_path(
-    model_dir, input_path, out_json, *, overlay_dir=None, progress: bool = False
+    model_dir,
+    input_path,
+    out_json,
+    *,
+    overlay_dir=None,
+    metrics_out=None,
+    progress: bool = False,
 ) -> dict:
-    """Analyze a file or folder and write {"studies": [...]} atomically; returns the report."""
+    """Analyze a file or folder and write {"studies": [...]} atomically; returns the report.
+
+    overlay_dir: one PNG per study. metrics_out: for a labelled study folder, the accuracy,
+    territory and segment metrics (and mask Dice when masks/ exists) as JSON.
+    """
     model = load_model(model_dir)
+    if metrics_out is not None and not (pathlib.Path(input_path) / "labels.csv").is_file():
+        raise FileNotFoundError(f"{input_path}: metrics need a labelled study folder (labels.csv)")
     found, names = read_input(
         input_path, size=model.size, colormap=model.colormap, progress=progress
     )
-    reports, raw = [], {}
-    batch = 64
-    for start in range(0, len(found), batch):
-        chunk = found[start : start + batch]
-        r, out = analyze_arrays(model, chunk)
+    reports, blackout = [], []
+    for start in range(0, len(found), 64):
+        r, out = analyze_arrays(model, found[start : start + 64])
         reports += r
-        for key in ("blackout",):
-            raw.setdefault(key, []).append(out[key])
+        blackout.append(out["blackout"])
     reports = [{"file": name, **rep} for rep, name in zip(reports, names, strict=True)]
     report = {"studies": reports}
     out_json = pathlib.Path(out_json)
-    if out_json.parent and not out_json.parent.exists():
-        out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_json, json.dumps(report, indent=1).encode())
     if overlay_dir is not None:
-        blackout = np.concatenate(raw["blackout"]) if raw else np.zeros((0, 2, 1, 1), bool)
-        write_overlays(overlay_dir, found, names, reports, blackout)
+        write_overlays(overlay_dir, found, names, reports, np.concatenate(blackout))
+    if metrics_out is not None:
+        data_dir = pathlib.Path(input_path)
+        metrics = evaluate_report(report, data_dir / "labels.csv")
+        if (data_dir / "masks").is_dir():
+            metrics["dice"] = compare_masks(model, data_dir, found)
+        atomic_write_bytes(metrics_out, json.dumps(metrics, indent=1).encode())
     return report
 
 
@@ -520,16 +533,3 @@ def _dice_summary(pred, true, abnormal) -> dict:
         "pooled_rest": pooled_dice(pred[:, 1], true[:, 1]),
         "mean_stress_abnormal": float(per[abnormal, 0].mean()) if abnormal.any() else None,
     }
-
-
-def evaluate_path(model_dir, data_dir, report: dict) -> dict:
-    """`evaluate_report` against DATA/labels.csv, plus the mask Dice when DATA/masks/ exists."""
-    data_dir = pathlib.Path(data_dir)
-    if not (data_dir / "labels.csv").is_file():
-        raise FileNotFoundError(f"{data_dir}: metrics need a labelled study folder (labels.csv)")
-    metrics = evaluate_report(report, data_dir / "labels.csv")
-    if (data_dir / "masks").is_dir():
-        model = load_model(model_dir)
-        found = studies.read_study_folder(data_dir, colormap=model.colormap, size=model.size)
-        metrics["dice"] = compare_masks(model, data_dir, found)
-    return metrics

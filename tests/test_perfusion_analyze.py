@@ -39,7 +39,9 @@ def test_fit_writes_a_loadable_model(fitted):
 def test_analyze_path_report_overlays_and_consistency(fitted, tmp_path):
     data, model_dir, _ = fitted
     out = tmp_path / "report.json"
-    report = analyze.analyze_path(model_dir, data, out, overlay_dir=tmp_path / "ov")
+    report = analyze.analyze_path(
+        model_dir, data, out, overlay_dir=tmp_path / "ov", metrics_out=tmp_path / "m.json"
+    )
     assert json.loads(out.read_text()) == report
     rows = report["studies"]
     names = [r["filename"] for r in studies.read_labels(data / "labels.csv")]
@@ -64,8 +66,11 @@ def test_analyze_path_report_overlays_and_consistency(fitted, tmp_path):
     model = analyze.load_model(model_dir)
     study = studies.read_study_folder(data, size=32)[0]
     assert analyze.analyze_study(model, study) == rows[0]
-    metrics = analyze.evaluate_report(report, data / "labels.csv")
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    expected = json.loads(json.dumps(analyze.evaluate_report(report, data / "labels.csv")))
+    assert {k: v for k, v in metrics.items() if k != "dice"} == expected
     assert 0.0 <= metrics["territory_exact_accuracy"] <= 1.0
+    assert 0.0 < metrics["dice"]["normal_limits"]["pooled_stress"] <= 1.0
     # In-sample on 15 studies the classifier separates normal from abnormal.
     assert metrics["abnormal_accuracy"] >= 0.8
 
