@@ -25,6 +25,10 @@ _VARIANTS = flags.DEFINE_list("variants", ["0:0", "0:1", "0:2", "1:1", "2:1"], "
 _SCHEMA = flags.DEFINE_string("schema", "paper11", "keypoint schema name or JSON path")
 
 
+def _report(name, r):
+    print(f"{name}: {r['frames_per_s']:6.0f} frames/s, {r['frames_per_cpu_s']:6.0f} per CPU-second")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -37,27 +41,19 @@ def main(argv):
                 out = _TFDS.value or f"{tmp}/tfds"
                 data = pipeline.build_tfds(_DATA.value, out, image_size=_SIZE.value, schema=schema)
                 r = pipeline.benchmark_loader(_DATA.value, image_size=_SIZE.value, **timing)
-                print(
-                    f"Supervisely PNGs on the fly, 0 workers, 2 threads: {r['frames_per_s']:6.0f} "
-                    f"frames/s, {r['frames_per_cpu_s']:6.0f} per CPU-second"
-                )
+                _report("Supervisely PNGs on the fly, 0 workers, 2 threads", r)
             for variant in _VARIANTS.value:
                 workers, threads = (int(v) for v in variant.split(":"))
                 r = pipeline.benchmark_loader(
                     data, num_workers=workers, num_threads=threads, **timing
                 )
-                print(
-                    f"TFDS -> grain, {workers} workers, {threads} threads: {r['frames_per_s']:6.0f} "
-                    f"frames/s, {r['frames_per_cpu_s']:6.0f} per CPU-second"
-                )
+                _report(f"TFDS -> grain, {workers} workers, {threads} threads", r)
         except (ValueError, FileNotFoundError) as e:
             sys.exit(f"error: {e}")
     r = augment.benchmark_augment(
         schema, image_size=_SIZE.value, batch_size=_BATCH.value, repeats=2 * _REPEATS.value
     )
-    print(
-        f"augment_batch on {r['device']}, batch {_BATCH.value}: {r['frames_per_s']:7.0f} frames/s"
-    )
+    print(f"augment_batch on {r['device']}, batch {_BATCH.value}: {r['frames_per_s']:.0f} frames/s")
 
 
 if __name__ == "__main__":
