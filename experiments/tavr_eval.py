@@ -8,7 +8,7 @@ and writes W/thresholds.json; without --threshold the evaluation uses that file.
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from tavr_jax import evaluate
 
@@ -26,6 +26,7 @@ _WHICH = flags.DEFINE_enum("which", "best", ["best", "latest"], "checkpoint to l
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint read at INFO
     for flag in (_WORKDIR, _DATA):
         if not flag.value:
             raise app.UsageError(f"--{flag.name} is required")

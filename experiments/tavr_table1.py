@@ -11,7 +11,7 @@ gets thresholds tuned on val cases, and is evaluated on held-out test cases.
 import shlex
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from tavr_jax import evaluate
@@ -33,6 +33,7 @@ _ROOT = flags.DEFINE_string("workdir_root", "runs/table1", "one training workdir
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint read at INFO
     if not _DATA.value:
         raise app.UsageError("--data is required")
     try:

@@ -455,7 +455,7 @@ def evaluate_project(
     pred = predict_project(engine, project, desc=f"evaluate {split}")
     vis, xy, spacing = _frame_arrays(project)
     if threshold is None:
-        point_thr, group_thr = meta["thresholds"], meta["group_thresholds"]
+        point_thr, group_thr = load_thresholds(workdir, schema)  # float64, as tuned
     else:
         point_thr, group_thr = float(threshold), None
     metrics = keypoint_metrics(
