@@ -42,6 +42,8 @@ ON_GPU = jax.default_backend() == "gpu"'''
 WORKDIR = '''# All outputs go under WORK (relative to the current directory; /content in Colab).
 WORK = pathlib.Path(os.environ.get("NOTEBOOK_WORKDIR", "cardiac_jax_work")).resolve() / {name!r}
 WORK.mkdir(parents=True, exist_ok=True)
+# Compiled programs are cached on disk: re-running a cell or the notebook skips compilation.
+jax.config.update("jax_compilation_cache_dir", str(WORK.parent / "jax_cache"))
 # CI sets NOTEBOOK_SMOKE=1 to run every notebook top to bottom with the tiniest settings.
 SMOKE = os.environ.get("NOTEBOOK_SMOKE") == "1"'''
 
@@ -217,7 +219,286 @@ plt.show()
     ),
 ]
 
-NOTEBOOKS = {"tavr_quickstart.ipynb": TAVR}
+PERFUSION = [
+    (
+        "md",
+        """
+# SPECT perfusion polar maps: quick start
+
+Simulate labelled stress/rest polar-map studies, read them back from their images (disk
+detection and colour-bar matching), compute the 252 strip/ring features, cross-validate a
+normal-vs-abnormal classifier, then fit the full analysis model (classifiers, normal limits,
+tuned thresholds) and analyse one held-out study: label with probabilities, 17-segment scores,
+SSS/SRS/SDS, TPD, territories, and its overlay (blackout area and the 17-segment grid).
+
+Runs top to bottom on a CPU runtime in a few minutes.
+""",
+    ),
+    ("code", INSTALL),
+    (
+        "code",
+        """
+import json
+import os
+import pathlib
+
+import matplotlib.pyplot as plt
+import numpy as np
+from sklearn.feature_selection import f_classif
+
+from perfusion import analyze, classifiers, features, studies
+from perfusion.simulate import simulate_dataset
+""",
+    ),
+    ("code", DEVICES),
+    ("md", "## Parameters"),
+    (
+        "code",
+        WORKDIR.format(name="perfusion")
+        + """
+
+N_TRAIN, N_TEST, FOLDS, N_BOOT = 150, 9, 5, 1000  # studies (balanced over the 3 labels)
+if SMOKE:
+    N_TRAIN, N_TEST, FOLDS, N_BOOT = 24, 3, 3, 100
+MODEL = "rf"  # rf | xgb | xgb_tuned (perfusion.classifiers.FEATURE_MODELS)
+print(dict(n_train=N_TRAIN, n_test=N_TEST, folds=FOLDS, model=MODEL))
+""",
+    ),
+    (
+        "md",
+        "## Simulate and read studies\\n"
+        "A study folder: `images/<id>.png` (stress and rest disks with a colour bar), "
+        "`labels.csv`, and the true defect masks in `masks/`.",
+    ),
+    (
+        "code",
+        """
+train_dir, test_dir = WORK / "train", WORK / "test"
+simulate_dataset(train_dir, N_TRAIN, seed=0)
+simulate_dataset(test_dir, N_TEST, seed=1)  # another seed: studies the model never sees
+train = studies.read_study_folder(train_dir)
+labels = np.array([s.label for s in train])
+print(len(train), "studies:", {v: int((labels == v).sum()) for v in studies.LABELS})
+""",
+    ),
+    (
+        "code",
+        """
+# One study per label: the image as written, and the canonical stress / rest maps read from it.
+picks = [int(np.flatnonzero(labels == v)[0]) for v in studies.LABELS]
+fig, axes = plt.subplots(len(picks), 3, figsize=(10, 3.2 * len(picks)), squeeze=False)
+for row, i in zip(axes, picks):
+    s = train[i]
+    row[0].imshow(plt.imread(s.path))
+    row[0].set_title(f"{s.name}: {s.label} {'+'.join(s.territories)}", fontsize=9)
+    row[1].imshow(s.stress_rgb)
+    row[1].set_title("stress (canonical grid)", fontsize=9)
+    row[2].imshow(s.rest_rgb)
+    row[2].set_title("rest", fontsize=9)
+    for ax in row:
+        ax.axis("off")
+plt.tight_layout()
+plt.show()
+""",
+    ),
+    ("md", "## Strip/ring features"),
+    (
+        "code",
+        """
+X = features.study_feature_matrix(train)  # (N, 252): stress, rest, stress - rest
+print("features:", X.shape)
+# The features that best separate normal from abnormal studies (ANOVA F-test).
+y_abnormal = (labels != "normal").astype(int)
+f_score, _ = f_classif(X, y_abnormal)
+top = np.argsort(np.nan_to_num(f_score))[::-1][:4]
+fig, axes = plt.subplots(1, len(top), figsize=(4 * len(top), 3))
+for ax, j in zip(axes, top):
+    for c, v in enumerate(studies.LABELS):
+        values = X[labels == v, j]
+        ax.scatter(np.full(len(values), c) + np.linspace(-0.15, 0.15, len(values)), values, s=10)
+    ax.set_xticks(range(len(studies.LABELS)), studies.LABELS)
+    ax.set_title(f"{features.STUDY_FEATURE_NAMES[j]}\\nF = {f_score[j]:.0f}", fontsize=9)
+plt.tight_layout()
+plt.show()
+""",
+    ),
+    ("md", "## Cross-validation (normal vs abnormal)"),
+    (
+        "code",
+        """
+cv = classifiers.run_study_cv(train, "abnormal", MODEL, folds=FOLDS, n_boot=N_BOOT)
+for name, m in cv["metrics"].items():
+    lo, hi = m["ci95"]
+    print(f"{name:>10}: {m['value']:.3f}  (95% CI {lo:.3f} - {hi:.3f})")
+print("confusion matrix (rows true, columns predicted):", cv["class_names"])
+print(np.array(cv["confusion_matrix"]))
+""",
+    ),
+    ("md", "## Fit the analysis model and analyse a held-out study"),
+    (
+        "code",
+        """
+model_dir = WORK / "model"
+meta = analyze.fit(train_dir, model_dir, model=MODEL)
+print(json.dumps(meta["fit"], indent=1))
+model = analyze.load_model(model_dir)
+""",
+    ),
+    (
+        "code",
+        """
+test = studies.read_study_folder(test_dir)
+study = next((s for s in test if s.label != "normal"), test[0])
+reports, raw = analyze.analyze_arrays(model, [study])
+report = {"file": os.path.basename(study.path), **reports[0]}
+for key, value in report.items():
+    print(f"{key:>18}: {value}")
+print("truth:", study.label, "segments", list(study.segments), "territories", study.territories)
+
+overlay = analyze.draw_overlay(study, report, raw["blackout"][0])
+plt.figure(figsize=(9, 6))
+plt.imshow(overlay)
+plt.axis("off")
+plt.title("blackout (darkened, outlined) and the 17-segment grid")
+plt.show()
+""",
+    ),
+]
+
+LATENCY = [
+    (
+        "md",
+        """
+# Latency of the compiled keypoint engine
+
+Runs the latency harness of `experiments/bench_latency.py` (`tavr_jax.infer.bench`) on this
+runtime: for each backbone, dtype and batch size, one ahead-of-time compiled uint8-in /
+keypoints-out executable, a warm-up, then timed runs with the results fetched to the host.
+*Model only* starts from frames already on the device; *end to end* starts from decoded
+uint8 frames on the host and ends with gated keypoints on the host. Random weights of the
+real architecture are enough for timing. The dotted line is the paper's 18 ms per frame (GPU).
+
+On a CPU runtime the settings are small (resnet18, 128 px); on a GPU runtime the paper's
+512 px input. The same from the command line:
+
+    python experiments/bench_latency.py --backbones=resnet18,resnet34 --image_size=512 \\
+        --batch_sizes=1,8,32,128 --dtypes=float32,bfloat16 --out=bench.json --plot=latency.png
+""",
+    ),
+    ("code", INSTALL),
+    (
+        "code",
+        """
+import importlib.util
+import json
+import os
+import pathlib
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from tavr_jax.infer import bench
+""",
+    ),
+    ("code", DEVICES),
+    ("md", "## Parameters"),
+    (
+        "code",
+        WORKDIR.format(name="latency")
+        + """
+
+BACKBONES, IMAGE_SIZE, BATCHES, DTYPES = ["resnet18"], 128, [1, 8, 32], ["float32"]
+TIMING = {"min_time_s": 1.0, "min_runs": 10}  # timed runs per measurement, after warm-up
+if ON_GPU:
+    BACKBONES, IMAGE_SIZE = ["resnet18", "resnet34"], 512
+    BATCHES, DTYPES = [1, 8, 32, 128], ["float32", "bfloat16"]
+# Eager PyTorch of the same architecture as a baseline, when torch is installed (it is on Colab).
+TORCH_EAGER = importlib.util.find_spec("torch") is not None
+if SMOKE:
+    BACKBONES, IMAGE_SIZE, BATCHES, DTYPES = ["resnet_tiny"], 64, [1, 8], ["float32"]
+    TIMING, TORCH_EAGER = {"min_time_s": 0.2, "min_runs": 5}, False
+print(dict(backbones=BACKBONES, image_size=IMAGE_SIZE, batches=BATCHES, dtypes=DTYPES))
+""",
+    ),
+    ("md", "## Run the harness"),
+    (
+        "code",
+        """
+result = bench.run_benchmark(
+    backbones=BACKBONES,
+    image_size=IMAGE_SIZE,
+    batch_sizes=BATCHES,
+    dtypes=DTYPES,
+    torch_eager=TORCH_EAGER,
+    timing=TIMING,
+)
+(WORK / "bench.json").write_text(json.dumps(result, indent=1))
+print("device:", result["device"], "| jax", result["jax"], "|", result["date"])
+if result["peak_fp32_flops_per_s"]:
+    print(f"measured peak: {result['peak_fp32_flops_per_s'] / 1e9:.1f} GFLOP/s fp32")
+""",
+    ),
+    (
+        "code",
+        """
+# Per-frame latency (p50, with p90 and p99 as the bar) and throughput against the batch size.
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+lines = {}
+for row in result["rows"]:
+    lines.setdefault((row["backbone"], row["dtype"]), []).append(row)
+for (backbone, dtype), rows in sorted(lines.items()):
+    rows = sorted(rows, key=lambda r: r["batch"])
+    b = np.array([r["batch"] for r in rows])
+    for kind, style in (("end_to_end", "o-"), ("model", "s:")):
+        p50 = np.array([r[kind]["p50_ms"] for r in rows]) / b
+        p99 = np.array([r[kind]["p99_ms"] for r in rows]) / b
+        p90 = np.array([r[kind]["p90_ms"] for r in rows]) / b
+        label = f"{backbone} {dtype} {kind.replace('_', ' ')}"
+        line = ax1.errorbar(b, p50, yerr=[np.zeros_like(p50), p99 - p50], fmt=style,
+                            capsize=3, label=label)  # fmt: skip
+        ax1.plot(b, p90, "_", color=line[0].get_color(), markersize=10)
+        ax2.plot(b, b * 1e3 / (p50 * b), style, color=line[0].get_color(), label=label)
+    torch_rows = [r for r in rows if r.get("torch_eager")]
+    if torch_rows:
+        tb = np.array([r["batch"] for r in torch_rows])
+        t50 = np.array([r["torch_eager"]["p50_ms"] for r in torch_rows])
+        ax1.plot(tb, t50 / tb, "x--", label=f"{backbone} eager PyTorch")
+        ax2.plot(tb, tb * 1e3 / t50, "x--", label=f"{backbone} eager PyTorch")
+ax1.axhline(bench.PAPER_MS_PER_FRAME, color="k", ls=":", label="paper: 18 ms/frame (GPU)")
+ax1.set_ylabel("ms per frame (p50; bar to p99, tick at p90)")
+ax2.set_ylabel("frames / s (p50)")
+for ax in (ax1, ax2):
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+fig.suptitle(f"{result['device']}, {IMAGE_SIZE} px input", fontsize=10)
+plt.tight_layout()
+plt.show()
+""",
+    ),
+    (
+        "code",
+        """
+# Where the time goes at the largest batch: each part compiled and timed alone.
+for name, parts in result["profile"].items():
+    shown = {k: v["p50_ms"] for k, v in parts.items() if k != "whole"}
+    plt.figure(figsize=(6, 2.2))
+    plt.barh(list(shown), list(shown.values()))
+    plt.xlabel("ms per batch (p50)")
+    plt.title(f"{name}: whole network {parts['whole']['p50_ms']:.2f} ms", fontsize=10)
+    plt.tight_layout()
+    plt.show()
+""",
+    ),
+]
+
+NOTEBOOKS = {
+    "tavr_quickstart.ipynb": TAVR,
+    "perfusion_quickstart.ipynb": PERFUSION,
+    "latency.ipynb": LATENCY,
+}
 
 
 def build(name: str, spec: list[tuple[str, str]]) -> nbformat.NotebookNode:
