@@ -59,7 +59,7 @@ def make_model(name: str, *, k: int = 10, seed: int = 0) -> Pipeline:
     if name == "rf":
         clf = RandomForestClassifier(**params, random_state=seed, n_jobs=1)
     else:
-        clf = XGBClassifier(**params, random_state=seed, n_jobs=2, tree_method="hist")
+        clf = XGBClassifier(**params, random_state=seed, n_jobs=1, tree_method="hist")
     return Pipeline([("select", SelectKBest(f_classif, k=k)), ("model", clf)])
 
 
@@ -82,7 +82,8 @@ def _as_class_probs(p, n_classes: int) -> np.ndarray:
         return np.stack([1 - p, p], axis=1)
     if p.ndim != 2 or p.shape[1] != n_classes:
         raise ValueError(f"expected probabilities (n, {n_classes}), got shape {p.shape}")
-    return p
+    # scores that do not quite sum to one (float32 softmax, ad-hoc callables) are renormalised
+    return p / np.maximum(p.sum(axis=1, keepdims=True), 1e-12)
 
 
 def classification_metrics(y, probs) -> dict[str, float]:

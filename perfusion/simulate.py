@@ -65,9 +65,9 @@ def _normal_pattern(rng, size: int, sex: str) -> np.ndarray:
     )
     u -= rng.uniform(0.0, 0.05) * _smooth_step(r, 0.9, 0.08)
     if sex == "M":  # diaphragmatic attenuation: inferior wall
-        depth, centre = rng.uniform(0.04, 0.16), 270 + rng.normal(0, 10)
+        depth, centre = rng.uniform(0.04, 0.2), 270 + rng.normal(0, 10)
     else:  # breast attenuation: anterior wall, sometimes shifted
-        depth, centre = rng.uniform(0.04, 0.16), 90 + rng.normal(0, 20)
+        depth, centre = rng.uniform(0.04, 0.2), 90 + rng.normal(0, 20)
     width = rng.uniform(30, 55)
     u -= depth * np.exp(-((_angle_diff(a, centre) / width) ** 2)) * (0.4 + 0.6 * r)
     # low-frequency patient-to-patient variation
@@ -82,10 +82,10 @@ def _defect_field(rng, size: int, territory: str) -> np.ndarray:
     r, a = geometry.polar_coords(size)
     centre, span = _TERRITORY_ANGLES[territory]
     c = centre + rng.uniform(-0.35, 0.35) * span
-    half = rng.uniform(0.35, 0.8) * span
+    half = rng.uniform(0.25, 0.8) * span
     soft = rng.uniform(6.0, 15.0)
     angular = _smooth_step(half - np.abs(_angle_diff(a, c)), 0.0, soft)
-    inner = rng.uniform(0.0, 0.55) if territory == "LAD" else rng.uniform(0.2, 0.6)
+    inner = rng.uniform(0.0, 0.55) if territory == "LAD" else rng.uniform(0.2, 0.7)
     outer = rng.uniform(0.85, 1.1)
     radial = _smooth_step(r, inner, 0.15) * _smooth_step(outer - r, 0.0, 0.1)
     field = angular * radial
@@ -106,6 +106,13 @@ def _finish(u, rng, size: int, noise: float) -> np.ndarray:
     u = cv2.GaussianBlur(u.astype(np.float32), (0, 0), sigmaX=size / 100)
     u = np.clip(u / np.percentile(u[mask], 99.5), 0.0, 1.0)
     return np.where(mask, u, 0.0).astype(np.float32)
+
+
+def _segment_fractions(defect: np.ndarray) -> np.ndarray:
+    """(17,) fraction of each AHA segment's area inside a (S, S) bool mask."""
+    seg = geometry.segment_map(defect.shape[0])
+    area = np.bincount(seg.ravel(), minlength=18)[1:]
+    return np.bincount(seg[defect & (seg > 0)], minlength=18)[1:] / np.maximum(area, 1)
 
 
 def simulate_study(
@@ -130,16 +137,21 @@ def simulate_study(
             territories = rng.choice(geometry.TERRITORY_NAMES, size=k, replace=False)
         territories = tuple(t for t in geometry.TERRITORY_NAMES if t in set(territories))
         for t in territories:
-            field = _defect_field(rng, size, t)
-            depth = rng.uniform(0.3, 0.7)  # graded severity: mild to severe
+            # redraw a defect too small or too shallow to involve any segment, so every
+            # labelled territory shows in the segments
+            for _ in range(20):
+                field = _defect_field(rng, size, t)
+                depth = rng.uniform(0.2, 0.65)  # graded severity: mild to severe
+                if _segment_fractions(depth * field >= DEFECT_THRESHOLD).max() >= SEGMENT_FRACTION:
+                    break
             # ischemia recovers most of the way at rest; infarction stays (nearly) fixed
-            rest_frac = rng.uniform(0.0, 0.25) if label == "ischemia" else rng.uniform(0.85, 1.0)
+            rest_frac = rng.uniform(0.0, 0.4) if label == "ischemia" else rng.uniform(0.7, 1.0)
             stress_drop = np.maximum(stress_drop, depth * field)
             rest_drop = np.maximum(rest_drop, rest_frac * depth * field)
     else:
         territories = ()
-    noise = rng.uniform(0.02, 0.05)
-    variation = rng.normal(0.0, 0.015, 3)  # stress and rest differ a little in shape
+    noise = rng.uniform(0.02, 0.06)
+    variation = rng.normal(0.0, 0.025, 3)  # stress and rest differ a little in shape
     r, a = geometry.polar_coords(size)
     wobble = variation[0] * np.cos(np.radians(a) + variation[1] * 50) * r
     stress = _finish(base - stress_drop, rng, size, noise)
@@ -147,14 +159,11 @@ def simulate_study(
     mask = geometry.disk_mask(size)
     stress_defect = (stress_drop >= DEFECT_THRESHOLD) & mask
     rest_defect = (rest_drop >= DEFECT_THRESHOLD) & mask
-    seg = geometry.segment_map(size)
-    frac = (
-        np.bincount(seg[stress_defect], minlength=18)[1:]
-        / np.bincount(seg.ravel(), minlength=18)[1:]
-    )
+    frac = _segment_fractions(stress_defect)
     segments = tuple(int(s) + 1 for s in np.flatnonzero(frac >= SEGMENT_FRACTION))
-    if label != "normal":  # territories as involved segments show them
-        territories = tuple(geometry.segments_to_territories(segments)) or territories
+    # territories: those given a defect, plus any a defect spilled over into a whole segment
+    involved = set(territories) | set(geometry.segments_to_territories(segments))
+    territories = tuple(t for t in geometry.TERRITORY_NAMES if t in involved)
     return SimulatedStudy(
         label, sex, stress, rest, stress_defect, rest_defect, territories, segments
     )
