@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from perfusion import analyze, simulate, studies
 from tavr_jax import get_schema
 from tavr_jax.dicom import write_test_cine
 from tavr_jax.infer.engine import KeypointEngine
@@ -19,8 +20,51 @@ def engine():
 
 
 @pytest.fixture(scope="module")
+def perfusion_data(tmp_path_factory):
+    """A small simulated study folder and a model fitted on it at 32 px."""
+    root = tmp_path_factory.mktemp("perfusion")
+    simulate.simulate_dataset(root / "data", 15, seed=5, size=32, disk_px=64)
+    analyze.fit(root / "data", root / "model", size=32)
+    return root / "data", analyze.load_model(root / "model")
+
+
+@pytest.fixture(scope="module")
 def client(engine):
     return TestClient(create_app(tavr_engine=engine, limits=Limits(max_upload_mb=0.5)))
+
+
+def test_perfusion_study_report_matches_library(perfusion_data):
+    data, model = perfusion_data
+    web = TestClient(create_app(perfusion_model=model))
+    assert web.get("/api/status").json()["perfusion"]["loaded"]
+    name = studies.read_labels(data / "labels.csv")[0]["filename"]
+    png = (data / "images" / name).read_bytes()
+    r = web.post("/api/perfusion/analyze", files={"study": ("anything.bin", png)})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    study = studies.read_study_image(data / "images" / name, size=model.size)
+    expected = analyze.analyze_study(model, study)
+    assert body["report"] == {**expected, "file": "upload"}
+    for key in ("stress", "rest", "overlay"):
+        assert body["images"][key].startswith("data:image/png;base64,")
+    # Two separate files (stress, rest) are accepted too.
+    image = cv2.imread(str(data / "images" / name))
+    half = image.shape[1] // 2
+    pair = {"stress": ("s.png", _png(image[:, :half])), "rest": ("r.png", _png(image[:, half:]))}
+    r2 = web.post("/api/perfusion/analyze", files=pair)
+    assert r2.status_code == 200, r2.text
+    assert r2.json()["report"]["label"] in studies.LABELS
+    # No disks, one disk, not an image: 4xx with the reason, and the server stays up.
+    for files, status, message in [
+        ({"study": ("a.png", _png(np.zeros((64, 128, 3), np.uint8)))}, 422, "no disk found"),
+        ({"study": ("a.png", _png(image[:, :half]))}, 422, "one disk where 2"),
+        ({"study": ("a.png", b"GIF89a not really")}, 415, "not an image"),
+        ({"stress": ("a.png", png)}, 400, "missing form file 'rest'"),
+    ]:
+        bad = web.post("/api/perfusion/analyze", files=files)
+        assert bad.status_code == status and message in bad.json()["error"], bad.text
+        assert "/tmp" not in bad.json()["error"]
+    assert web.get("/api/status").status_code == 200
 
 
 def _png(image):

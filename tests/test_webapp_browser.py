@@ -4,6 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
+from perfusion import analyze, simulate, studies
 from tavr_jax import get_schema
 from tavr_jax.data.simulate import simulate_case
 from tavr_jax.infer.engine import KeypointEngine
@@ -53,9 +54,15 @@ def test_aortography_view_shows_points_and_reacts_to_stage_prior(tmp_path):
         assert {r.find_elements(By.TAG_NAME, "td")[5].text for r in rows} == {"yes"}
 
         def reported(d):
-            cells = d.find_elements(By.CSS_SELECTOR, "#tavr-points tbody tr")
-            return {c.get_attribute("data-point"): c.find_elements(By.TAG_NAME, "td")[5].text
-                    for c in cells}  # fmt: skip
+            from selenium.common.exceptions import StaleElementReferenceException
+
+            try:  # the table is re-rendered after each re-gating request
+                return {
+                    r.get_attribute("data-point"): r.find_elements(By.TAG_NAME, "td")[5].text
+                    for r in d.find_elements(By.CSS_SELECTOR, "#tavr-points tbody tr")
+                }
+            except StaleElementReferenceException:
+                return None
 
         # Untick "contour": its points go off, the others stay; untick all: nothing is reported.
         from selenium.webdriver.support.ui import WebDriverWait
@@ -66,5 +73,33 @@ def test_aortography_view_shows_points_and_reacts_to_stage_prior(tmp_path):
         WebDriverWait(d, 30).until(lambda d: reported(d) == want)
         for box in d.find_elements(By.CSS_SELECTOR, "input[name=expect]:checked"):
             box.click()
-        WebDriverWait(d, 30).until(lambda d: set(reported(d).values()) == {"no"})
+        WebDriverWait(d, 30).until(lambda d: set((reported(d) or {1: 0}).values()) == {"no"})
         assert d.execute_script("return document.getElementById('tavr-canvas').width") == 96
+
+
+def test_polar_map_view_shows_class_scores_and_overlay(tmp_path):
+    from selenium.webdriver.common.by import By
+
+    simulate.simulate_dataset(tmp_path / "data", 15, seed=7, size=32, disk_px=64)
+    analyze.fit(tmp_path / "data", tmp_path / "model", size=32)
+    model = analyze.load_model(tmp_path / "model")
+    row = next(r for r in studies.read_labels(tmp_path / "data" / "labels.csv")
+               if r["label"] != "normal")  # fmt: skip
+    path = tmp_path / "data" / "images" / row["filename"]
+    report = analyze.analyze_study(model, studies.read_study_image(path, size=model.size))
+    with browser.serve_in_thread(create_app(perfusion_model=model)) as url, browser.chromium() as d:
+        d.get(url)
+        assert "no TAVR model" in d.find_element(By.ID, "status").text
+        d.find_element(By.ID, "perf-file").send_keys(str(path))
+        d.find_element(By.ID, "perf-submit").click()
+        assert _wait_text(d, "perf-label") == report["label"]
+        assert d.find_element(By.ID, "perf-sss").text == str(report["SSS"])
+        assert d.find_element(By.ID, "perf-sds").text == str(report["SDS"])
+        shown = d.find_element(By.ID, "perf-territories").text
+        assert shown == (", ".join(report["territories"]) or "none")
+        rows = d.find_elements(By.CSS_SELECTOR, "#perf-segment-table tbody tr")
+        assert [int(r.find_elements(By.TAG_NAME, "td")[1].text) for r in rows] == report[
+            "stress_scores"
+        ]
+        loaded = "return document.getElementById('perf-overlay').naturalWidth"
+        assert d.execute_script(loaded) > 0

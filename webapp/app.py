@@ -202,16 +202,22 @@ def create_app(
                 _decode_image(data, field)  # content check before anything else sees it
                 paths[field] = pathlib.Path(tmp) / f"{field}.png"
                 paths[field].write_bytes(data)
+            model = models.perfusion
             try:
                 if "study" in paths:
-                    study = studies.read_study_image(paths["study"])
+                    study = studies.read_study_image(
+                        paths["study"], colormap=model.colormap, size=model.size
+                    )
                 else:
-                    study = studies.read_study_pair(paths["stress"], paths["rest"])
+                    study = studies.read_study_pair(
+                        paths["stress"], paths["rest"], colormap=model.colormap, size=model.size
+                    )
             except ValueError as e:  # no disk, one disk where two are expected ...
                 raise BadInput(str(e).replace(f"{tmp}/", ""), 422) from None
-            study.name = study.path = "upload"
-            report = analyze.analyze_study(models.perfusion, study)
-            overlay = analyze.render_overlay(models.perfusion, study, report)
+        study.name, study.path = "upload", ""
+        reports, raw = analyze.analyze_arrays(model, [study])
+        report = {"file": "upload", **reports[0]}
+        overlay = analyze.draw_overlay(study, report, raw["blackout"][0])
         return {
             "report": report,
             "images": {
