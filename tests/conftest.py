@@ -13,3 +13,9 @@ import jax  # noqa: E402
 
 # Silent broadcasting of masks against the wrong axis is the classic bug in masked losses.
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# Many tests compile the same small networks: a persistent cache shares those compilations
+# between test files, xdist workers and later runs.
+_CACHE = os.path.join(os.path.dirname(os.path.dirname(__file__)), ".pytest_cache", "jax")
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
