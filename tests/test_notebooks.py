@@ -44,6 +44,12 @@ def kernel_manager_factory(tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="module")
+def notebook_workdir(tmp_path_factory):
+    """One output folder for all notebooks, so they share the on-disk compilation cache."""
+    return tmp_path_factory.mktemp("notebook_work")
+
+
 def _kernel_env(workdir: pathlib.Path) -> dict[str, str]:
     env = dict(os.environ)
     # One CPU device, as on a Colab CPU runtime (conftest forces 4 for the sharding tests).
@@ -74,7 +80,7 @@ def test_committed_without_outputs(name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_runs(name, tmp_path, kernel_manager_factory):
+def test_notebook_runs(name, tmp_path, kernel_manager_factory, notebook_workdir):
     nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -85,7 +91,7 @@ def test_notebook_runs(name, tmp_path, kernel_manager_factory):
         resources={"metadata": {"path": str(run_dir)}},
     )
     # Any cell error raises CellExecutionError with the cell and its traceback.
-    client.execute(env=_kernel_env(tmp_path / "work"))
+    client.execute(env=_kernel_env(notebook_workdir))
     errors = [
         o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"
     ]
@@ -97,5 +103,7 @@ def test_notebook_runs(name, tmp_path, kernel_manager_factory):
         if c.cell_type == "code"
         for o in c.outputs
     ), f"{name} produced no figure"
-    # Nothing was written beside the repository's notebooks.
+    # Outputs went to the notebook's own folder under NOTEBOOK_WORKDIR, none into the repository.
+    assert (notebook_workdir / name.split("_")[0].removesuffix(".ipynb")).is_dir()
     assert not (NOTEBOOK_DIR / "cardiac_jax_work").exists()
+    assert not (run_dir / "cardiac_jax_work").exists()
