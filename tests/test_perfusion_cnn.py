@@ -8,6 +8,14 @@ import pytest
 from perfusion import cnn, geometry
 
 
+@pytest.fixture
+def fast_compile():
+    # Compilation dominates these few-step trainings on CPU (flax examples do the same).
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", False)
+
+
 def test_dice_matches_hand_computation():
     a = np.zeros((2, 4, 4), bool)
     b = np.zeros((2, 4, 4), bool)
@@ -62,7 +70,7 @@ def _toy_masks(n, size, rng):
     return stress, rest, mask & geometry.disk_mask(size), np.zeros_like(mask)
 
 
-def test_train_unet_reduces_loss_and_predicts_masks(tmp_path):
+def test_train_unet_reduces_loss_and_predicts_masks(tmp_path, fast_compile):
     rng = np.random.default_rng(0)
     stress, rest, ms, mr = _toy_masks(8, 16, rng)
     cfg = cnn.UNetConfig(size=16, features=(8, 16), steps=40, batch_size=8, learning_rate=1e-2)
@@ -76,14 +84,6 @@ def test_train_unet_reduces_loss_and_predicts_masks(tmp_path):
     np.testing.assert_array_equal(cnn.predict_mask(back, stress, rest), pred)
     with pytest.raises(FileNotFoundError, match="no U-Net"):
         cnn.UNetModel.load(tmp_path / "nothing")
-
-
-@pytest.fixture
-def fast_compile():
-    # Compilation dominates these few-step trainings on CPU (flax examples do the same).
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", False)
 
 
 def test_classifier_fit_predict_proba_learns_a_trivial_split(fast_compile):
