@@ -201,9 +201,9 @@ def train_step(
     metrics = {
         "loss": loss,
         **{f"loss_{k}": v for k, v in parts.items() if k != "total"},
-        "grad_norm": optax.global_norm(grads),
-        "update_norm": optax.global_norm(updates),
-        "param_norm": optax.global_norm(params),
+        "grad_norm": optax.tree.norm(grads),
+        "update_norm": optax.tree.norm(updates),
+        "param_norm": optax.tree.norm(params),
         "learning_rate": learning_rate_fn(opt_state, step),
     }
     return new_state, metrics

@@ -1,0 +1,221 @@
+"""Training: sharded step numerics, exact resume after SIGKILL, NaN stop, multi-host."""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+
+import _train_worker as worker
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from tavr_jax import train
+from tavr_jax.checkpoint import CheckpointStore
+
+WORKER = pathlib.Path(worker.__file__)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    return worker.write_tiny_project(tmp_path_factory.mktemp("data") / "project")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    # Worker processes share compiled executables: only the first one pays for compilation.
+    return tmp_path_factory.mktemp("jax_cache")
+
+
+def _env(cache_dir, devices=1):
+    env = dict(os.environ)
+    env.update(
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+        PYTHONUNBUFFERED="1",
+        JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        PYTHONPATH=str(worker.ROOT),
+    )
+    return env
+
+
+def _train_cmd(workdir, project, steps):
+    return [
+        sys.executable,
+        str(WORKER),
+        "train",
+        f"--workdir={workdir}",
+        f"--data={project}",
+        f"--steps={steps}",
+        "--checkpoint_every=4",
+    ]
+
+
+def _final_state(workdir):
+    with CheckpointStore(workdir, async_save=False) as store:
+        state, data_state, step = store.restore(which="latest")
+    return jax.device_get(state), data_state, step
+
+
+def test_resume_after_sigkill_is_bit_exact(tmp_path, project, cache_dir):
+    # One CPU device: XLA's in-process all-reduce over simulated devices is not bit
+    # reproducible from run to run, with or without a restart.
+    steps = 24
+    env = _env(cache_dir)
+    reference = subprocess.run(
+        _train_cmd(tmp_path / "ref", project, steps),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    victim = tmp_path / "victim"
+    proc = subprocess.Popen(
+        _train_cmd(victim, project, steps),
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    for line in proc.stdout:
+        if line.startswith("step 8: saved checkpoint"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = CheckpointStore(victim, async_save=False).latest_step()
+    assert killed_at is not None and killed_at < steps  # the kill landed mid-run
+
+    resumed = subprocess.run(
+        _train_cmd(victim, project, steps), env=env, capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from step {killed_at}" in resumed.stdout
+    assert f"finished at step {steps}" in resumed.stdout
+
+    ref_state, ref_data, ref_step = _final_state(tmp_path / "ref")
+    new_state, new_data, new_step = _final_state(victim)
+    assert ref_step == new_step == steps
+    assert ref_data == new_data
+    assert jax.tree.structure(ref_state) == jax.tree.structure(new_state)
+    for a, b in zip(jax.tree.leaves(ref_state), jax.tree.leaves(new_state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # bit for bit
+
+
+@pytest.fixture
+def fast_compile():
+    # Compilation dominates these tests; optimisation level does not change what they check.
+    old = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", old)
+
+
+def _run_steps(mesh, config, batch, steps=2):
+    schema = train.get_schema(config.schema)
+    model = train.build_model(config, schema)
+    # Plain SGD: Adam's first step is lr * sign(g), which would amplify the rounding
+    # differences of near-zero gradients into lr-sized ones.
+    tx, lr_fn = optax.sgd(0.05), lambda opt_state, step: jnp.float32(0.05)
+    state, sharding = train.create_train_state(config, model, tx, mesh)
+    train_fn, _, batch_sharding = train.make_step_fns(
+        model, tx, lr_fn, schema, config, mesh, sharding
+    )
+    initial = jax.device_get(state["params"])  # before the step donates the buffers
+    global_batch = train.to_global(batch, batch_sharding)
+    assert global_batch["image"].sharding.spec == P("data")
+    assert len(global_batch["image"].sharding.device_set) == mesh.size
+    history = []
+    for _ in range(steps):
+        state, metrics = train_fn(state, global_batch)
+        history.append(jax.device_get(metrics))
+    assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state))
+    return initial, jax.device_get(state), history
+
+
+def test_four_device_step_equals_one_device_step(fast_compile):
+    assert jax.device_count() == 4  # tests/conftest.py
+    config = worker.tiny_config()
+    batch = worker.synthetic_batch(config.batch_size, config.image_size, 11)
+    initial, one, hist1 = _run_steps(train.make_mesh(jax.devices()[:1]), config, batch)
+    _, four, hist4 = _run_steps(train.make_mesh(), config, batch)
+    assert int(one["step"]) == int(four["step"]) == 2
+    for k in ("loss", "loss_group", "loss_keypoint", "loss_reg", "grad_norm"):
+        np.testing.assert_allclose(hist1[-1][k], hist4[-1][k], rtol=1e-5, err_msg=k)
+    moved = max(
+        float(np.max(np.abs(a - b)))
+        for a, b in zip(
+            jax.tree.leaves(initial["params"]), jax.tree.leaves(one["params"]), strict=True
+        )
+    )
+    assert moved > 1e-3  # the steps did change the parameters
+    for name in ("params", "batch_stats"):
+        for a, b in zip(jax.tree.leaves(one[name]), jax.tree.leaves(four[name]), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_nan_loss_stops_with_the_step(tmp_path, project, monkeypatch):
+    def poisoned(state, batch, **kw):
+        # This test is about the loop, so a cheap step stands in for the network: it
+        # advances the step and reports a loss that turns NaN at step 2.
+        loss = jnp.where(state["step"] >= 2, jnp.nan, jnp.mean(batch["visibility"]))
+        return {**state, "step": state["step"] + 1}, {"loss": loss, "learning_rate": loss}
+
+    monkeypatch.setattr(train, "train_step", poisoned)
+    config = worker.tiny_config(num_steps=6, checkpoint_every=3)
+    with pytest.raises(train.NaNLossError, match="at step 2 "):
+        train.train_and_evaluate(config, tmp_path, project)
+    # The state that produced NaN is never checkpointed.
+    assert CheckpointStore(tmp_path, read_only=True).latest_step() is None
+    assert json.loads((tmp_path / "config.json").read_text())["backbone"] == "resnet_tiny"
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_see_all_devices_and_agree(tmp_path, cache_dir):
+    address = f"127.0.0.1:{_free_port()}"
+    env = _env(tmp_path / "no_cache", devices=2)
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(WORKER),
+                "multihost",
+                f"--coordinator={address}",
+                "--num_processes=2",
+                f"--process_id={i}",
+                f"--out={tmp_path / f'p{i}.npz'}",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out[-3000:]
+    results = [np.load(tmp_path / f"p{i}.npz") for i in range(2)]
+    for r in results:
+        assert int(r["device_count"]) == 4 and int(r["process_count"]) == 2
+    names = [k for k in results[0].files if k.startswith("[")]
+    assert len(names) > 10 and sorted(names) == sorted(
+        k for k in results[1].files if k.startswith("[")
+    )
+    for k in names:
+        np.testing.assert_array_equal(results[0][k], results[1][k], err_msg=k)
