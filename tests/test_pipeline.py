@@ -194,6 +194,10 @@ def test_bad_inputs_give_clear_errors(project, tfds_dir, tmp_path):
         pipeline.make_loader(project, "train", batch_size=2, seed=0)
     with pytest.raises(ValueError, match="no split 'test'"):
         pipeline.make_loader(tfds_dir, "test", batch_size=2, seed=0)
+    with pytest.raises(ValueError, match="stored at 32 px but image_size=64"):
+        pipeline.make_loader(tfds_dir, "train", batch_size=2, seed=0, image_size=64)
+    with pytest.raises(ValueError, match="built for schema 'paper11'"):
+        pipeline.make_loader(tfds_dir, "train", batch_size=2, seed=0, schema="reference10")
     with pytest.raises(ValueError, match="batch_size"):
         pipeline.make_loader(tfds_dir, "train", batch_size=0, seed=0)
 

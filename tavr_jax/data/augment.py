@@ -194,6 +194,9 @@ def _augment_batch(rng, batch, *, flip_perm, config):
     return apply_augmentation(batch, params, flip_perm=flip_perm, radius=config.blur_radius)
 
 
+_AUGMENTED = ("image", "visibility", "coords")
+
+
 def augment_batch(
     rng: jax.Array,
     batch: Mapping,
@@ -215,7 +218,9 @@ def augment_batch(
     """
     config = AugmentConfig.create(config)
     flip_perm = tuple(int(i) for i in np.asarray(schema.flip_permutation))
-    return _augment_batch(rng, dict(batch), flip_perm=flip_perm, config=config)
+    # Only the augmented arrays enter the computation; ids or sizes pass through untouched.
+    arrays = {key: batch[key] for key in _AUGMENTED}
+    return {**batch, **_augment_batch(rng, arrays, flip_perm=flip_perm, config=config)}
 
 
 def benchmark_augment(

@@ -26,7 +26,7 @@ import grain
 import numpy as np
 import psutil
 import tensorflow_datasets as tfds
-from absl import flags
+from absl import flags, logging
 from array_record.python import array_record_module
 from tensorflow_datasets.proto import tf_example_pb2
 
@@ -300,12 +300,34 @@ class TfdsFrames(Sequence):
         return out
 
 
+def _check_tfds_meta(path, image_size, schema, seed, val_fraction, test_fraction) -> None:
+    if not (path / META_FILE).is_file():
+        return  # a TFDS folder from elsewhere: nothing to check against
+    meta = read_tfds_meta(path)
+    if image_size is not None and image_size != meta["image_size"]:
+        raise ValueError(
+            f"{path}: frames are stored at {meta['image_size']} px but image_size={image_size} "
+            f"was asked for; rebuild it with build_tfds --image_size={image_size}"
+        )
+    if schema is not None:
+        built = KeypointSchema.from_json(meta["schema"])
+        if built.point_names != schema.point_names:
+            raise ValueError(
+                f"{path}: built for schema {built.name!r} {list(built.point_names)}, not "
+                f"{schema.name!r} {list(schema.point_names)}"
+            )
+    asked = dict(seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
+    stored = {k: meta["split"][k] for k in asked}
+    if asked != stored:
+        logging.warning("%s: split fixed at build time (%s), not %s", path, stored, asked)
+
+
 def open_source(
     source: os.PathLike,
     split: str,
     *,
     image_size: int | None = None,
-    schema: KeypointSchema | str = "paper11",
+    schema: KeypointSchema | str | None = None,
     seed: int = 0,
     val_fraction: float = 0.2,
     test_fraction: float = 0.0,
@@ -315,16 +337,19 @@ def open_source(
 
     split: train, val (or validation), test, all; for TFDS also any TFDS split expression.
     Examples are dicts in the training layout, plus case_id / frame_name / stage strings when
-    with_ids (always for a Supervisely project).
+    with_ids (always for a Supervisely project). For a TFDS folder, image_size and schema (when
+    given) must match what it was built with; its split is the one fixed at build time.
     """
     path = pathlib.Path(source)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: dataset folder not found")
+    schema = get_schema(schema) if isinstance(schema, str) else schema
     if is_tfds_dir(path):
+        _check_tfds_meta(path, image_size, schema, seed, val_fraction, test_fraction)
         return TfdsFrames(path, split, with_ids=with_ids)
     if image_size is None:
         raise ValueError(f"{path}: reading a Supervisely project on the fly needs image_size")
-    schema = get_schema(schema) if isinstance(schema, str) else schema
+    schema = schema or get_schema()
     project = supervisely.read_project(
         path, schema, split=split, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction
     )
@@ -357,7 +382,7 @@ def make_loader(
     drop_remainder: bool = True,
     num_threads: int = 2,
     image_size: int | None = None,
-    schema: KeypointSchema | str = "paper11",
+    schema: KeypointSchema | str | None = None,
     split_seed: int = 0,
     val_fraction: float = 0.2,
     test_fraction: float = 0.0,
