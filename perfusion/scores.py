@@ -300,6 +300,8 @@ def tune_config(
 
     The four score thresholds are scaled together so that t1 maximises the pooled segment F1
     (defect = stress score >= 1); then the territory threshold maximises the exact-set match.
+    Without any true defect segments (or territories) in the labels, the base values stay:
+    there is nothing to tune them on.
 
     Args:
       segment_z: (B, 17) stress mean z-deficit per segment (from `score_studies`).
@@ -315,8 +317,11 @@ def tune_config(
     fp = (calls & ~true_segments).sum(axis=(1, 2))
     fn = (~calls & true_segments).sum(axis=(1, 2))
     f1 = 2 * tp / np.maximum(2 * tp + fp + fn, 1)
-    t1 = float(grid[int(np.argmax(f1))])
-    thresholds = tuple(float(t1 * q) for q in ratios)
+    info = {}
+    thresholds = tuple(float(t) for t in base.segment_z)
+    if true_segments.any():
+        thresholds = tuple(float(grid[int(np.argmax(f1))] * q) for q in ratios)
+        info["segment_f1"] = float(f1.max())
     scores = scores_from_z(seg_z, thresholds)
     terr_score = scores @ territory_matrix().T
     tgrid = np.asarray(list(territory_grid))
@@ -325,6 +330,9 @@ def tune_config(
         .all(axis=-1)
         .mean(axis=-1)
     )
-    tmin = int(tgrid[int(np.argmax(exact))])
+    tmin = base.territory_min_score
+    if np.asarray(true_territories, bool).any():
+        tmin = int(tgrid[int(np.argmax(exact))])
+        info["territory_exact"] = float(exact.max())
     config = ScoreConfig(k=base.k, segment_z=thresholds, territory_min_score=tmin)
-    return config, {"segment_f1": float(f1.max()), "territory_exact": float(exact.max())}
+    return config, info

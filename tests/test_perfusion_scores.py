@@ -151,6 +151,10 @@ def test_segment_f1_and_tune_config_by_hand():
     assert 0.5 < cfg.segment_z[0] <= 3.0
     assert info["segment_f1"] == 1.0 and info["territory_exact"] == 1.0
     assert list(cfg.segment_z) == sorted(cfg.segment_z)
+    # labels.csv without segments or territories: nothing to tune, the base config stays.
+    base = scores.ScoreConfig(k=3.0, segment_z=(1.0, 2.0, 3.0, 4.0), territory_min_score=5)
+    cfg, info = scores.tune_config(seg_z, np.zeros_like(true), np.zeros_like(terr), base=base)
+    assert cfg == base and info == {}
 
 
 def test_reversibility_categories():
