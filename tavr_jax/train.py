@@ -378,16 +378,6 @@ def train_and_evaluate(
             f"batch_size {config.batch_size} is not divisible by the {jax.device_count()} devices"
         )
     local_batch_size = config.batch_size // n_proc
-    if jax.process_index() == 0:
-        write_json_atomic(workdir / "config.json", config.to_dict())
-
-    mesh = make_mesh()
-    model = build_model(config, schema)
-    tx, learning_rate_fn = make_optimizer(config)
-    state, state_sharding = create_train_state(config, model, tx, mesh)
-    train_fn, eval_fn, batch_sharding = make_step_fns(
-        model, tx, learning_rate_fn, schema, config, mesh, state_sharding
-    )
 
     def loader(split, *, shuffle):
         # Every process reads the global batch and keeps its own rows (make_loader has no
@@ -408,7 +398,16 @@ def train_and_evaluate(
             test_fraction=config.test_fraction,
         )
 
-    train_iter = loader("train", shuffle=True)
+    train_iter = loader("train", shuffle=True)  # first: bad data fails before compiling
+    if jax.process_index() == 0:
+        write_json_atomic(workdir / "config.json", config.to_dict())
+    mesh = make_mesh()
+    model = build_model(config, schema)
+    tx, learning_rate_fn = make_optimizer(config)
+    state, state_sharding = create_train_state(config, model, tx, mesh)
+    train_fn, eval_fn, batch_sharding = make_step_fns(
+        model, tx, learning_rate_fn, schema, config, mesh, state_sharding
+    )
     store = CheckpointStore(workdir, keep=config.keep)
     restored = store.restore(abstract_state(state_sharding, state))
     start = 0
@@ -488,3 +487,93 @@ def _record(pending, history, writer, bar, config, t0, seen) -> None:
         means["images_per_s"] = seen / max(time.perf_counter() - t0, 1e-9)
         writer.scalars(step + 1, means)
         bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means['learning_rate']:.2e}")
+
+
+def compiled_flops(compiled) -> float | None:
+    """FLOPs of one call of a compiled executable (per device for SPMD programs), from XLA."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list | tuple):  # older jax: one dict per device program
+        cost = cost[0] if cost else None
+    if not cost or "flops" not in cost:
+        return None
+    return float(cost["flops"])
+
+
+def benchmark_training(
+    config: ml_collections.ConfigDict,
+    *,
+    steps: int = 10,
+    repeats: int = 3,
+    data_dir: str | pathlib.Path | None = None,
+) -> dict:
+    """Training throughput of `config` on this machine's devices (median of `repeats`).
+
+    Measures the jitted train step (augmentation included) on a device-resident batch and,
+    when `data_dir` is given, fed by the real input pipeline (make_loader, host to device).
+
+    Returns:
+      dict with `images_per_s` (device-resident), `images_per_s_pipeline` (or None),
+      `flops_per_step` (global: per-device program FLOPs x devices), `tflops_per_s`,
+      `compile_s`, `devices`, `device_kind`.
+    """
+    schema = get_schema(config.schema)
+    mesh = make_mesh()
+    model = build_model(config, schema)
+    tx, learning_rate_fn = make_optimizer(config)
+    state, state_sharding = create_train_state(config, model, tx, mesh)
+    train_fn, _, batch_sharding = make_step_fns(
+        model, tx, learning_rate_fn, schema, config, mesh, state_sharding
+    )
+    rng = np.random.default_rng(0)
+    b, s, k = config.batch_size, config.image_size, schema.num_points
+    host_batch = {
+        "image": rng.integers(0, 256, (b, s, s), dtype=np.uint8),
+        "visibility": (rng.random((b, k)) < 0.7).astype(np.float32),
+        "coords": rng.uniform(0, s, (b, k, 2)).astype(np.float32),
+    }
+    batch = to_global(process_rows(host_batch, b), batch_sharding)
+    t0 = time.perf_counter()
+    compiled = train_fn.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    flops = compiled_flops(compiled)
+
+    def timed(next_batch) -> float:
+        nonlocal state
+        state, metrics = compiled(state, next_batch())  # warm-up
+        jax.block_until_ready(metrics)
+        rates = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for _ in range(steps):
+                state, metrics = compiled(state, next_batch())
+            jax.block_until_ready((state, metrics))
+            rates.append(steps * b / (time.perf_counter() - t))
+        return float(np.median(rates))
+
+    images_per_s = timed(lambda: batch)
+    pipeline_rate = None
+    if data_dir is not None:
+        from tavr_jax.data.pipeline import make_loader  # noqa: PLC0415
+
+        it = make_loader(
+            data_dir,
+            "train",
+            schema=schema,
+            image_size=s,
+            batch_size=b,
+            seed=0,
+            shuffle=True,
+            num_workers=config.num_workers,
+            val_fraction=0.0,
+        )
+        pipeline_rate = timed(lambda: to_global(process_rows(next(it), b), batch_sharding))
+    global_flops = flops * jax.device_count() if flops is not None else None
+    return {
+        "images_per_s": images_per_s,
+        "images_per_s_pipeline": pipeline_rate,
+        "flops_per_step": global_flops,
+        "tflops_per_s": global_flops * images_per_s / b / 1e12 if global_flops else None,
+        "compile_s": compile_s,
+        "devices": jax.device_count(),
+        "device_kind": jax.devices()[0].device_kind,
+    }

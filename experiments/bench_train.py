@@ -1,0 +1,95 @@
+r"""Training throughput (images/s) and model FLOP utilisation per backbone and dtype.
+
+    python experiments/bench_train.py --backbones=resnet18,resnet34 --image_size=512 \
+        --batch_size=64 --dtypes=float32,bfloat16 [--data=DIR] --out=bench_train.json
+
+FLOPs per step come from XLA (`compiled.cost_analysis()`); MFU = achieved FLOP/s over the
+device's peak (--peak_tflops, or a table of known GPUs). With --data the step is also fed by
+the real input pipeline (a Supervisely project or TFDS folder).
+"""
+
+import datetime
+import pathlib
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from tavr_jax.checkpoint import write_json_atomic
+from tavr_jax.train import benchmark_training
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", str(pathlib.Path(__file__).parent / "configs" / "tavr.py"), "base training config"
+)
+_BACKBONES = flags.DEFINE_list("backbones", ["resnet18", "resnet34"], "backbones to measure")
+_DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "compute dtypes")
+_SIZE = flags.DEFINE_integer("image_size", 512, "network input size")
+_BATCH = flags.DEFINE_integer("batch_size", 64, "global batch size")
+_STEPS = flags.DEFINE_integer("steps", 10, "timed steps per repeat")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "repeats (the median is reported)")
+_DATA = flags.DEFINE_string("data", None, "optional dataset for the real-pipeline figure")
+_PEAK = flags.DEFINE_float("peak_tflops", None, "device peak TFLOP/s per dtype (default: table)")
+_OUT = flags.DEFINE_string("out", "bench_train.json", "JSON output")
+
+# Dense peak TFLOP/s per device (fp32 matmuls run as TF32 on these GPUs by default).
+_PEAKS = {
+    "H100": {"bfloat16": 989.0, "float32": 494.0},
+    "H200": {"bfloat16": 989.0, "float32": 494.0},
+    "A100": {"bfloat16": 312.0, "float32": 156.0},
+}
+
+
+def _peak(device_kind: str, dtype: str) -> float | None:
+    if _PEAK.value is not None:
+        return _PEAK.value
+    return next((p[dtype] for name, p in _PEAKS.items() if name in device_kind), None)
+
+
+def _fmt(x, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def _row(r: dict) -> str:
+    gflop_per_image = r["flops_per_step"] / r["batch_size"] / 1e9 if r["flops_per_step"] else None
+    return (
+        f"{r['backbone']:>16} {r['dtype']:>9} | {_fmt(r['images_per_s'], '9.1f')} img/s "
+        f"| pipeline {_fmt(r['images_per_s_pipeline'], '9.1f')} img/s "
+        f"| {_fmt(gflop_per_image, '7.2f')} GFLOP/img | {_fmt(r['tflops_per_s'], '7.3f')} TFLOP/s "
+        f"| MFU {_fmt(r['mfu'], '.1%')}"
+    )
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    rows = []
+    for backbone in _BACKBONES.value:
+        for dtype in _DTYPES.value:
+            config = _CONFIG.value.copy_and_resolve_references()
+            config.update(
+                backbone=backbone, dtype=dtype, image_size=_SIZE.value, batch_size=_BATCH.value
+            )
+            r = benchmark_training(
+                config, steps=_STEPS.value, repeats=_REPEATS.value, data_dir=_DATA.value
+            )
+            peak = _peak(r["device_kind"], dtype)
+            achieved = r["tflops_per_s"]
+            r.update(
+                backbone=backbone,
+                dtype=dtype,
+                image_size=_SIZE.value,
+                batch_size=_BATCH.value,
+                peak_tflops=peak,
+                mfu=achieved / (peak * r["devices"]) if peak and achieved else None,
+            )
+            rows.append(r)
+            print(_row(r))
+    device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
+    write_json_atomic(
+        _OUT.value, {"date": datetime.date.today().isoformat(), "device": device, "results": rows}
+    )
+    print(f"wrote {_OUT.value}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,47 @@
+r"""Trains the TAVR grouped-keypoint network (resumes from W/checkpoints when present).
+
+    python experiments/tavr_train.py --config=experiments/configs/tavr.py \
+        --workdir=W --data=DIR [--config.backbone=resnet18 --config.num_steps=...]
+
+Multi-host: run one process per host with --coordinator_address=HOST:PORT
+--num_processes=N --process_id=I (the global batch is split over all devices).
+"""
+
+import json
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "config file", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "output folder (checkpoints, events, config)")
+_DATA = flags.DEFINE_string("data", None, "a Supervisely project or a TFDS folder")
+_COORD = flags.DEFINE_string("coordinator_address", None, "multi-host: HOST:PORT of process 0")
+_NPROC = flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
+_PID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
+flags.mark_flags_as_required(["config", "workdir", "data"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO; progress goes to tqdm
+    if _COORD.value is not None:
+        jax.distributed.initialize(
+            coordinator_address=_COORD.value,
+            num_processes=_NPROC.value,
+            process_id=_PID.value,
+        )
+    from tavr_jax.train import NaNLossError, train_and_evaluate  # noqa: PLC0415
+
+    try:
+        metrics = train_and_evaluate(_CONFIG.value, _WORKDIR.value, _DATA.value)
+    except (ValueError, FileNotFoundError, NaNLossError) as e:
+        sys.exit(f"error: {e}")
+    if jax.process_index() == 0:
+        print(json.dumps(metrics, indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":
+    app.run(main)
