@@ -59,6 +59,13 @@ def _imread_rgb(path: str) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
+def _support(points: np.ndarray, circle) -> float:
+    """Fraction of contour points within 2 pixels of the circle (cx, cy, r)."""
+    pts = points.reshape(-1, 2).astype(np.float64)
+    cx, cy, r = circle
+    return float(np.mean(np.abs(np.hypot(pts[:, 0] - cx, pts[:, 1] - cy) - r) < 2.0))
+
+
 def find_disks(image: np.ndarray, *, min_area_fraction: float = 0.002) -> list[Disk]:
     """Colour-coded disks in an RGB image, largest first.
 
@@ -84,7 +91,16 @@ def find_disks(image: np.ndarray, *, min_area_fraction: float = 0.002) -> list[D
         contours, _ = cv2.findContours(comp, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
         points = np.concatenate(contours, axis=0)
         (cx, cy), r = cv2.minEnclosingCircle(points)
-        filled = cv2.drawContours(np.zeros_like(comp), contours, -1, 1, thickness=-1).sum()
+        solid = cv2.drawContours(np.zeros_like(comp), contours, -1, 1, thickness=-1)
+        filled = solid.sum()
+        # Two candidate circles: the min enclosing one (right when a dark defect eats into the
+        # rim) and the largest inscribed one, the distance-transform peak (right when a label or
+        # a tick touches the disk). Keep the one more boundary points lie on.
+        dist = cv2.distanceTransform(solid, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+        iy, ix = np.unravel_index(dist.argmax(), dist.shape)
+        inscribed = (float(ix), float(iy), float(dist.max()) - 1.0)
+        if _support(points, inscribed) > _support(points, (cx, cy, r)):
+            cx, cy, r = inscribed
         if r < 4 or filled < 0.6 * np.pi * r * r:  # text blobs and rings do not fill a disk
             continue
         # contour points are pixel centres: the disk edge lies half a pixel further out

@@ -53,6 +53,8 @@ def test_disk_detection_geometry():
     cv2.circle(img, (300, 100), 60, (50, 200, 50), -1)
     cv2.putText(img, "STRESS", (60, 25), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (255, 255, 255), 2)
     img[20:180, 380:392] = 128  # a bar-like rectangle
+    cv2.line(img, (300, 100), (300, 199), (255, 255, 255), 3)  # a tick touching the rim
+    cv2.ellipse(img, (100, 40), (30, 20), 0, 0, 360, (0, 0, 0), -1)  # a black defect at the rim
     disks = sorted(studies.find_disks(img), key=lambda d: d.cx)
     assert len(disks) == 2
     assert disks[0].cx == pytest.approx(100, abs=1) and disks[0].radius == pytest.approx(
