@@ -137,6 +137,19 @@ def create_train_state(
     return state, sharding
 
 
+def with_pretrained_backbone(state: State, path: str, state_sharding) -> State:
+    """The state with the backbone weights (and EMA) taken from a torchvision-style file."""
+    from tavr_jax.models.convert import load_backbone_weights  # noqa: PLC0415
+
+    host = jax.device_get({"params": state["params"], "batch_stats": state["batch_stats"]})
+    loaded = load_backbone_weights(host, path)
+    new = {**state, "params": loaded["params"], "batch_stats": loaded["batch_stats"]}
+    if "ema_params" in state:
+        new["ema_params"] = loaded["params"]
+    # Adam's moments start at zero whatever the weights, so opt_state needs no change.
+    return jax.device_put(new, state_sharding)
+
+
 def abstract_state(state_sharding, state_or_shapes) -> Any:
     """Shape/dtype/sharding structs of a state, the target of a checkpoint restore."""
     return jax.tree.map(
@@ -411,6 +424,8 @@ def train_and_evaluate(
     store = CheckpointStore(workdir, keep=config.keep)
     restored = store.restore(abstract_state(state_sharding, state))
     start = 0
+    if restored is None and config.get("pretrained"):
+        state = with_pretrained_backbone(state, config.pretrained, state_sharding)
     if restored is not None:
         state, data_state, start = restored
         if data_state is not None:

@@ -29,8 +29,9 @@ def project(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
-    # Worker processes share compiled executables: only the first one pays for compilation.
-    return tmp_path_factory.mktemp("jax_cache")
+    # Worker processes share compiled executables (with later runs too, via the session's
+    # cache from conftest.py): only the first one pays for compilation.
+    return jax.config.read("jax_compilation_cache_dir") or tmp_path_factory.mktemp("jax_cache")
 
 
 def _env(cache_dir, devices=1):
@@ -188,7 +189,7 @@ def _free_port():
 
 def test_two_processes_see_all_devices_and_agree(tmp_path, cache_dir):
     address = f"127.0.0.1:{_free_port()}"
-    env = _env(tmp_path / "no_cache", devices=2)
+    env = _env(cache_dir, devices=2)
     procs = [
         subprocess.Popen(
             [
