@@ -397,6 +397,7 @@ import pathlib
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import FormatStrFormatter, FuncFormatter
 
 from tavr_jax.infer import bench
 """,
@@ -443,34 +444,41 @@ if result["peak_fp32_flops_per_s"]:
         "code",
         """
 # Per-frame latency (p50, with p90 and p99 as the bar) and throughput against the batch size.
+# One colour per (backbone, dtype); solid: end to end, dotted: model only, dashed: PyTorch.
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+PCTS = ("p50", "p90", "p99")
 lines = {}
 for row in result["rows"]:
     lines.setdefault((row["backbone"], row["dtype"]), []).append(row)
-for (backbone, dtype), rows in sorted(lines.items()):
-    rows = sorted(rows, key=lambda r: r["batch"])
+for n, ((backbone, dtype), rows) in enumerate(sorted(lines.items())):
+    rows, color = sorted(rows, key=lambda r: r["batch"]), f"C{n}"
     b = np.array([r["batch"] for r in rows])
     for kind, style in (("end_to_end", "o-"), ("model", "s:")):
-        p50 = np.array([r[kind]["p50_ms"] for r in rows]) / b
-        p99 = np.array([r[kind]["p99_ms"] for r in rows]) / b
-        p90 = np.array([r[kind]["p90_ms"] for r in rows]) / b
+        p50, p90, p99 = (np.array([r[kind][f"{p}_ms"] for r in rows]) / b for p in PCTS)
         label = f"{backbone} {dtype} {kind.replace('_', ' ')}"
-        line = ax1.errorbar(b, p50, yerr=[np.zeros_like(p50), p99 - p50], fmt=style,
-                            capsize=3, label=label)  # fmt: skip
-        ax1.plot(b, p90, "_", color=line[0].get_color(), markersize=10)
-        ax2.plot(b, b * 1e3 / (p50 * b), style, color=line[0].get_color(), label=label)
+        ax1.errorbar(b, p50, yerr=[np.zeros_like(p50), p99 - p50], fmt=style, color=color,
+                     capsize=3, label=label)  # fmt: skip
+        ax1.plot(b, p90, "_", color=color, markersize=10)
+        ax2.plot(b, 1e3 / p50, style, color=color, label=label)
     torch_rows = [r for r in rows if r.get("torch_eager")]
     if torch_rows:
         tb = np.array([r["batch"] for r in torch_rows])
         t50 = np.array([r["torch_eager"]["p50_ms"] for r in torch_rows])
-        ax1.plot(tb, t50 / tb, "x--", label=f"{backbone} eager PyTorch")
-        ax2.plot(tb, tb * 1e3 / t50, "x--", label=f"{backbone} eager PyTorch")
+        ax1.plot(tb, t50 / tb, "x--", color=color, label=f"{backbone} eager PyTorch")
+        ax2.plot(tb, tb * 1e3 / t50, "x--", color=color, label=f"{backbone} eager PyTorch")
+# Plain numbers at 2x and 5x each power of ten as well: the axes often span one decade.
+minor_labels = FuncFormatter(
+    lambda v, _: f"{v:g}" if v > 0 and round(v / 10 ** np.floor(np.log10(v))) in (2, 5) else ""
+)
 ax1.axhline(bench.PAPER_MS_PER_FRAME, color="k", ls=":", label="paper: 18 ms/frame (GPU)")
 ax1.set_ylabel("ms per frame (p50; bar to p99, tick at p90)")
 ax2.set_ylabel("frames / s (p50)")
 for ax in (ax1, ax2):
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(minor_labels)
     ax.set_xlabel("batch")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
