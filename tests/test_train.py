@@ -31,7 +31,7 @@ def project(tmp_path_factory):
 def cache_dir(tmp_path_factory):
     # Worker processes share compiled executables (with later runs too, via the session's
     # cache from conftest.py): only the first one pays for compilation.
-    return jax.config.read("jax_compilation_cache_dir") or tmp_path_factory.mktemp("jax_cache")
+    return jax.config.jax_compilation_cache_dir or tmp_path_factory.mktemp("jax_cache")
 
 
 def _env(cache_dir, devices=1):
@@ -155,9 +155,7 @@ def test_four_device_step_equals_one_device_step(fast_compile):
         np.testing.assert_allclose(hist1[-1][k], hist4[-1][k], rtol=1e-5, err_msg=k)
     moved = max(
         float(np.max(np.abs(a - b)))
-        for a, b in zip(
-            jax.tree.leaves(initial["params"]), jax.tree.leaves(one["params"]), strict=True
-        )
+        for a, b in zip(jax.tree.leaves(initial), jax.tree.leaves(one["params"]), strict=True)
     )
     assert moved > 1e-3  # the steps did change the parameters
     for name in ("params", "batch_stats"):
@@ -165,7 +163,7 @@ def test_four_device_step_equals_one_device_step(fast_compile):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_nan_loss_stops_with_the_step(tmp_path, project, monkeypatch):
+def test_nan_loss_stops_with_the_step(tmp_path, project, monkeypatch, fast_compile):
     def poisoned(state, batch, **kw):
         # This test is about the loop, so a cheap step stands in for the network: it
         # advances the step and reports a loss that turns NaN at step 2.
