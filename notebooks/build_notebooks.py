@@ -79,8 +79,10 @@ paper's setup (`experiments/configs/tavr.py`).
         """
 import importlib.util
 import json
+import logging
 import os
 import pathlib
+import shutil
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -92,9 +94,10 @@ from tavr_jax.data.supervisely import read_project
 from tavr_jax.evaluate import evaluate_project, tune_project
 from tavr_jax.schema import get_schema
 from tavr_jax.train import train_and_evaluate
-from tavr_jax.visualize import contact_sheet, draw_keypoints, group_color
+from tavr_jax.visualize import draw_keypoints, group_color
 
 REPO_DIR = pathlib.Path(tavr_jax.__file__).resolve().parents[1]
+logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notices on read-only checkpoints
 """,
     ),
     ("code", DEVICES),
@@ -126,6 +129,7 @@ print(dict(cases=CASES, frames=FRAMES, backbone=BACKBONE, image_size=IMAGE_SIZE,
         "code",
         """
 schema = get_schema(SCHEMA)
+shutil.rmtree(WORK / "data", ignore_errors=True)  # no cases left over from a larger earlier run
 data_dir = simulate_project(
     WORK / "data", schema, cases=CASES, frames=FRAMES, size=FRAME_SIZE, seed=0, progress=False
 )
@@ -138,27 +142,24 @@ print("points:", schema.point_names)
     (
         "code",
         """
-# A few frames of the first two cases, keypoints coloured by group.
-shown = list(range(min(2 * FRAMES, len(project.frames))))
-tiles = []
-for i in shown:
+# The middle frame of up to 8 cases, keypoints coloured by group.
+by_case = {}
+for i, record in enumerate(project.frames):
+    by_case.setdefault(record.case_id, []).append(i)
+shown = [frames[len(frames) // 2] for frames in list(by_case.values())[:8]]
+fig, axes = plt.subplots(2, (len(shown) + 1) // 2, figsize=(3 * ((len(shown) + 1) // 2), 6.4))
+for ax in axes.ravel():
+    ax.axis("off")
+for ax, i in zip(axes.ravel(), shown):
     record = project.frames[i]
-    tiles.append(
-        draw_keypoints(
-            project.load_image(i), record.coords, record.visibility, schema, labels=False
-        )
-    )
-titles = [f"{project.frames[i].case_id[-2:]}/{project.frames[i].stage}" for i in shown]
-sheet = contact_sheet(tiles, ncols=FRAMES, titles=titles)
-plt.figure(figsize=(2.5 * FRAMES, 5.5))
-plt.imshow(sheet)
-plt.axis("off")
-plt.title("simulated frames (case / stage), keypoints coloured by group")
+    image = project.load_image(i)
+    ax.imshow(draw_keypoints(image, record.coords, record.visibility, schema, labels=False))
+    ax.set_title(f"{record.case_id} / {record.stage}", fontsize=8)
 handles = [
     Patch(color=np.array(group_color(g)) / 255, label=name)
     for g, name in enumerate(schema.group_names)
 ]
-plt.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+fig.legend(handles=handles, loc="lower center", ncol=len(handles))
 plt.show()
 """,
     ),
@@ -187,6 +188,8 @@ config.val_fraction = 0.2  # cases, not frames: the val and test cases are never
 config.test_fraction = 0.2
 
 workdir = WORK / "train"
+# train_and_evaluate resumes from the checkpoints it finds: start fresh on every run here.
+shutil.rmtree(workdir, ignore_errors=True)
 final = train_and_evaluate(config, workdir, data_dir)
 print({k: round(v, 4) if isinstance(v, float) else v for k, v in final.items()})
 """,
@@ -207,8 +210,9 @@ print("per group F1:", json.dumps({g: m["f1"] for g, m in metrics["per_group"].i
     (
         "code",
         """
-# Overlays of the test frames: truth as circles, predictions as crosses (with probabilities).
-paths = sorted(overlays.glob("*.png"))[:4]
+# Overlays of test frames: truth as circles, predictions as crosses (with probabilities).
+paths = sorted(overlays.glob("*.png"))
+paths = paths[:: max(1, len(paths) // 4)][:4]  # spread over the test cases
 fig, axes = plt.subplots(1, len(paths), figsize=(4 * len(paths), 4), squeeze=False)
 for ax, path in zip(axes[0], paths):
     ax.imshow(plt.imread(path))

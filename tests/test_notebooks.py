@@ -86,7 +86,8 @@ def test_notebook_runs(name, tmp_path, kernel_manager_factory, notebook_workdir)
     run_dir.mkdir()
     client = nbclient.NotebookClient(
         nb,
-        timeout=600,
+        timeout=600,  # per cell
+        startup_timeout=180,  # a kernel starts slowly on a busy 2-core machine
         km=kernel_manager_factory(),
         resources={"metadata": {"path": str(run_dir)}},
     )
