@@ -1,0 +1,59 @@
+"""Latency / throughput of the compiled keypoint engine (see docs/latency.md).
+
+    python experiments/bench_latency.py --backbones=resnet18,resnet34 --image_size=512 \
+        --batch_sizes=1,8 --dtypes=float32 --out=bench.json --plot=docs/latency.png
+    python experiments/bench_latency.py --backbones=resnet34 --stream=cine.dcm --out=stream.json
+"""
+
+import json
+import sys
+
+from absl import app, flags
+
+from tavr_jax.infer import bench
+from tavr_jax.infer.engine import KeypointEngine
+from tavr_jax.infer.outputs import write_json_atomic
+
+_BACKBONES = flags.DEFINE_list("backbones", ["resnet18", "resnet34", "resnet50"], "backbones")
+_SIZE = flags.DEFINE_integer("image_size", 512, "network input size")
+_FRAME = flags.DEFINE_integer("frame_size", None, "decoded frame size (default: image_size)")
+_BATCHES = flags.DEFINE_list("batch_sizes", ["1", "8", "32", "128"], "batch sizes")
+_DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "compute dtypes")
+_WORKDIR = flags.DEFINE_string("workdir", None, "trained workdir (default: random weights)")
+_OUT = flags.DEFINE_string("out", "bench.json", "results JSON")
+_PLOT = flags.DEFINE_string("plot", None, "also plot latency vs batch to this PNG")
+_PLOT_WITH = flags.DEFINE_list("plot_with", [], "earlier results JSON files to add to the plot")
+_STREAM = flags.DEFINE_string("stream", None, "measure sustained frames/s on this video/DICOM")
+_TORCH = flags.DEFINE_bool("torch_eager", True, "also time eager PyTorch (when installed)")
+_TORCH_THREADS = flags.DEFINE_integer("torch_threads", None, "torch threads (default: all)")
+_MIN_TIME = flags.DEFINE_float("min_time", 2.0, "seconds of timed runs per measurement")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    timing = {"min_time_s": _MIN_TIME.value, "min_runs": 5}
+    try:
+        if _STREAM.value:
+            b = int(_BATCHES.value[0])
+            engine = KeypointEngine.random_init("paper11", _BACKBONES.value[0], _SIZE.value,
+                                                batch_size=b, dtype=_DTYPES.value[0])  # fmt: skip
+            result = bench.bench_stream(engine, _STREAM.value)
+        else:
+            result = bench.run_benchmark(
+                backbones=_BACKBONES.value, image_size=_SIZE.value, frame_size=_FRAME.value,
+                batch_sizes=[int(b) for b in _BATCHES.value], dtypes=_DTYPES.value,
+                workdir=_WORKDIR.value, torch_eager=_TORCH.value, timing=timing,
+                torch_threads=_TORCH_THREADS.value,
+            )  # fmt: skip
+            if _PLOT.value:
+                earlier = [json.loads(open(p).read()) for p in _PLOT_WITH.value]
+                bench.plot_latency([*earlier, result], _PLOT.value)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    write_json_atomic(_OUT.value, result)
+    print(json.dumps({k: v for k, v in result.items() if k not in ("rows", "profile")}, indent=1))
+
+
+if __name__ == "__main__":
+    app.run(main)
