@@ -10,6 +10,7 @@ so a run killed and resumed reproduces the uninterrupted run bit for bit.
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import math
@@ -412,6 +413,12 @@ def train_and_evaluate(
         )
 
     train_iter = loader("train", shuffle=True)  # first: bad data fails before compiling
+    try:
+        loader("val", shuffle=False)
+        has_val = True
+    except ValueError as e:  # no validation cases (e.g. val_fraction=0): no "best" checkpoint
+        logging.warning("validation disabled: %s", e)
+        has_val = False
     if jax.process_index() == 0:
         write_json_atomic(workdir / "config.json", config.to_dict())
     mesh = make_mesh()
@@ -434,31 +441,32 @@ def train_and_evaluate(
         tqdm.write(f"resumed from step {start}")
 
     writer = _Writer(workdir / "events")
-    history: list[dict] = []
     final: dict = {}
     pending: tuple[int, dict] | None = None  # metrics of the previous step, fetched one late
-    t0, seen = time.perf_counter(), 0
     bar = tqdm(total=config.num_steps, initial=start, disable=jax.process_index() != 0, unit="step")
+    log = _StepLog(writer, bar, config.log_every, config.batch_size)
+
+    def flush():
+        nonlocal pending
+        if pending is not None:
+            log.record(*pending, last_step=pending[0] + 1 == config.num_steps)
+            pending = None
+
     try:
         for step in range(start, config.num_steps):
             batch = process_rows(next(train_iter), config.batch_size)
             state, metrics = train_fn(state, to_global(batch, batch_sharding))
             # Fetching the previous step's scalars keeps one step in flight on the device
             # while still naming the exact step where the loss went NaN.
-            if pending is not None:
-                _record(pending, history, writer, bar, config, t0, seen)
+            flush()
             pending = (step, metrics)
-            seen += config.batch_size
             done = step + 1
             if done % config.checkpoint_every == 0 or done == config.num_steps:
-                _record(pending, history, writer, bar, config, t0, seen)
-                pending = None
+                flush()  # never checkpoint a state whose loss is NaN
                 store.save(done, state, train_iter.get_state())
                 tqdm.write(f"step {done}: saved checkpoint")
-            if done % config.eval_every == 0 or done == config.num_steps:
-                if pending is not None:
-                    _record(pending, history, writer, bar, config, t0, seen)
-                    pending = None
+            if has_val and (done % config.eval_every == 0 or done == config.num_steps):
+                flush()
                 val = validation_metrics(
                     evaluate_batches(
                         eval_fn,
@@ -477,31 +485,40 @@ def train_and_evaluate(
                         tqdm.write(f"step {done}: new best val_f1={val['val_f1']:.4f}")
                 final = {"step": done, **val}
             bar.update(1)
-        if pending is not None:
-            _record(pending, history, writer, bar, config, t0, seen)
+        flush()
     finally:
         bar.close()
         store.wait()
         store.close()
         writer.close()
-    if history:
-        final.update({k: v for k, v in history[-1].items() if k != "step"})
+    final.update(log.last)
     final["step"] = int(jax.device_get(state["step"]))
     return final
 
 
-def _record(pending, history, writer, bar, config, t0, seen) -> None:
-    step, metrics = pending
-    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    _check_finite(metrics, step)
-    history.append({"step": step, **metrics})
-    if (step + 1) % config.log_every == 0 or step + 1 == config.num_steps:
-        # Averages over the logging window are less noisy than the last step alone.
-        window = history[-config.log_every :]
-        means = {k: float(np.mean([h[k] for h in window])) for k in metrics}
-        means["images_per_s"] = seen / max(time.perf_counter() - t0, 1e-9)
-        writer.scalars(step + 1, means)
-        bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means['learning_rate']:.2e}")
+class _StepLog:
+    """Per-step scalars: NaN check, window means to TensorBoard and the progress bar."""
+
+    def __init__(self, writer: _Writer, bar, log_every: int, batch_size: int):
+        self.writer, self.bar, self.log_every, self.batch_size = writer, bar, log_every, batch_size
+        self.window: collections.deque = collections.deque(maxlen=log_every)
+        self.last: dict = {}
+        self._t0 = time.perf_counter()
+
+    def record(self, step: int, metrics: dict, *, last_step: bool = False) -> None:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        _check_finite(metrics, step)
+        self.window.append(metrics)
+        self.last = metrics
+        if (step + 1) % self.log_every == 0 or last_step:
+            # Means over the logging window are less noisy than the last step alone.
+            means = {k: float(np.mean([m[k] for m in self.window])) for k in metrics}
+            now = time.perf_counter()
+            means["images_per_s"] = len(self.window) * self.batch_size / max(now - self._t0, 1e-9)
+            self._t0 = now
+            self.window.clear()
+            self.writer.scalars(step + 1, means)
+            self.bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means['learning_rate']:.2e}")
 
 
 def compiled_flops(compiled) -> float | None:

@@ -61,7 +61,7 @@ def _train_cmd(workdir, project, steps):
 
 
 def _final_state(workdir):
-    with CheckpointStore(workdir, async_save=False) as store:
+    with CheckpointStore(workdir, async_save=False, read_only=True) as store:
         state, data_state, step = store.restore(which="latest")
     return jax.device_get(state), data_state, step
 
@@ -104,7 +104,11 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, project, cache_dir):
     assert f"resumed from step {killed_at}" in resumed.stdout
     assert f"finished at step {steps}" in resumed.stdout
 
-    ref_state, ref_data, ref_step = _final_state(tmp_path / "ref")
+    ref = tmp_path / "ref"
+    assert json.loads((ref / "config.json").read_text())["num_steps"] == steps
+    assert list((ref / "events").glob("events.out.tfevents.*"))
+    assert CheckpointStore(ref, read_only=True).best_step() == steps  # validated at the end
+    ref_state, ref_data, ref_step = _final_state(ref)
     new_state, new_data, new_step = _final_state(victim)
     assert ref_step == new_step == steps
     assert ref_data == new_data
