@@ -240,7 +240,7 @@ def _tiny_workdir(tmp_path):
     config = {"schema": "paper11", "backbone": "resnet_tiny", "image_size": 32}
     (workdir / "config.json").write_text(json.dumps(config))
     model = create_model(SCHEMA, backbone="resnet_tiny")
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32), jnp.uint8))
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32), jnp.uint8))
     store = CheckpointStore(workdir, async_save=False)
     store.save(1, {"params": variables["params"], "batch_stats": variables["batch_stats"]},
                force=True)  # fmt: skip

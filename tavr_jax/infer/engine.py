@@ -162,8 +162,11 @@ class KeypointEngine:
         **kwargs,
     ) -> KeypointEngine:
         """Loads a trained checkpoint; `schema`/`backbone`, when given, must match it."""
-        from tavr_jax.checkpoint import load_for_inference
+        from tavr_jax.checkpoint import load_for_inference, read_config
 
+        # Refuse a mismatched checkpoint from its config before restoring any weights.
+        config = read_config(workdir)
+        check_meta(config, workdir, schema=schema, backbone=backbone)
         model, variables, meta = load_for_inference(workdir, which=which)
         check_meta(meta, workdir, schema=schema, backbone=backbone)
         return cls(model, variables, meta, **kwargs)
