@@ -72,7 +72,8 @@ def _manager(directory: pathlib.Path, *, keep: int, best: bool, async_save: bool
         cleanup_tmp_directories=not read_only,
         enable_async_checkpointing=async_save,
     )
-    return ocp.CheckpointManager(directory, options=options, item_names=(_STATE, _DATA))
+    handlers = {_STATE: ocp.StandardCheckpointHandler(), _DATA: ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
 class CheckpointStore:
@@ -147,13 +148,21 @@ class CheckpointStore:
 
         `abstract_state` (a pytree of `jax.ShapeDtypeStruct` with shardings) restores the
         arrays straight into those shardings and that tree structure; without it the saved
-        tree comes back as nested dicts of arrays.
+        tree comes back as nested dicts/lists of arrays on this process's first device.
         """
         manager = self._manager_for(which)
         if step is None:
             step = manager.best_step() if which == "best" else manager.latest_step()
         if step is None:
             return None
+        if abstract_state is None:
+            # Onto this process's first device: the checkpoint's own shardings may name
+            # devices this process does not have (saved on another topology).
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            abstract_state = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                manager.item_metadata(int(step))[_STATE],
+            )
         restored = manager.restore(
             int(step),
             args=ocp.args.Composite(
