@@ -26,6 +26,8 @@ import sys
 REPO_URL = os.environ.get("CARDIAC_JAX_REPO", "https://github.com/YOUR_ORG/cardiac-jax.git")
 
 if "google.colab" in sys.modules:
+    if "YOUR_ORG" in REPO_URL:
+        raise ValueError("set REPO_URL in this cell to where the cardiac-jax repository is hosted")
     REPO_CLONE = "/content/cardiac-jax"
     if not os.path.isdir(REPO_CLONE):
         subprocess.run(["git", "clone", "--depth", "1", REPO_URL, REPO_CLONE], check=True)
