@@ -83,3 +83,16 @@ def test_xgb_runs_and_class_count_is_checked():
     )
     with pytest.raises(ValueError, match="at least 5 studies"):
         classifiers.cross_validate(X[:8], np.array([0] * 5 + [1] * 3), "rf")
+
+
+def test_run_study_cv_end_to_end(tmp_path):
+    from perfusion import simulate, studies
+
+    simulate.simulate_dataset(tmp_path, 15, seed=4, size=32, disk_px=64)
+    data = studies.read_study_folder(tmp_path, size=32)
+    r = classifiers.run_study_cv(data, "ischemia_vs_infarction", "rf", n_boot=10)
+    assert r["n"] == 10 and r["class_names"] == ["ischemia", "infarction"]
+    assert len(r["files"]) == 10 and sum(map(sum, r["confusion_matrix"])) == 10
+    assert set(r["metrics"]) == set(classifiers.METRICS)
+    with pytest.raises(ValueError, match="unknown model"):
+        classifiers.run_study_cv(data, "abnormal", "svm")
