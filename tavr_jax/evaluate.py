@@ -603,6 +603,7 @@ def table1_markdown(
     budget: str,
     device: str,
     date: str,
+    data: str = "",
 ) -> str:
     """The markdown report: our rows beside the paper's, then the grouping ablation."""
     cols = (
@@ -615,6 +616,7 @@ def table1_markdown(
         f"Command: `{command}`  ",
         f"Budget: {budget}  ",
         f"Device: {device}  ",
+        f"Data: {data}  ",
         f"Date: {date}",
         "",
         "Metrics pooled over all (test frame, point) pairs of held-out test cases, thresholds "
@@ -723,8 +725,9 @@ def run_table1(
 
     Each variant trains in `workdir_root/<name>` (resumed when present), gets thresholds tuned
     on the validation cases and is evaluated on the test cases (a test fraction of 0.2 is set
-    when the config has none, so val can pick checkpoints and thresholds). `train_fn` defaults
-    to `tavr_jax.train.train_and_evaluate`.
+    when the config has none, so val can pick checkpoints and thresholds). A variant whose
+    metrics_test.json records the same budget is reused, so an interrupted table resumes.
+    `train_fn` defaults to `tavr_jax.train.train_and_evaluate`.
     """
     import datetime  # noqa: PLC0415
     import time  # noqa: PLC0415
@@ -754,13 +757,17 @@ def run_table1(
         if config.test_fraction == 0:
             config.test_fraction = 0.2
         workdir = pathlib.Path(workdir_root) / v.name
-        t0 = time.perf_counter()
-        train_fn(config, workdir, data_dir)
-        train_s = time.perf_counter() - t0
-        tune_project(workdir, data_dir, batch_size=eval_batch_size)
-        metrics = evaluate_project(workdir, data_dir, split="test", batch_size=eval_batch_size)
-        metrics["train_seconds"] = train_s
-        write_json(workdir / "metrics_test.json", metrics)
+        done = workdir / "metrics_test.json"
+        budget_key = {"budget_steps": int(steps), "budget_image_size": int(image_size)}
+        metrics = json.loads(done.read_text()) if done.exists() else {}
+        if {k: metrics.get(k) for k in budget_key} != budget_key:
+            t0 = time.perf_counter()
+            train_fn(config, workdir, data_dir)
+            train_s = time.perf_counter() - t0
+            tune_project(workdir, data_dir, batch_size=eval_batch_size)
+            metrics = evaluate_project(workdir, data_dir, split="test", batch_size=eval_batch_size)
+            metrics.update(train_seconds=train_s, **budget_key)
+            write_json(done, metrics)
         results.append((v, metrics))
         text = table1_markdown(
             results,
@@ -769,6 +776,8 @@ def run_table1(
             budget=budget,
             device=device,
             date=datetime.date.today().isoformat(),
+            data=f"{data_dir}; test split {metrics['n_images']} frames of {metrics['n_cases']} "
+            f"cases, {metrics['frame_width_px']:.0f} px wide",
         )
         _atomic_write_bytes(pathlib.Path(out), text.encode())
     return results

@@ -566,3 +566,11 @@ def test_run_table1_trains_each_variant_and_writes_table(tmp_path):
         assert (tmp_path / "runs" / variant.name / "thresholds.json").exists()
     text = out.read_text()
     assert text.count(" | ours | ") == 3 and "## Grouped vs not grouped" in text
+    assert "test split 2 frames of 1 cases, 32 px wide" in text
+    # A finished variant is reused (resume); another budget retrains.
+    seen.clear()
+    evaluate.run_table1(
+        base, data, out, backbones=["resnet_tiny"], steps=4, image_size=32,
+        workdir_root=tmp_path / "runs", ablation_backbone="resnet_tiny", train_fn=fake_train,
+    )  # fmt: skip
+    assert seen == [] and out.read_text() == text
