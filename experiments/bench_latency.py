@@ -26,6 +26,7 @@ _PLOT_WITH = flags.DEFINE_list("plot_with", [], "earlier results JSON files to a
 _STREAM = flags.DEFINE_string("stream", None, "measure sustained frames/s on this video/DICOM")
 _TORCH = flags.DEFINE_bool("torch_eager", True, "also time eager PyTorch (when installed)")
 _TORCH_THREADS = flags.DEFINE_integer("torch_threads", None, "torch threads (default: all)")
+_PROFILE = flags.DEFINE_bool("profile", True, "time resize / backbone / head separately")
 _MIN_TIME = flags.DEFINE_float("min_time", 2.0, "seconds of timed runs per measurement")
 
 
@@ -44,7 +45,7 @@ def main(argv):
                 backbones=_BACKBONES.value, image_size=_SIZE.value, frame_size=_FRAME.value,
                 batch_sizes=[int(b) for b in _BATCHES.value], dtypes=_DTYPES.value,
                 workdir=_WORKDIR.value, torch_eager=_TORCH.value, timing=timing,
-                torch_threads=_TORCH_THREADS.value,
+                torch_threads=_TORCH_THREADS.value, profile=_PROFILE.value,
             )  # fmt: skip
             if _PLOT.value:
                 earlier = [json.loads(open(p).read()) for p in _PLOT_WITH.value]

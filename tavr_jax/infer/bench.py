@@ -398,3 +398,29 @@ def plot_latency(results, path) -> None:
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def markdown_table(result: dict) -> str:
+    """The rows of one benchmark result as a Markdown table (the one in docs/latency.md)."""
+    head = (
+        "| backbone | dtype | input | batch | model p50 ms | end-to-end p50 / p90 / p99 ms "
+        "| frames/s | ms/frame | vs paper 18 ms | % of peak FLOP/s | eager torch p50 ms "
+        "| torch / ours |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+    )
+    lines = [head]
+    for r in result["rows"]:
+        m, e, t = r["model"], r["end_to_end"], r.get("torch_eager")
+        frac = f"{100 * r['fraction_of_peak']:.0f}%" if "fraction_of_peak" in r else "-"
+        lines.append(
+            f"| {r['backbone']} | {r['dtype']} | {r['image_size']} | {r['batch']} "
+            f"| {m['p50_ms']:.1f} | {e['p50_ms']:.1f} / {e['p90_ms']:.1f} / {e['p99_ms']:.1f} "
+            f"| {e['frames_per_s']:.1f} | {e['ms_per_frame']:.1f} "
+            f"| x{r['speedup_vs_paper_18ms']:.3f} | {frac} "
+            f"| {t['p50_ms']:.1f} | x{r['speedup_vs_torch']:.2f} |"
+            if t
+            else f"| {r['backbone']} | {r['dtype']} | {r['image_size']} | {r['batch']} "
+            f"| {m['p50_ms']:.1f} | {e['p50_ms']:.1f} / {e['p90_ms']:.1f} / {e['p99_ms']:.1f} "
+            f"| {e['frames_per_s']:.1f} | {e['ms_per_frame']:.1f} "
+            f"| x{r['speedup_vs_paper_18ms']:.3f} | {frac} | - | - |"
+        )
+    return "\n".join(lines)
