@@ -283,3 +283,32 @@ def test_infer_launcher_on_dicom_cine(tmp_path):
         KeypointEngine.from_workdir(workdir, backbone="resnet34")
     with pytest.raises(ValueError, match=r"paper11.*reference10"):
         KeypointEngine.from_workdir(workdir, schema="reference10")
+
+
+def test_run_inference_on_folder_and_video(tmp_path):
+    engine = KeypointEngine.random_init("paper11", "resnet_tiny", 32, batch_size=2)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(folder / f"img{i}.png"), np.full((40, 40), 60 * i, np.uint8))
+    res = outputs.run_inference(engine, folder, tmp_path / "o1", overlay=True, progress=False)
+    assert res["frames"] == 3 and res["source"] == "folder"
+    lines = [
+        json.loads(x) for x in (tmp_path / "o1" / "predictions.jsonl").read_text().splitlines()
+    ]
+    assert [r["file"] for r in lines] == ["img0.png", "img1.png", "img2.png"]
+    assert "x_mm" not in lines[0]["points"][0]  # no spacing known for PNGs
+    assert sorted(p.name for p in (tmp_path / "o1" / "overlay").iterdir()) == [
+        "img0.png", "img1.png", "img2.png"
+    ]  # fmt: skip
+    video = tmp_path / "clip.avi"
+    _write_video(video, np.zeros((4, 48, 64), np.uint8), fps=12.0)
+    summary = outputs.run_inference(
+        engine, video, tmp_path / "o2", overlay=True, track="kalman", progress=False
+    )
+    assert summary["frames"] == 4 and summary["source"] == "video"
+    cap = cv2.VideoCapture(str(tmp_path / "o2" / "overlay.avi"))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 4
+    assert int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)) == 64
+    cap.release()
+    assert not list((tmp_path / "o2").glob(".*tmp*"))  # atomic writes left no temporaries
