@@ -171,3 +171,18 @@ def test_decoding_overlaps_inference():
     assert order == list(range(6))
     got = np.concatenate([r["coords"] for _, r in results])
     np.testing.assert_allclose(got, eng(frames)["coords"], rtol=1e-6)
+
+
+def test_real_network_bfloat16_variant():
+    # The project's own network (test-size ResNet): the bf16 engine recasts module and weights.
+    frames = np.random.default_rng(6).integers(0, 256, (2, 64, 80), np.uint8)
+    a = engine_lib.KeypointEngine.random_init("paper11", "resnet_tiny", 32, batch_size=2)
+    b = engine_lib.KeypointEngine.random_init(
+        "paper11", "resnet_tiny", 32, batch_size=2, dtype="bfloat16"
+    )
+    assert b.model.dtype == jnp.bfloat16
+    assert all(v.dtype == jnp.bfloat16 for v in jax.tree_util.tree_leaves(b.variables["params"]))
+    ra, rb = a(frames), b(frames)
+    assert ra["coords"].shape == (2, K, 2) and rb["coords"].dtype == np.float32
+    np.testing.assert_allclose(rb["visibility"], ra["visibility"], atol=0.01)
+    np.testing.assert_allclose(rb["coords"], ra["coords"], atol=0.5)  # pixels of an 80x64 frame
