@@ -10,9 +10,9 @@ import sys
 
 from absl import app, flags
 
+from tavr_jax.fileio import write_json_atomic
 from tavr_jax.infer import bench
 from tavr_jax.infer.engine import KeypointEngine
-from tavr_jax.infer.outputs import write_json_atomic
 
 _BACKBONES = flags.DEFINE_list("backbones", ["resnet18", "resnet34", "resnet50"], "backbones")
 _SIZE = flags.DEFINE_integer("image_size", 512, "network input size")

@@ -15,7 +15,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from tavr_jax.checkpoint import write_json_atomic
+from tavr_jax.fileio import write_json_atomic
 from tavr_jax.train import benchmark_training
 
 _CONFIG = config_flags.DEFINE_config_file(

@@ -40,7 +40,8 @@ def _tavr_config(steps: int):
 def run_tavr(out: pathlib.Path) -> dict:
     from tavr_jax import get_schema
     from tavr_jax.data.simulate import simulate_project
-    from tavr_jax.evaluate import evaluate_project, tune_project, write_json
+    from tavr_jax.evaluate import evaluate_project, tune_project
+    from tavr_jax.fileio import write_json_atomic
     from tavr_jax.train import train_and_evaluate
 
     config = _tavr_config(FLAGS.tavr_steps)
@@ -55,7 +56,7 @@ def run_tavr(out: pathlib.Path) -> dict:
     print("[3/5] tuning thresholds on validation cases, evaluating test cases with overlays")
     tune_project(workdir, data)
     metrics = evaluate_project(workdir, data, split="test", overlays_dir=out / "tavr_overlays")
-    write_json(out / "tavr_metrics.json", metrics)
+    write_json_atomic(out / "tavr_metrics.json", metrics)
     return metrics
 
 

@@ -11,6 +11,7 @@ import sys
 from absl import app, flags, logging
 
 from tavr_jax import evaluate
+from tavr_jax.fileio import write_json_atomic
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "training workdir (config.json, checkpoints/)")
 _DATA = flags.DEFINE_string("data", None, "Supervisely project folder")
@@ -46,7 +47,7 @@ def main(argv):
             which=_WHICH.value,
         )
         if _OUT.value:
-            evaluate.write_json(_OUT.value, metrics)
+            write_json_atomic(_OUT.value, metrics)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     print(evaluate.summary_table(metrics))

@@ -25,7 +25,8 @@ import joblib
 import numpy as np
 
 from perfusion import classifiers, features, geometry, scores, studies
-from perfusion.scores import ScoreConfig, atomic_write_bytes
+from perfusion.scores import ScoreConfig
+from tavr_jax.fileio import atomic_write_bytes
 
 LABELS = studies.LABELS
 MODEL_VERSION = 1

@@ -28,7 +28,7 @@ import optax
 from flax import serialization
 
 from perfusion import geometry
-from perfusion.scores import atomic_write_bytes
+from tavr_jax.fileio import atomic_write_bytes
 from tavr_jax.models.backbones import Bottleneck, ResNet, get_backbone
 
 ResNet152 = partial(ResNet, stage_sizes=(3, 8, 36, 3), block_cls=Bottleneck)

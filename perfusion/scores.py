@@ -25,13 +25,12 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import os
 import pathlib
-import tempfile
 
 import numpy as np
 
 from perfusion.geometry import NUM_SEGMENTS, TERRITORIES, TERRITORY_NAMES
+from tavr_jax.fileio import atomic_write_bytes
 
 PHASES = ("stress", "rest")
 REVERSIBILITY = ("normal", "reversible", "partially_reversible", "fixed")
@@ -106,20 +105,6 @@ class NormalLimits:
             mean = {g: z[f"mean_{g}"] for g in count}
             sd = {g: z[f"sd_{g}"] for g in count}
         return cls(mean=mean, sd=sd, count=count)
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write to a temporary file in the same directory, then rename over `path`."""
-    path = pathlib.Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _sex_group(sex) -> str:

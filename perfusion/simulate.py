@@ -11,12 +11,12 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
-import tempfile
 
 import cv2
 import numpy as np
 
 from perfusion import colormaps, geometry
+from tavr_jax.fileio import atomic_write_with
 
 LABELS = ("normal", "ischemia", "infarction")
 # A pixel is in the true defect mask when its uptake is reduced by at least this much
@@ -226,22 +226,9 @@ def render_study_image(
     return image
 
 
-def _atomic_write(path: str, write) -> None:
-    d = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=os.path.splitext(path)[1])
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _write_png(path: str, image: np.ndarray) -> None:
     bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-    _atomic_write(path, lambda p: cv2.imwrite(p, bgr))
+    atomic_write_with(path, lambda p: cv2.imwrite(p, bgr))
 
 
 def _write_masks(path: str, sim: SimulatedStudy) -> None:
@@ -255,7 +242,7 @@ def _write_masks(path: str, sim: SimulatedStudy) -> None:
                 rest_uptake=sim.rest,
             )
 
-    _atomic_write(path, write)
+    atomic_write_with(path, write)
 
 
 def simulate_dataset(
@@ -302,5 +289,5 @@ def simulate_dataset(
         with open(p, "w", newline="") as f:
             csv.writer(f).writerows(rows)
 
-    _atomic_write(os.path.join(out, "labels.csv"), write_csv)
+    atomic_write_with(os.path.join(out, "labels.csv"), write_csv)
     return studies

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import pathlib
-import tempfile
 from typing import Any
 
 import jax
@@ -26,20 +25,6 @@ from tavr_jax.schema import get_schema
 _STATE = "state"
 _DATA = "data"
 BEST_METRIC = "val_f1"
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Writes JSON to a temporary file beside `path`, then renames it over `path`."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _encode_data_state(data_state: Any) -> dict:

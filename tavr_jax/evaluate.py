@@ -25,11 +25,11 @@ import dataclasses
 import json
 import os
 import pathlib
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
 
+from tavr_jax.fileio import atomic_write_bytes, write_json_atomic
 from tavr_jax.schema import KeypointSchema
 
 METRIC_KEYS = ("precision", "recall", "f1", "mean_error_px", "loc_accuracy_20px")
@@ -300,28 +300,10 @@ def _pooled_f1(pred: np.ndarray, gate, truth: np.ndarray) -> float:
     return float(np.nan_to_num(_div(2 * tp, 2 * tp + fp + fn), nan=1.0))
 
 
-def _atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json(path, obj) -> None:
-    """Writes `obj` as indented JSON, atomically."""
-    _atomic_write_bytes(pathlib.Path(path), (json.dumps(obj, indent=2) + "\n").encode())
-
-
 def save_thresholds(workdir, thresholds: dict) -> pathlib.Path:
     """Writes the output of `tune_thresholds` to W/thresholds.json (atomic)."""
     path = pathlib.Path(workdir) / THRESHOLDS_FILE
-    write_json(path, thresholds)
+    write_json_atomic(path, thresholds)
     return path
 
 
@@ -516,7 +498,7 @@ def write_overlays(out_dir, project, coords: np.ndarray, shown: np.ndarray, prob
         if not ok:
             raise ValueError(f"cannot encode the overlay of {f.image_path}")
         name = f"{f.case_id}__{pathlib.Path(f.frame_name).stem}.png"
-        _atomic_write_bytes(out_dir / name, png.tobytes())
+        atomic_write_bytes(out_dir / name, png.tobytes())
     return len(project.frames)
 
 
@@ -767,7 +749,7 @@ def run_table1(
             tune_project(workdir, data_dir, batch_size=eval_batch_size)
             metrics = evaluate_project(workdir, data_dir, split="test", batch_size=eval_batch_size)
             metrics.update(train_seconds=train_s, **budget_key)
-            write_json(done, metrics)
+            write_json_atomic(done, metrics)
         results.append((v, metrics))
         text = table1_markdown(
             results,
@@ -779,5 +761,5 @@ def run_table1(
             data=f"{data_dir}; test split {metrics['n_images']} frames of {metrics['n_cases']} "
             f"cases, {metrics['frame_width_px']:.0f} px wide",
         )
-        _atomic_write_bytes(pathlib.Path(out), text.encode())
+        atomic_write_bytes(pathlib.Path(out), text.encode())
     return results

@@ -27,8 +27,9 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tavr_jax.checkpoint import CheckpointStore, write_json_atomic
+from tavr_jax.checkpoint import CheckpointStore
 from tavr_jax.data.augment import augment_batch
+from tavr_jax.fileio import write_json_atomic
 from tavr_jax.losses import total_loss
 from tavr_jax.models import create_model
 from tavr_jax.schema import KeypointSchema, get_schema

@@ -117,9 +117,9 @@ def test_half_written_checkpoint_never_becomes_latest(tmp_path):
 
 
 def test_load_for_inference(tmp_path):
+    from tavr_jax.fileio import write_json_atomic
     from tavr_jax.models import create_model
     from tavr_jax.schema import get_schema
-    from tavr_jax.train import write_json_atomic
 
     config = worker.tiny_config(ema_decay=0.9)
     write_json_atomic(tmp_path / "config.json", config.to_dict())

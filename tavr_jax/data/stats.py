@@ -6,13 +6,13 @@ import collections
 import json
 import os
 import pathlib
-import tempfile
 
 import cv2
 import numpy as np
 
 from tavr_jax import visualize
 from tavr_jax.data import supervisely
+from tavr_jax.fileio import atomic_write_bytes
 from tavr_jax.schema import KeypointSchema
 
 
@@ -94,24 +94,12 @@ def contact_sheet_image(
     return visualize.contact_sheet(tiles, ncols, titles=titles)
 
 
-def _atomic_write(path: pathlib.Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def write_png(path: os.PathLike, rgb: np.ndarray) -> pathlib.Path:
     path = pathlib.Path(path)
     ok, png = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]))
     if not ok:
         raise ValueError(f"{path}: PNG encoding failed")
-    _atomic_write(path, png.tobytes())
+    atomic_write_bytes(path, png.tobytes())
     return path
 
 
@@ -141,6 +129,6 @@ def write_stats(
         raise ValueError(f"{data}: split {split!r} has no frames")
     out = pathlib.Path(out)
     stats = project_stats(project)
-    _atomic_write(out, (json.dumps(stats, indent=1) + "\n").encode())
+    atomic_write_bytes(out, (json.dumps(stats, indent=1) + "\n").encode())
     png = write_contact_sheet(project, out.with_suffix(".png"), n=sheet_frames, seed=seed)
     return out, png

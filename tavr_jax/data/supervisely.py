@@ -16,12 +16,12 @@ import json
 import math
 import os
 import pathlib
-import tempfile
 from collections.abc import Iterable, Sequence
 
 import cv2
 import numpy as np
 
+from tavr_jax.fileio import atomic_write_bytes
 from tavr_jax.schema import KeypointSchema
 
 SPLITS = ("all", "train", "val", "test")
@@ -271,18 +271,6 @@ def read_project(
     )
 
 
-def _atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; exports are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def meta_json(schema: KeypointSchema) -> dict:
     colors = [_META_COLORS[g % len(_META_COLORS)] for g in schema.point_group]
     return {
@@ -305,7 +293,7 @@ class ProjectWriter:
         self.root = pathlib.Path(root)
         self.schema = schema
         self.root.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(
+        atomic_write_bytes(
             self.root / "meta.json", json.dumps(meta_json(schema), indent=1).encode()
         )
 
@@ -322,7 +310,7 @@ class ProjectWriter:
         ok, png = cv2.imencode(".png", image)
         if not ok:
             raise ValueError(f"frame {frame.case_id}/{frame.frame_name}: PNG encoding failed")
-        _atomic_write_bytes(case / "img" / frame.frame_name, png.tobytes())
+        atomic_write_bytes(case / "img" / frame.frame_name, png.tobytes())
         visibility = np.asarray(frame.visibility, bool)
         coords = np.asarray(frame.coords, np.float64)
         objects = [
@@ -344,7 +332,7 @@ class ProjectWriter:
             "tags": tags,
             "objects": objects,
         }
-        _atomic_write_bytes(case / "ann" / f"{frame.frame_name}.json", json.dumps(ann).encode())
+        atomic_write_bytes(case / "ann" / f"{frame.frame_name}.json", json.dumps(ann).encode())
 
 
 def write_project(

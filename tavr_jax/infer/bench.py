@@ -364,7 +364,7 @@ def plot_latency(results, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    from tavr_jax.infer.engine import atomic_write_bytes  # noqa: PLC0415
+    from tavr_jax.fileio import atomic_write_bytes  # noqa: PLC0415
 
     results = results if isinstance(results, list | tuple) else [results]
     lines: dict[tuple, list] = {}

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import pathlib
 import struct
-import tempfile
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -21,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tavr_jax.fileio import atomic_write_bytes
 from tavr_jax.schema import KeypointSchema, get_schema
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -405,17 +404,3 @@ def _jsonable(x):
     if hasattr(x, "__dict__"):
         return _jsonable(vars(x))
     return str(x)
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Writes to a temporary file beside `path`, then renames it over `path`."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise

@@ -13,6 +13,7 @@ import tempfile
 import cv2
 import numpy as np
 
+from tavr_jax.fileio import write_json_atomic
 from tavr_jax.infer import streams
 from tavr_jax.infer.postprocess import Gate
 from tavr_jax.infer.tracking import PointTracker
@@ -26,18 +27,6 @@ def _tmp_beside(path: pathlib.Path) -> pathlib.Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     return pathlib.Path(tmp)
-
-
-def write_json_atomic(path, obj) -> None:
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_beside(path)
-    try:
-        tmp.write_text(json.dumps(obj, indent=1))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def frame_record(
