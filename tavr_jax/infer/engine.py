@@ -25,10 +25,12 @@ from tavr_jax.schema import KeypointSchema, get_schema
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # On CPU, XLA's default greedy YNNPACK graph fusion runs whole residual stages as one slow
-# fused subgraph (measured 1.9x slower for ResNet18 at 256 px); convolutions offloaded one by
-# one to YNNPACK are as fast as oneDNN's. See docs/latency.md.
+# fused subgraph (measured 1.9x slower for ResNet18 at 256 px), and even convolutions offloaded
+# one by one to YNNPACK are 15-25% slower than XLA's own convolution path with YNNPACK off
+# (ResNet18/34 at 256 px, batch 1 and 8, quiet 2-core machine). See docs/latency.md.
 CPU_COMPILER_OPTIONS = {
-    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
+    "xla_cpu_experimental_ynn_fusion_type": "",
+    "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
 }
 
 
