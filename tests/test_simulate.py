@@ -21,20 +21,7 @@ def _params(size, seed=3, **overrides):
 
 
 def _state(stage, **kw):
-    base = dict(
-        stage=stage,
-        time_s=1.0,
-        contrast=0.0,
-        pigtail=True,
-        delivery=False,
-        advance_mm=0.0,
-        retract=0.0,
-        released=False,
-        delivery_retrieved=False,
-        dose_scale=1.0,
-    )
-    base.update(kw)
-    return simulate.FrameState(**base)
+    return simulate.FrameState(stage=stage, time_s=1.0, **{"pigtail": True, **kw})
 
 
 def _xy(pts, name):

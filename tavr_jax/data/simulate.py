@@ -151,14 +151,14 @@ class FrameState:
 
     stage: str
     time_s: float
-    contrast: float  # opacification of the root, 0..1
-    pigtail: bool
-    delivery: bool
-    advance_mm: float  # delivery system above its final position along its axis
-    retract: float  # capsule retraction, 0 (valve loaded) .. 1 (frame fully uncovered)
-    released: bool  # frame fully expanded and left in place
-    delivery_retrieved: bool  # after release: nose cone pulled back above the frame
-    dose_scale: float  # 1 for cine, < 1 for plain fluoroscopy (noisier)
+    contrast: float = 0.0  # opacification of the root, 0..1
+    pigtail: bool = False
+    delivery: bool = False
+    advance_mm: float = 0.0  # delivery system above its final position along its axis
+    retract: float = 0.0  # capsule retraction, 0 (valve loaded) .. 1 (frame fully uncovered)
+    released: bool = False  # frame fully expanded and left in place
+    delivery_retrieved: bool = False  # after release: nose cone pulled back above the frame
+    dose_scale: float = 1.0  # 1 for cine, < 1 for plain fluoroscopy (noisier)
 
 
 def _injection(tau: np.ndarray, start: float, peak: float) -> np.ndarray:
@@ -201,12 +201,6 @@ def sample_schedule(rng: np.random.Generator, frames: int) -> list[FrameState]:
                 time_s=clock + tau[i] - tau0,
                 contrast=float(contrast[i]),
                 pigtail=pigtail,
-                delivery=False,
-                advance_mm=0.0,
-                retract=0.0,
-                released=False,
-                delivery_retrieved=False,
-                dose_scale=1.0,
             )
             if stage == "positioning" or (stage == "fluoroscopy" and fluoro_kind == 1):
                 kw.update(delivery=True, advance_mm=float(18.0 * (1.0 - tau[i] / 6.0) ** 2))
