@@ -169,3 +169,13 @@ def test_schema_properties():
     assert ref.flip_permutation[ref.index("FE1_o")] == ref.index("FE2_o")
     with pytest.raises(ValueError, match="unknown keypoint schema"):
         get_schema("nope")
+
+
+def test_16bit_frames_are_windowed_like_inference_inputs(tmp_path):
+    from tavr_jax.dicom import window_to_uint8
+
+    frame = (np.arange(64 * 64).reshape(64, 64) % 4096).astype(np.uint16)  # 12-bit range
+    _write_raw(tmp_path, "p", "a.png", {"objects": []}, frame)
+    got = sv.read_project(tmp_path, SCHEMA).load_image(0)
+    np.testing.assert_array_equal(got, window_to_uint8(frame))
+    assert got.max() == 255 and got.min() == 0  # stretched, not the high byte (max 15)

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 import cv2
 import numpy as np
 
+from tavr_jax import dicom
 from tavr_jax.fileio import atomic_write_bytes
 from tavr_jax.schema import KeypointSchema
 
@@ -98,25 +99,34 @@ class Project:
         return image
 
 
+def to_gray_uint8(image: np.ndarray, path) -> np.ndarray:
+    """Any OpenCV-decoded image (gray/BGR/BGRA, 8 or 16 bit) -> (H, W) uint8.
+
+    The one conversion used for training data and for inference inputs alike, so a frame looks
+    the same to the network in both. 12/16-bit frames are windowed (robust percentiles), not
+    truncated to their high bits.
+    """
+    if image.ndim == 3:
+        code = cv2.COLOR_BGRA2GRAY if image.shape[2] == 4 else cv2.COLOR_BGR2GRAY
+        image = cv2.cvtColor(image, code)
+    if image.ndim != 2:
+        raise ValueError(f"{path}: unexpected image shape {image.shape}")
+    if image.dtype == np.uint8:
+        return image
+    if image.dtype in (np.uint16, np.int16, np.float32):
+        return dicom.window_to_uint8(image)
+    raise ValueError(f"{path}: unexpected pixel type {image.dtype} (expected 8 or 16 bit)")
+
+
 def read_gray_image(path: os.PathLike) -> np.ndarray:
-    """Reads an image file as (H, W) uint8 grayscale; colour is converted, 16-bit rescaled."""
+    """Reads an image file as (H, W) uint8 grayscale; colour is converted, 16-bit windowed."""
     data = np.fromfile(path, np.uint8) if os.path.exists(path) else None
     if data is None:
         raise FileNotFoundError(f"{path}: image file not found")
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if image is None:
         raise ValueError(f"{path}: unreadable or truncated image")
-    if image.ndim == 3:
-        code = cv2.COLOR_BGRA2GRAY if image.shape[2] == 4 else cv2.COLOR_BGR2GRAY
-        image = cv2.cvtColor(image, code)
-    if image.dtype == np.uint16:
-        # 16-bit exports: stretch the used range to 8 bits rather than truncating high bits.
-        lo, hi = np.percentile(image, (0.5, 99.5))
-        image = np.clip((image.astype(np.float32) - lo) * (255.0 / max(hi - lo, 1.0)), 0, 255)
-        image = image.astype(np.uint8)
-    if image.dtype != np.uint8:
-        raise ValueError(f"{path}: unsupported pixel type {image.dtype}")
-    return image
+    return to_gray_uint8(image, path)
 
 
 def split_cases(

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from tavr_jax import dicom
+from tavr_jax.data.supervisely import to_gray_uint8
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".pgm", ".webp")
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -29,20 +30,6 @@ class Frame(NamedTuple):
     time_s: float | None
     image: np.ndarray  # (H, W) uint8
     pixel_spacing_mm: float | None
-
-
-def to_gray_uint8(image: np.ndarray, path) -> np.ndarray:
-    """Any OpenCV-decoded image (gray/BGR/BGRA, 8 or 16 bit) -> (H,W) uint8."""
-    if image.ndim == 3:
-        code = cv2.COLOR_BGRA2GRAY if image.shape[2] == 4 else cv2.COLOR_BGR2GRAY
-        image = cv2.cvtColor(image, code)
-    if image.ndim != 2:
-        raise ValueError(f"{path}: unexpected image shape {image.shape}")
-    if image.dtype == np.uint8:
-        return image
-    if image.dtype in (np.uint16, np.int16, np.float32):
-        return dicom.window_to_uint8(image)  # 12/16-bit: robust percentile window
-    raise ValueError(f"{path}: unexpected pixel type {image.dtype} (expected 8 or 16 bit)")
 
 
 def read_image(path) -> np.ndarray:
