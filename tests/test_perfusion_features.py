@@ -39,6 +39,51 @@ def test_variance_is_stable_for_constant_bright_regions():
     np.testing.assert_allclose(got[1::2], 0.0, atol=1e-4)  # one ulp of 250 in the mean
 
 
+def test_integer_path_with_bright_corner_and_masks():
+    # Pixel 0 is where the ring padding points: bright here, so the correction must remove it.
+    rng = np.random.default_rng(4)
+    maps = rng.integers(0, 256, (3, 37, 37, 3)).astype(np.uint8)
+    maps[:, 0, 0] = (200, 100, 50)
+    maps[1, 5:9, 5:30] = 0  # some black pixels inside the disk
+    mask = rng.random((37, 37)) < 0.7
+    for m in (None, mask, ~mask):
+        got = np.asarray(features.strip_ring_features(maps, m), np.float64)
+        np.testing.assert_allclose(
+            got, features.strip_ring_features_loop(maps, m), rtol=1e-5, atol=255e-5
+        )
+
+
+def test_integer_path_worst_case_variance_at_256():
+    # 1/255 stripes: the largest variance 8-bit data can have, on the largest parts at 256 px,
+    # where the int32 sums of x^2 exceed 2^24 and the shifted products wrap
+    maps = np.where(np.arange(256) % 2 == 0, 1, 255).astype(np.uint8)[None, :, None, None]
+    maps = np.broadcast_to(maps, (1, 256, 256, 3)).copy()
+    maps[0, :, :, 1] = maps[0, :, :, 1].T
+    assert features._integer_path_fits(256) and not features._integer_path_fits(2048)
+    got = np.asarray(features.strip_ring_features(maps), np.float64)
+    ref = features.strip_ring_features_loop(maps)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=255e-5)
+    assert ref[0, 1::2].max() > 120  # std near 127: the worst case was exercised
+
+
+def test_uint8_and_float_paths_agree():
+    rng = np.random.default_rng(5)
+    maps = _maps(rng, 2, 48)
+    as_uint8 = np.asarray(features.strip_ring_features(maps))
+    as_float = np.asarray(features.strip_ring_features(maps.astype(np.float32)))
+    np.testing.assert_allclose(as_uint8, as_float, rtol=1e-5, atol=255e-5)
+
+
+def test_ring_blocks_cover_each_ring_once():
+    pixel, block_ring, padding = features.ring_blocks(40)
+    ring = features.ring_index(40).reshape(-1)
+    for k in range(features.NUM_RINGS):
+        entries = pixel[block_ring == k].reshape(-1)
+        real = entries[: len(entries) - padding[k]]
+        assert sorted(real) == list(np.flatnonzero(ring == k))
+        assert (entries[len(real) :] == 0).all()
+
+
 def test_explicit_mask_and_order():
     rng = np.random.default_rng(2)
     maps = _maps(rng, 2, 20)
