@@ -103,3 +103,36 @@ def test_folder_and_errors(tmp_path):
     _write(tmp_path / "one.png", blank)
     with pytest.raises(ValueError, match="one.png: one disk where 2"):
         studies.read_study_image(tmp_path / "one.png")
+
+
+@pytest.mark.parametrize("cmap,bar", [("viridis", "vertical"), ("hot", "horizontal")])
+def test_reads_a_layout_drawn_by_another_renderer(tmp_path, cmap, bar):
+    # A workstation-like export drawn by matplotlib, not by our simulator: titles, a header
+    # line, a colour bar beside or below the disks, and a colormap our simulator never uses.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sim = simulate.simulate_study(np.random.default_rng(3), 96, label="infarction")
+    fig = plt.figure(figsize=(6, 3.4), facecolor="black")
+    if bar == "vertical":
+        axes = [fig.add_axes([0.02, 0.1, 0.42, 0.75]), fig.add_axes([0.46, 0.1, 0.42, 0.75])]
+        cax = fig.add_axes([0.91, 0.15, 0.03, 0.65])
+    else:
+        axes = [fig.add_axes([0.05, 0.25, 0.4, 0.65]), fig.add_axes([0.55, 0.25, 0.4, 0.65])]
+        cax = fig.add_axes([0.2, 0.08, 0.6, 0.05])
+    outside = ~geometry.disk_mask(96)
+    for ax, uptake, title in zip(axes, (sim.stress, sim.rest), ("STRESS", "REST"), strict=True):
+        image = ax.imshow(np.ma.masked_where(outside, uptake), cmap=cmap, vmin=0, vmax=1)
+        ax.axis("off")
+        ax.set_title(title, color="white")
+    fig.colorbar(image, cax=cax, orientation=bar).ax.tick_params(colors="white")
+    fig.text(0.01, 0.95, "PATIENT 0042  SPECT MPI", color="white", fontsize=8)
+    fig.savefig(tmp_path / "export.png", facecolor="black", dpi=100)
+    plt.close(fig)
+
+    st = studies.read_study_image(tmp_path / "export.png", size=96)
+    inner = geometry.polar_coords(96)[0] < 0.95
+    assert np.abs(st.stress_uptake - sim.stress)[inner].mean() < 0.02
+    assert np.abs(st.rest_uptake - sim.rest)[inner].mean() < 0.02
