@@ -262,6 +262,19 @@ def make_step_fns(model, tx, learning_rate_fn, schema, config, mesh, state_shard
     return train_fn, eval_fn, batch_sharding
 
 
+def build_training(config: ml_collections.ConfigDict, schema: KeypointSchema):
+    """Model, optimizer and sharded state on a mesh of all devices, with the jitted steps.
+
+    Returns (state, state_sharding, train_fn, eval_fn, batch_sharding).
+    """
+    mesh = make_mesh()
+    model = build_model(config, schema)
+    tx, learning_rate_fn = make_optimizer(config)
+    state, state_sharding = create_train_state(config, model, tx, mesh)
+    steps = make_step_fns(model, tx, learning_rate_fn, schema, config, mesh, state_sharding)
+    return (state, state_sharding, *steps)
+
+
 def to_global(batch: dict, sharding: NamedSharding, keys=TRAIN_KEYS) -> dict:
     """This process's slice of a batch (numpy) -> global arrays sharded on "data"."""
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k])) for k in keys}
@@ -422,13 +435,7 @@ def train_and_evaluate(
         has_val = False
     if jax.process_index() == 0:
         write_json_atomic(workdir / "config.json", config.to_dict())
-    mesh = make_mesh()
-    model = build_model(config, schema)
-    tx, learning_rate_fn = make_optimizer(config)
-    state, state_sharding = create_train_state(config, model, tx, mesh)
-    train_fn, eval_fn, batch_sharding = make_step_fns(
-        model, tx, learning_rate_fn, schema, config, mesh, state_sharding
-    )
+    state, state_sharding, train_fn, eval_fn, batch_sharding = build_training(config, schema)
     store = CheckpointStore(workdir, keep=config.keep)
     restored = store.restore(abstract_state(state_sharding, state))
     start = 0
@@ -550,13 +557,7 @@ def benchmark_training(
       `compile_s`, `devices`, `device_kind`.
     """
     schema = get_schema(config.schema)
-    mesh = make_mesh()
-    model = build_model(config, schema)
-    tx, learning_rate_fn = make_optimizer(config)
-    state, state_sharding = create_train_state(config, model, tx, mesh)
-    train_fn, _, batch_sharding = make_step_fns(
-        model, tx, learning_rate_fn, schema, config, mesh, state_sharding
-    )
+    state, _, train_fn, _, batch_sharding = build_training(config, schema)
     rng = np.random.default_rng(0)
     b, s, k = config.batch_size, config.image_size, schema.num_points
     host_batch = {

@@ -91,13 +91,7 @@ def _multihost(args) -> None:
 
     config = tiny_config(augment_enabled=False)
     schema = train.get_schema(config.schema)
-    model = train.build_model(config, schema)
-    tx, lr_fn = train.make_optimizer(config)
-    mesh = train.make_mesh()
-    state, sharding = train.create_train_state(config, model, tx, mesh)
-    train_fn, _, batch_sharding = train.make_step_fns(
-        model, tx, lr_fn, schema, config, mesh, sharding
-    )
+    state, _, train_fn, _, batch_sharding = train.build_training(config, schema)
     batch = synthetic_batch(config.batch_size, config.image_size, schema.num_points)
     local = train.process_rows(batch, config.batch_size)
     for _ in range(2):
