@@ -14,7 +14,10 @@ from tavr_jax.data import pipeline
 from tavr_jax.schema import get_schema
 
 _DATA = flags.DEFINE_string("data", None, "Supervisely project folder", required=True)
-_OUT = flags.DEFINE_string("out", None, "output dataset folder (replaced)", required=True)
+_OUT = flags.DEFINE_string(
+    "out", None, "output dataset folder (replaced when it holds an earlier dataset)", required=True
+)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace a non-empty --out of other files")
 _SIZE = flags.DEFINE_integer("image_size", 512, "training resolution S (frames become S x S)")
 _SCHEMA = flags.DEFINE_string("schema", "paper11", "keypoint schema name or JSON path")
 _SEED = flags.DEFINE_integer("seed", 0, "seed of the split by case")
@@ -36,6 +39,7 @@ def main(argv):
             val_fraction=_VAL.value,
             test_fraction=_TEST.value,
             compress=_COMPRESS.value,
+            overwrite=_OVERWRITE.value,
         )
         meta = pipeline.read_tfds_meta(out)
     except (ValueError, FileNotFoundError) as e:

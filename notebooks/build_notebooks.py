@@ -378,7 +378,7 @@ LATENCY = [
         """
 # Latency of the compiled keypoint engine
 
-Runs the latency harness of `experiments/bench_latency.py` (`tavr_jax.infer.bench`) on this
+Runs the latency harness of `experiments/bench_latency.py` (`experiments/benchmarks/latency.py`) on this
 runtime: for each backbone, dtype and batch size, one ahead-of-time compiled uint8-in /
 keypoints-out executable, a warm-up, then timed runs with the results fetched to the host.
 *Model only* starts from frames already on the device; *end to end* starts from decoded
@@ -405,7 +405,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import FormatStrFormatter, FuncFormatter
 
-from tavr_jax.infer import bench
+import tavr_jax
+
+# The benchmarks live beside the launchers in the repository's experiments/ folder.
+sys.path.insert(0, str(pathlib.Path(tavr_jax.__file__).resolve().parents[1] / "experiments"))
+from benchmarks import latency as bench  # noqa: E402
 """,
     ),
     ("code", DEVICES),

@@ -16,6 +16,8 @@ import pydicom.pixels
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from tavr_jax.images import window_to_uint8
+
 XA_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.12.1"  # X-Ray Angiographic Image Storage
 
 
@@ -26,37 +28,6 @@ def _first(value):
     if isinstance(value, pydicom.multival.MultiValue | list | tuple):
         return float(value[0]) if len(value) else None
     return float(value)
-
-
-def window_to_uint8(
-    frame: np.ndarray,
-    *,
-    center: float | None = None,
-    width: float | None = None,
-    monochrome1: bool = False,
-    slope: float = 1.0,
-    intercept: float = 0.0,
-) -> np.ndarray:
-    """Windows a 12/16-bit (or any integer/float) frame to uint8 display values.
-
-    With `center`/`width` it applies the DICOM linear VOI function (PS3.3 C.11.2.1.2);
-    otherwise it stretches the frame's robust 1st-99th percentile range. MONOCHROME1
-    (bright = low attenuation) is inverted so that the output is always MONOCHROME2.
-    """
-    v = np.asarray(frame, np.float32) * np.float32(slope) + np.float32(intercept)
-    if center is not None and width is not None and width >= 1:
-        c, w = float(center), float(width)
-        if w > 1:
-            out = ((v - (c - 0.5)) / (w - 1.0) + 0.5) * 255.0
-        else:
-            out = np.where(v >= c - 0.5, 255.0, 0.0)
-    else:
-        lo, hi = np.percentile(v, [1.0, 99.0])
-        if hi <= lo:  # a flat frame: keep it flat rather than divide by zero
-            hi = lo + 1.0
-        out = (v - lo) * (255.0 / (hi - lo))
-    out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
-    return 255 - out if monochrome1 else out
 
 
 class DicomCine:

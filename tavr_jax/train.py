@@ -33,6 +33,7 @@ from tavr_jax.fileio import write_json_atomic
 from tavr_jax.losses import total_loss
 from tavr_jax.models import create_model
 from tavr_jax.schema import KeypointSchema, get_schema
+from tavr_jax.xla import compiled_flops
 
 State = dict[str, Any]
 # Keys of a host batch that the device step needs (orig_size/pixel_spacing stay on the host).
@@ -527,16 +528,6 @@ class _StepLog:
             self.window.clear()
             self.writer.scalars(step + 1, means)
             self.bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means['learning_rate']:.2e}")
-
-
-def compiled_flops(compiled) -> float | None:
-    """FLOPs of one call of a compiled executable (per device for SPMD programs), from XLA."""
-    cost = compiled.cost_analysis()
-    if isinstance(cost, list | tuple):  # older jax: one dict per device program
-        cost = cost[0] if cost else None
-    if not cost or "flops" not in cost:
-        return None
-    return float(cost["flops"])
 
 
 def benchmark_training(

@@ -217,3 +217,34 @@ def test_rebuild_replaces_the_output_folder(project, tmp_path):
     assert builder.info.features["image"].shape == (S, S)
     assert set(builder.info.splits) == {"train", "validation"}
     assert [p.name for p in tmp_path.iterdir()] == ["ds"]  # no temporary folders left
+
+
+def _files(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("where", ["same", "parent", "inside"])
+def test_build_refuses_an_output_that_overlaps_the_project(project, where):
+    before = _files(project)
+    out = {"same": project, "parent": project.parent, "inside": project / "tfds"}[where]
+    with pytest.raises(ValueError, match="--out .*(is or contains|inside) the source project"):
+        pipeline.build_tfds(project, out, image_size=16, val_fraction=0.0)
+    assert _files(project) == before  # nothing of the project was touched
+
+
+def test_build_refuses_a_foreign_non_empty_output_unless_overwrite(project, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("a user's own file")
+    with pytest.raises(ValueError, match="not a dataset written by build_tfds.*--overwrite"):
+        pipeline.build_tfds(project, out, image_size=16, val_fraction=0.0)
+    assert (out / "notes.txt").read_text() == "a user's own file"
+    pipeline.build_tfds(project, out, image_size=16, val_fraction=0.0, overwrite=True)
+    assert pipeline.is_tfds_dir(out) and not (out / "notes.txt").exists()
+    file_out = tmp_path / "a_file"
+    file_out.write_text("x")
+    with pytest.raises(ValueError, match="not a folder"):
+        pipeline.build_tfds(project, file_out, image_size=16, val_fraction=0.0)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert pipeline.is_tfds_dir(pipeline.build_tfds(project, empty, image_size=16, val_fraction=0))

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tavr_jax import dicom
+from tavr_jax import dicom, images
 from tavr_jax.infer import outputs, streams
 from tavr_jax.infer.engine import KeypointEngine
 from tavr_jax.schema import get_schema
@@ -42,14 +42,14 @@ def test_window_matches_dicom_formula_by_hand():
             want.append(255)
         else:
             want.append(round(((x - (c - 0.5)) / (w - 1) + 0.5) * 255))
-    np.testing.assert_array_equal(dicom.window_to_uint8(raw, center=c, width=w).ravel(), want)
-    inv = dicom.window_to_uint8(raw, center=c, width=w, monochrome1=True)
+    np.testing.assert_array_equal(images.window_to_uint8(raw, center=c, width=w).ravel(), want)
+    inv = images.window_to_uint8(raw, center=c, width=w, monochrome1=True)
     np.testing.assert_array_equal(inv.ravel(), 255 - np.array(want))
 
 
 def test_percentile_window_is_not_truncation():
     frame = _cine16(1)[0]
-    out = dicom.window_to_uint8(frame)
+    out = images.window_to_uint8(frame)
     lo, hi = np.percentile(frame.astype(np.float32), [1, 99])
     want = np.clip(np.rint((frame - lo) * 255 / (hi - lo)), 0, 255)
     np.testing.assert_array_equal(out, want)
@@ -78,7 +78,7 @@ def test_multiframe_16bit_cine(tmp_path):
     np.testing.assert_allclose([f.time_s for f in frames], np.arange(4) * 0.0667)
     for f, r in zip(frames, raw, strict=True):
         assert f.image.dtype == np.uint8 and f.image.shape == (24, 32)
-        np.testing.assert_array_equal(f.image, dicom.window_to_uint8(r))
+        np.testing.assert_array_equal(f.image, images.window_to_uint8(r))
         assert f.pixel_spacing_mm == pytest.approx(0.2)
 
 
@@ -103,7 +103,7 @@ def test_window_tags_and_monochrome1(tmp_path):
     )
     got = list(streams.open_source(path))[1].image
     np.testing.assert_array_equal(
-        got, dicom.window_to_uint8(raw[1], center=2000, width=1000, monochrome1=True)
+        got, images.window_to_uint8(raw[1], center=2000, width=1000, monochrome1=True)
     )
 
 
@@ -186,7 +186,7 @@ def test_folder_natural_order_and_16bit_png(tmp_path):
     assert [p.name for p in src.files] == ["f1.png", "f2.png", "f10.png", "f11.png"]
     frames = list(src)
     assert [int(f.image[0, 0]) for f in frames[:3]] == [1, 2, 10]
-    np.testing.assert_array_equal(frames[3].image, dicom.window_to_uint8(deep))
+    np.testing.assert_array_equal(frames[3].image, images.window_to_uint8(deep))
 
 
 def test_prefetch_reraises_decoder_errors():

@@ -109,6 +109,8 @@ def test_reference_schema_ignores_cm(tmp_path):
         ({"size": {"height": 8, "width": 8}}, True, 'no "objects"'),
         ({"objects": [{"classTitle": "AA1", "points": {"exterior": []}}]}, True, "malformed point"),
         ({"objects": []}, False, "is missing"),
+        ({"objects": [7]}, True, r'"objects"\[0\] is int 7, not an object'),
+        ({"objects": [], "size": {"height": 0, "width": 8}}, True, "size 8x0 is not positive"),
     ],
 )
 def test_bad_annotations_name_the_file(tmp_path, ann, image, message):
@@ -131,7 +133,7 @@ def test_truncated_image_and_empty_project(tmp_path):
     path = tmp_path / "p" / "img" / "a.png"
     path.write_bytes(path.read_bytes()[:40])
     project = sv.read_project(tmp_path, SCHEMA)
-    with pytest.raises(ValueError, match=r"a\.png: unreadable or truncated"):
+    with pytest.raises(ValueError, match=r"a\.png: not a readable image"):
         project.load_image(0)
 
 
@@ -172,10 +174,40 @@ def test_schema_properties():
 
 
 def test_16bit_frames_are_windowed_like_inference_inputs(tmp_path):
-    from tavr_jax.dicom import window_to_uint8
+    from tavr_jax.images import window_to_uint8
 
     frame = (np.arange(64 * 64).reshape(64, 64) % 4096).astype(np.uint16)  # 12-bit range
     _write_raw(tmp_path, "p", "a.png", {"objects": []}, frame)
     got = sv.read_project(tmp_path, SCHEMA).load_image(0)
     np.testing.assert_array_equal(got, window_to_uint8(frame))
     assert got.max() == 255 and got.min() == 0  # stretched, not the high byte (max 15)
+
+
+def test_unusable_pixel_spacing_tags_cost_a_warning_not_the_file(tmp_path, caplog):
+    image = np.zeros((8, 8), np.uint8)
+    for name, value in [("a.png", "0.3 mm"), ("b.png", "abc"), ("c.png", [0.2, 0.25]),
+                        ("d.png", "0.4"), ("e.png", -1)]:  # fmt: skip
+        ann = {"objects": [], "tags": [{"name": "pixel_spacing_mm", "value": value}]}
+        _write_raw(tmp_path, "p", name, ann, image)
+    project = sv.read_project(tmp_path, SCHEMA)
+    spacing = {f.frame_name: f.pixel_spacing_mm for f in project.frames}
+    assert spacing == {"a.png": None, "b.png": None, "c.png": 0.25, "d.png": 0.4, "e.png": None}
+    warned = [r.getMessage() for r in caplog.records if "pixel_spacing_mm" in r.getMessage()]
+    assert len(warned) == 3 and any("a.png.json" in w and "0.3 mm" in w for w in warned)
+
+
+def test_unannotated_cases_are_reported_and_copied_cases_found(tmp_path, caplog):
+    rng = np.random.default_rng(2)
+    frames = _frames(rng, "case_a", 2, 8, 8) + _frames(rng, "case_b", 1, 8, 8)
+    sv.write_project(tmp_path, SCHEMA, frames)
+    copy = [sv.AnnotatedFrame("case_a_copy", f.frame_name, f.image, f.visibility, f.coords)
+            for f in frames[:2]]  # fmt: skip
+    sv.write_project(tmp_path, SCHEMA, copy)
+    (tmp_path / "no_ann" / "img").mkdir(parents=True)
+    project = sv.read_project(tmp_path, SCHEMA)
+    assert project.unannotated_cases == ["no_ann"] and project.counts["unannotated_cases"] == 1
+    assert any("no_ann" in r.getMessage() for r in caplog.records)
+    assert sv.duplicate_frames(project) == [
+        ["case_a/0000.png", "case_a_copy/0000.png"],
+        ["case_a/0001.png", "case_a_copy/0001.png"],
+    ]

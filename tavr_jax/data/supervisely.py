@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import json
+import logging
 import math
 import os
 import pathlib
@@ -21,7 +23,7 @@ from collections.abc import Iterable, Sequence
 import cv2
 import numpy as np
 
-from tavr_jax import dicom
+from tavr_jax import images
 from tavr_jax.fileio import atomic_write_bytes
 from tavr_jax.schema import KeypointSchema
 
@@ -71,6 +73,7 @@ class Project:
     dropped_points: collections.Counter  # point name -> points outside their image
     ignored_points: collections.Counter  # class title -> objects not in the schema
     duplicate_points: collections.Counter  # point name -> repeated objects (first kept)
+    unannotated_cases: list[str] = dataclasses.field(default_factory=list)  # img/ without ann/
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -82,6 +85,7 @@ class Project:
             "n_frames": len(self.frames),
             "dropped_points": sum(self.dropped_points.values()),
             "ignored_points": sum(self.ignored_points.values()),
+            "unannotated_cases": len(self.unannotated_cases),
             "duplicate_points": sum(self.duplicate_points.values()),
             "dropped_per_name": dict(sorted(self.dropped_points.items())),
             "ignored_per_class": dict(sorted(self.ignored_points.items())),
@@ -90,43 +94,13 @@ class Project:
     def load_image(self, index: int) -> np.ndarray:
         """The frame as (H, W) uint8 grayscale."""
         record = self.frames[index]
-        image = read_gray_image(record.image_path)
+        image = images.read_gray(record.image_path)
         if image.shape != (record.height, record.width):
             raise ValueError(
                 f"{record.image_path}: image is {image.shape[1]}x{image.shape[0]} but its "
                 f"annotation says {record.width}x{record.height}"
             )
         return image
-
-
-def to_gray_uint8(image: np.ndarray, path) -> np.ndarray:
-    """Any OpenCV-decoded image (gray/BGR/BGRA, 8 or 16 bit) -> (H, W) uint8.
-
-    The one conversion used for training data and for inference inputs alike, so a frame looks
-    the same to the network in both. 12/16-bit frames are windowed (robust percentiles), not
-    truncated to their high bits.
-    """
-    if image.ndim == 3:
-        code = cv2.COLOR_BGRA2GRAY if image.shape[2] == 4 else cv2.COLOR_BGR2GRAY
-        image = cv2.cvtColor(image, code)
-    if image.ndim != 2:
-        raise ValueError(f"{path}: unexpected image shape {image.shape}")
-    if image.dtype == np.uint8:
-        return image
-    if image.dtype in (np.uint16, np.int16, np.float32):
-        return dicom.window_to_uint8(image)
-    raise ValueError(f"{path}: unexpected pixel type {image.dtype} (expected 8 or 16 bit)")
-
-
-def read_gray_image(path: os.PathLike) -> np.ndarray:
-    """Reads an image file as (H, W) uint8 grayscale; colour is converted, 16-bit windowed."""
-    data = np.fromfile(path, np.uint8) if os.path.exists(path) else None
-    if data is None:
-        raise FileNotFoundError(f"{path}: image file not found")
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-    if image is None:
-        raise ValueError(f"{path}: unreadable or truncated image")
-    return to_gray_uint8(image, path)
 
 
 def split_cases(
@@ -160,8 +134,36 @@ def split_cases(
     }
 
 
-def _case_dirs(root: pathlib.Path) -> list[pathlib.Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and (p / "ann").is_dir())
+def _case_dirs(root: pathlib.Path) -> tuple[list[pathlib.Path], list[str]]:
+    """(case folders with ann/, names of folders with img/ but no ann/)."""
+    cases, unannotated = [], []
+    for p in sorted(root.iterdir()):
+        if p.is_dir() and (p / "ann").is_dir():
+            cases.append(p)
+        elif p.is_dir() and (p / "img").is_dir():
+            unannotated.append(p.name)
+    return cases, unannotated
+
+
+def _pixel_spacing(value, ann_path: pathlib.Path) -> float | None:
+    """The pixel_spacing_mm tag as a positive float; an unusable value costs a warning only.
+
+    A (row, column) pair, as DICOM's PixelSpacing is written, gives its column spacing.
+    """
+    if value in (None, ""):
+        return None
+    if isinstance(value, list | tuple) and value:
+        value = value[-1]
+    try:
+        spacing = float(value)
+    except (TypeError, ValueError):
+        spacing = float("nan")
+    if not (math.isfinite(spacing) and spacing > 0):
+        logging.warning(
+            "%s: ignoring tag pixel_spacing_mm=%r (not a positive number of mm)", ann_path, value
+        )
+        return None
+    return spacing
 
 
 def _parse_point(obj: dict, ann_path: pathlib.Path, n: int) -> tuple[float, float]:
@@ -203,12 +205,20 @@ def read_annotation(
     try:
         height, width = int(ann["size"]["height"]), int(ann["size"]["width"])
     except (KeyError, TypeError, ValueError):
-        height, width = read_gray_image(image_path).shape
+        size = images.header_size(image_path)
+        height, width = size if size is not None else images.read_gray(image_path).shape
+    if height < 1 or width < 1:
+        raise ValueError(f"{ann_path}: image size {width}x{height} is not positive")
     names = {name: k for k, name in enumerate(schema.point_names)}
     visibility = np.zeros(schema.num_points, bool)
     coords = np.zeros((schema.num_points, 2), np.float32)
     for n, obj in enumerate(ann["objects"]):
-        title = obj.get("classTitle") if isinstance(obj, dict) else None
+        if not isinstance(obj, dict):
+            raise ValueError(
+                f'{ann_path}: "objects"[{n}] is {type(obj).__name__} {obj!r:.40}, not an object'
+            )
+        title = obj.get("classTitle")
+        title = title if isinstance(title, str) else repr(title)
         if title not in names or obj.get("geometryType", "point") != "point":
             ignored[str(title)] += 1
             continue
@@ -231,7 +241,7 @@ def read_annotation(
         width=width,
         visibility=visibility,
         coords=coords,
-        pixel_spacing_mm=float(spacing) if spacing not in (None, "") else None,
+        pixel_spacing_mm=_pixel_spacing(spacing, ann_path),
         stage=str(stage) if stage is not None else None,
     )
 
@@ -252,7 +262,14 @@ def read_project(
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: Supervisely project folder not found")
-    case_dirs = _case_dirs(root)
+    case_dirs, unannotated = _case_dirs(root)
+    if unannotated:
+        logging.warning(
+            "%s: skipping %d folder(s) with img/ but no ann/: %s",
+            root,
+            len(unannotated),
+            ", ".join(unannotated[:10]) + (" ..." if len(unannotated) > 10 else ""),
+        )
     all_cases = [d.name for d in case_dirs]
     if split != "all":
         selected = set(
@@ -278,7 +295,25 @@ def read_project(
         dropped_points=counters[0],
         ignored_points=counters[1],
         duplicate_points=counters[2],
+        unannotated_cases=unannotated,
     )
+
+
+def duplicate_frames(project: Project) -> list[list[str]]:
+    """Groups of frames whose image files are byte-identical across different cases.
+
+    A copied case folder counts as another patient, so its frames could land in training and
+    in validation alike; each group lists `case/frame` names, sorted.
+    """
+    by_hash: dict[str, list[FrameRecord]] = collections.defaultdict(list)
+    for f in project.frames:
+        by_hash[hashlib.blake2b(f.image_path.read_bytes(), digest_size=16).hexdigest()].append(f)
+    groups = [
+        sorted(f"{f.case_id}/{f.frame_name}" for f in fs)
+        for fs in by_hash.values()
+        if len({f.case_id for f in fs}) > 1
+    ]
+    return sorted(groups)
 
 
 def meta_json(schema: KeypointSchema) -> dict:

@@ -21,28 +21,9 @@ import numpy as np
 
 from tavr_jax.fileio import atomic_write_bytes
 from tavr_jax.schema import KeypointSchema, get_schema
+from tavr_jax.xla import compile_lowered, cost_analysis
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-# On CPU, XLA's default greedy YNNPACK graph fusion runs whole residual stages as one slow
-# fused subgraph (measured 1.9x slower for ResNet18 at 256 px), and even convolutions offloaded
-# one by one to YNNPACK are 15-25% slower than XLA's own convolution path with YNNPACK off
-# (ResNet18/34 at 256 px, batch 1 and 8, quiet 2-core machine). See docs/latency.md.
-CPU_COMPILER_OPTIONS = {
-    "xla_cpu_experimental_ynn_fusion_type": "",
-    "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
-}
-
-
-def compile_lowered(lowered, platform: str):
-    """Compiles a `jax.stages.Lowered`, with the CPU options above where this XLA knows them."""
-    if platform == "cpu":
-        try:
-            return lowered.compile(compiler_options=CPU_COMPILER_OPTIONS)
-        except Exception:  # an XLA without this option: its default pipeline is still correct
-            pass
-    return lowered.compile()
-
 
 _EXPORT_MAGIC = b"TAVRJAX-EXPORT-1\n"
 
@@ -222,10 +203,7 @@ class KeypointEngine:
 
     def cost_analysis(self, height: int, width: int, batch: int | None = None) -> dict:
         """XLA's cost analysis of the compiled executable (flops, bytes accessed...)."""
-        cost = self.compiled(height, width, batch).cost_analysis()
-        if isinstance(cost, list | tuple):  # older jax returns one dict per computation
-            cost = cost[0] if cost else {}
-        return dict(cost or {})
+        return cost_analysis(self.compiled(height, width, batch))
 
     # -- running ------------------------------------------------------------------------------
 

@@ -18,8 +18,7 @@ import cv2
 import jax
 import numpy as np
 
-from tavr_jax import dicom
-from tavr_jax.data.supervisely import to_gray_uint8
+from tavr_jax import dicom, images
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".pgm", ".webp")
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -37,10 +36,7 @@ def read_image(path) -> np.ndarray:
     path = pathlib.Path(path)
     if path.suffix.lower() in DICOM_SUFFIXES or dicom.is_dicom(path):
         return dicom.DicomCine(path).frame(0)
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise ValueError(f"cannot read image {path}")
-    return to_gray_uint8(image, path)
+    return images.read_gray(path)
 
 
 def _natural_key(p: pathlib.Path):
@@ -137,7 +133,7 @@ class VideoSource(FrameSource):
                 if not ok:
                     return
                 t = i / self.fps if self.fps else None
-                yield Frame(i, t, to_gray_uint8(image, self.path), None)
+                yield Frame(i, t, images.to_gray_uint8(image, self.path), None)
                 i += 1
         finally:
             cap.release()

@@ -8,78 +8,25 @@ from __future__ import annotations
 
 import datetime
 import os
-import platform
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tavr_jax.infer.engine import KeypointEngine, compile_lowered, keypoint_forward
+from benchmarks.timing import (
+    device_description,
+    peak_matmul,
+    percentiles_ms,
+    time_interleaved,
+    time_runs,
+)
+from tavr_jax.infer.engine import KeypointEngine, keypoint_forward
 from tavr_jax.infer.postprocess import Gate
 from tavr_jax.schema import get_schema
+from tavr_jax.xla import compile_lowered, cost_analysis
 
 PAPER_MS_PER_FRAME = 18.0  # the paper's GPU figure (section 5)
-
-
-def time_runs(fn, *, warmup: int = 2, min_runs: int = 5, min_time_s: float = 2.0, max_runs=200):
-    """Seconds per call of `fn()` after `warmup` calls: at least min_runs and min_time_s."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < max_runs and (
-        len(times) < min_runs or time.perf_counter() - start < min_time_s
-    ):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return np.asarray(times)
-
-
-def time_interleaved(fns, *, warmup: int = 2, min_runs: int = 5, min_time_s: float = 2.0,
-                     max_runs=200) -> list[np.ndarray]:  # fmt: skip
-    """Seconds per call of each of `fns`, run in alternation so that load from other processes
-    on a shared machine falls on all of them alike; ratios of paired runs are robust."""
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    times = [[] for _ in fns]
-    start = time.perf_counter()
-    while len(times[0]) < max_runs and (
-        len(times[0]) < min_runs or time.perf_counter() - start < min_time_s * len(fns)
-    ):
-        for fn, t in zip(fns, times, strict=True):
-            t0 = time.perf_counter()
-            fn()
-            t.append(time.perf_counter() - t0)
-    return [np.asarray(t) for t in times]
-
-
-def _percentiles_ms(times) -> dict:
-    p50, p90, p99 = np.percentile(np.asarray(times) * 1e3, [50, 90, 99])
-    return {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99), "runs": len(times)}
-
-
-def device_description() -> str:
-    d = jax.devices()[0]
-    if d.platform != "cpu":
-        return f"{d.platform}: {d.device_kind}"
-    model = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    return f"cpu: {model}, {os.cpu_count()} logical cores visible"
-
-
-def peak_matmul(n: int = 2048, dtype=jnp.float32):
-    """(fn, flops): a jitted n x n x n matmul (2 n^3 flops), the machine's practical peak."""
-    a = jax.device_put(jnp.ones((n, n), dtype))
-    b = jax.device_put(jnp.ones((n, n), dtype) * 0.5)
-    mm = compile_lowered(jax.jit(jnp.matmul).lower(a, b), jax.devices()[0].platform)
-    return (lambda: mm(a, b).block_until_ready()), 2.0 * n**3
 
 
 def _flops(engine, h, w, b) -> float | None:
@@ -111,21 +58,21 @@ def bench_engine(engine: KeypointEngine, frame_size: int, *, peak_fn=None, basel
     flops = _flops(engine, frame_size, frame_size, b)
     if peak_fn is not None and flops:
         t_model, t_mm = time_interleaved([model_only, peak_fn[0]], **timing)
-        row = {"model": _percentiles_ms(t_model)}
+        row = {"model": percentiles_ms(t_model)}
         # Achieved / peak FLOP/s of paired runs (each pair saw about the same machine load).
         frac = (flops / t_model) / (peak_fn[1] / t_mm)
         row["fraction_of_peak"] = float(np.median(frac))
         row["gflops_per_s"] = float(flops / np.median(t_model) / 1e9)
         row["peak_gflops_per_s"] = float(peak_fn[1] / np.median(t_mm) / 1e9)
     else:
-        row = {"model": _percentiles_ms(time_runs(model_only, **timing))}
+        row = {"model": percentiles_ms(time_runs(model_only, **timing))}
     if baseline is not None:
         t_e2e, t_base = time_interleaved([end_to_end, lambda: baseline(frames)], **timing)
-        row["end_to_end"] = _percentiles_ms(t_e2e)
-        row["torch_eager"] = _percentiles_ms(t_base)
+        row["end_to_end"] = percentiles_ms(t_e2e)
+        row["torch_eager"] = percentiles_ms(t_base)
         row["speedup_vs_torch"] = float(np.median(t_base / t_e2e))  # paired runs
     else:
-        row["end_to_end"] = _percentiles_ms(time_runs(end_to_end, **timing))
+        row["end_to_end"] = percentiles_ms(time_runs(end_to_end, **timing))
     for k in ("model", "end_to_end"):
         row[k]["frames_per_s"] = b * 1e3 / row[k]["p50_ms"]
         row[k]["ms_per_frame"] = row[k]["p50_ms"] / b
@@ -140,7 +87,7 @@ def _torch_model(backbone: str, schema, image_size: int):
     import torch  # noqa: PLC0415
     from torch import nn  # noqa: PLC0415
 
-    from tavr_jax.models.torch_reference import TORCH_MODELS  # noqa: PLC0415
+    from benchmarks.torch_reference import TORCH_MODELS  # noqa: PLC0415
 
     net = TORCH_MODELS[backbone](in_channels=1)
     feat = net.fc.in_features
@@ -216,8 +163,7 @@ def profile_split(engine: KeypointEngine, frame_size: int, **timing) -> dict:
     out = {}
     for name, (fn, args) in parts.items():
         exe = compile_lowered(fn.lower(*args), engine.device.platform)
-        cost = exe.cost_analysis()
-        cost = (cost[0] if isinstance(cost, list | tuple) else cost) or {}
+        cost = cost_analysis(exe)
         t = time_runs(lambda exe=exe, args=args: jax.block_until_ready(exe(*args)), **timing)
         out[name] = {"p50_ms": float(np.median(t) * 1e3), "gflops": cost.get("flops", 0) / 1e9}
     whole = jax.jit(

@@ -1,0 +1,77 @@
+"""Timing helpers shared by every benchmark: warm-up, medians and percentiles, side-by-side runs.
+
+Every benchmark of the project times through these, so "p50" and "interleaved" mean the same
+thing in every table of docs/.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tavr_jax.xla import compile_lowered
+
+
+def time_runs(fn, *, warmup: int = 2, min_runs: int = 5, min_time_s: float = 2.0, max_runs=200):
+    """Seconds per call of `fn()` after `warmup` calls: at least min_runs and min_time_s."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_runs and (
+        len(times) < min_runs or time.perf_counter() - start < min_time_s
+    ):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return np.asarray(times)
+
+
+def time_interleaved(fns, *, warmup: int = 2, min_runs: int = 5, min_time_s: float = 2.0,
+                     max_runs=200) -> list[np.ndarray]:  # fmt: skip
+    """Seconds per call of each of `fns`, run in alternation so that load from other processes
+    on a shared machine falls on all of them alike; ratios of paired runs are robust."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
+    start = time.perf_counter()
+    while len(times[0]) < max_runs and (
+        len(times[0]) < min_runs or time.perf_counter() - start < min_time_s * len(fns)
+    ):
+        for fn, t in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - t0)
+    return [np.asarray(t) for t in times]
+
+
+def percentiles_ms(times) -> dict:
+    p50, p90, p99 = np.percentile(np.asarray(times) * 1e3, [50, 90, 99])
+    return {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99), "runs": len(times)}
+
+
+def device_description() -> str:
+    d = jax.devices()[0]
+    if d.platform != "cpu":
+        return f"{d.platform}: {d.device_kind}"
+    model = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return f"cpu: {model}, {os.cpu_count()} logical cores visible"
+
+
+def peak_matmul(n: int = 2048, dtype=jnp.float32):
+    """(fn, flops): a jitted n x n x n matmul (2 n^3 flops), the machine's practical peak."""
+    a = jax.device_put(jnp.ones((n, n), dtype))
+    b = jax.device_put(jnp.ones((n, n), dtype) * 0.5)
+    mm = compile_lowered(jax.jit(jnp.matmul).lower(a, b), jax.devices()[0].platform)
+    return (lambda: mm(a, b).block_until_ready()), 2.0 * n**3
