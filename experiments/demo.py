@@ -8,7 +8,6 @@ Perfusion: simulate study folders, cross-validate the feature classifier for bot
 the clinical model on one folder and analyse another (scores, territories, overlays).
 """
 
-import importlib.util
 import json
 import pathlib
 import sys
@@ -23,17 +22,14 @@ flags.DEFINE_integer("tavr_frames", 16, "Frames per simulated patient.")
 flags.DEFINE_integer("tavr_steps", 300, "Training steps of the small preset.")
 flags.DEFINE_integer("perfusion_studies", 150, "Simulated studies per perfusion folder.")
 
-_EXPERIMENTS = pathlib.Path(__file__).resolve().parent
-
 
 def _tavr_config(steps: int):
-    spec = importlib.util.spec_from_file_location("tavr_config", _EXPERIMENTS / "configs/tavr.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("runlocal")
+    from tavr_jax.config import get_config
+
+    config = get_config("runlocal")
     config.num_steps = steps
     # Thresholds are tuned on the validation cases, so the figures come from other cases.
-    config.test_fraction = 0.2
+    config.data.test_fraction = 0.2
     return config
 
 

@@ -14,7 +14,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tavr_jax import evaluate
+from tavr_jax import table1
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "experiments/configs/tavr.py:runlocal", "base training config"
@@ -37,7 +37,7 @@ def main(argv):
     if not _DATA.value:
         raise app.UsageError("--data is required")
     try:
-        results = evaluate.run_table1(
+        results = table1.run_table1(
             _CONFIG.value,
             _DATA.value,
             _OUT.value,

@@ -79,7 +79,6 @@ paper's setup (`experiments/configs/tavr.py`).
     (
         "code",
         """
-import importlib.util
 import json
 import logging
 import os
@@ -90,7 +89,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.patches import Patch
 
-import tavr_jax
+from tavr_jax.config import get_config
 from tavr_jax.data.simulate import simulate_project
 from tavr_jax.data.supervisely import read_project
 from tavr_jax.evaluate import evaluate_project, tune_project
@@ -98,7 +97,6 @@ from tavr_jax.schema import get_schema
 from tavr_jax.train import train_and_evaluate
 from tavr_jax.visualize import draw_keypoints, group_color
 
-REPO_DIR = pathlib.Path(tavr_jax.__file__).resolve().parents[1]
 logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notices on read-only checkpoints
 """,
     ),
@@ -167,27 +165,23 @@ plt.show()
     ),
     (
         "md",
-        "## Train a little\nThe `runlocal` preset of `experiments/configs/tavr.py`, made smaller.",
+        "## Train a little\nThe `runlocal` preset of `tavr_jax.config` (what "
+        "`experiments/configs/tavr.py` serves), made smaller.",
     ),
     (
         "code",
         """
-spec = importlib.util.spec_from_file_location(
-    "tavr_config", REPO_DIR / "experiments" / "configs" / "tavr.py"
-)
-config_module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(config_module)
-config = config_module.get_config("runlocal")
+config = get_config("runlocal")
 config.schema = SCHEMA
 config.backbone = BACKBONE
 config.image_size = IMAGE_SIZE
 config.batch_size = BATCH
 config.num_steps = STEPS
-config.warmup_steps = max(1, STEPS // 10)
+config.optimizer.warmup_steps = max(1, STEPS // 10)
 config.eval_every = config.checkpoint_every = STEPS  # one validation and one checkpoint
 config.log_every = max(1, STEPS // 10)
-config.val_fraction = 0.2  # cases, not frames: the val and test cases are never trained on
-config.test_fraction = 0.2
+config.data.val_fraction = 0.2  # cases, not frames: val and test cases are never trained on
+config.data.test_fraction = 0.2
 
 workdir = WORK / "train"
 # train_and_evaluate resumes from the checkpoints it finds: start fresh on every run here.

@@ -10,8 +10,6 @@ when complete, so a checkpoint half-written at a crash is never listed as a step
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import pathlib
 from typing import Any
@@ -20,7 +18,16 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from tavr_jax.schema import get_schema
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read (truncated, corrupted, or of another network)."""
+
+
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    """An exception as one short line: orbax and tensorstore errors can span pages."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
 
 _STATE = "state"
 _DATA = "data"
@@ -85,13 +92,17 @@ class CheckpointStore:
         root = pathlib.Path(workdir).absolute() / "checkpoints"
         if read_only and not root.is_dir():
             raise FileNotFoundError(f"{root}: no checkpoints directory")
+        self.root = root
         kw = dict(async_save=async_save, read_only=read_only)
-        self._latest = _manager(root / "latest", keep=keep, best=False, **kw)
-        self._best = _manager(root / "best", keep=1, best=True, **kw)
-        best_step = self._best.best_step()
-        self.best_f1 = (
-            float(self._best.metrics(best_step)[BEST_METRIC]) if best_step is not None else -1.0
-        )
+        try:
+            self._latest = _manager(root / "latest", keep=keep, best=False, **kw)
+            self._best = _manager(root / "best", keep=1, best=True, **kw)
+            best_step = self._best.best_step()
+            self.best_f1 = (
+                float(self._best.metrics(best_step)[BEST_METRIC]) if best_step is not None else -1.0
+            )
+        except Exception as e:  # orbax raises many types for a damaged checkpoint folder
+            raise CheckpointError(f"{root}: cannot open the checkpoints ({_one_line(e)})") from None
 
     def latest_step(self) -> int | None:
         return self._latest.latest_step()
@@ -140,23 +151,28 @@ class CheckpointStore:
             step = manager.best_step() if which == "best" else manager.latest_step()
         if step is None:
             return None
-        if abstract_state is None:
-            # Onto this process's first device: the checkpoint's own shardings may name
-            # devices this process does not have (saved on another topology).
-            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            abstract_state = jax.tree.map(
-                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                manager.item_metadata(int(step))[_STATE],
+        try:
+            if abstract_state is None:
+                # Onto this process's first device: the checkpoint's own shardings may name
+                # devices this process does not have (saved on another topology).
+                device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+                abstract_state = jax.tree.map(
+                    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                    manager.item_metadata(int(step))[_STATE],
+                )
+            restored = manager.restore(
+                int(step),
+                args=ocp.args.Composite(
+                    **{
+                        _STATE: ocp.args.StandardRestore(abstract_state),
+                        _DATA: ocp.args.JsonRestore(),
+                    }
+                ),
             )
-        restored = manager.restore(
-            int(step),
-            args=ocp.args.Composite(
-                **{
-                    _STATE: ocp.args.StandardRestore(abstract_state),
-                    _DATA: ocp.args.JsonRestore(),
-                }
-            ),
-        )
+        except Exception as e:  # truncated files, missing metadata, another tree structure
+            raise CheckpointError(
+                f"{self.root / which}/{step}: cannot restore the checkpoint ({_one_line(e)})"
+            ) from None
         return restored[_STATE], _decode_data_state(restored[_DATA]), int(step)
 
     def _manager_for(self, which: str):
@@ -178,76 +194,3 @@ class CheckpointStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def read_config(workdir: str | os.PathLike) -> dict:
-    """The training config written at the start of a run (W/config.json) as a dict."""
-    path = pathlib.Path(workdir) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no config.json; is {workdir} a training workdir?")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: malformed JSON ({e})") from None
-
-
-def load_for_inference(workdir: str | os.PathLike, which: str = "best"):
-    """Loads a trained model from a workdir for inference.
-
-    Args:
-      workdir: a training workdir (W/config.json and W/checkpoints/).
-      which: "best" (highest validation F1; falls back to "latest" when no best exists) or
-        "latest".
-
-    Returns:
-      (model, variables, meta): the Flax module, `{"params", "batch_stats"}` (the EMA
-      weights when the run kept them) as host arrays, and a dict with `schema`
-      (KeypointSchema), `backbone`, `head`, `grouped`, `image_size`, `dtype`, `thresholds`
-      ((K,) float32 from W/thresholds.json, else 0.5), `group_thresholds` ((G,) or None),
-      `step`, `which`, `config`.
-    """
-    import jax.numpy as jnp  # noqa: PLC0415
-
-    from tavr_jax.evaluate import load_thresholds  # noqa: PLC0415
-    from tavr_jax.models import create_model  # noqa: PLC0415
-
-    workdir = pathlib.Path(workdir)
-    config = read_config(workdir)
-    schema = get_schema(config["schema"])
-    store = CheckpointStore(workdir, async_save=False, read_only=True)
-    try:
-        restored = store.restore(which=which)
-        if restored is None and which == "best":
-            logging.warning("%s: no best checkpoint, using the latest", workdir)
-            which = "latest"
-            restored = store.restore(which=which)
-    finally:
-        store.close()
-    if restored is None:
-        raise FileNotFoundError(f"{workdir}/checkpoints: no {which} checkpoint found")
-    state, _, step = restored
-    params = state.get("ema_params") or state["params"]
-    variables = jax.device_get({"params": params, "batch_stats": state.get("batch_stats", {})})
-    dtype = config.get("dtype", "float32")
-    model = create_model(
-        schema,
-        backbone=config["backbone"],
-        head=config.get("head", "regression"),
-        grouped=bool(config.get("grouped", True)),
-        dtype=jnp.dtype(dtype),
-    )
-    thresholds, group_thresholds = load_thresholds(workdir, schema)
-    meta = {
-        "schema": schema,
-        "backbone": config["backbone"],
-        "head": config.get("head", "regression"),
-        "grouped": bool(config.get("grouped", True)),
-        "image_size": int(config["image_size"]),
-        "dtype": dtype,
-        "thresholds": np.asarray(thresholds, np.float32),
-        "group_thresholds": group_thresholds,
-        "step": step,
-        "which": which,
-        "config": config,
-    }
-    return model, variables, meta

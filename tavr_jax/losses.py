@@ -1,18 +1,30 @@
 """The paper's losses (section 3.2): group BCE, focal visibility loss, masked Wing loss.
 
 Per-element functions in the optax style: pure, hyperparameters keyword-only, an optional
-boolean `where=` mask (masked elements give 0 and zero gradient); the caller reduces.
+boolean `where=` mask (masked elements give 0 and zero gradient); the caller reduces. The
+cross-entropy and the focal loss are optax's, masked; optax has no Wing loss.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax.typing import ArrayLike
 
 from tavr_jax.schema import KeypointSchema
+
+# The paper's loss: weights of (group BCE, visibility focal, coordinate Wing), focal and Wing
+# hyperparameters. `total_loss(config=...)` takes a mapping of the same shape (config.loss).
+PAPER_LOSS = {
+    "weights": {"group": 1.0, "visibility": 1.0, "coords": 1.0},
+    "focal_alpha": 0.25,
+    "focal_gamma": 2.0,
+    "wing_w": 10.0,
+    "wing_eps": 2.0,
+}
 
 
 def _masked(loss: jax.Array, where: ArrayLike | None) -> jax.Array:
@@ -22,9 +34,7 @@ def _masked(loss: jax.Array, where: ArrayLike | None) -> jax.Array:
 def group_bce(logits: ArrayLike, labels: ArrayLike, *, where: ArrayLike | None = None) -> jax.Array:
     """Binary cross-entropy on logits, per element; labels in [0, 1]."""
     logits = jnp.asarray(logits)
-    labels = jnp.asarray(labels, logits.dtype)
-    # log_sigmoid(-x) = log(1 - sigmoid(x)), stable for large |x|.
-    loss = -(labels * jax.nn.log_sigmoid(logits) + (1.0 - labels) * jax.nn.log_sigmoid(-logits))
+    loss = optax.sigmoid_binary_cross_entropy(logits, jnp.asarray(labels, logits.dtype))
     return _masked(loss, where)
 
 
@@ -39,11 +49,7 @@ def sigmoid_focal_loss(
     """Focal loss per element: -a y (1-p)^g log p - (1-a)(1-y) p^g log(1-p), p = sigmoid(x)."""
     logits = jnp.asarray(logits)
     labels = jnp.asarray(labels, logits.dtype)
-    p = jax.nn.sigmoid(logits)
-    q = jax.nn.sigmoid(-logits)  # 1 - p without cancellation for large logits
-    pos = -alpha * labels * q**gamma * jax.nn.log_sigmoid(logits)
-    neg = -(1.0 - alpha) * (1.0 - labels) * p**gamma * jax.nn.log_sigmoid(-logits)
-    return _masked(pos + neg, where)
+    return _masked(optax.sigmoid_focal_loss(logits, labels, alpha=alpha, gamma=gamma), where)
 
 
 def wing_loss(
@@ -74,8 +80,8 @@ def total_loss(
     schema: KeypointSchema,
     *,
     image_size: int | Sequence[int],
-    weights: Sequence[float] = (1.0, 1.0, 1.0),
     grouped: bool = True,
+    config: Mapping | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """L = l1 L_group + l2 L_keypoint + l3 L_reg for one batch.
 
@@ -84,12 +90,14 @@ def total_loss(
         normalised to [0, 1].
       batch: visibility (B, K) in {0, 1} and coords (B, K, 2) in pixels of the network input.
       image_size: the network input size S (or (height, width)); coords are scaled by it.
-      weights: (l1, l2, l3).
       grouped: False drops L_group (the ablation has no group classifier).
+      config: `weights` {group, visibility, coords}, `focal_alpha`, `focal_gamma`, `wing_w`,
+        `wing_eps` (config.loss); None is the paper's (`PAPER_LOSS`).
     Returns:
       (total, {"group", "keypoint", "reg", "total"}) scalars; L_group is 0 when not grouped.
     """
-    l1, l2, l3 = weights
+    c = PAPER_LOSS if config is None else config
+    w = c["weights"]
     visibility = jnp.asarray(batch["visibility"], jnp.float32)  # (B, K)
     target = jnp.asarray(batch["coords"], jnp.float32)  # (B, K, 2)
     size = jnp.broadcast_to(jnp.asarray(image_size, jnp.float32), (2,))  # (height, width)
@@ -100,11 +108,18 @@ def total_loss(
         loss_group = jnp.mean(group_bce(outputs["group_logits"], presence))
     else:
         loss_group = jnp.zeros((), jnp.float32)
-    loss_keypoint = jnp.mean(sigmoid_focal_loss(outputs["visibility_logits"], visibility))
+    loss_keypoint = jnp.mean(
+        sigmoid_focal_loss(
+            outputs["visibility_logits"],
+            visibility,
+            alpha=c["focal_alpha"],
+            gamma=c["focal_gamma"],
+        )
+    )
 
     visible = jnp.broadcast_to((visibility > 0)[..., None], target.shape)  # (B, K, 2)
-    wing = wing_loss(pred_px, target, where=visible)
+    wing = wing_loss(pred_px, target, w=c["wing_w"], eps=c["wing_eps"], where=visible)
     loss_reg = jnp.sum(wing) / jnp.maximum(jnp.sum(visible), 1)
 
-    total = l1 * loss_group + l2 * loss_keypoint + l3 * loss_reg
+    total = w["group"] * loss_group + w["visibility"] * loss_keypoint + w["coords"] * loss_reg
     return total, {"group": loss_group, "keypoint": loss_keypoint, "reg": loss_reg, "total": total}

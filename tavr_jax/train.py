@@ -17,22 +17,28 @@ import math
 import pathlib
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
 
 from tavr_jax.checkpoint import CheckpointStore
 from tavr_jax.data.augment import augment_batch
-from tavr_jax.fileio import write_json_atomic
+from tavr_jax.data.pipeline import make_loader
 from tavr_jax.losses import total_loss
-from tavr_jax.models import create_model
+from tavr_jax.metrics import keypoint_metrics, visibility_f1
+from tavr_jax.models import predictions
+from tavr_jax.models.convert import load_backbone_weights
 from tavr_jax.schema import KeypointSchema, get_schema
+from tavr_jax.workdir import build_model, write_config
 from tavr_jax.xla import compiled_flops
 
 State = dict[str, Any]
@@ -42,6 +48,16 @@ TRAIN_KEYS = ("image", "visibility", "coords")
 
 class NaNLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
+
+
+class Training(NamedTuple):
+    """Everything a training run (or a benchmark of it) needs, built for a mesh of devices."""
+
+    state: State
+    state_sharding: Any
+    train_fn: Callable  # (state, global batch) -> (state, metrics); donates the state
+    eval_fn: Callable  # (state, global batch) -> predictions (visibility, group, coords px)
+    batch_sharding: NamedSharding
 
 
 def make_mesh(devices=None) -> jax.sharding.Mesh:
@@ -60,22 +76,23 @@ def make_optimizer(
     config: ml_collections.ConfigDict,
 ) -> tuple[optax.GradientTransformation, Callable]:
     """(optax transformation, learning_rate(opt_state, step) -> scalar) for the config."""
-    clip = optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0 else optax.identity()
-    if config.optimizer == "adamw":
+    o = config.optimizer
+    clip = optax.clip_by_global_norm(o.grad_clip) if o.grad_clip > 0 else optax.identity()
+    if o.name == "adamw":
         schedule = optax.warmup_cosine_decay_schedule(
             init_value=0.0,
-            peak_value=config.learning_rate,
-            warmup_steps=config.warmup_steps,
-            decay_steps=max(config.num_steps, config.warmup_steps + 1),
-            end_value=config.learning_rate * 1e-2,
+            peak_value=o.learning_rate,
+            warmup_steps=o.warmup_steps,
+            decay_steps=max(config.num_steps, o.warmup_steps + 1),
+            end_value=o.learning_rate * 1e-2,
         )
-        tx = optax.chain(clip, optax.adamw(schedule, weight_decay=config.weight_decay))
+        tx = optax.chain(clip, optax.adamw(schedule, weight_decay=o.weight_decay))
         return tx, lambda opt_state, step: schedule(step)
-    if config.optimizer == "adam_plateau":
-        p = config.plateau
+    if o.name == "adam_plateau":
+        p = o.plateau
         tx = optax.chain(
             clip,
-            optax.adamw(config.learning_rate, weight_decay=config.weight_decay),
+            optax.adamw(o.learning_rate, weight_decay=o.weight_decay),
             optax.contrib.reduce_on_plateau(
                 factor=p.factor,
                 patience=p.patience,
@@ -84,20 +101,8 @@ def make_optimizer(
                 min_scale=p.min_scale,
             ),
         )
-        return tx, lambda opt_state, step: config.learning_rate * opt_state[-1].scale
-    raise ValueError(f"unknown optimizer {config.optimizer!r}; known: adamw, adam_plateau")
-
-
-def build_model(config: ml_collections.ConfigDict, schema: KeypointSchema):
-    if config.dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"dtype must be float32 or bfloat16, got {config.dtype!r}")
-    return create_model(
-        schema,
-        backbone=config.backbone,
-        head=config.head,
-        grouped=config.grouped,
-        dtype=jnp.dtype(config.dtype),
-    )
+        return tx, lambda opt_state, step: o.learning_rate * opt_state[-1].scale
+    raise ValueError(f"unknown optimizer {o.name!r}; known: adamw, adam_plateau")
 
 
 def create_train_state(
@@ -142,8 +147,6 @@ def create_train_state(
 
 def with_pretrained_backbone(state: State, path: str, state_sharding) -> State:
     """The state with the backbone weights (and EMA) taken from a torchvision-style file."""
-    from tavr_jax.models.convert import load_backbone_weights  # noqa: PLC0415
-
     host = jax.device_get({"params": state["params"], "batch_stats": state["batch_stats"]})
     loaded = load_backbone_weights(host, path)
     new = {**state, "params": loaded["params"], "batch_stats": loaded["batch_stats"]}
@@ -176,7 +179,7 @@ def train_step(
     step = state["step"]
     rng = jax.random.fold_in(state["rng"], step)
     augment_rng, dropout_rng = jax.random.split(rng)
-    if config.augment_enabled:
+    if config.augment is not None:
         batch = augment_batch(augment_rng, batch, schema, config.augment)
 
     def loss_fn(params):
@@ -194,8 +197,8 @@ def train_step(
             batch,
             schema,
             image_size=config.image_size,
-            weights=(config.l1, config.l2, config.l3),
             grouped=config.grouped,
+            config=config.loss,
         )
         return loss, (parts, updates.get("batch_stats", {}))
 
@@ -231,11 +234,7 @@ def eval_step(state: State, batch: dict, *, model, image_size: int) -> dict:
     outputs = model.apply(
         {"params": params, "batch_stats": state["batch_stats"]}, batch["image"], train=False
     )
-    return {
-        "visibility_prob": jax.nn.sigmoid(outputs["visibility_logits"].astype(jnp.float32)),
-        "group_prob": jax.nn.sigmoid(outputs["group_logits"].astype(jnp.float32)),
-        "coords": outputs["coords"].astype(jnp.float32) * image_size,
-    }
+    return predictions(outputs, width=image_size, height=image_size)
 
 
 def make_step_fns(model, tx, learning_rate_fn, schema, config, mesh, state_sharding):
@@ -263,17 +262,14 @@ def make_step_fns(model, tx, learning_rate_fn, schema, config, mesh, state_shard
     return train_fn, eval_fn, batch_sharding
 
 
-def build_training(config: ml_collections.ConfigDict, schema: KeypointSchema):
-    """Model, optimizer and sharded state on a mesh of all devices, with the jitted steps.
-
-    Returns (state, state_sharding, train_fn, eval_fn, batch_sharding).
-    """
+def build_training(config: ml_collections.ConfigDict) -> Training:
+    """Model, optimizer and sharded state on a mesh of all devices, with the jitted steps."""
     mesh = make_mesh()
-    model = build_model(config, schema)
+    model, schema = build_model(config)
     tx, learning_rate_fn = make_optimizer(config)
     state, state_sharding = create_train_state(config, model, tx, mesh)
     steps = make_step_fns(model, tx, learning_rate_fn, schema, config, mesh, state_sharding)
-    return (state, state_sharding, *steps)
+    return Training(state, state_sharding, *steps)
 
 
 def to_global(batch: dict, sharding: NamedSharding, keys=TRAIN_KEYS) -> dict:
@@ -285,19 +281,7 @@ def _fetch(x) -> np.ndarray:
     """A global array, or this process's numpy slice, -> the full numpy array everywhere."""
     if jax.process_count() == 1:
         return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def visibility_f1(prob: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> float:
-    """Pooled F1 of point visibility over all (image, point) pairs."""
-    pred = prob > threshold
-    truth = truth > 0.5
-    tp = np.sum(pred & truth)
-    fp = np.sum(pred & ~truth)
-    fn = np.sum(~pred & truth)
-    return float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn > 0 else 1.0
 
 
 def process_rows(batch: dict, global_batch_size: int) -> dict:
@@ -318,9 +302,13 @@ def _pad(x: np.ndarray, n: int) -> np.ndarray:
 
 
 def evaluate_batches(eval_fn, state, batches: Iterator[dict], sharding, local_batch_size: int):
-    """Runs the eval step over batches (the last one padded) -> host arrays of the split."""
-    keys = ("visibility", "coords", "orig_size")
-    out = {k: [] for k in ("prob", "pred_coords", *keys)}
+    """Runs the eval step over batches (the last one padded) -> host arrays of the split.
+
+    Returns `visibility`, `group`, `coords` (input pixels) predicted, and `true_visibility`,
+    `true_coords` (input pixels), `orig_size` of the frames, in order.
+    """
+    truth = {"true_visibility": "visibility", "true_coords": "coords", "orig_size": "orig_size"}
+    out = {k: [] for k in ("visibility", "group", "coords", *truth)}
     for batch in batches:
         pad = local_batch_size - len(batch["image"])
         padded = {k: _pad(np.asarray(batch[k]), pad) for k in (*TRAIN_KEYS, "orig_size")}
@@ -329,29 +317,26 @@ def evaluate_batches(eval_fn, state, batches: Iterator[dict], sharding, local_ba
         )
         pred = eval_fn(state, to_global(padded, sharding))
         valid = _fetch(padded["valid"])
-        out["prob"].append(_fetch(pred["visibility_prob"])[valid])
-        out["pred_coords"].append(_fetch(pred["coords"])[valid])
-        for k in keys:
-            out[k].append(_fetch(padded[k])[valid])
+        for k in ("visibility", "group", "coords"):
+            out[k].append(_fetch(pred[k])[valid])
+        for k, key in truth.items():
+            out[k].append(_fetch(padded[key])[valid])
     return {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in out.items()}
 
 
 def validation_metrics(arrays: dict, schema: KeypointSchema, image_size: int) -> dict:
-    """Validation F1 (visibility at 0.5, pooled) and, when available, the paper's metrics."""
-    if len(arrays["prob"]) == 0:
+    """Validation F1 (visibility at 0.5, pooled) and the paper's metrics in original pixels."""
+    if len(arrays["visibility"]) == 0:
         return {}
-    metrics = {"val_f1": visibility_f1(arrays["prob"], arrays["visibility"])}
-    try:
-        from tavr_jax.evaluate import keypoint_metrics  # noqa: PLC0415
-    except ImportError:
-        return metrics
+    truth = arrays["true_visibility"] > 0.5
+    metrics = {"val_f1": float(visibility_f1(arrays["visibility"] > 0.5, truth))}
     # Input pixels -> original pixels: frames are resized to S x S, x by W/S and y by H/S.
     scale = arrays["orig_size"][:, None, ::-1].astype(np.float32) / image_size  # (N, 1, 2)
     full = keypoint_metrics(
-        arrays["prob"],
-        arrays["pred_coords"] * scale,
-        arrays["visibility"] > 0.5,
+        arrays["visibility"],
         arrays["coords"] * scale,
+        truth,
+        arrays["true_coords"] * scale,
         schema,
     )
     for k in ("precision", "recall", "f1", "mean_error_px", "loc_accuracy_20px"):
@@ -364,11 +349,7 @@ class _Writer:
     """TensorBoard scalars (process 0 only)."""
 
     def __init__(self, logdir: pathlib.Path):
-        self._writer = None
-        if jax.process_index() == 0:
-            from tensorboardX import SummaryWriter  # noqa: PLC0415
-
-            self._writer = SummaryWriter(str(logdir))
+        self._writer = SummaryWriter(str(logdir)) if jax.process_index() == 0 else None
 
     def scalars(self, step: int, values: dict) -> None:
         if self._writer is not None:
@@ -391,26 +372,34 @@ def _check_finite(metrics: dict, step: int) -> None:
         )
 
 
-def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str | pathlib.Path, data_dir: str | pathlib.Path
-) -> dict:
-    """Trains (resuming from W/checkpoints when present) and returns the final metrics."""
-    from tqdm import tqdm  # noqa: PLC0415
+class _Validator:
+    """Validation passes over the val cases, and the best checkpoint they select."""
 
-    from tavr_jax.data.pipeline import make_loader  # noqa: PLC0415
+    def __init__(self, config, schema, loader, eval_fn, batch_sharding, store, writer):
+        self.config, self.schema, self.loader = config, schema, loader
+        self.eval_fn, self.batch_sharding = eval_fn, batch_sharding
+        self.store, self.writer = store, writer
 
-    workdir = pathlib.Path(workdir)
-    schema = get_schema(config.schema)
-    n_proc = jax.process_count()
-    if config.batch_size % jax.device_count():
-        raise ValueError(
-            f"batch_size {config.batch_size} is not divisible by the {jax.device_count()} devices"
+    def __call__(self, step: int, state: State, data_state) -> dict:
+        """Validates `state`; saves it as best when its F1 beats the best so far."""
+        c = self.config
+        batches = (process_rows(b, c.batch_size) for b in self.loader("val", shuffle=False))
+        arrays = evaluate_batches(
+            self.eval_fn, state, batches, self.batch_sharding, c.batch_size // jax.process_count()
         )
-    local_batch_size = config.batch_size // n_proc
+        val = validation_metrics(arrays, self.schema, c.image_size)
+        if val:
+            self.writer.scalars(step, val)
+            tqdm.write(f"step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in val.items()))
+            if self.store.save_best(step, state, val["val_f1"], data_state):
+                tqdm.write(f"step {step}: new best val_f1={val['val_f1']:.4f}")
+        return val
 
+
+def _loader_factory(config, schema, data_dir):
     def loader(split, *, shuffle):
-        # Every process reads the global batch and keeps its own rows (make_loader has no
-        # sharding option): deterministic, and identical to one process reading it all.
+        # Every process reads the global batch and keeps its own rows (process_rows):
+        # deterministic, and identical to one process reading it all.
         return make_loader(
             data_dir,
             split,
@@ -421,12 +410,32 @@ def train_and_evaluate(
             shuffle=shuffle,
             num_epochs=None if shuffle else 1,
             drop_remainder=shuffle,
-            num_workers=config.num_workers,
-            split_seed=config.data_seed,
-            val_fraction=config.val_fraction,
-            test_fraction=config.test_fraction,
+            num_workers=config.data.num_workers,
+            split_seed=config.data.seed,
+            val_fraction=config.data.val_fraction,
+            test_fraction=config.data.test_fraction,
         )
 
+    return loader
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str | pathlib.Path, data_dir: str | pathlib.Path
+) -> dict:
+    """Trains (resuming from W/checkpoints when present) and returns the final metrics.
+
+    Stops after `config.num_steps`, or earlier at the first step boundary past
+    `config.time_budget_s` seconds of training (when > 0); either way the last state is
+    checkpointed and validated. The returned dict has `step`, `stopped` ("num_steps" or
+    "time_budget"), `train_seconds`, the last logged training scalars and the val_* metrics.
+    """
+    workdir = pathlib.Path(workdir)
+    schema = get_schema(config.schema)
+    if config.batch_size % jax.device_count():
+        raise ValueError(
+            f"batch_size {config.batch_size} is not divisible by the {jax.device_count()} devices"
+        )
+    loader = _loader_factory(config, schema, data_dir)
     train_iter = loader("train", shuffle=True)  # first: bad data fails before compiling
     try:
         loader("val", shuffle=False)
@@ -435,13 +444,14 @@ def train_and_evaluate(
         logging.warning("validation disabled: %s", e)
         has_val = False
     if jax.process_index() == 0:
-        write_json_atomic(workdir / "config.json", config.to_dict())
-    state, state_sharding, train_fn, eval_fn, batch_sharding = build_training(config, schema)
+        write_config(workdir, config)  # refuses a workdir trained with another config
+    t = build_training(config)
+    state = t.state
     store = CheckpointStore(workdir, keep=config.keep)
-    restored = store.restore(abstract_state(state_sharding, state))
+    restored = store.restore(abstract_state(t.state_sharding, state))
     start = 0
     if restored is None and config.get("pretrained"):
-        state = with_pretrained_backbone(state, config.pretrained, state_sharding)
+        state = with_pretrained_backbone(state, config.pretrained, t.state_sharding)
     if restored is not None:
         state, data_state, start = restored
         if data_state is not None:
@@ -450,59 +460,64 @@ def train_and_evaluate(
         tqdm.write(f"resumed from step {start}")
 
     writer = _Writer(workdir / "events")
-    final: dict = {}
+    validate = _Validator(config, schema, loader, t.eval_fn, t.batch_sharding, store, writer)
+    final: dict = {"stopped": "num_steps"}
     pending: tuple[int, dict] | None = None  # metrics of the previous step, fetched one late
     bar = tqdm(total=config.num_steps, initial=start, disable=jax.process_index() != 0, unit="step")
     log = _StepLog(writer, bar, config.log_every, config.batch_size)
+    t0 = time.perf_counter()
 
-    def flush():
+    def flush(last_step: bool = False):
         nonlocal pending
         if pending is not None:
-            log.record(*pending, last_step=pending[0] + 1 == config.num_steps)
+            log.record(*pending, last_step=last_step)
             pending = None
 
     try:
         for step in range(start, config.num_steps):
             batch = process_rows(next(train_iter), config.batch_size)
-            state, metrics = train_fn(state, to_global(batch, batch_sharding))
+            state, metrics = t.train_fn(state, to_global(batch, t.batch_sharding))
             # Fetching the previous step's scalars keeps one step in flight on the device
             # while still naming the exact step where the loss went NaN.
             flush()
             pending = (step, metrics)
             done = step + 1
-            if done % config.checkpoint_every == 0 or done == config.num_steps:
-                flush()  # never checkpoint a state whose loss is NaN
+            out_of_time = _out_of_time(config, t0)
+            last = done == config.num_steps or out_of_time
+            if last:
+                final["stopped"] = "time_budget" if done < config.num_steps else "num_steps"
+            if done % config.checkpoint_every == 0 or last:
+                flush(last_step=last)  # never checkpoint a state whose loss is NaN
                 store.save(done, state, train_iter.get_state())
                 tqdm.write(f"step {done}: saved checkpoint")
-            if has_val and (done % config.eval_every == 0 or done == config.num_steps):
-                flush()
-                val = validation_metrics(
-                    evaluate_batches(
-                        eval_fn,
-                        state,
-                        (process_rows(b, config.batch_size) for b in loader("val", shuffle=False)),
-                        batch_sharding,
-                        local_batch_size,
-                    ),
-                    schema,
-                    config.image_size,
-                )
-                if val:
-                    writer.scalars(done, val)
-                    tqdm.write(f"step {done}: " + " ".join(f"{k}={v:.4f}" for k, v in val.items()))
-                    if store.save_best(done, state, val["val_f1"], train_iter.get_state()):
-                        tqdm.write(f"step {done}: new best val_f1={val['val_f1']:.4f}")
-                final = {"step": done, **val}
+            if has_val and (done % config.eval_every == 0 or last):
+                flush(last_step=last)
+                final.update(validate(done, state, train_iter.get_state()))
             bar.update(1)
-        flush()
+            if last:
+                break
+        flush(last_step=True)
     finally:
         bar.close()
         store.wait()
         store.close()
         writer.close()
+    if final["stopped"] == "time_budget":
+        tqdm.write(f"stopped at the time budget of {config.time_budget_s:.0f} s")
     final.update(log.last)
     final["step"] = int(jax.device_get(state["step"]))
+    final["train_seconds"] = time.perf_counter() - t0
     return final
+
+
+def _out_of_time(config, t0: float) -> bool:
+    """Whether the time budget is spent; every process agrees (process 0's clock decides)."""
+    if config.time_budget_s <= 0:
+        return False
+    spent = time.perf_counter() - t0 >= config.time_budget_s
+    if jax.process_count() > 1:
+        spent = bool(multihost_utils.broadcast_one_to_all(np.asarray(spent)))
+    return spent
 
 
 class _StepLog:
@@ -548,7 +563,7 @@ def benchmark_training(
       `compile_s`, `devices`, `device_kind`.
     """
     schema = get_schema(config.schema)
-    state, _, train_fn, _, batch_sharding = build_training(config, schema)
+    state, _, train_fn, _, batch_sharding = build_training(config)
     rng = np.random.default_rng(0)
     b, s, k = config.batch_size, config.image_size, schema.num_points
     host_batch = {
@@ -578,8 +593,6 @@ def benchmark_training(
     images_per_s = timed(lambda: batch)
     pipeline_rate = None
     if data_dir is not None:
-        from tavr_jax.data.pipeline import make_loader  # noqa: PLC0415
-
         it = make_loader(
             data_dir,
             "train",
@@ -588,7 +601,7 @@ def benchmark_training(
             batch_size=b,
             seed=0,
             shuffle=True,
-            num_workers=config.num_workers,
+            num_workers=config.data.num_workers,
             val_fraction=0.0,
         )
         pipeline_rate = timed(lambda: to_global(process_rows(next(it), b), batch_sharding))

@@ -4,7 +4,6 @@ process (`python tests/_train_worker.py MODE ...`) for the kill/resume and multi
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import pathlib
 import sys
 
@@ -15,23 +14,24 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def tiny_config(**overrides):
     """The runlocal preset shrunk to a 32 px tiny ResNet that trains in seconds on a CPU."""
-    spec = importlib.util.spec_from_file_location(
-        "tavr_config", ROOT / "experiments/configs/tavr.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("runlocal")
+    from tavr_jax.config import get_config
+
+    config = get_config("runlocal")
     config.backbone = "resnet_tiny"
     config.image_size = 32
     config.batch_size = 8
     config.num_steps = 6
-    config.warmup_steps = 2
+    config.optimizer.warmup_steps = 2
     config.eval_every = 1000
     config.checkpoint_every = 3
     config.log_every = 1
-    config.val_fraction = 0.25
+    config.data.val_fraction = 0.25
     for k, v in overrides.items():
-        setattr(config, k, v)
+        *parents, leaf = k.split(".")
+        node = config
+        for name in parents:
+            node = node[name]
+        node[leaf] = v
     return config
 
 
@@ -89,9 +89,9 @@ def _multihost(args) -> None:
     )
     from tavr_jax import train
 
-    config = tiny_config(augment_enabled=False)
+    config = tiny_config(augment=None)
     schema = train.get_schema(config.schema)
-    state, _, train_fn, _, batch_sharding = train.build_training(config, schema)
+    state, _, train_fn, _, batch_sharding = train.build_training(config)
     batch = synthetic_batch(config.batch_size, config.image_size, schema.num_points)
     local = train.process_rows(batch, config.batch_size)
     for _ in range(2):

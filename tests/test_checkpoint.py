@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 
-import _train_worker as worker
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +12,6 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tavr_jax import checkpoint
 from tavr_jax.checkpoint import CheckpointStore
 
 
@@ -114,46 +112,3 @@ def test_half_written_checkpoint_never_becomes_latest(tmp_path):
         store.wait()
         assert store.latest_step() == 9
     np.testing.assert_array_equal(CheckpointStore(tmp_path).restore()[0]["x"], np.zeros(4))
-
-
-def test_load_for_inference(tmp_path):
-    from tavr_jax.fileio import write_json_atomic
-    from tavr_jax.models import create_model
-    from tavr_jax.schema import get_schema
-
-    config = worker.tiny_config(ema_decay=0.9)
-    write_json_atomic(tmp_path / "config.json", config.to_dict())
-    schema = get_schema(config.schema)
-    model = create_model(schema, backbone=config.backbone)
-    images = jnp.zeros((1, config.image_size, config.image_size), jnp.uint8)
-    # Random values of the right shapes: no need to run (compile) the initialisers.
-    rng = np.random.default_rng(0)
-    variables = jax.tree.map(
-        lambda s: rng.normal(size=s.shape).astype(s.dtype),
-        jax.eval_shape(model.init, jax.random.PRNGKey(0), images),
-    )
-    state = {
-        "step": jnp.int32(3),
-        "params": variables["params"],
-        "ema_params": jax.tree.map(lambda x: x + 1, variables["params"]),
-        "batch_stats": variables["batch_stats"],
-    }
-    with CheckpointStore(tmp_path) as store:
-        store.save(3, state)
-        store.wait()
-    (tmp_path / "thresholds.json").write_text(
-        json.dumps({"points": {p: 0.25 + 0.01 * i for i, p in enumerate(schema.point_names)}})
-    )
-    model2, loaded, meta = checkpoint.load_for_inference(tmp_path)  # no best: falls back
-    assert meta["which"] == "latest" and meta["step"] == 3
-    assert meta["schema"] == schema and meta["backbone"] == "resnet_tiny"
-    assert meta["image_size"] == 32 and meta["dtype"] == "float32" and meta["grouped"]
-    np.testing.assert_allclose(meta["thresholds"], 0.25 + 0.01 * np.arange(schema.num_points))
-    for a, b in zip(
-        jax.tree.leaves(state["ema_params"]), jax.tree.leaves(loaded["params"]), strict=True
-    ):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # EMA weights are served
-    out = jax.eval_shape(model2.apply, loaded, images)
-    assert out["visibility_logits"].shape == (1, schema.num_points)
-    with pytest.raises(FileNotFoundError, match="config.json"):
-        checkpoint.load_for_inference(tmp_path / "nowhere")

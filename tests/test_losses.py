@@ -46,6 +46,20 @@ def test_focal_golden():
     np.testing.assert_allclose(half_bce, 0.5 * losses.group_bce(LOGITS, LABELS), rtol=1e-6)
 
 
+def test_optax_based_losses_equal_the_paper_formulas_on_random_logits():
+    z = RNG.randn(50, 7).astype(np.float32) * 4
+    y = (RNG.rand(50, 7) > 0.4).astype(np.float32)
+    p = 1 / (1 + np.exp(-z.astype(np.float64)))
+    bce = -(y * np.log(p) + (1 - y) * np.log(1 - p))
+    np.testing.assert_allclose(losses.group_bce(z, y), bce, rtol=1e-5, atol=1e-6)
+    for alpha, gamma in [(0.25, 2.0), (0.5, 1.0), (0.9, 0.5)]:
+        fl = -alpha * y * (1 - p) ** gamma * np.log(p) - (1 - alpha) * (1 - y) * p**gamma * np.log(
+            1 - p
+        )
+        got = losses.sigmoid_focal_loss(z, y, alpha=alpha, gamma=gamma)
+        np.testing.assert_allclose(got, fl, rtol=1e-5, atol=1e-6)
+
+
 def test_focal_is_stable_for_large_logits():
     got = losses.sigmoid_focal_loss(jnp.array([100.0, -100.0]), jnp.array([0.0, 1.0]))
     # Confidently wrong: p^2 -> 1 and -log(1 - p) -> 100, so 0.75 * 100 and 0.25 * 100.
@@ -149,8 +163,9 @@ def test_total_loss_against_numpy():
     vis[0, [0, 2, 5]] = True  # anatomical (AA1, STJ1) and instrumental (CM) present
     vis[1, [8, 10]] = True  # contour only
     batch, out = _batch_and_outputs(vis)
+    weighted = {**losses.PAPER_LOSS, "weights": {"group": 0.5, "visibility": 2.0, "coords": 3.0}}
     total, parts = jax.jit(
-        lambda o, b: losses.total_loss(o, b, SCHEMA, image_size=s, weights=(0.5, 2.0, 3.0))
+        lambda o, b: losses.total_loss(o, b, SCHEMA, image_size=s, config=weighted)
     )(out, batch)
 
     # Independent numpy reference of the paper's definitions.

@@ -16,7 +16,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from tavr_jax import train
+from tavr_jax import train, workdir
 from tavr_jax.checkpoint import CheckpointStore
 
 WORKER = pathlib.Path(worker.__file__)
@@ -129,8 +129,7 @@ def fast_compile():
 
 
 def _run_steps(mesh, config, batch, steps=2):
-    schema = train.get_schema(config.schema)
-    model = train.build_model(config, schema)
+    model, schema = workdir.build_model(config)
     # Plain SGD: Adam's first step is lr * sign(g), which would amplify the rounding
     # differences of near-zero gradients into lr-sized ones.
     tx, lr_fn = optax.sgd(0.05), lambda opt_state, step: jnp.float32(0.05)

@@ -84,10 +84,10 @@ def bench_engine(engine: KeypointEngine, frame_size: int, *, peak_fn=None, basel
 
 def _torch_model(backbone: str, schema, image_size: int):
     """Plain eager PyTorch network of the same architecture (random weights) and its forward."""
-    import torch  # noqa: PLC0415
-    from torch import nn  # noqa: PLC0415
+    import torch
+    from torch import nn
 
-    from benchmarks.torch_reference import TORCH_MODELS  # noqa: PLC0415
+    from benchmarks.torch_reference import TORCH_MODELS
 
     net = TORCH_MODELS[backbone](in_channels=1)
     feat = net.fc.in_features
@@ -124,7 +124,7 @@ def _torch_model(backbone: str, schema, image_size: int):
 def torch_baseline(backbone, schema, image_size, threads: int | None = None):
     """Eager PyTorch forward of the same architecture, or None when torch is not installed."""
     try:
-        import torch  # noqa: PLC0415
+        import torch
     except ImportError:
         return None
     torch.set_num_threads(threads or os.cpu_count() or 1)
@@ -133,9 +133,9 @@ def torch_baseline(backbone, schema, image_size, threads: int | None = None):
 
 def profile_split(engine: KeypointEngine, frame_size: int, **timing) -> dict:
     """Where the time goes: resize+normalise, backbone, head, each compiled alone and timed."""
-    from tavr_jax.models.backbones import BACKBONES  # noqa: PLC0415
-    from tavr_jax.models.heads import HEADS  # noqa: PLC0415
-    from tavr_jax.models.keypoint_net import normalize_images  # noqa: PLC0415
+    from tavr_jax.models.backbones import BACKBONES
+    from tavr_jax.models.heads import HEADS
+    from tavr_jax.models.keypoint_net import normalize_images
 
     b, (sh, sw) = engine.batch_size, engine.image_size
     meta, dtype, v = engine.meta, engine.dtype, engine.variables
@@ -241,7 +241,7 @@ def run_benchmark(
 
 def _torch_version():
     try:
-        import torch  # noqa: PLC0415
+        import torch
     except ImportError:
         return None
     return torch.__version__
@@ -264,8 +264,8 @@ def format_row(r: dict) -> str:
 def bench_stream(engine: KeypointEngine, path, *, max_frames: int = 300, track="kalman") -> dict:
     """Sustained frames/s of decode -> infer -> gate -> track on a file, with and without
     the prefetch thread (double buffering)."""
-    from tavr_jax.infer import streams  # noqa: PLC0415
-    from tavr_jax.infer.tracking import PointTracker  # noqa: PLC0415
+    from tavr_jax.infer import streams
+    from tavr_jax.infer.tracking import PointTracker
 
     source = streams.open_source(path)
     gate = Gate.from_meta(engine.meta, engine.schema)
@@ -305,12 +305,12 @@ def bench_stream(engine: KeypointEngine, path, *, max_frames: int = 300, track="
 
 def plot_latency(results, path) -> None:
     """Latency per frame and frames/s vs batch, one line per (backbone, dtype, size)."""
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
-    from tavr_jax.fileio import atomic_write_bytes  # noqa: PLC0415
+    from tavr_jax.fileio import atomic_write_bytes
 
     results = results if isinstance(results, list | tuple) else [results]
     lines: dict[tuple, list] = {}
@@ -338,7 +338,7 @@ def plot_latency(results, path) -> None:
     ax1.legend(fontsize=7)
     fig.suptitle(results[0]["device"], fontsize=9)
     fig.tight_layout()
-    import io  # noqa: PLC0415
+    import io
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

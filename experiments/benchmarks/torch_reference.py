@@ -188,11 +188,3 @@ TORCH_MODELS = {
     "vgg16": vgg16,
     "vgg16_bn": lambda **kw: vgg16(batch_norm=True, **kw),
 }
-
-
-def state_dict_numpy(model_or_state_dict) -> dict:
-    """A torch model's (or state dict's) tensors as numpy arrays, ready for `np.savez`."""
-    sd = model_or_state_dict
-    if hasattr(sd, "state_dict"):
-        sd = sd.state_dict()
-    return {k: v.detach().cpu().numpy() for k, v in sd.items()}

@@ -8,7 +8,6 @@ uint8 frames in and a few floats out. Weights are put on the device once.
 
 from __future__ import annotations
 
-import inspect
 import json
 import pathlib
 import struct
@@ -20,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from tavr_jax.fileio import atomic_write_bytes
+from tavr_jax.models import create_model, predictions
 from tavr_jax.schema import KeypointSchema, get_schema
+from tavr_jax.workdir import load_for_inference, read_config
 from tavr_jax.xla import compile_lowered, cost_analysis
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -43,16 +44,6 @@ def _image_hw(image_size) -> tuple[int, int]:
     return int(h), int(w)
 
 
-def _apply_kwargs(model) -> dict:
-    # Networks take `train=` (batch norm, dropout); accept either common spelling.
-    params = inspect.signature(type(model).__call__).parameters
-    if "train" in params:
-        return {"train": False}
-    if "deterministic" in params:
-        return {"deterministic": True}
-    return {}
-
-
 def keypoint_forward(model, variables, frames, *, image_size, dtype=jnp.float32) -> dict:
     """Pure forward pass: (B,H,W) uint8 frames -> probabilities and original-frame pixels.
 
@@ -67,15 +58,8 @@ def keypoint_forward(model, variables, frames, *, image_size, dtype=jnp.float32)
     if (h, w) != (sh, sw):
         # Antialiased linear resize: downscaling 1024 -> 512 must average, not alias.
         x = jax.image.resize(x, (b, sh, sw), method="linear", antialias=True)
-    out = model.apply(variables, x.astype(dtype), **_apply_kwargs(model))
-    # Normalised coordinates of the network input map to the original frame by the frame size:
-    # with half-pixel centres, continuous coordinates scale exactly by w/sw and h/sh.
-    scale = jnp.array([w, h], jnp.float32).reshape(1, 1, 2)
-    return {
-        "visibility": jax.nn.sigmoid(out["visibility_logits"].astype(jnp.float32)),
-        "group": jax.nn.sigmoid(out["group_logits"].astype(jnp.float32)),
-        "coords": out["coords"].astype(jnp.float32) * scale,
-    }
+    out = model.apply(variables, x.astype(dtype), train=False)
+    return predictions(out, width=w, height=h)
 
 
 def _cast_floats(tree, dtype):
@@ -144,8 +128,6 @@ class KeypointEngine:
         **kwargs,
     ) -> KeypointEngine:
         """Loads a trained checkpoint; `schema`/`backbone`, when given, must match it."""
-        from tavr_jax.checkpoint import load_for_inference, read_config
-
         # Refuse a mismatched checkpoint from its config before restoring any weights.
         config = read_config(workdir)
         check_meta(config, workdir, schema=schema, backbone=backbone)
@@ -166,8 +148,6 @@ class KeypointEngine:
         **kwargs,
     ) -> KeypointEngine:
         """Randomly initialised weights of the real architecture (enough for timing)."""
-        from tavr_jax.models import create_model
-
         schema = _as_schema(schema)
         model = create_model(schema, backbone=backbone, head=head, grouped=grouped)
         sh, sw = _image_hw(image_size)

@@ -128,7 +128,7 @@ class OverlayWriter:
             (out_dir / "overlay").mkdir(parents=True, exist_ok=True)
 
     def write(self, frame: streams.Frame, coords, reported, visibility, name: str | None = None):
-        from tavr_jax.visualize import draw_keypoints, draw_legend  # noqa: PLC0415
+        from tavr_jax.visualize import draw_keypoints, draw_legend
 
         rgb = draw_keypoints(
             frame.image, coords, reported, self.schema, marker="cross", probabilities=visibility
@@ -173,7 +173,7 @@ def run_inference(
     Writes OUT/predictions.jsonl, OUT/coco_keypoints.json and, with `overlay`, OUT/overlay.avi
     (video/DICOM input) or OUT/overlay/*.png. Returns a small summary dict.
     """
-    from tqdm import tqdm  # noqa: PLC0415
+    from tqdm import tqdm
 
     source = streams.open_source(input_path)
     schema = engine.schema

@@ -12,7 +12,8 @@ import numpy as np
 from tavr_jax.schema import KeypointSchema
 
 
-def _per(x, n: int, what: str, default: float = 0.5) -> np.ndarray:
+def thresholds(x, n: int, what: str, default: float = 0.5) -> np.ndarray:
+    """A scalar or (n,) thresholds (None: `default`) -> (n,) float64, checked."""
     t = np.full((n,), default) if x is None else np.asarray(x, np.float64)
     if t.ndim == 0:
         t = np.full((n,), float(t))
@@ -37,7 +38,7 @@ def expected_groups(expect, schema: KeypointSchema) -> np.ndarray:
 
 def reported_points(
     visibility: np.ndarray,
-    group: np.ndarray,
+    group: np.ndarray | None,
     schema: KeypointSchema,
     *,
     point_thresholds=None,
@@ -47,18 +48,19 @@ def reported_points(
     """(..., K) bool: the points to report.
 
     A point is reported when its visibility passes its threshold, its group's probability
-    passes the group threshold (group gating, as the paper does) and its group is expected at
-    this stage of the procedure (all groups when `expected` is None). Thresholds default to 0.5.
+    passes the group threshold (group gating, as the paper does; none when `group` is None)
+    and its group is expected at this stage of the procedure (all groups when `expected` is
+    None). Thresholds default to 0.5. This is the one rule: metrics count what it reports.
     """
     k, g = schema.num_points, schema.num_groups
     vis = np.asarray(visibility, np.float64)
-    grp = np.asarray(group, np.float64)
+    grp = np.ones((*vis.shape[:-1], g)) if group is None else np.asarray(group, np.float64)
     if vis.shape[-1] != k or grp.shape[-1] != g or vis.shape[:-1] != grp.shape[:-1]:
         raise ValueError(f"expected (..., {k}) visibility and (..., {g}) group, got "
                          f"{vis.shape} and {grp.shape}")  # fmt: skip
     exp = expected if isinstance(expected, np.ndarray) else expected_groups(expected, schema)
-    group_on = (grp > _per(group_thresholds, g, "group")) & exp  # (..., G)
-    return (vis > _per(point_thresholds, k, "point")) & group_on[..., schema.point_group]
+    group_on = exp if group is None else (grp > thresholds(group_thresholds, g, "group")) & exp
+    return (vis > thresholds(point_thresholds, k, "point")) & group_on[..., schema.point_group]
 
 
 class Gate:
@@ -67,8 +69,8 @@ class Gate:
     def __init__(self, schema: KeypointSchema, *, point_thresholds=None, group_thresholds=None,
                  expect=None):  # fmt: skip
         self.schema = schema
-        self.point_thresholds = _per(point_thresholds, schema.num_points, "point")
-        self.group_thresholds = _per(group_thresholds, schema.num_groups, "group")
+        self.point_thresholds = thresholds(point_thresholds, schema.num_points, "point")
+        self.group_thresholds = thresholds(group_thresholds, schema.num_groups, "group")
         self.expected = expected_groups(expect, schema)
 
     @classmethod

@@ -1,6 +1,18 @@
 """Flax Linen networks for grouped keypoints, and import of torchvision-style weights."""
 
 from tavr_jax.models.backbones import BACKBONES, get_backbone
-from tavr_jax.models.keypoint_net import KeypointNet, create_model, normalize_images
+from tavr_jax.models.keypoint_net import (
+    KeypointNet,
+    create_model,
+    normalize_images,
+    predictions,
+)
 
-__all__ = ["BACKBONES", "KeypointNet", "create_model", "get_backbone", "normalize_images"]
+__all__ = [
+    "BACKBONES",
+    "KeypointNet",
+    "create_model",
+    "get_backbone",
+    "normalize_images",
+    "predictions",
+]

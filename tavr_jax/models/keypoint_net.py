@@ -50,6 +50,22 @@ class KeypointNet(nn.Module):
         return head(features, train=train)
 
 
+def predictions(outputs: dict[str, jax.Array], *, width, height) -> dict[str, jax.Array]:
+    """The network's outputs as what it predicts, in float32, for a `width` x `height` frame.
+
+    Returns `visibility` (B, K) and `group` (B, G) probabilities and `coords` (B, K, 2) in
+    pixels (x, y) of that frame. With half-pixel centres, normalised coordinates scale exactly
+    by the frame size, so the same call serves the network input and the original frame.
+    """
+    scale = jnp.stack([jnp.asarray(width, jnp.float32), jnp.asarray(height, jnp.float32)])
+    scale = scale.reshape(1, 1, 2)
+    return {
+        "visibility": jax.nn.sigmoid(outputs["visibility_logits"].astype(jnp.float32)),
+        "group": jax.nn.sigmoid(outputs["group_logits"].astype(jnp.float32)),
+        "coords": outputs["coords"].astype(jnp.float32) * scale,
+    }
+
+
 def create_model(
     schema: KeypointSchema,
     *,

@@ -1,0 +1,109 @@
+r"""Training configs of the grouped keypoint network: the paper's setup and its presets.
+
+    python experiments/tavr_train.py --config=experiments/configs/tavr.py --workdir=W --data=DIR
+
+`get_config(arg)` returns the paper's setup (ResNet34 at 512 px, 3 groups); `arg` names
+presets, comma-separated:
+- `runlocal`: small enough to train in a few CPU minutes (what `make demo` runs);
+- `noaug`: no augmentation (`config.augment = None`).
+Any field can be overridden on the command line: `--config.backbone=resnet18
+--config.optimizer.learning_rate=3e-4 --config.loss.weights.reg=2 --config.data.test_fraction=0.2`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+PRESETS = ("runlocal", "noaug")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The default config with the comma-separated presets of `arg` applied."""
+    c = ml_collections.ConfigDict()
+    c.schema = "paper11"  # a schema name or a path to a schema .json
+    c.backbone = "resnet34"  # resnet18|resnet34|resnet50|vgg16|efficientnet_b7|resnet_tiny
+    c.head = "regression"  # regression (the paper) | integral (soft-argmax heatmaps)
+    c.grouped = True
+    c.pretrained = ""  # optional path to a torchvision-style .npz/.pth state dict
+    c.image_size = 512
+    c.batch_size = 32  # global, split over all devices of all processes
+    c.num_steps = 20_000
+    c.time_budget_s = 0.0  # > 0: stop cleanly (checkpoint, validation) after this wall time
+    c.dtype = "float32"  # float32 | bfloat16 (bf16 compute, fp32 master weights)
+    c.ema_decay = 0.0  # 0 = no EMA of the weights
+
+    # adamw = warm-up + cosine decay; adam_plateau = the paper's Adam 1e-3 with the learning
+    # rate scaled down when the training loss stops improving.
+    c.optimizer = ml_collections.ConfigDict(
+        dict(
+            name="adamw",
+            learning_rate=1e-3,
+            warmup_steps=500,
+            weight_decay=1e-4,
+            grad_clip=1.0,  # global norm; 0 = off
+            plateau=dict(
+                factor=0.5, patience=500, cooldown=0, accumulation_size=50, min_scale=1e-3
+            ),
+        )
+    )
+
+    # The paper's loss (section 3.2): group BCE + visibility focal + coordinate Wing, weighted.
+    c.loss = ml_collections.ConfigDict(
+        dict(
+            weights=dict(group=1.0, visibility=1.0, coords=1.0),
+            focal_alpha=0.25,
+            focal_gamma=2.0,
+            wing_w=10.0,  # pixels of the network input
+            wing_eps=2.0,
+        )
+    )
+
+    # On-device augmentation (the public reference's set); fields of
+    # tavr_jax.data.augment.AugmentConfig. None = no augmentation.
+    c.augment = ml_collections.ConfigDict(
+        dict(
+            brightness=(0.8, 1.2),
+            contrast=(0.8, 1.2),
+            blur_prob=0.3,
+            blur_sigma=(0.1, 2.0),
+            noise_prob=0.2,
+            noise_std=(2.0, 8.0),
+            scale=0.3,
+            rotation_sigma_deg=40.0,
+            rotation_prob=0.8,
+            flip_prob=0.5,
+        )
+    )
+
+    # Data: a case-level (patient-level) split of the Supervisely project or TFDS folder.
+    c.data = ml_collections.ConfigDict(
+        dict(
+            val_fraction=0.2,
+            test_fraction=0.0,
+            seed=0,
+            num_workers=0,  # grain worker processes (0 = in the main process)
+        )
+    )
+
+    c.eval_every = 1000
+    c.checkpoint_every = 1000
+    c.keep = 2
+    c.log_every = 50
+    c.seed = 0
+
+    presets = [p.strip() for p in (arg or "").split(",") if p.strip()]
+    unknown = [p for p in presets if p not in PRESETS]
+    if unknown:
+        raise ValueError(f"unknown config preset(s) {', '.join(unknown)}; known: {PRESETS}")
+    if "runlocal" in presets:
+        c.backbone = "resnet18"
+        c.image_size = 128
+        c.batch_size = 16
+        c.num_steps = 300
+        c.optimizer.warmup_steps = 30
+        c.eval_every = 100
+        c.checkpoint_every = 100
+        c.log_every = 10
+    if "noaug" in presets:
+        c.augment = None
+    return c

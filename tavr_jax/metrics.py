@@ -1,0 +1,269 @@
+"""The paper's keypoint metrics and visibility thresholds tuned on validation (pure numpy).
+
+Definitions. A point k of image n is predicted visible when its probability exceeds its
+threshold (strictly, as in the paper's `p_k > 0.5`) and, when group probabilities are given,
+its group's probability exceeds the group threshold too (gating, `infer.postprocess`). Against
+the annotated visibility this gives TP / FP / FN per (image, point); then
+
+- precision = TP / (TP + FP), recall = TP / (TP + FN), F1 = 2 TP / (2 TP + FP + FN);
+- mean_error_px: mean Euclidean distance over the TP pairs (visible in truth and prediction),
+  in pixels of the ORIGINAL frames; loc_accuracy_20px: share of those with distance <= dist_px;
+- mean_error_mm: the same distances times each frame's pixel spacing, over frames whose
+  spacing is known (> 0); None when no frame has one.
+
+"Pooled" values sum the counts over all (image, point) pairs. `per_image_mean` is the public
+reference's protocol: each image gets its own five values, then they are averaged over images.
+A value whose denominator is zero is undefined (None when pooled) and such images are left out
+of the per-image mean (nan-mean): an image with no predicted point has no precision, one with
+no annotated point has no recall, one with neither has no F1, one with no TP pair has no error
+or localisation accuracy. `per_image_defined` says how many images each mean is over.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from tavr_jax.infer.postprocess import reported_points, thresholds
+from tavr_jax.schema import KeypointSchema
+
+METRIC_KEYS = ("precision", "recall", "f1", "mean_error_px", "loc_accuracy_20px")
+
+
+def _div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den elementwise, NaN where den == 0."""
+    num = np.asarray(num, np.float64)
+    den = np.asarray(den, np.float64)
+    out = np.full(np.broadcast(num, den).shape, np.nan)
+    np.divide(num, den, out=out, where=den > 0)
+    return out
+
+
+def visibility_f1(pred: np.ndarray, truth: np.ndarray, axis=None):
+    """F1 of predicted against annotated visibility, pooled over `axis` (all by default).
+
+    1 where there is nothing to find and nothing is claimed (no TP, FP or FN): a point never
+    annotated and never predicted is not an error.
+    """
+    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
+    tp = (pred & truth).sum(axis=axis)
+    fp = (pred & ~truth).sum(axis=axis)
+    fn = (~pred & truth).sum(axis=axis)
+    return np.nan_to_num(_div(2 * tp, 2 * tp + fp + fn), nan=1.0)
+
+
+def _summaries(counts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Counts (any common shape) -> the metrics of each cell, NaN where undefined."""
+    tp, fp, fn = counts["tp"], counts["fp"], counts["fn"]
+    return {
+        "precision": _div(tp, tp + fp),
+        "recall": _div(tp, tp + fn),
+        "f1": _div(2 * tp, 2 * tp + fp + fn),
+        "mean_error_px": _div(counts["dist_sum"], tp),
+        "loc_accuracy_20px": _div(counts["n_within"], tp),
+        "mean_error_mm": _div(counts["mm_sum"], counts["n_mm"]),
+    }
+
+
+def _to_json_value(x) -> float | None:
+    x = float(x)
+    return None if np.isnan(x) else x
+
+
+def keypoint_metrics(
+    visibility: np.ndarray,
+    coords: np.ndarray,
+    true_visibility: np.ndarray,
+    true_coords: np.ndarray,
+    schema: KeypointSchema,
+    *,
+    threshold=0.5,
+    group: np.ndarray | None = None,
+    group_threshold=0.5,
+    dist_px: float = 20.0,
+    pixel_spacing_mm: np.ndarray | None = None,
+) -> dict:
+    """The paper's metrics, pooled, per image (averaged), per group and per point.
+
+    Args:
+      visibility: (N, K) predicted visibility probabilities.
+      coords: (N, K, 2) predicted (x, y) in pixels of the original frames.
+      true_visibility: (N, K) bool annotated visibility.
+      true_coords: (N, K, 2) annotated (x, y) in pixels of the original frames.
+      schema: the keypoint schema (K points in G groups).
+      threshold: scalar or (K,) per-point visibility thresholds.
+      group: optional (N, G) group presence probabilities; gates the points of each group.
+      group_threshold: scalar or (G,) thresholds for `group`.
+      dist_px: localisation radius in original pixels (a distance equal to it counts).
+      pixel_spacing_mm: optional (N,) mm per original pixel, <= 0 or NaN when unknown.
+
+    Returns:
+      A JSON-serialisable dict (floats, ints, None): the five metrics pooled, `mean_error_mm`,
+      `per_image_mean`, `per_image_defined`, `per_group`, `per_point`, `counts`, `threshold`,
+      `group_threshold`, `dist_px`, `n_images`. See the module docstring for the definitions.
+    """
+    k = schema.num_points
+    prob = np.asarray(visibility, np.float64)
+    if prob.ndim != 2 or prob.shape[1] != k:
+        raise ValueError(
+            f"visibility must have shape (N, {k}) for schema {schema.name!r}, got {prob.shape}"
+        )
+    n = prob.shape[0]
+    vis = np.asarray(true_visibility).astype(bool)
+    pxy = np.asarray(coords, np.float64)
+    txy = np.asarray(true_coords, np.float64)
+    for name, arr, shape in (
+        ("true_visibility", vis, (n, k)),
+        ("coords", pxy, (n, k, 2)),
+        ("true_coords", txy, (n, k, 2)),
+    ):
+        if arr.shape != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {arr.shape}")
+    pred = reported_points(
+        prob, group, schema, point_thresholds=threshold, group_thresholds=group_threshold
+    )
+
+    tp = pred & vis
+    dist = np.where(tp, np.linalg.norm(np.where(tp[..., None], pxy - txy, 0.0), axis=-1), 0.0)
+    if np.isnan(dist).any():
+        raise ValueError("non-finite coordinates for a point visible in truth and prediction")
+    if pixel_spacing_mm is None:
+        spacing = np.zeros((n,))
+    else:
+        spacing = np.nan_to_num(np.asarray(pixel_spacing_mm, np.float64), nan=0.0)
+        if spacing.shape != (n,):
+            raise ValueError(f"pixel_spacing_mm must have shape ({n},), got {spacing.shape}")
+    has_mm = (spacing > 0)[:, None] & tp
+    cells = {  # (N, K) per (image, point) counts; every breakdown sums these
+        "tp": tp.astype(np.float64),
+        "fp": (pred & ~vis).astype(np.float64),
+        "fn": (~pred & vis).astype(np.float64),
+        "dist_sum": dist,
+        "n_within": (tp & (dist <= dist_px)).astype(np.float64),
+        "mm_sum": np.where(has_mm, dist * spacing[:, None], 0.0),
+        "n_mm": has_mm.astype(np.float64),
+    }
+
+    pooled = _summaries({c: v.sum() for c, v in cells.items()})
+    per_image = _summaries({c: v.sum(axis=1) for c, v in cells.items()})  # each (N,)
+    per_point = _summaries({c: v.sum(axis=0) for c, v in cells.items()})  # each (K,)
+    gm = schema.group_matrix.astype(np.float64)  # (G, K)
+    per_group = _summaries({c: gm @ v.sum(axis=0) for c, v in cells.items()})  # each (G,)
+
+    keys = (*METRIC_KEYS, "mean_error_mm")
+
+    def row(summary, i):
+        return {m: _to_json_value(summary[m][i]) for m in keys}
+
+    per_image_mean, per_image_defined = {}, {}
+    for m in keys:
+        defined = ~np.isnan(per_image[m])
+        per_image_defined[m] = int(defined.sum())
+        per_image_mean[m] = float(per_image[m][defined].mean()) if defined.any() else None
+
+    t = thresholds(threshold, k, "point")
+    out = {m: _to_json_value(pooled[m]) for m in keys}
+    out.update(
+        per_image_mean=per_image_mean,
+        per_image_defined=per_image_defined,
+        per_group={g: row(per_group, i) for i, g in enumerate(schema.group_names)},
+        per_point={p: row(per_point, i) for i, p in enumerate(schema.point_names)},
+        counts={c: int(cells[c].sum()) for c in ("tp", "fp", "fn", "n_within")},
+        threshold=float(t[0])
+        if np.all(t == t[0])
+        else dict(zip(schema.point_names, t.tolist(), strict=True)),
+        group_threshold=None
+        if group is None
+        else _as_json_thresholds(group_threshold, schema.group_names),
+        dist_px=float(dist_px),
+        n_images=int(n),
+    )
+    return out
+
+
+def _as_json_thresholds(threshold, names: Sequence[str]):
+    t = thresholds(threshold, len(names), "group")
+    return float(t[0]) if np.all(t == t[0]) else dict(zip(names, t.tolist(), strict=True))
+
+
+# ----------------------------------------------------------------------------------------------
+# Threshold tuning
+
+
+def _best_threshold(pred: np.ndarray, truth: np.ndarray, candidates: np.ndarray):
+    """pred (C, N, J) bool per candidate, truth (N, J) -> (best threshold (J,), best F1 (J,)).
+
+    F1 is taken as 1 where neither truth nor prediction has a positive (nothing to find,
+    nothing claimed), so a point never seen in validation gets a threshold that predicts
+    nothing. Ties go to the candidate closest to 0.5, the paper's default.
+    """
+    f1 = visibility_f1(pred, truth[None], axis=1)  # (C, J)
+    best = f1.max(axis=0)
+    tie = np.isclose(f1, best)  # (C, J)
+    closeness = np.where(tie, -np.abs(candidates - 0.5)[:, None], -np.inf)
+    idx = closeness.argmax(axis=0)
+    return candidates[idx], best
+
+
+def tune_thresholds(
+    visibility: np.ndarray,
+    true_visibility: np.ndarray,
+    schema: KeypointSchema,
+    candidates: Sequence[float] | np.ndarray | None = None,
+    *,
+    group: np.ndarray | None = None,
+) -> dict:
+    """Per-point (and per-group) visibility thresholds maximising F1 on validation.
+
+    Each point's threshold maximises that point's pooled F1 over `candidates` (default
+    0.05, 0.10, ..., 0.95). With `group`, group thresholds are tuned on group presence
+    (a group is present when any of its points is annotated), then the point thresholds under
+    that gating; the gated set is kept only if its pooled F1 beats the ungated one, else
+    "groups" is None (no gating).
+
+    Returns:
+      {"points": {name: t}, "groups": {name: t} or None, "val_f1": {"points": ..., "groups": ...},
+       "schema": name}, the content of W/thresholds.json.
+    """
+    if candidates is None:
+        candidates = np.round(np.arange(0.05, 0.951, 0.05), 4)
+    cand = np.asarray(candidates, np.float64).reshape(-1)
+    if cand.size == 0:
+        raise ValueError("tune_thresholds needs at least one candidate threshold")
+    prob = np.asarray(visibility, np.float64)
+    vis = np.asarray(true_visibility).astype(bool)
+    if prob.ndim != 2 or prob.shape[1] != schema.num_points or vis.shape != prob.shape:
+        raise ValueError(
+            f"visibility and true_visibility must both have shape (N, {schema.num_points}), "
+            f"got {prob.shape} and {vis.shape}"
+        )
+    p_thr, p_f1 = _best_threshold(prob[None] > cand[:, None, None], vis, cand)
+    groups, group_f1 = None, None
+    if group is not None:
+        gp = np.asarray(group, np.float64)
+        if gp.shape != (prob.shape[0], schema.num_groups):
+            raise ValueError(
+                f"group must have shape ({prob.shape[0]}, {schema.num_groups}), got {gp.shape}"
+            )
+        g_thr, g_f1 = _best_threshold(
+            gp[None] > cand[:, None, None], schema.group_presence(vis), cand
+        )
+        gate = (gp > g_thr)[:, schema.point_group]
+        gated_thr, gated_f1 = _best_threshold(
+            (prob[None] > cand[:, None, None]) & gate[None], vis, cand
+        )
+        # Gating is kept only when it raises the pooled validation F1 over ungated points.
+        if visibility_f1((prob > gated_thr) & gate, vis) > visibility_f1(prob > p_thr, vis):
+            p_thr, p_f1 = gated_thr, gated_f1
+            groups = dict(zip(schema.group_names, g_thr.tolist(), strict=True))
+            group_f1 = dict(zip(schema.group_names, g_f1.tolist(), strict=True))
+    return {
+        "schema": schema.name,
+        "points": dict(zip(schema.point_names, p_thr.tolist(), strict=True)),
+        "groups": groups,
+        "val_f1": {
+            "points": dict(zip(schema.point_names, p_f1.tolist(), strict=True)),
+            "groups": group_f1,
+        },
+    }
