@@ -10,6 +10,7 @@ import sys
 
 from absl import app, flags
 
+from tavr_jax import images
 from tavr_jax.data import pipeline
 from tavr_jax.schema import get_schema
 
@@ -23,6 +24,7 @@ _SCHEMA = flags.DEFINE_string("schema", "paper11", "keypoint schema name or JSON
 _SEED = flags.DEFINE_integer("seed", 0, "seed of the split by case")
 _VAL = flags.DEFINE_float("val_fraction", 0.2, "fraction of cases for validation")
 _TEST = flags.DEFINE_float("test_fraction", 0.0, "fraction of cases for test")
+_MAX_PIXELS = flags.DEFINE_integer("max_pixels", images.DEFAULT_MAX_PIXELS, "pixels per image")
 _COMPRESS = flags.DEFINE_bool("compress", False, "zstd records: smaller, 3-4x slower to read")
 
 
@@ -30,6 +32,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
+        images.set_max_pixels(_MAX_PIXELS.value)
         out = pipeline.build_tfds(
             _DATA.value,
             _OUT.value,

@@ -52,6 +52,10 @@ def main(argv):
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     print(f"{summary['frames']} frames ({summary['source']}) -> {summary['predictions']}")
+    if summary["skipped"]:
+        for name, reason in summary["skipped"]:
+            print(f"skipped {name}: {reason}", file=sys.stderr)
+        sys.exit(f"error: {len(summary['skipped'])} item(s) skipped, the others were written")
 
 
 if __name__ == "__main__":

@@ -8,12 +8,11 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import tempfile
 
 import cv2
 import numpy as np
 
-from tavr_jax.fileio import write_json_atomic
+from tavr_jax.fileio import atomic_write_bytes, atomic_write_with, write_json_atomic
 from tavr_jax.infer import streams
 from tavr_jax.infer.postprocess import Gate
 from tavr_jax.infer.tracking import PointTracker
@@ -21,12 +20,6 @@ from tavr_jax.schema import KeypointSchema
 
 PREDICTIONS_FILE = "predictions.jsonl"
 COCO_FILE = "coco_keypoints.json"
-
-
-def _tmp_beside(path: pathlib.Path) -> pathlib.Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    return pathlib.Path(tmp)
 
 
 def frame_record(
@@ -124,6 +117,7 @@ class OverlayWriter:
         self.video = video
         self._writer = None
         self._tmp = None
+        self._names: set[str] = set()  # overlay PNG names already written in this run
         if not video:
             (out_dir / "overlay").mkdir(parents=True, exist_ok=True)
 
@@ -136,13 +130,11 @@ class OverlayWriter:
         draw_legend(rgb, self.schema)
         bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
         if not self.video:
-            path = (
-                self.out_dir / "overlay" / f"{pathlib.Path(name or f'{frame.index:06d}').stem}.png"
-            )
+            path = self.out_dir / "overlay" / f"{self._overlay_name(name, frame.index)}.png"
             ok, buf = cv2.imencode(".png", bgr)
-            tmp = _tmp_beside(path)
-            tmp.write_bytes(buf.tobytes())
-            os.replace(tmp, path)
+            if not ok:
+                raise ValueError(f"cannot encode the overlay of {name or frame.index}")
+            atomic_write_bytes(path, buf.tobytes())
             return
         if self._writer is None:
             self._tmp = self.out_dir / ".overlay.tmp.avi"
@@ -150,6 +142,15 @@ class OverlayWriter:
             fourcc = cv2.VideoWriter_fourcc(*"MJPG")
             self._writer = cv2.VideoWriter(str(self._tmp), fourcc, float(self.fps), (w, h))
         self._writer.write(bgr)
+
+    def _overlay_name(self, name: str | None, index: int) -> str:
+        """The input's stem, unless another input of this run had it (c.jpg and c.png)."""
+        stem = pathlib.Path(name).stem if name else f"{index:06d}"
+        if stem in self._names and name:
+            stem = name.replace(".", "_")
+        stem = stem.replace("#", "_frame")
+        self._names.add(stem)
+        return stem
 
     def close(self) -> None:
         if self._writer is not None:
@@ -171,7 +172,8 @@ def run_inference(
     """Runs a `KeypointEngine` over an image, folder, video or DICOM and writes the outputs.
 
     Writes OUT/predictions.jsonl, OUT/coco_keypoints.json and, with `overlay`, OUT/overlay.avi
-    (video/DICOM input) or OUT/overlay/*.png. Returns a small summary dict.
+    (video/DICOM input) or OUT/overlay/*.png. Frames the source could not read are skipped,
+    the others still written. Returns a small summary dict; `skipped` lists `(name, reason)`.
     """
     from tqdm import tqdm
 
@@ -182,6 +184,8 @@ def run_inference(
     if track != "none" and source.kind != "image":
         tracker = PointTracker(schema, gate, method=track, fps=source.fps)
     out_dir = pathlib.Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} exists and is not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     files = getattr(source, "files", None)
     overlays = None
@@ -190,9 +194,9 @@ def run_inference(
             out_dir, schema, video=source.kind in ("video", "dicom"), fps=source.fps
         )
     jsonl = out_dir / PREDICTIONS_FILE
-    tmp = _tmp_beside(jsonl)
     records = []
-    try:
+
+    def write_records(tmp: str) -> None:
         batches = streams.prefetch_to_device(
             iter(source), batch_size=engine.batch_size, device=engine.device
         )
@@ -205,7 +209,7 @@ def run_inference(
                         xy, reported = tracker.update(vis, grp, xy, fr.time_s)
                     else:
                         reported = gate(vis, grp)
-                    name = None if files is None else files[fr.index].name
+                    name = None if files is None else fr.name
                     rec = frame_record(
                         fr, vis, grp, xy, reported, schema, spacing_rc=source.pixel_spacing_rc,
                         file=name,
@@ -216,14 +220,16 @@ def run_inference(
                         overlays.write(fr, xy, reported, vis, name)
                 bar.update(len(frames))
         bar.close()
-        os.replace(tmp, jsonl)
+
+    try:
+        atomic_write_with(jsonl, write_records)
     finally:
-        tmp.unlink(missing_ok=True)
         if overlays is not None:
             overlays.close()
     write_json_atomic(out_dir / COCO_FILE, coco_keypoints(records, schema))
     return {
         "frames": len(records),
+        "skipped": list(source.skipped),
         "source": source.kind,
         "predictions": str(jsonl),
         "pixel_spacing_mm": source.pixel_spacing_rc,
