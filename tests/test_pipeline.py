@@ -1,6 +1,7 @@
 """TFDS array_record builder (no TensorFlow) and grain loader, on a tiny written project."""
 
 import json
+import shutil
 import sys
 
 import cv2
@@ -248,3 +249,20 @@ def test_build_refuses_a_foreign_non_empty_output_unless_overwrite(project, tmp_
     empty = tmp_path / "empty"
     empty.mkdir()
     assert pipeline.is_tfds_dir(pipeline.build_tfds(project, empty, image_size=16, val_fraction=0))
+
+
+def test_build_warns_about_frames_copied_across_splits(project, tmp_path, caplog):
+    copy = tmp_path / "with_copy"
+    shutil.copytree(project, copy)
+    shutil.copytree(copy / "case0", copy / "case0_copy")
+    cases = sorted(p.name for p in copy.iterdir() if p.is_dir())
+
+    def apart(seed):
+        split = supervisely.split_cases(cases, seed=seed, val_fraction=0.5)
+        return ("case0" in split["train"]) != ("case0_copy" in split["train"])
+
+    seed = next(s for s in range(50) if apart(s))
+    out = pipeline.build_tfds(copy, tmp_path / "ds", image_size=16, val_fraction=0.5, seed=seed)
+    leaks = pipeline.read_tfds_meta(out)["frames_in_several_splits"]
+    assert leaks == [[f"case0/{i:04d}.png", f"case0_copy/{i:04d}.png"] for i in range(3)]
+    assert any("appear in more than one split" in r.getMessage() for r in caplog.records)

@@ -191,6 +191,8 @@ def build_tfds(
     if "train" not in projects:
         raise ValueError(f"{data_dir}: no frames in the training split")
     everything = supervisely.read_project(data_dir, schema, split="all")
+    split_of_case = {case: name for name, p in projects.items() for case in p.cases}
+    leaks = supervisely.warn_about_copies(everything, split_of_case)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
         builder = TavrFrames(
@@ -207,6 +209,7 @@ def build_tfds(
             "source": str(pathlib.Path(data_dir).absolute()),
             "split": {**split_kw, "cases": {n: p.cases for n, p in projects.items()}},
             "reader_counts": everything.counts,
+            "frames_in_several_splits": leaks,
         }
         (built / META_FILE).write_text(json.dumps(meta, indent=1))
         old = None

@@ -316,6 +316,24 @@ def duplicate_frames(project: Project) -> list[list[str]]:
     return sorted(groups)
 
 
+def warn_about_copies(project: Project, split_of_case: dict[str, str]) -> list[list[str]]:
+    """Logs (and returns) the groups of identical frames that fall in different splits."""
+    leaks = [
+        group
+        for group in duplicate_frames(project)
+        if len({split_of_case.get(name.split("/")[0]) for name in group}) > 1
+    ]
+    if leaks:
+        logging.warning(
+            "%s: %d frame(s) appear in more than one split (copied case folders?), e.g. %s; "
+            "validation and test figures would count frames seen in training",
+            project.root,
+            len(leaks),
+            " = ".join(leaks[0]),
+        )
+    return leaks
+
+
 def meta_json(schema: KeypointSchema) -> dict:
     colors = [_META_COLORS[g % len(_META_COLORS)] for g in schema.point_group]
     return {
