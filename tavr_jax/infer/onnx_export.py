@@ -507,6 +507,24 @@ def make_session(model, *, provider: str = "auto", threads: int | None = None):
     return ort.InferenceSession(model, options, providers=select_providers(provider))
 
 
+def matmul_peak(n: int = 2048, *, provider: str = "auto"):
+    """(fn, flops): onnxruntime's own n x n x n float32 MatMul (2 n^3 flops), for measuring the
+    fp32 peak FLOP/s of this machine as onnxruntime's kernels reach it."""
+    onnx = _import_onnx()
+    g = _Graph()
+    g.op("MatMul", "a", g.const(np.full((n, n), 0.5, np.float32)), name="c")
+    tensor = onnx.helper.make_tensor_value_info
+    graph = onnx.helper.make_graph(
+        g.nodes, "matmul", [tensor("a", onnx.TensorProto.FLOAT, [n, n])],
+        [tensor("c", onnx.TensorProto.FLOAT, [n, n])], g.initializers,
+    )  # fmt: skip
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    session = make_session(model, provider=provider)
+    a = np.ones((n, n), np.float32)
+    return (lambda: session.run(None, {"a": a})), 2.0 * n**3
+
+
 class OnnxKeypointEngine:
     """`KeypointEngine`'s call API on onnxruntime: (B, H, W) uint8 frames -> numpy outputs.
 
