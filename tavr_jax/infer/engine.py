@@ -292,6 +292,7 @@ class KeypointEngine:
             b = int(batch)
         spec = jax.ShapeDtypeStruct((b, int(height), int(width)), jnp.uint8)
         exported = jax.export.export(jax.jit(fn), platforms=platforms)(spec)
+        config = self.meta.get("config")
         header = json.dumps(
             {
                 "schema": self.schema.to_json(),
@@ -301,6 +302,9 @@ class KeypointEngine:
                 "batch": batch,
                 "dtype": self.dtype_name,
                 "thresholds": _jsonable(self.meta.get("thresholds")),
+                # Additions: the group gate, and the training config the weights came from.
+                "group_thresholds": _jsonable(self.meta.get("group_thresholds")),
+                "config_hash": None if config is None else _config_hash(config),
             }
         ).encode()
         payload = _EXPORT_MAGIC + struct.pack("<Q", len(header)) + header + exported.serialize()
@@ -317,14 +321,27 @@ class ExportedEngine:
         self.schema = KeypointSchema.from_json(meta["schema"])
         self.exported = exported
         self._call = jax.jit(exported.call)
+        # What frame sources and `outputs.run_inference` need of an engine.
+        self.batch_size = int(meta.get("batch") or 1)
+        self.device = jax.devices()[0]
 
     def __call__(self, frames) -> dict[str, np.ndarray]:
         frames = jnp.asarray(_check_frames(frames))
         return {k: np.asarray(v) for k, v in self._call(frames).items()}
 
+    def run_batches(self, batches: Iterable) -> Iterator[tuple[Any, dict[str, np.ndarray]]]:
+        """Runs `(tag, frames)` batches (padded to `batch_size`) in order, as KeypointEngine."""
+        for tag, frames in batches:
+            n = len(tag) if isinstance(tag, list | tuple) else frames.shape[0]
+            yield tag, {k: v[:n] for k, v in self(frames).items()}
 
-def load_exported(path) -> ExportedEngine:
-    """Loads a file written by `KeypointEngine.export`."""
+
+def load_exported(path, *, workdir=None, schema=None) -> ExportedEngine:
+    """Loads a file written by `KeypointEngine.export`.
+
+    With `workdir` and/or `schema`, refuses (one line) a file exported for another schema or
+    from another training run (its config hash differs from `workdir`/config.json's).
+    """
     path = pathlib.Path(path)
     try:
         data = path.read_bytes()
@@ -335,8 +352,101 @@ def load_exported(path) -> ExportedEngine:
     (n,) = struct.unpack("<Q", data[len(_EXPORT_MAGIC) : len(_EXPORT_MAGIC) + 8])
     start = len(_EXPORT_MAGIC) + 8
     meta = json.loads(data[start : start + n])
+    if workdir is not None or schema is not None:
+        from tavr_jax.infer.onnx_export import check_artifact  # noqa: PLC0415
+
+        check_artifact(meta, path, workdir=workdir, schema=schema)
     exported = jax.export.deserialize(bytearray(data[start + n :]))
     return ExportedEngine(meta, exported)
+
+
+def is_jax_export(path) -> bool:
+    """Whether `path` starts like a file written by `KeypointEngine.export`."""
+    with open(path, "rb") as f:
+        return f.read(len(_EXPORT_MAGIC)) == _EXPORT_MAGIC
+
+
+def open_engine(
+    workdir=None,
+    *,
+    model_file=None,
+    backend: str = "xla",
+    which: str = "best",
+    schema=None,
+    backbone: str | None = None,
+    batch_size: int = 1,
+    dtype: str = "float32",
+    provider: str = "auto",
+):
+    """The engine a launcher asks for, all with the same call API.
+
+    Without `model_file`: the workdir's checkpoint on `backend` ("xla": `KeypointEngine`;
+    "onnxruntime": the same network as an ONNX graph on onnxruntime). With `model_file`: an
+    exported artifact (a `jax.export` file runs on XLA, an .onnx file on onnxruntime), refused
+    when it was made for another schema or, given `workdir`, another training run.
+    """
+    if backend not in ("xla", "onnxruntime"):
+        raise ValueError(f"unknown backend {backend!r}; expected xla or onnxruntime")
+    if model_file is not None:
+        path = pathlib.Path(model_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"model file not found: {path}")
+        if is_jax_export(path):
+            return load_exported(path, workdir=workdir, schema=schema)
+        from tavr_jax.infer.onnx_export import load_onnx  # noqa: PLC0415
+
+        return load_onnx(path, workdir=workdir, schema=schema, batch_size=batch_size,
+                         provider=provider)  # fmt: skip
+    if workdir is None:
+        raise ValueError("give a training workdir or an exported model file")
+    engine = KeypointEngine.from_workdir(workdir, which=which, schema=schema, backbone=backbone,
+                                         batch_size=batch_size, dtype=dtype)  # fmt: skip
+    if backend == "onnxruntime":
+        from tavr_jax.infer.onnx_export import OnnxKeypointEngine  # noqa: PLC0415
+
+        return OnnxKeypointEngine.from_engine(engine, provider=provider)
+    return engine
+
+
+def export_workdir(workdir, out, *, format: str = "onnx", which: str = "best",
+                   batch: int | None = None, frame_size=None) -> dict:  # fmt: skip
+    """Exports a workdir's checkpoint as one file: "onnx" or "jax" (`jax.export`).
+
+    frame_size: (H, W) of the frames the artifact takes (default: the network input);
+    batch: a fixed batch size, or None for a symbolic one. Returns what to record beside it:
+    the file's sha256 and size, the config hash and the library versions.
+    """
+    import hashlib  # noqa: PLC0415
+
+    from tavr_jax.infer import onnx_export  # noqa: PLC0415
+
+    if format not in ("onnx", "jax"):
+        raise ValueError(f"unknown export format {format!r}; expected onnx or jax")
+    engine = KeypointEngine.from_workdir(workdir, which=which)
+    h, w = _image_hw(frame_size if frame_size is not None else engine.image_size)
+    if format == "onnx":
+        path = onnx_export.export_onnx(engine, out, frame_size=(h, w), batch=batch)
+    else:
+        path = engine.export(out, h, w, batch=batch)
+    data = path.read_bytes()
+    return {
+        "file": str(path),
+        "format": format,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": len(data),
+        "frame_size": [h, w],
+        "batch": batch,
+        "schema": engine.schema.name,
+        "config_hash": _config_hash(engine.meta["config"]),
+        "step": engine.meta.get("step"),
+        "versions": onnx_export.library_versions(),
+    }
+
+
+def _config_hash(config: dict) -> str:
+    from tavr_jax.infer.onnx_export import config_hash  # noqa: PLC0415
+
+    return config_hash(config)
 
 
 def check_meta(meta: dict, workdir, *, schema=None, backbone: str | None = None) -> None:

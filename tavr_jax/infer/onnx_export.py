@@ -60,6 +60,19 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def library_versions() -> dict:
+    """Versions of what made (and what runs) an artifact: to record beside it."""
+    import importlib.metadata  # noqa: PLC0415
+
+    versions = {}
+    for dist in ("cardiac-jax", "jax", "jaxlib", "flax", "numpy", "onnx", "onnxruntime"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = None
+    return versions
+
+
 def _import_onnx():
     try:
         import onnx  # noqa: PLC0415
@@ -421,7 +434,8 @@ def export_onnx(engine, path, *, frame_size, batch: int | None = None) -> pathli
 
     variables = jax.device_get(engine.variables)
     meta = {**engine.meta, "schema": engine.schema, "image_size": engine.image_size}
-    model = build_model(meta, variables, frame_size=frame_size, batch=batch)
+    model = build_model(meta, variables, frame_size=frame_size, batch=batch,
+                        extra_metadata={"versions": library_versions()})  # fmt: skip
     return atomic_write_bytes(pathlib.Path(path), model.SerializeToString())
 
 
@@ -667,8 +681,8 @@ def _numpy_tree(tree) -> dict:
 
 
 def _list_or_none(x):
-    # float32 thresholds as exact Python floats: the gate compares against the same numbers.
-    return None if x is None else np.asarray(x, np.float32).astype(np.float64).tolist()
+    # Thresholds as exact Python floats: the gate compares against the same numbers.
+    return None if x is None else np.asarray(x).astype(np.float64).tolist()
 
 
 def _check_frames(frames) -> np.ndarray:

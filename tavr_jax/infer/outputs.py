@@ -1,4 +1,5 @@
-"""Inference outputs: predictions.jsonl, COCO keypoints, overlays; and the stream-to-files run.
+"""Inference outputs: predictions.jsonl, COCO keypoints, overlays, a Supervisely project for
+pre-annotation; and the stream-to-files run.
 
 All files are written atomically: to a temporary name in the output folder, renamed at the end.
 """
@@ -13,7 +14,8 @@ import tempfile
 import cv2
 import numpy as np
 
-from tavr_jax.fileio import write_json_atomic
+from tavr_jax.data import supervisely
+from tavr_jax.fileio import atomic_write_bytes, write_json_atomic
 from tavr_jax.infer import streams
 from tavr_jax.infer.postprocess import Gate
 from tavr_jax.infer.tracking import PointTracker
@@ -21,6 +23,9 @@ from tavr_jax.schema import KeypointSchema
 
 PREDICTIONS_FILE = "predictions.jsonl"
 COCO_FILE = "coco_keypoints.json"
+FORMATS = ("jsonl", "supervisely")
+VISIBILITY_TAG = "visibility"  # on each predicted point: its probability
+GROUP_TAG_PREFIX = "group_"  # on each frame: "group_<name>" = that group's probability
 
 
 def _tmp_beside(path: pathlib.Path) -> pathlib.Path:
@@ -116,6 +121,60 @@ def coco_keypoints(records: list[dict], schema: KeypointSchema) -> dict:
     return {"images": images, "annotations": annotations, "categories": [category]}
 
 
+class SuperviselyPredictions:
+    """Predictions as a Supervisely project to correct and retrain on (pre-annotation).
+
+    One case folder per input (the video/DICOM/image file's stem, or the folder's name), the
+    original frames as PNG, the reported points as point objects, each tagged with its
+    probability (`visibility`), and the group probabilities as frame tags (`group_<name>`).
+    `supervisely.read_project` reads the points back exactly: coordinates are clipped into the
+    frame, where the reader keeps them.
+    """
+
+    def __init__(self, root, schema: KeypointSchema, case_id: str, pixel_spacing_mm=None):
+        self.root, self.schema, self.case_id = pathlib.Path(root), schema, case_id
+        self.pixel_spacing_mm = pixel_spacing_mm
+        self.writer = supervisely.ProjectWriter(self.root, schema)
+        meta = supervisely.meta_json(schema)
+        meta["tags"] += [{"name": VISIBILITY_TAG, "value_type": "any_number"}] + [
+            {"name": GROUP_TAG_PREFIX + g, "value_type": "any_number"} for g in schema.group_names
+        ]
+        atomic_write_bytes(self.root / "meta.json", json.dumps(meta, indent=1).encode())
+
+    def add(self, frame: streams.Frame, name, visibility, group, coords, reported) -> None:
+        """One frame; `name` is its file name in a folder input (None: the frame index)."""
+        h, w = frame.image.shape
+        # Continuous pixel coordinates of the frame lie in [0, w) x [0, h).
+        upper = np.nextafter(np.array([w, h], np.float32), np.float32(0))
+        coords = np.clip(np.asarray(coords, np.float32), np.float32(0), upper)
+        frame_name = f"{pathlib.Path(name).stem if name else f'{frame.index:06d}'}.png"
+        self.writer.add(
+            supervisely.AnnotatedFrame(
+                case_id=self.case_id, frame_name=frame_name, image=frame.image,
+                visibility=np.asarray(reported, bool), coords=coords,
+                pixel_spacing_mm=self.pixel_spacing_mm,
+            )
+        )  # fmt: skip
+        # ProjectWriter writes points without tags; add the probabilities to what it wrote.
+        ann_path = self.root / self.case_id / "ann" / f"{frame_name}.json"
+        ann = json.loads(ann_path.read_text())
+        probability = dict(zip(self.schema.point_names, np.asarray(visibility), strict=True))
+        for obj in ann["objects"]:
+            value = round(float(probability[obj["classTitle"]]), 5)
+            obj["tags"] = [{"name": VISIBILITY_TAG, "value": value}]
+        ann["tags"] += [
+            {"name": GROUP_TAG_PREFIX + g, "value": round(float(p), 5)}
+            for g, p in zip(self.schema.group_names, np.asarray(group), strict=True)
+        ]
+        atomic_write_bytes(ann_path, json.dumps(ann).encode())
+
+    def close(self) -> None:  # every frame is complete on disk once added
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
 class OverlayWriter:
     """Annotated frames: a video (MJPG .avi) for video/DICOM input, PNGs otherwise."""
 
@@ -158,6 +217,31 @@ class OverlayWriter:
             self._writer = None
 
 
+class JsonlPredictions:
+    """OUT/predictions.jsonl (one line per frame) and, on `close`, OUT/coco_keypoints.json."""
+
+    def __init__(self, out_dir: pathlib.Path, schema: KeypointSchema, source):
+        self.path, self.schema, self.source = out_dir / PREDICTIONS_FILE, schema, source
+        self.tmp = _tmp_beside(self.path)
+        self.file = open(self.tmp, "w")  # noqa: SIM115 - closed in close() / abort()
+        self.records: list[dict] = []
+
+    def add(self, frame, name, visibility, group, coords, reported) -> None:
+        rec = frame_record(frame, visibility, group, coords, reported, self.schema,
+                           spacing_rc=self.source.pixel_spacing_rc, file=name)  # fmt: skip
+        self.file.write(json.dumps(rec) + "\n")
+        self.records.append(rec)
+
+    def close(self) -> None:
+        self.file.close()
+        os.replace(self.tmp, self.path)
+        write_json_atomic(self.path.parent / COCO_FILE, coco_keypoints(self.records, self.schema))
+
+    def abort(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
 def run_inference(
     engine,
     input_path,
@@ -167,14 +251,20 @@ def run_inference(
     track: str = "kalman",
     expect=None,
     progress: bool = True,
+    format: str = "jsonl",
 ) -> dict:
-    """Runs a `KeypointEngine` over an image, folder, video or DICOM and writes the outputs.
+    """Runs an engine over an image, folder, video or DICOM and writes the outputs.
 
-    Writes OUT/predictions.jsonl, OUT/coco_keypoints.json and, with `overlay`, OUT/overlay.avi
-    (video/DICOM input) or OUT/overlay/*.png. Returns a small summary dict.
+    format "jsonl": OUT/predictions.jsonl and OUT/coco_keypoints.json; "supervisely": OUT is
+    a Supervisely project of the reported points (see `SuperviselyPredictions`). With
+    `overlay`, also OUT/overlay.avi (video/DICOM input) or OUT/overlay/*.png. The engine is a
+    `KeypointEngine` or anything with its call API (`schema`, `meta`, `batch_size`, `device`,
+    `run_batches`). Returns a small summary dict.
     """
     from tqdm import tqdm  # noqa: PLC0415
 
+    if format not in FORMATS:
+        raise ValueError(f"unknown output format {format!r}; expected one of {', '.join(FORMATS)}")
     source = streams.open_source(input_path)
     schema = engine.schema
     gate = Gate.from_meta(engine.meta, schema, expect=expect)
@@ -189,43 +279,44 @@ def run_inference(
         overlays = OverlayWriter(
             out_dir, schema, video=source.kind in ("video", "dicom"), fps=source.fps
         )
-    jsonl = out_dir / PREDICTIONS_FILE
-    tmp = _tmp_beside(jsonl)
-    records = []
+    if format == "supervisely":
+        case_id = source.path.name if source.path.is_dir() else source.path.stem
+        sink = SuperviselyPredictions(out_dir, schema, case_id, source.pixel_spacing_mm)
+        written = out_dir
+    else:
+        sink = JsonlPredictions(out_dir, schema, source)
+        written = sink.path
+    n_frames = 0
     try:
         batches = streams.prefetch_to_device(
             iter(source), batch_size=engine.batch_size, device=engine.device
         )
         bar = tqdm(total=len(source) or None, desc="infer", unit="frame", disable=not progress)
-        with open(tmp, "w") as f:
-            for frames, out in engine.run_batches(batches):
-                for j, fr in enumerate(frames):
-                    vis, grp, xy = out["visibility"][j], out["group"][j], out["coords"][j]
-                    if tracker is not None:
-                        xy, reported = tracker.update(vis, grp, xy, fr.time_s)
-                    else:
-                        reported = gate(vis, grp)
-                    name = None if files is None else files[fr.index].name
-                    rec = frame_record(
-                        fr, vis, grp, xy, reported, schema, spacing_rc=source.pixel_spacing_rc,
-                        file=name,
-                    )  # fmt: skip
-                    f.write(json.dumps(rec) + "\n")
-                    records.append(rec)
-                    if overlays is not None:
-                        overlays.write(fr, xy, reported, vis, name)
-                bar.update(len(frames))
+        for frames, out in engine.run_batches(batches):
+            for j, fr in enumerate(frames):
+                vis, grp, xy = out["visibility"][j], out["group"][j], out["coords"][j]
+                if tracker is not None:
+                    xy, reported = tracker.update(vis, grp, xy, fr.time_s)
+                else:
+                    reported = gate(vis, grp)
+                name = None if files is None else files[fr.index].name
+                sink.add(fr, name, vis, grp, xy, reported)
+                if overlays is not None:
+                    overlays.write(fr, xy, reported, vis, name)
+            n_frames += len(frames)
+            bar.update(len(frames))
         bar.close()
-        os.replace(tmp, jsonl)
+        sink.close()
+    except BaseException:
+        sink.abort()
+        raise
     finally:
-        tmp.unlink(missing_ok=True)
         if overlays is not None:
             overlays.close()
-    write_json_atomic(out_dir / COCO_FILE, coco_keypoints(records, schema))
     return {
-        "frames": len(records),
+        "frames": n_frames,
         "source": source.kind,
-        "predictions": str(jsonl),
+        "predictions": str(written),
         "pixel_spacing_mm": source.pixel_spacing_rc,
         "fps": source.fps,
     }
