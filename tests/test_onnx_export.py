@@ -211,3 +211,32 @@ def test_missing_provider_is_a_clear_error():
     with pytest.raises(onnx_export.ProviderUnavailable, match="no CUDAExecutionProvider"):
         onnx_export.select_providers("cuda")
     assert onnx_export.select_providers("auto")[0] == "CPUExecutionProvider"
+
+
+def test_latency_benchmark_rows_per_backend(tmp_path, monkeypatch):
+    from benchmarks import latency
+
+    written = []
+    real_write = latency.write_json_atomic
+    monkeypatch.setattr(
+        latency,
+        "write_json_atomic",
+        lambda p, r: written.append(len(r["rows"])) or real_write(p, r),
+    )
+    out = tmp_path / "bench.json"
+    result = latency.run_benchmark(
+        backbones=["resnet_tiny"], image_size=32, batch_sizes=[1, 2], dtypes=["float32"],
+        backends=["xla", "onnxruntime"], onnxruntime_peer=True, torch_eager=False,
+        profile=False, timing={"warmup": 1, "min_runs": 2, "min_time_s": 0.0}, out=out,
+        peak_size=256, progress=lambda s: None,
+    )  # fmt: skip
+    assert [(r["backend"], r["batch"]) for r in result["rows"]] == [
+        ("xla", 1), ("onnxruntime", 1), ("xla", 2), ("onnxruntime", 2),
+    ]  # fmt: skip
+    assert written[:4] == [1, 2, 3, 4]  # the JSON is rewritten after every row
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(result["rows"]))
+    for row in result["rows"]:
+        assert row["ratio_vs_onnxruntime"] > 0 and 0 < row["fraction_of_peak"]
+        assert row["flops_per_batch"] > 0
+    assert set(result["peak"]) >= {"xla_matmul", "onnxruntime_matmul"}
+    assert "| resnet_tiny | onnxruntime | float32 | 32 | 2 |" in latency.markdown_table(result)

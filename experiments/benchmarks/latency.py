@@ -47,8 +47,8 @@ def flops_per_batch(engine: KeypointEngine, frame_size: int) -> float | None:
 
 
 def peak_kernels(provider: str = "auto", n: int = 2048, **timing) -> dict:
-    """The fp32 peak as the two libraries reach it: an n^3 matmul in XLA and in onnxruntime
-    (MLAS), timed in alternation. Returns {name: (fn, flops, GFLOP/s)}."""
+    """The fp32 peak as each library reaches it: an n^3 matmul in XLA, in onnxruntime (MLAS)
+    and in torch (its BLAS), timed in alternation. Returns {name: (fn, flops, GFLOP/s)}."""
     fns = {"xla_matmul": peak_matmul(n)}
     try:
         from tavr_jax.infer import onnx_export  # noqa: PLC0415
@@ -56,6 +56,13 @@ def peak_kernels(provider: str = "auto", n: int = 2048, **timing) -> dict:
         fns["onnxruntime_matmul"] = onnx_export.matmul_peak(n, provider=provider)
     except ValueError as e:  # no onnxruntime, or not this provider
         print(f"peak: onnxruntime matmul skipped ({e})")
+    try:
+        import torch  # noqa: PLC0415
+
+        a, b = torch.ones(n, n), torch.full((n, n), 0.5)
+        fns["torch_matmul"] = (lambda: torch.mm(a, b)), 2.0 * n**3
+    except ImportError:
+        pass
     times = time_interleaved([f for f, _ in fns.values()], **timing)
     return {
         name: (fn, flops, flops / float(np.median(t)) / 1e9)
@@ -241,6 +248,7 @@ def run_benchmark(
     onnxruntime_peer: bool = False,
     provider: str = "auto",
     out=None,
+    peak_size: int = 2048,
     progress=print,
 ) -> dict:
     """The full table: one row per (backbone, dtype, batch, backend); see docs/latency.md.
@@ -288,12 +296,13 @@ def run_benchmark(
                 skip("onnxruntime peer", why)
     peak = None
     if on_cpu:
-        kernels = peak_kernels(provider, **timing)
+        kernels = peak_kernels(provider, peak_size, **timing)
         name = max(kernels, key=lambda k: kernels[k][2])
         peak = kernels[name][:2]
         result["peak"] = {k: {"gflops_per_s": v[2]} for k, v in kernels.items()}
         result["peak_method"] = (
-            f"{name} (the faster of the 2048^3 float32 matmuls, 2n^3 flops) timed in alternation "
+            f"{name} (the fastest of the {peak_size}^3 float32 matmuls, 2n^3 flops) timed in "
+            "alternation "
             "with each backend's model-only run; fraction = median over paired runs of "
             "achieved/peak FLOP/s"
         )
