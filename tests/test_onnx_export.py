@@ -240,3 +240,33 @@ def test_latency_benchmark_rows_per_backend(tmp_path, monkeypatch):
         assert row["flops_per_batch"] > 0
     assert set(result["peak"]) >= {"xla_matmul", "onnxruntime_matmul"}
     assert "| resnet_tiny | onnxruntime | float32 | 32 | 2 |" in latency.markdown_table(result)
+
+
+def test_deploy_doc_client_runs_without_jax(workdir, tmp_path):
+    """The numpy + onnxruntime client of docs/deploy.md, run as written with jax unimportable,
+    reports the points the engine's gate reports."""
+    import pathlib
+    import re
+    import subprocess
+    import sys
+
+    from tavr_jax.infer.postprocess import Gate
+
+    doc = (pathlib.Path(__file__).parents[1] / "docs" / "deploy.md").read_text()
+    (client,) = re.findall(r"```python\n(.*?)```", doc, re.S)
+    engine_lib.export_workdir(workdir, tmp_path / "model.onnx", format="onnx")
+    frames = _simulated_frames(1, 32)
+    np.save(tmp_path / "frames.npy", frames)
+    client = client.replace('np.zeros((1, *info["frame_size"]), np.uint8)', 'np.load("frames.npy")')
+    assert 'np.load("frames.npy")' in client
+    script = 'import sys\nsys.modules["jax"] = None  # any import of jax now fails\n' + client
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    engine = onnx_export.load_onnx(tmp_path / "model.onnx")
+    out = engine(frames)
+    reported = Gate.from_meta(engine.meta, SCHEMA)(out["visibility"], out["group"])[0]
+    assert reported.any() and not reported.all()
+    assert [line.split(":")[0] for line in lines] == list(SCHEMA.point_names)
+    assert [": reported" in line for line in lines] == reported.tolist()
