@@ -392,7 +392,10 @@ def open_engine(
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {path}")
         if is_jax_export(path):
-            return load_exported(path, workdir=workdir, schema=schema)
+            exported = load_exported(path, workdir=workdir, schema=schema)
+            if exported.meta.get("batch") is None:  # a symbolic batch takes any chunk size
+                exported.batch_size = int(batch_size)
+            return exported
         from tavr_jax.infer.onnx_export import load_onnx  # noqa: PLC0415
 
         return load_onnx(path, workdir=workdir, schema=schema, batch_size=batch_size,
