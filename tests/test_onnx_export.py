@@ -189,6 +189,9 @@ def test_artifacts_refused_for_another_run_or_schema(workdir, tmp_path):
     _assert_close(b, a, (32, 32))
     with pytest.raises(ValueError, match="not an ONNX model"):
         onnx_export.read_metadata(workdir / "config.json")
+    with pytest.raises(ValueError, match="config.json is not an ONNX model") as e:
+        engine_lib.open_engine(model_file=workdir / "config.json")
+    assert "\n" not in str(e.value)
 
 
 def test_onnxruntime_backend_from_workdir_keeps_thresholds(workdir):

@@ -34,7 +34,7 @@ import numpy as np
 from tavr_jax.fileio import atomic_write_bytes
 from tavr_jax.schema import KeypointSchema
 
-OPSET = 17  # LayerNormalization needs 17; onnxruntime 1.16+ runs it
+OPSET = 17  # the first opset with LayerNormalization
 FORMAT = "tavr-keypoints-onnx/1"
 METADATA_KEY = "tavr_keypoints"
 INPUT_NAME = "frames"
@@ -382,7 +382,7 @@ def build_model(meta: dict, variables, *, frame_size, batch: int | None = None,
         producer_name="cardiac-jax",
         doc_string="uint8 frames (B, H, W) -> visibility (B, K), group (B, G), coords (B, K, 2)",
     )
-    model.ir_version = 8  # readable by onnxruntime 1.14 and later
+    model.ir_version = 8  # the IR of opset 17: older runtimes read the file too
     info = artifact_meta(meta, frame_size=(fh, fw), batch=batch, opset=OPSET)
     info.update(extra_metadata or {})
     onnx.helper.set_model_props(model, {METADATA_KEY: json.dumps(info)})
@@ -416,7 +416,7 @@ def artifact_meta(meta: dict, *, frame_size, batch, opset: int | None = None) ->
                 "dtype": "float32",
                 "shape": [b, schema.num_points, 2],
                 "unit": "frame pixels (x, y), half-pixel centres",
-            },  # fmt: skip
+            },
         },
     }
     if opset is not None:
@@ -449,7 +449,10 @@ def read_metadata(path) -> dict:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf raises its own DecodeError
         raise ValueError(f"{path} is not an ONNX model ({type(e).__name__})") from None
-    props = {p.key: p.value for p in model.metadata_props}
+    return _parse_metadata({p.key: p.value for p in model.metadata_props}, path)
+
+
+def _parse_metadata(props: dict, path) -> dict:
     if METADATA_KEY not in props:
         raise ValueError(f"{path} is an ONNX model but not an exported keypoint engine")
     return json.loads(props[METADATA_KEY])
@@ -647,7 +650,15 @@ def load_onnx(
     """An engine from an ONNX file written by `export_onnx`, refused (one line) when it was
     made for another schema or another training run than `workdir`'s."""
     path = pathlib.Path(path)
-    info = read_metadata(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ONNX file not found: {path}")
+    select_providers(provider)  # a missing provider is its own error, before the file's
+    try:  # onnxruntime alone reads the file and its metadata: no onnx package needed here
+        session = make_session(path, provider=provider, threads=threads)
+    except Exception as e:  # onnxruntime's own error types for unreadable models
+        why = (str(e).splitlines() or [type(e).__name__])[0][:100]
+        raise ValueError(f"{path} is not an ONNX model onnxruntime can load ({why})") from None
+    info = _parse_metadata(session.get_modelmeta().custom_metadata_map, path)
     check_artifact(info, path, workdir=workdir, schema=schema)
     fixed_batch = info.get("batch")
     if batch_size is not None and fixed_batch is not None and batch_size > fixed_batch:
@@ -656,7 +667,6 @@ def load_onnx(
         )
     meta = dict(info)
     meta["schema"] = KeypointSchema.from_json(info["schema"])
-    session = make_session(path, provider=provider, threads=threads)
     hw = tuple(info["frame_size"])
     return OnnxKeypointEngine(
         meta, batch_size=batch_size or fixed_batch or 1, provider=provider, threads=threads,
