@@ -48,6 +48,7 @@ def main(argv):
             b = int(_BATCHES.value[0])
             engine = KeypointEngine.random_init("paper11", _BACKBONES.value[0], _SIZE.value,
                                                 batch_size=b, dtype=_DTYPES.value[0])  # fmt: skip
+            engine = bench.make_backend(_BACKEND.value[0], engine, _PROVIDER.value)
             result = bench.bench_stream(engine, _STREAM.value)
         else:
             result = bench.run_benchmark(

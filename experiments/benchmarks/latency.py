@@ -181,6 +181,8 @@ def bench_cell(engines: dict, frame_size: int, *, peak=None, peers=None, flops=N
 
 def make_backend(backend: str, engine: KeypointEngine, provider: str = "auto"):
     """The engine of `backend` for a KeypointEngine's network (the engine itself for xla)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     if backend == "xla":
         return engine
     from tavr_jax.infer.onnx_export import OnnxKeypointEngine  # noqa: PLC0415
