@@ -506,7 +506,10 @@ def select_providers(which: str = "auto") -> list[str]:
             f"onnxruntime {ort.__version__} has no {PROVIDERS[which]} "
             f"(available: {', '.join(available)})"
         )
-    return list(dict.fromkeys([PROVIDERS[which], PROVIDERS["cpu"]]))
+    # Nodes a provider cannot run fall back along the list: TensorRT -> CUDA -> CPU.
+    fallbacks = [p for p in PROVIDERS.values() if p in available and p != PROVIDERS["tensorrt"]]
+    chain = [PROVIDERS[which]] + (fallbacks if which == "tensorrt" else [PROVIDERS["cpu"]])
+    return list(dict.fromkeys(chain))
 
 
 def make_session(model, *, provider: str = "auto", threads: int | None = None):
