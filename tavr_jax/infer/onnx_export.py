@@ -507,7 +507,7 @@ def select_providers(which: str = "auto") -> list[str]:
             f"(available: {', '.join(available)})"
         )
     # Nodes a provider cannot run fall back along the list: TensorRT -> CUDA -> CPU.
-    fallbacks = [p for p in PROVIDERS.values() if p in available and p != PROVIDERS["tensorrt"]]
+    fallbacks = [PROVIDERS[p] for p in ("cuda", "cpu") if PROVIDERS[p] in available]
     chain = [PROVIDERS[which]] + (fallbacks if which == "tensorrt" else [PROVIDERS["cpu"]])
     return list(dict.fromkeys(chain))
 
