@@ -23,18 +23,15 @@ _WHICH = flags.DEFINE_enum("which", "best", ["best", "latest"], "checkpoint to e
 
 
 def _parse(batch: str, frame_size: str | None):
-    try:
-        b = None if batch == "dynamic" else int(batch)
-        hw = None if frame_size is None else tuple(int(v) for v in frame_size.lower().split("x"))
-    except ValueError:
-        raise ValueError(
-            f"--batch={batch} / --frame_size={frame_size}: expected N|dynamic and HxW"
-        ) from None
-    if (b is not None and b < 1) or (hw is not None and (len(hw) != 2 or min(hw) < 1)):
-        raise ValueError(
-            f"--batch={batch} / --frame_size={frame_size}: expected N|dynamic and HxW"
-        ) from None
-    return b, hw
+    b = None if batch == "dynamic" else int(batch) if batch.isdigit() else 0
+    if b is not None and b < 1:
+        raise ValueError(f"--batch={batch}: expected a positive integer or 'dynamic'")
+    if frame_size is None:
+        return b, None
+    hw = frame_size.lower().split("x")
+    if len(hw) != 2 or not all(v.isdigit() and int(v) > 0 for v in hw):
+        raise ValueError(f"--frame_size={frame_size}: expected HxW, e.g. 1024x1024")
+    return b, (int(hw[0]), int(hw[1]))
 
 
 def main(argv):
