@@ -47,15 +47,16 @@ def flops_per_batch(engine: KeypointEngine, frame_size: int) -> float | None:
 
 
 def peak_kernels(provider: str = "auto", n: int = 2048, **timing) -> dict:
-    """The fp32 peak as each library reaches it: an n^3 matmul in XLA, in onnxruntime (MLAS)
-    and in torch (its BLAS), timed in alternation. Returns {name: (fn, flops, GFLOP/s)}."""
+    """The fp32 peak as each library reaches it: an n^3 matmul in XLA, onnxruntime (MLAS) and
+    torch (its BLAS), and onnxruntime's 3x3 convolution, timed in alternation.
+    Returns {name: (fn, flops, GFLOP/s)}."""
     fns = {"xla_matmul": peak_matmul(n)}
     try:
         from tavr_jax.infer import onnx_export  # noqa: PLC0415
 
-        fns["onnxruntime_matmul"] = onnx_export.matmul_peak(n, provider=provider)
+        fns.update(onnx_export.peak_kernels(n, provider=provider))
     except ValueError as e:  # no onnxruntime, or not this provider
-        print(f"peak: onnxruntime matmul skipped ({e})")
+        print(f"peak: onnxruntime kernels skipped ({e})")
     try:
         import torch  # noqa: PLC0415
 
@@ -142,7 +143,7 @@ def bench_cell(engines: dict, frame_size: int, *, peak=None, peers=None, flops=N
             return gate(out["visibility"], out["group"])
 
         end_to_end[backend] = e2e
-    times = time_interleaved(
+    times = time_shuffled(
         [*end_to_end.values(), *(lambda f=f: f(frames) for f in peers.values())], **timing
     )
     t_e2e = dict(zip(end_to_end, times, strict=False))
@@ -177,6 +178,29 @@ def bench_cell(engines: dict, frame_size: int, *, peak=None, peers=None, flops=N
             assert engine.trace_count == 1, "the benchmark must not retrace"
         rows.append(row)
     return rows
+
+
+def time_shuffled(fns, *, warmup: int = 2, min_runs: int = 5, min_time_s: float = 2.0,
+                  max_runs: int = 200, seed: int = 0) -> list[np.ndarray]:  # fmt: skip
+    """Like `timing.time_interleaved`, but each round runs the contenders in a new random order.
+
+    Thread pools linger after a call (onnxruntime's and OpenMP's threads spin for a while), so
+    in a fixed order each contender would always start in the wake of the same neighbour.
+    """
+    rng = np.random.default_rng(seed)
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
+    start = time.perf_counter()
+    while len(times[0]) < max_runs and (
+        len(times[0]) < min_runs or time.perf_counter() - start < min_time_s * len(fns)
+    ):
+        for i in rng.permutation(len(fns)):
+            t0 = time.perf_counter()
+            fns[i]()
+            times[i].append(time.perf_counter() - t0)
+    return [np.asarray(t) for t in times]
 
 
 def make_backend(backend: str, engine: KeypointEngine, provider: str = "auto"):
@@ -303,8 +327,7 @@ def run_benchmark(
         peak = kernels[name][:2]
         result["peak"] = {k: {"gflops_per_s": v[2]} for k, v in kernels.items()}
         result["peak_method"] = (
-            f"{name} (the fastest of the {peak_size}^3 float32 matmuls, 2n^3 flops) timed in "
-            "alternation "
+            f"{name} (the fastest of the float32 kernels in `peak`) timed in alternation "
             "with each backend's model-only run; fraction = median over paired runs of "
             "achieved/peak FLOP/s"
         )

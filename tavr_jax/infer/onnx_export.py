@@ -527,22 +527,34 @@ def make_session(model, *, provider: str = "auto", threads: int | None = None):
     return ort.InferenceSession(model, options, providers=select_providers(provider))
 
 
-def matmul_peak(n: int = 2048, *, provider: str = "auto"):
-    """(fn, flops): onnxruntime's own n x n x n float32 MatMul (2 n^3 flops), for measuring the
-    fp32 peak FLOP/s of this machine as onnxruntime's kernels reach it."""
+def peak_kernels(n: int = 2048, *, provider: str = "auto") -> dict:
+    """{name: (fn, flops)}: onnxruntime's own float32 kernels at full tilt, for measuring the
+    peak FLOP/s of this machine as onnxruntime reaches it: an n x n x n MatMul (2 n^3 flops)
+    and a 3x3 convolution of n // 8 channels on a 64 x 64 map (the network's bread and butter)."""
     onnx = _import_onnx()
-    g = _Graph()
-    g.op("MatMul", "a", g.const(np.full((n, n), 0.5, np.float32)), name="c")
-    tensor = onnx.helper.make_tensor_value_info
-    graph = onnx.helper.make_graph(
-        g.nodes, "matmul", [tensor("a", onnx.TensorProto.FLOAT, [n, n])],
-        [tensor("c", onnx.TensorProto.FLOAT, [n, n])], g.initializers,
-    )  # fmt: skip
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", OPSET)])
-    model.ir_version = 8
-    session = make_session(model, provider=provider)
-    a = np.ones((n, n), np.float32)
-    return (lambda: session.run(None, {"a": a})), 2.0 * n**3
+    c = max(n // 8, 8)
+    shapes = {
+        "onnxruntime_matmul": ("MatMul", [n, n], np.full((n, n), 0.5), {}, 2.0 * n**3),
+        "onnxruntime_conv3x3": (
+            "Conv", [1, c, 64, 64], np.full((c, c, 3, 3), 0.01), {"pads": [1, 1, 1, 1]},
+            2.0 * c * c * 9 * 64 * 64,
+        ),
+    }  # fmt: skip
+    kernels = {}
+    for name, (op, shape, weight, attrs, flops) in shapes.items():
+        g = _Graph()
+        out = g.op(op, "x", g.const(weight), **attrs)
+        tensor = onnx.helper.make_tensor_value_info
+        graph = onnx.helper.make_graph(
+            g.nodes, name, [tensor("x", onnx.TensorProto.FLOAT, shape)],
+            [tensor(out, onnx.TensorProto.FLOAT, None)], g.initializers,
+        )  # fmt: skip
+        model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", OPSET)])
+        model.ir_version = 8
+        session = make_session(model, provider=provider)
+        x = np.ones(shape, np.float32)
+        kernels[name] = (lambda s=session, x=x: s.run(None, {"x": x})), flops
+    return kernels
 
 
 class OnnxKeypointEngine:
