@@ -638,12 +638,8 @@ class OnnxKeypointEngine:
 
     def __call__(self, frames) -> dict[str, np.ndarray]:
         frames = _check_frames(frames)
-        outs = [
-            self.fetch(
-                self.dispatch(frames[i : i + self.batch_size]), len(frames[i : i + self.batch_size])
-            )
-            for i in range(0, len(frames), self.batch_size)
-        ]
+        chunks = [frames[i : i + self.batch_size] for i in range(0, len(frames), self.batch_size)]
+        outs = [self.fetch(self.dispatch(chunk), len(chunk)) for chunk in chunks]
         return {k: np.concatenate([o[k] for o in outs]) for k in OUTPUT_NAMES}
 
     def run_batches(self, batches: Iterable) -> Iterator[tuple[Any, dict[str, np.ndarray]]]:
