@@ -177,7 +177,9 @@ def _classes() -> SimpleNamespace:
             h = self.shared(self.backbone.forward_features(x).mean((2, 3)))
             out = torch.stack([head(h) for head in self.heads], 1)
             out = out.reshape(x.shape[0], self.groups * self.max_size, 3)[:, self.flat]
-            size = torch.tensor([frames.shape[2], frames.shape[1]], dtype=torch.float32)
+            size = torch.tensor(
+                [frames.shape[2], frames.shape[1]], dtype=torch.float32, device=frames.device
+            )
             coords = torch.sigmoid(out[..., 1:]) * size
             return torch.sigmoid(out[..., 0]), torch.sigmoid(self.group_classifier(h)), coords
 
