@@ -34,13 +34,13 @@ def _at(img, q):
     return img[y, x]
 
 
-def test_project_is_deterministic_for_a_seed(tmp_path):
-    kw = dict(cases=2, frames=3, size=64, seed=5, progress=False)
+def test_project_is_deterministic_for_a_seed_whatever_the_worker_count(tmp_path):
+    kw = dict(cases=3, frames=3, size=64, seed=5, progress=False)
     a = simulate.simulate_project(tmp_path / "a", SCHEMA, **kw)
-    b = simulate.simulate_project(tmp_path / "b", SCHEMA, **kw)
+    b = simulate.simulate_project(tmp_path / "b", SCHEMA, **kw, workers=2)
     files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
-    assert files_a == files_b and len(files_a) == 1 + 2 * 3 * 2
+    assert files_a == files_b and len(files_a) == 1 + 3 * 3 * 2
     _, mismatch, errors = filecmp.cmpfiles(a, b, [str(f) for f in files_a], shallow=False)
     assert mismatch == [] and errors == []
     c = simulate.simulate_project(tmp_path / "c", SCHEMA, **{**kw, "seed": 6})
@@ -48,7 +48,7 @@ def test_project_is_deterministic_for_a_seed(tmp_path):
     assert first_image(a) != first_image(c)
     # The reader gets back what was written, with stage and pixel spacing tags.
     project = supervisely.read_project(a, SCHEMA)
-    assert len(project.frames) == 6 and project.counts["dropped_points"] == 0
+    assert len(project.frames) == 9 and project.counts["dropped_points"] == 0
     assert all(f.stage in simulate.STAGES and f.pixel_spacing_mm > 0 for f in project.frames)
 
 
@@ -219,6 +219,8 @@ def test_schedule_runs_are_in_procedure_order_and_smooth():
 def test_cli_rejects_bad_values(tmp_path):
     with pytest.raises(ValueError, match="cases"):
         simulate.simulate_project(tmp_path, SCHEMA, cases=0, frames=2, size=64, seed=0)
+    with pytest.raises(ValueError, match="workers"):
+        simulate.simulate_project(tmp_path, SCHEMA, cases=1, frames=2, size=64, seed=0, workers=0)
     with pytest.raises(ValueError, match="size"):
         simulate.simulate_case(np.random.default_rng(0), SCHEMA, frames=1, size=8)
     assert not any(pathlib.Path(tmp_path).iterdir())
