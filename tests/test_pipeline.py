@@ -248,3 +248,73 @@ def test_build_refuses_a_foreign_non_empty_output_unless_overwrite(project, tmp_
     empty = tmp_path / "empty"
     empty.mkdir()
     assert pipeline.is_tfds_dir(pipeline.build_tfds(project, empty, image_size=16, val_fraction=0))
+
+
+@pytest.mark.parametrize("kind", ["tfds", "project"])
+def test_in_memory_loader_serves_the_same_batches_as_reading_on_demand(project, tfds_dir, kind):
+    # The project split as the TFDS folder was built: 12 training frames.
+    kw = {} if kind == "tfds" else {"image_size": S, "val_fraction": 0.3}
+    source = tfds_dir if kind == "tfds" else project
+    decoded = pipeline.open_frames(source, "train", in_memory=True, decode_threads=3, **kw)
+    assert isinstance(decoded, pipeline.DecodedFrames)
+    on_demand = pipeline.open_frames(source, "train", in_memory=False, **kw)
+    assert len(decoded) == len(on_demand) == 12
+    for i in range(len(decoded)):  # the decoded arrays hold exactly each example
+        for key, dtype in pipeline.TRAINING_DTYPES.items():
+            assert decoded[i][key].dtype == dtype
+            np.testing.assert_array_equal(decoded[i][key], on_demand[i][key])
+    assert decoded.nbytes == pipeline.decoded_size(on_demand)
+    loaders = [
+        pipeline.make_loader(source, "train", batch_size=5, seed=2, in_memory=m, **kw)
+        for m in (True, False)
+    ]
+    for _ in range(6):  # past two epoch boundaries
+        a, b = (next(it) for it in loaders)
+        assert set(a) == set(b) == set(pipeline.TRAINING_DTYPES)
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_each_process_reads_its_rows_of_the_global_batch(tfds_dir, in_memory):
+    # 18 frames in batches of 4: the last global batch has 2 frames, so process 1 of 2 gets
+    # only padding there, and process 0 of 4 a single padded row.
+    kw = dict(batch_size=4, seed=5, num_epochs=1, drop_remainder=False, in_memory=in_memory)
+    whole = _collect(pipeline.make_loader(tfds_dir, "all", **kw))
+    for count in (2, 4):
+        parts = [
+            _collect(
+                pipeline.make_loader(tfds_dir, "all", process_index=i, process_count=count, **kw)
+            )
+            for i in range(count)
+        ]
+        assert all(len(p) == len(whole) for p in parts)
+        for step, want in enumerate(whole):
+            rows = [p[step] for p in parts]
+            assert all(len(r["image"]) == 4 // count for r in rows)
+            valid = np.concatenate([r["valid"] for r in rows])
+            assert valid.sum() == len(want["image"]) and valid[: len(want["image"])].all()
+            for key in pipeline.TRAINING_DTYPES:
+                got = np.concatenate([r[key] for r in rows])
+                np.testing.assert_array_equal(got[valid], want[key])
+                assert not got[~valid].any()  # padding is zeros
+
+
+def test_process_options_are_checked(tfds_dir):
+    with pytest.raises(ValueError, match="not divisible by the 3 processes"):
+        pipeline.make_loader(tfds_dir, "train", batch_size=4, seed=0, process_count=3)
+    with pytest.raises(ValueError, match=r"process_index 2 is not in \[0, 2\)"):
+        pipeline.make_loader(
+            tfds_dir, "train", batch_size=4, seed=0, process_index=2, process_count=2
+        )
+
+
+def test_batches_run_through_epochs_in_their_seeded_orders(tfds_dir):
+    # 12 training frames, batches of 5 over 2 epochs: 24 positions, the last batch short.
+    it = pipeline.make_loader(
+        tfds_dir, "train", batch_size=5, seed=7, num_epochs=2, drop_remainder=False
+    )
+    frames = pipeline.open_source(tfds_dir, "train", with_ids=False)
+    images = np.concatenate([b["image"] for b in it])
+    order = np.concatenate([np.random.default_rng([7, e]).permutation(12) for e in range(2)])
+    np.testing.assert_array_equal(images, np.stack([frames[i]["image"] for i in order]))

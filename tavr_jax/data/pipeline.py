@@ -14,11 +14,11 @@ coordinates, so x / W is the same number at every resolution); `to_original_pixe
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import pathlib
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 
 import cv2
@@ -388,56 +388,166 @@ def open_source(
     return SuperviselySource(project, image_size)
 
 
-class BatchReader(grain.transforms.Map):
-    """Frame indices (B,) -> one training batch, read from a random-access source."""
+class DecodedFrames(Sequence):
+    """Every frame of one split decoded once into host memory; batches are gathered by index.
 
-    def __init__(self, source: Sequence):
-        self.source = source
+    Decoding (PNG decode and resize, or record parsing) is done once, by a thread pool, so
+    serving a batch afterwards is one memory gather per field: the loader then costs a copy
+    of the batch, whatever the source format.
+    """
 
-    def map(self, indices: np.ndarray) -> dict:
-        examples = [self.source[int(i)] for i in indices]
-        return {
-            key: np.stack([np.asarray(e[key], dtype) for e in examples])
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self.arrays = arrays  # TRAINING_DTYPES keys -> (N, ...) arrays
+
+    @classmethod
+    def decode(cls, source: Sequence, *, threads: int | None = None) -> DecodedFrames:
+        """Reads every example of `source` (a random-access source above) into arrays."""
+        n = len(source)
+        first = source[0]
+        arrays = {
+            key: np.empty((n, *np.shape(first[key])), dtype)
             for key, dtype in TRAINING_DTYPES.items()
         }
 
+        def fill(start: int) -> None:
+            for i in range(start, min(start + _DECODE_CHUNK, n)):
+                example = source[i]
+                for key, array in arrays.items():
+                    array[i] = example[key]
 
-def make_loader(
+        # PNG decoding and resizing release the GIL, so threads decode in parallel.
+        with concurrent.futures.ThreadPoolExecutor(threads or os.cpu_count()) as pool:
+            list(pool.map(fill, range(0, n, _DECODE_CHUNK)))
+        return cls(arrays)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+    def __len__(self) -> int:
+        return len(self.arrays["image"])
+
+    def __getitem__(self, index: int) -> dict:
+        return {key: array[index] for key, array in self.arrays.items()}
+
+    def batch(self, indices: np.ndarray) -> dict:
+        """Rows `indices` of every field (a gather; the result owns its memory)."""
+        return {key: np.take(array, indices, axis=0) for key, array in self.arrays.items()}
+
+
+_DECODE_CHUNK = 64  # frames per decoding task: amortises the pool's per-task overhead
+
+
+def decoded_size(source: Sequence) -> int:
+    """Bytes that `DecodedFrames.decode(source)` would hold."""
+    first = source[0]
+    per_frame = sum(np.asarray(first[k], d).nbytes for k, d in TRAINING_DTYPES.items())
+    return per_frame * len(source)
+
+
+def _fits_in_memory(source: Sequence) -> bool:
+    # A quarter of what is free: room for the model, its compilation and other processes.
+    return decoded_size(source) <= psutil.virtual_memory().available // 4
+
+
+class BatchIndices(grain.transforms.Map):
+    """Batch number -> the frame indices of that global batch (B,).
+
+    Frames are taken epoch after epoch, each epoch in its own order (a permutation drawn from
+    `np.random.default_rng([seed, epoch])`, or 0..n-1 without shuffling); batches run across
+    epoch boundaries, so batch b holds positions b*B .. (b+1)*B - 1 of that sequence, cut at
+    `total` positions (None: endless).
+    """
+
+    def __init__(self, n: int, batch_size: int, *, seed: int, shuffle: bool, total: int | None):
+        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self.total = total
+        self._orders: dict[int, np.ndarray] = {}
+
+    def num_batches(self, *, drop_remainder: bool) -> int:
+        if self.total is None:
+            return _ENDLESS
+        b = self.batch_size
+        return self.total // b if drop_remainder else -(-self.total // b)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            if len(self._orders) > 1:  # a batch spans at most two epochs
+                self._orders.pop(min(self._orders))
+            rng = np.random.default_rng([self.seed, epoch])
+            self._orders[epoch] = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
+        return self._orders[epoch]
+
+    def map(self, batch: int) -> np.ndarray:
+        start = int(batch) * self.batch_size
+        stop = start + self.batch_size
+        positions = np.arange(start, stop if self.total is None else min(stop, self.total))
+        epochs, within = np.divmod(positions, self.n)
+        out = np.empty(len(positions), np.int64)
+        for epoch in np.unique(epochs):
+            here = epochs == epoch
+            out[here] = self._order(int(epoch))[within[here]]
+        return out
+
+
+_ENDLESS = 2**62  # "repeat forever": more batches than any run takes
+
+
+class BatchReader(grain.transforms.Map):
+    """Frame indices of a global batch (B,) -> this process's rows of it, read from a source.
+
+    With `rows` (a slice of the global batch), only those rows are read, after a short
+    global batch is padded to `global_batch` with index -1; padded rows are zeros and
+    `valid` (rows,) bool marks the real ones.
+    """
+
+    def __init__(self, source: Sequence, rows: slice | None = None, global_batch: int = 0):
+        self.source = source
+        self.rows = rows
+        self.global_batch = global_batch
+
+    def map(self, indices: np.ndarray) -> dict:
+        indices = np.asarray(indices)
+        if self.rows is not None:
+            pad = self.global_batch - len(indices)
+            indices = np.concatenate([indices, np.full(pad, -1, indices.dtype)])[self.rows]
+        valid = indices >= 0
+        readable = np.where(valid, indices, 0)  # padded rows read frame 0, then become zeros
+        if isinstance(self.source, DecodedFrames):
+            batch = self.source.batch(readable)
+        else:
+            examples = [self.source[int(i)] for i in readable]
+            batch = {
+                key: np.stack([np.asarray(e[key], dtype) for e in examples])
+                for key, dtype in TRAINING_DTYPES.items()
+            }
+        if self.rows is None:
+            return batch
+        if not valid.all():
+            batch = {key: v * valid.reshape(-1, *[1] * (v.ndim - 1)).astype(v.dtype)
+                     for key, v in batch.items()}  # fmt: skip
+        return {**batch, "valid": valid}
+
+
+def open_frames(
     source: os.PathLike,
     split: str,
     *,
-    batch_size: int,
-    seed: int,
-    shuffle: bool = True,
-    num_epochs: int | None = None,
-    num_workers: int = 0,
-    drop_remainder: bool = True,
-    num_threads: int = 2,
+    in_memory: bool | None = None,
+    decode_threads: int | None = None,
     image_size: int | None = None,
     schema: KeypointSchema | str | None = None,
     split_seed: int = 0,
     val_fraction: float = 0.2,
     test_fraction: float = 0.0,
-) -> grain.DatasetIterator:
-    """A grain iterator of training batches (dicts of numpy arrays, uint8 images).
+) -> Sequence:
+    """The training examples of one split, decoded into memory or read on demand.
 
-    Args:
-      source: a TFDS folder written by `build_tfds`, or a Supervisely project (frames are then
-        read and resized on the fly: pass image_size, and the split options).
-      split: train, val, test or all.
-      batch_size, drop_remainder: batching; a short last batch is kept if drop_remainder=False.
-      seed: shuffle seed; each epoch is shuffled differently but deterministically.
-      num_epochs: None repeats forever.
-      num_workers: grain worker processes (0: in this process, with num_threads readers).
-
-    Returns:
-      An iterator with `get_state()` / `set_state(state)`: a restored state resumes with the
-      exact next batch. Call `close()` when done if num_workers > 0.
+    in_memory: True decodes every frame once (`DecodedFrames`, a thread pool of
+      `decode_threads`, default one per core); False reads and decodes each frame when it is
+      asked for; None decodes when the split takes under a quarter of the free memory.
+    Other arguments as `open_source`.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if num_epochs is not None and num_epochs < 1:
-        raise ValueError(f"num_epochs must be positive or None, got {num_epochs}")
     data = open_source(
         source,
         split,
@@ -450,14 +560,87 @@ def make_loader(
     )
     if len(data) == 0:
         raise ValueError(f"{source}: split {split!r} is empty")
-    # Shuffle and batch frame indices, then read each batch in one call: per-frame grain
-    # bookkeeping would cost as much as reading the frame.
-    ds = grain.MapDataset.range(len(data))
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    if num_epochs != 1:
-        ds = ds.repeat(num_epochs)
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder).map(BatchReader(data))
+    if in_memory is None:
+        in_memory = _fits_in_memory(data)
+    return DecodedFrames.decode(data, threads=decode_threads) if in_memory else data
+
+
+def make_loader(
+    source: os.PathLike | Sequence,
+    split: str,
+    *,
+    batch_size: int,
+    seed: int,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    num_workers: int = 0,
+    drop_remainder: bool = True,
+    num_threads: int = 2,
+    in_memory: bool | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    image_size: int | None = None,
+    schema: KeypointSchema | str | None = None,
+    split_seed: int = 0,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.0,
+) -> grain.DatasetIterator:
+    """A grain iterator of training batches (dicts of numpy arrays, uint8 images).
+
+    Args:
+      source: a TFDS folder written by `build_tfds`, a Supervisely project (frames are then
+        read and resized: pass image_size, and the split options), or frames already opened
+        by `open_frames` (then `split` and the reading options are not used).
+      split: train, val, test or all.
+      batch_size, drop_remainder: batching; a short last batch is kept if drop_remainder=False.
+      seed: shuffle seed; each epoch is shuffled differently but deterministically.
+      num_epochs: None repeats forever.
+      num_workers: grain worker processes (0: in this process, with num_threads readers).
+      in_memory: decode the split into memory first (see `open_frames`); None decides by
+        size, and never with worker processes (each would receive a copy).
+      process_index, process_count: with several processes, each reads only its own rows of
+        every global batch (`batch_size` is global, divisible by process_count); a short
+        global batch is then padded with zero rows, and `valid` (rows,) bool marks the real
+        ones. The batches of all processes, concatenated in process order, are the global
+        batches of a single process.
+
+    Returns:
+      An iterator with `get_state()` / `set_state(state)`: a restored state resumes with the
+      exact next batch. Call `close()` when done if num_workers > 0.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if num_epochs is not None and num_epochs < 1:
+        raise ValueError(f"num_epochs must be positive or None, got {num_epochs}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+    if batch_size % process_count:
+        raise ValueError(
+            f"batch_size {batch_size} is not divisible by the {process_count} processes"
+        )
+    if isinstance(source, Sequence) and not isinstance(source, str):
+        data = source
+    else:
+        data = open_frames(
+            source,
+            split,
+            in_memory=in_memory if num_workers == 0 else bool(in_memory),
+            image_size=image_size,
+            schema=schema,
+            split_seed=split_seed,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+        )
+    rows = None
+    if process_count > 1:
+        local = batch_size // process_count
+        rows = slice(process_index * local, (process_index + 1) * local)
+    # grain sees one element per batch (its index), so its per-element bookkeeping and a
+    # per-element shuffle (about 1 ms each) never run per frame.
+    total = None if num_epochs is None else num_epochs * len(data)
+    indices = BatchIndices(len(data), batch_size, seed=seed, shuffle=shuffle, total=total)
+    ds = grain.MapDataset.range(indices.num_batches(drop_remainder=drop_remainder))
+    ds = ds.map(indices).map(BatchReader(data, rows, batch_size))
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2)
     it = ds.to_iter_dataset(read)
     if num_workers > 0:
@@ -466,60 +649,3 @@ def make_loader(
             flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return iter(it)
-
-
-def _cpu_seconds() -> float:
-    """CPU time of this process (all threads) and its live children (grain workers)."""
-    total = time.process_time()  # finer than psutil's 10 ms ticks
-    for child in psutil.Process().children(recursive=True):
-        try:
-            t = child.cpu_times()
-            total += t.user + t.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
-def benchmark_loader(
-    source: os.PathLike,
-    split: str = "train",
-    *,
-    batch_size: int = 32,
-    batches: int = 40,
-    repeats: int = 5,
-    num_workers: int = 0,
-    num_threads: int = 2,
-    image_size: int | None = None,
-) -> dict:
-    """Host frames/s of `make_loader`, median over repeats of `batches` batches after warm-up.
-
-    Also frames per CPU-second (this process and its workers): on a shared machine the
-    wall-clock rate says more about the neighbours than about the pipeline.
-    """
-    it = make_loader(
-        source,
-        split,
-        batch_size=batch_size,
-        seed=0,
-        num_workers=num_workers,
-        num_threads=num_threads,
-        image_size=image_size,
-    )
-    try:
-        for _ in range(max(2, num_workers * 2)):  # worker start-up and first reads
-            next(it)
-        rates, cpu_rates = [], []
-        for _ in range(repeats):
-            start, cpu = time.perf_counter(), _cpu_seconds()
-            for _ in range(batches):
-                next(it)
-            rates.append(batches * batch_size / (time.perf_counter() - start))
-            cpu_rates.append(batches * batch_size / max(_cpu_seconds() - cpu, 1e-9))
-    finally:
-        if num_workers > 0:
-            it.close()
-    return {
-        "frames_per_s": float(np.median(rates)),
-        "frames_per_cpu_s": float(np.median(cpu_rates)),
-        "runs": rates,
-    }
