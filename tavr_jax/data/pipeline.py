@@ -2,8 +2,9 @@
 
 `build_tfds` converts any Supervisely project into an array_record TFDS dataset with the
 frames already resized to the training resolution S (uint8 `Tensor` features, decoded with
-NumPy only). `make_loader` turns a TFDS directory, or a Supervisely project read on the fly,
-into a grain iterator of training batches (docs/architecture.md):
+NumPy only). `make_loader` turns a TFDS directory or a Supervisely project, decoded once into
+memory (`DecodedFrames`) or read on demand, into a grain iterator of training batches, or of
+one process's rows of each global batch (docs/architecture.md):
 
     image (B, S, S) uint8, visibility (B, K) float32, coords (B, K, 2) float32 (pixels of the
     S x S input, 0 where invisible), orig_size (B, 2) int32 (H, W), pixel_spacing (B,) float32
