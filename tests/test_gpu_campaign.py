@@ -23,8 +23,9 @@ TRAINING = {"backbone", "head", "image_size", "steps", "wall_s", "precision", "r
 
 def test_latency_and_throughput_rows_keep_the_contract_fields():
     e2e = {"p50_ms": 1.5, "p90_ms": 1.8, "p99_ms": 2.5, "frames_per_s": 666.7, "runs": 9}
-    bench = {"rows": [{"backbone": "resnet34", "dtype": "bfloat16", "batch": 1, "image_size": 512,
-                       "frame_size": 512, "model": {"p50_ms": 1.0}, "end_to_end": e2e}]}  # fmt: skip
+    row = {"backbone": "resnet34", "dtype": "bfloat16", "batch": 1, "image_size": 512,
+           "frame_size": 512, "model": {"p50_ms": 1.0}, "end_to_end": e2e}  # fmt: skip
+    bench = {"rows": [row]}
     (row,) = campaign.latency_rows([bench])
     assert set(row) == LATENCY
     assert (row["end_to_end_p50_ms"], row["end_to_end_p99_ms"], row["frames_per_s"]) == (
@@ -130,3 +131,22 @@ def test_smoke_campaign_json_has_the_contract_fields_and_types(smoke):
         assert t[k] is None or isinstance(t[k], float), k  # None: nothing reported or found
     assert set(c["features"]) == {"maps_per_s_256", "maps_per_s_512"}
     assert all(isinstance(v, float) and v > 0 for v in c["features"].values())
+
+
+def test_gpu_plan_fits_its_budget_and_sizes_the_run_from_the_measured_rate(tmp_path):
+    plan = campaign.gpu_plan()
+    assert plan.budget_s <= 540 and plan.sim["cases"] * plan.sim["frames"] == 6000
+    run = campaign.Campaign(plan, tmp_path / "out", tmp_path / "work")
+    # The stages before training may take at most what leaves it its minimum, whatever
+    # their own limits: 540 - (120 + 60 + 60 + 30) = 270 s for preflight to throughput.
+    assert run.protected_s() == 270 and plan.budget_s - run.protected_s() == 270
+    assert plan.limits["preflight"] + plan.limits["simulate"] < 270
+    run.work.mkdir()
+    assert run._steps_in(100.0) is None  # no throughput measured: the config's num_steps
+    rows = [{"backbone": "resnet34", "dtype": "bfloat16", "images_per_s": 9000.0},
+            {"backbone": "resnet34", "dtype": "float32", "images_per_s": 3000.0,
+             "images_per_s_pipeline": 2400.0}]  # fmt: skip
+    (run.work / "bench_train.json").write_text(json.dumps({"results": rows}))
+    # 0.6 x 100 s x 2,400 images/s (the config's fp32, fed by the pipeline) / batch 32
+    assert run._steps_in(100.0) == 4500
+    assert run._steps_in(1.0) == 500 and run._steps_in(10_000.0) == 20_000  # clamped

@@ -77,6 +77,7 @@ class Plan:
     features: tuple  # (size, batch) per bench_features run: 256 then 512
     cv: dict  # make_perfusion_data and perfusion_cv flags
     reserve_s: dict  # seconds kept for what follows the training run
+    train_min_s: float  # training time the stages before it may not eat into
 
 
 def gpu_plan() -> Plan:
@@ -108,6 +109,7 @@ def gpu_plan() -> Plan:
         features=((256, 256), (512, 64)),
         cv=dict(n=300, model="resnet50", task="abnormal", folds=5, min_s=120),
         reserve_s=dict(startup=60, evaluation=60, perfusion=30),
+        train_min_s=120,
     )
 
 
@@ -145,6 +147,7 @@ def smoke_plan() -> Plan:
         features=((256, 2), (512, 1)),
         cv=dict(n=12, model="rf", task="abnormal", folds=2, min_s=0),
         reserve_s=dict(startup=0, evaluation=60, perfusion=0),
+        train_min_s=0,
     )
 
 
@@ -283,6 +286,10 @@ class Campaign:
     def left(self) -> float:
         return self.plan.budget_s - (time.monotonic() - self.start)
 
+    def protected_s(self) -> float:
+        """Seconds the stages before training leave: its minimum and what follows it."""
+        return self.plan.train_min_s + sum(self.plan.reserve_s.values())
+
     def _exec(self, cmd: list[str], limit_s: float, *, capture: str | None = None) -> str:
         """Runs one command in its own process group: "ok", "failed (exit N)" or "timeout".
 
@@ -326,8 +333,10 @@ class Campaign:
     def _launcher(self, name: str, *args: str) -> list[str]:
         return [self.python, str(EXPERIMENTS / f"{name}.py"), *args]
 
-    def _stage(self, name: str, commands, limit_s: float) -> None:
+    def _stage(self, name: str, commands, limit_s: float, *, stop_on_failure=False) -> None:
         """Runs a stage's commands (callables returning a status, or argv lists) in order."""
+        if STAGES.index(name) < STAGES.index("training"):
+            limit_s = min(limit_s, self.left() - self.protected_s())
         t0 = time.monotonic()
         deadline = t0 + limit_s
         statuses = []
@@ -341,6 +350,8 @@ class Campaign:
                     statuses.append(command(remaining))
                 else:
                     statuses.append(self._exec(command, remaining))
+                if stop_on_failure and statuses[-1] != "ok":
+                    break
         bad = [s for s in statuses if s != "ok"]
         self.stages[name] = {
             "status": bad[0] if bad else "ok",
@@ -401,7 +412,8 @@ class Campaign:
                     print(f"preflight: {name}.py --help failed:\n{err.decode()[-2000:]}")
             return f"failed ({', '.join(failed)})" if failed else "ok"
 
-        self._stage("preflight", [install, imports, launchers], self.plan.limits["preflight"])
+        commands = [install, imports, launchers]
+        self._stage("preflight", commands, self.plan.limits["preflight"], stop_on_failure=True)
 
     def _simulate(self) -> None:
         cmd = self._launcher("make_tavr_data", f"--out={self.work / 'sim'}", *_flags(self.plan.sim))
