@@ -39,6 +39,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 EXPERIMENTS = ROOT / "experiments"
 STAGES = ("preflight", "simulate", "latency", "train_throughput", "training", "perfusion")
 SITE = "/tmp/campaign_site"  # where the carried wheels are installed
+_CAMPAIGN = "from benchmarks import campaign"  # child processes call this module's helpers
 
 # What preflight imports: the library modules every stage runs on, and the outside packages
 # they need (the GPU image lacks some; they travel as wheels, see `make gpu-wheels`).
@@ -330,8 +331,9 @@ class Campaign:
             sink.close()
         return status
 
-    def _launcher(self, name: str, *args: str) -> list[str]:
-        return [self.python, str(EXPERIMENTS / f"{name}.py"), *args]
+    def _launcher(self, name: str, *args: str, **flags) -> list[str]:
+        """argv of experiments/NAME.py: `args` as given, then `--key=value` per flag."""
+        return [self.python, str(EXPERIMENTS / f"{name}.py"), *args, *_flags(flags)]
 
     def _stage(self, name: str, commands, limit_s: float, *, stop_on_failure=False) -> None:
         """Runs a stage's commands (callables returning a status, or argv lists) in order."""
@@ -384,12 +386,9 @@ class Campaign:
             return status
 
         def imports(limit_s):
-            code = (
-                "from benchmarks import campaign; "
-                f"campaign.write_preflight({str(self.work / 'preflight.json')!r}, "
-                f"require_gpu={not self.plan.smoke})"
-            )
-            return self._exec([self.python, "-c", code], limit_s)
+            path = str(self.work / "preflight.json")
+            code = f"campaign.write_preflight({path!r}, require_gpu={not self.plan.smoke})"
+            return self._exec([self.python, "-c", f"{_CAMPAIGN}; {code}"], limit_s)
 
         def launchers(limit_s):
             if self.plan.smoke:  # on 2 cores this costs more than it saves: later stages run them
@@ -416,88 +415,45 @@ class Campaign:
         self._stage("preflight", commands, self.plan.limits["preflight"], stop_on_failure=True)
 
     def _simulate(self) -> None:
-        cmd = self._launcher("make_tavr_data", f"--out={self.work / 'sim'}", *_flags(self.plan.sim))
+        cmd = self._launcher("make_tavr_data", out=self.work / "sim", **self.plan.sim)
         self._stage("simulate", [cmd], self.plan.limits["simulate"])
 
     def _latency(self) -> None:
-        commands = []
-        for backbone, dtype in self.plan.latency_runs:
-            out = self.work / f"latency_{backbone}_{dtype}.json"
-            commands.append(
-                self._launcher(
-                    "bench_latency",
-                    f"--backbones={backbone}",
-                    f"--dtypes={dtype}",
-                    *_flags(self.plan.latency),
-                    "--noprofile",
-                    "--notorch_eager",
-                    f"--out={out}",
-                )
-            )
-        commands.append(self._onnxruntime_row)
-        commands.append(
-            [
-                self.python,
-                "-c",
-                "from benchmarks import campaign; "
-                f"campaign.plot_latency({str(self.work)!r}, {str(self.out)!r})",
-            ]
-        )
+        commands = [
+            self._launcher("bench_latency", "--noprofile", "--notorch_eager", backbones=backbone,
+                           dtypes=dtype, out=self.work / f"latency_{backbone}_{dtype}.json",
+                           **self.plan.latency)
+            for backbone, dtype in self.plan.latency_runs
+        ]  # fmt: skip
+        plot = f"campaign.plot_latency({str(self.work)!r}, {str(self.out)!r})"
+        commands += [self._onnxruntime_row, [self.python, "-c", f"{_CAMPAIGN}; {plot}"]]
         self._stage("latency", commands, self.plan.limits["latency"])
 
     def _onnxruntime_row(self, limit_s) -> str:
         """ONNX Runtime, when the latency launcher offers a backend flag (another engineer's)."""
-        help_text = subprocess.run(
-            self._launcher("bench_latency", "--help"),
-            cwd=ROOT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-        ).stdout
-        if "--backend" not in help_text:
+        launcher = self._launcher("bench_latency", "--help")
+        text = subprocess.run(launcher, cwd=ROOT, env=self.env, capture_output=True, text=True)
+        if "--backend" not in text.stdout:
             print("latency: bench_latency.py has no --backend flag; no ONNX Runtime row")
             return "ok"
-        backbone, _ = self.plan.latency_runs[0]
-        out = self.work / "onnxruntime_latency.json"
-        return self._exec(
-            self._launcher(
-                "bench_latency",
-                "--backend=onnxruntime",
-                f"--backbones={backbone}",
-                "--dtypes=float32",
-                "--batch_sizes=1",
-                f"--image_size={self.plan.latency['image_size']}",
-                f"--min_time={self.plan.latency['min_time']}",
-                "--noprofile",
-                "--notorch_eager",
-                f"--out={out}",
-            ),
-            limit_s,
-        )
+        flags = {**self.plan.latency, "batch_sizes": 1, "dtypes": "float32"}
+        cmd = self._launcher("bench_latency", "--backend=onnxruntime", "--noprofile",
+                             "--notorch_eager", backbones=self.plan.latency_runs[0][0],
+                             out=self.work / "onnxruntime_latency.json", **flags)  # fmt: skip
+        return self._exec(cmd, limit_s)
 
     def _train_throughput(self) -> None:
-        data = self.work / "sim"
-        train = self._launcher(
-            "bench_train",
-            f"--config={ROOT / self.plan.train_config}",
-            *_flags(self.plan.throughput),
-            f"--data={data}",
-            f"--out={self.work / 'bench_train.json'}",
-        )
-        loader = self._launcher(
-            "bench_input",
-            f"--data={data}",
-            "--nobuild_tfds",
-            *_flags(self.plan.input),
-            f"--out={self.work / 'bench_input.json'}",
-        )
+        data, config, w = self.work / "sim", ROOT / self.plan.train_config, self.work
+        train = self._launcher("bench_train", config=config, data=data,
+                               out=w / "bench_train.json", **self.plan.throughput)  # fmt: skip
+        loader = self._launcher("bench_input", "--nobuild_tfds", data=data,
+                                out=w / "bench_input.json", **self.plan.input)  # fmt: skip
         self._stage("train_throughput", [train, loader], self.plan.limits["train_throughput"])
 
     def _training(self) -> None:
         reserve = self.plan.reserve_s
-        later = reserve["evaluation"] + reserve["perfusion"]
         limit = self.left() - reserve["perfusion"]
-        budget = max(self.left() - later - reserve["startup"], 10.0)
+        budget = max(limit - reserve["evaluation"] - reserve["startup"], 10.0)
         overrides = dict(self.plan.train)
         if not self.plan.smoke:
             overrides["time_budget_s"] = round(budget)
@@ -506,24 +462,15 @@ class Campaign:
                 overrides["num_steps"] = steps  # the schedule decays within the budget
         if self.head:
             overrides["head"] = self.head
-        workdir = self.work / "run"
+        workdir, data = self.work / "run", self.work / "sim"
         train = self._launcher(
-            "tavr_train",
-            f"--config={ROOT / self.plan.train_config}",
-            f"--workdir={workdir}",
-            f"--data={self.work / 'sim'}",
-            *[f"--config.{k}={v}" for k, v in overrides.items()],
-            *self.overrides,
-        )
-        evaluate = self._launcher(
-            "tavr_eval",
-            f"--workdir={workdir}",
-            f"--data={self.work / 'sim'}",
-            "--tune_thresholds",
-            "--split=test",
-            f"--batch_size={self.plan.eval_batch}",
-            f"--out={self.work / 'test_metrics.json'}",
-        )
+            "tavr_train", f"--config={ROOT / self.plan.train_config}",  # before its overrides
+            *[f"--config.{k}={v}" for k, v in overrides.items()], *self.overrides,
+            workdir=workdir, data=data,
+        )  # fmt: skip
+        evaluate = self._launcher("tavr_eval", "--tune_thresholds", workdir=workdir, data=data,
+                                  split="test", batch_size=self.plan.eval_batch,
+                                  out=self.work / "test_metrics.json")  # fmt: skip
 
         def run_train(limit_s):
             return self._exec(train, limit_s - reserve["evaluation"], capture="train_stdout.txt")
@@ -544,47 +491,28 @@ class Campaign:
         return int(min(max(0.6 * budget_s * rates[0] / 32, 500), 20_000))
 
     def _perfusion(self) -> None:
-        commands = []
-        for size, batch in self.plan.features:
-            commands.append(self._features(size, batch))
-        cv = self.plan.cv
-        data = self.work / "perf"
+        commands = [self._features(size, batch) for size, batch in self.plan.features]
+        cv, data = self.plan.cv, self.work / "perf"
 
         def cross_validate(limit_s):
             if limit_s < cv["min_s"]:
                 print(f"perfusion: {limit_s:.0f} s left, under the {cv['min_s']} s the CV needs")
                 return "ok"
-            status = self._exec(
-                self._launcher("make_perfusion_data", f"--out={data}", f"--n={cv['n']}"),
-                limit_s,
-            )
+            status = self._exec(self._launcher("make_perfusion_data", out=data, n=cv["n"]), limit_s)
             if status != "ok":
                 return status
-            return self._exec(
-                self._launcher(
-                    "perfusion_cv",
-                    f"--data={data}",
-                    f"--task={cv['task']}",
-                    f"--model={cv['model']}",
-                    f"--folds={cv['folds']}",
-                    f"--out={self.work / 'perfusion_cv.json'}",
-                ),
-                limit_s,
-            )
+            out = self.work / "perfusion_cv.json"
+            cmd = self._launcher("perfusion_cv", data=data, task=cv["task"], model=cv["model"],
+                                 folds=cv["folds"], out=out)  # fmt: skip
+            return self._exec(cmd, limit_s)
 
         commands.append(cross_validate)
         self._stage("perfusion", commands, max(self.plan.limits["perfusion"], self.left()))
 
     def _features(self, size: int, batch: int):
         def run(limit_s):
-            cmd = self._launcher(
-                "bench_features",
-                f"--size={size}",
-                f"--batch={batch}",
-                "--repeats=3",
-                "--loop_maps=1",
-                "--loop_repeats=1",
-            )
+            cmd = self._launcher("bench_features", size=size, batch=batch, repeats=3,
+                                 loop_maps=1, loop_repeats=1)  # fmt: skip
             return self._exec(cmd, limit_s, capture=f"features_{size}.txt")
 
         return run
