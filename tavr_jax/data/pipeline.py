@@ -16,6 +16,7 @@ coordinates, so x / W is the same number at every resolution); `to_original_pixe
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import json
 import os
 import pathlib
@@ -463,21 +464,12 @@ class BatchIndices(grain.transforms.Map):
     def __init__(self, n: int, batch_size: int, *, seed: int, shuffle: bool, total: int | None):
         self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
         self.total = total
-        self._orders: dict[int, np.ndarray] = {}
 
     def num_batches(self, *, drop_remainder: bool) -> int:
         if self.total is None:
             return _ENDLESS
         b = self.batch_size
         return self.total // b if drop_remainder else -(-self.total // b)
-
-    def _order(self, epoch: int) -> np.ndarray:
-        if epoch not in self._orders:
-            if len(self._orders) > 1:  # a batch spans at most two epochs
-                self._orders.pop(min(self._orders))
-            rng = np.random.default_rng([self.seed, epoch])
-            self._orders[epoch] = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
-        return self._orders[epoch]
 
     def map(self, batch: int) -> np.ndarray:
         start = int(batch) * self.batch_size
@@ -487,11 +479,16 @@ class BatchIndices(grain.transforms.Map):
         out = np.empty(len(positions), np.int64)
         for epoch in np.unique(epochs):
             here = epochs == epoch
-            out[here] = self._order(int(epoch))[within[here]]
+            out[here] = _epoch_order(self.n, self.seed, int(epoch), self.shuffle)[within[here]]
         return out
 
 
 _ENDLESS = 2**62  # "repeat forever": more batches than any run takes
+
+
+@functools.lru_cache(maxsize=8)  # a batch spans at most two epochs; thread-safe
+def _epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
 
 
 class BatchReader(grain.transforms.Map):
