@@ -15,4 +15,4 @@ wheels=()
 # A pipeline, not `exec > >(tee ...)`: the script's status is the campaign's, and nothing
 # waits on a process substitution.
 "${PYTHON:-python3}" experiments/gpu_campaign.py --out="$out" --work="${CAMPAIGN_WORK:-/tmp/campaign_work}" \
-  "${wheels[@]}" "$@" 2>&1 | tee -a "$out/campaign.log"
+  ${wheels[@]+"${wheels[@]}"} "$@" 2>&1 | tee -a "$out/campaign.log"

@@ -27,6 +27,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -573,6 +574,11 @@ class Campaign:
         """All stages, then the summary; exit code 0 when every stage ran to completion."""
         self.out.mkdir(parents=True, exist_ok=True)
         self.work.mkdir(parents=True, exist_ok=True)
+        for old in self.work.iterdir():  # a rerun starts afresh, but keeps the compilations
+            if old.is_dir() and old.name != "jax_cache":
+                shutil.rmtree(old)
+            elif not old.is_dir():
+                old.unlink()
         print(
             f"campaign ({'smoke' if self.plan.smoke else 'gpu'}): {self.plan.budget_s:.0f} s "
             f"budget, results in {self.out}",
