@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import jax
-import pytest
 
 from benchmarks import campaign
 
@@ -62,32 +61,22 @@ def test_printed_results_are_parsed():
     assert campaign.parse_final_json("no json here") is None
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    """One smoke run of the campaign script, with the throughput stage made to fail."""
-    tmp = tmp_path_factory.mktemp("campaign")
-    env = dict(os.environ, OUT=str(tmp / "out"), CAMPAIGN_WORK=str(tmp / "work"),
+def _load(out, name):
+    return json.loads((out / name).read_text())
+
+
+def test_smoke_run_goes_past_a_failed_stage_and_writes_the_contract(tmp_path):
+    # One test, not two sharing a fixture: pytest-xdist could run the campaign on each worker.
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), CAMPAIGN_WORK=str(tmp_path / "work"),
                PYTHON=sys.executable, JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=1")  # fmt: skip
     if jax.config.jax_compilation_cache_dir:  # share the test session's compilations
         env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
     proc = subprocess.run(
         ["bash", "experiments/gpu_campaign.sh", "--smoke", "--fail_stage=train_throughput"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    return proc, tmp / "out"
-
-
-def _load(out, name):
-    return json.loads((out / name).read_text())
-
-
-def test_smoke_run_goes_on_past_a_failed_stage(smoke):
-    proc, out = smoke
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
     log = (out / "campaign.log").read_text()
     assert proc.returncode == 1, log[-3000:]  # a stage failed: the campaign says so
     stages = _load(out, "stages.json")["stages"]
@@ -96,15 +85,12 @@ def test_smoke_run_goes_on_past_a_failed_stage(smoke):
     others = {name: s["status"] for name, s in stages.items() if name != "train_throughput"}
     assert set(others.values()) == {"ok"}, others
     assert "injected failure" in log
-    # Every stage's results exist; none of the failed one's; at most 8 files come back.
+    # Every stage's results exist, none of the failed one's, and at most 8 files come back.
     files = {p.name for p in out.iterdir()}
     assert {"campaign.json", "campaign.log", "stages.json", "latency.json", "latency.png",
             "training.json", "perfusion.json"} == files  # fmt: skip
     assert _load(out, "training.json")["test"]["n_images"] > 0
 
-
-def test_smoke_campaign_json_has_the_contract_fields_and_types(smoke):
-    _, out = smoke
     c = _load(out, "campaign.json")
     assert set(c) == TOP_LEVEL
     assert isinstance(c["device"], str) and c["device"].endswith("cpu")
