@@ -339,7 +339,7 @@ class Campaign:
     def _stage(self, name: str, commands, limit_s: float, *, stop_on_failure=False) -> None:
         """Runs a stage's commands (callables returning a status, or argv lists) in order."""
         if STAGES.index(name) < STAGES.index("training"):
-            limit_s = min(limit_s, self.left() - self.protected_s())
+            limit_s = max(min(limit_s, self.left() - self.protected_s()), 0.0)
         t0 = time.monotonic()
         deadline = t0 + limit_s
         statuses = []
