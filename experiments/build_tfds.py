@@ -11,7 +11,7 @@ import sys
 from absl import app, flags
 
 from tavr_jax import images
-from tavr_jax.data import pipeline
+from tavr_jax.data import pipeline, records
 from tavr_jax.schema import get_schema
 
 _DATA = flags.DEFINE_string("data", None, "Supervisely project folder", required=True)
@@ -33,7 +33,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
         images.set_max_pixels(_MAX_PIXELS.value)
-        out = pipeline.build_tfds(
+        out = records.build_tfds(
             _DATA.value,
             _OUT.value,
             image_size=_SIZE.value,
@@ -44,10 +44,10 @@ def main(argv):
             compress=_COMPRESS.value,
             overwrite=_OVERWRITE.value,
         )
-        meta = pipeline.read_tfds_meta(out)
+        meta = records.read_tfds_meta(out)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    sizes = {name: len(pipeline.open_source(out, name)) for name in meta["split"]["cases"]}
+    sizes = {name: len(pipeline.open_split(out, name)) for name in meta["split"]["cases"]}
     print(f"wrote {out}: " + ", ".join(f"{n} {k} frames" for k, n in sizes.items()))
     print(f"reader counts: {meta['reader_counts']}")
 

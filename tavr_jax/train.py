@@ -32,14 +32,13 @@ from tqdm import tqdm
 
 from tavr_jax.checkpoint import CheckpointStore
 from tavr_jax.data.augment import augment_batch
-from tavr_jax.data.pipeline import make_loader
+from tavr_jax.data.pipeline import make_loader, open_frames
 from tavr_jax.losses import total_loss
 from tavr_jax.metrics import keypoint_metrics, visibility_f1
 from tavr_jax.models import predictions
 from tavr_jax.models.convert import load_backbone_weights
 from tavr_jax.schema import KeypointSchema, get_schema
 from tavr_jax.workdir import build_model, write_config
-from tavr_jax.xla import compiled_flops
 
 State = dict[str, Any]
 # Keys of a host batch that the device step needs (orig_size/pixel_spacing stay on the host).
@@ -284,19 +283,6 @@ def _fetch(x) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def process_rows(batch: dict, global_batch_size: int) -> dict:
-    """This process's rows of a global host batch (a short last batch is zero-padded first)."""
-    n = len(batch["image"])
-    pad = global_batch_size - n
-    batch = {k: _pad(np.asarray(v), pad) for k, v in batch.items()}
-    batch["valid"] = _pad(np.ones(n, bool), pad)
-    if jax.process_count() == 1:
-        return batch
-    rows = global_batch_size // jax.process_count()
-    start = jax.process_index() * rows
-    return {k: v[start : start + rows] for k, v in batch.items()}
-
-
 def _pad(x: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([x, np.zeros((n, *x.shape[1:]), x.dtype)]) if n else x
 
@@ -383,7 +369,7 @@ class _Validator:
     def __call__(self, step: int, state: State, data_state) -> dict:
         """Validates `state`; saves it as best when its F1 beats the best so far."""
         c = self.config
-        batches = (process_rows(b, c.batch_size) for b in self.loader("val", shuffle=False))
+        batches = self.loader("val", shuffle=False)
         arrays = evaluate_batches(
             self.eval_fn, state, batches, self.batch_sharding, c.batch_size // jax.process_count()
         )
@@ -397,23 +383,36 @@ class _Validator:
 
 
 def _loader_factory(config, schema, data_dir):
+    """loader(split, shuffle=...) -> this process's rows of each global batch of a split.
+
+    Each split is opened once (decoded into memory when it fits, `pipeline.open_frames`), so
+    the validation passes do not read the data again.
+    """
+    opened: dict[str, Any] = {}
+
     def loader(split, *, shuffle):
-        # Every process reads the global batch and keeps its own rows (process_rows):
-        # deterministic, and identical to one process reading it all.
+        if split not in opened:
+            opened[split] = open_frames(
+                data_dir,
+                split,
+                in_memory=None if config.data.num_workers == 0 else False,
+                image_size=config.image_size,
+                schema=schema,
+                split_seed=config.data.seed,
+                val_fraction=config.data.val_fraction,
+                test_fraction=config.data.test_fraction,
+            )
         return make_loader(
-            data_dir,
+            opened[split],
             split,
-            schema=schema,
-            image_size=config.image_size,
             batch_size=config.batch_size,
             seed=config.seed,
             shuffle=shuffle,
             num_epochs=None if shuffle else 1,
             drop_remainder=shuffle,
             num_workers=config.data.num_workers,
-            split_seed=config.data.seed,
-            val_fraction=config.data.val_fraction,
-            test_fraction=config.data.test_fraction,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
         )
 
     return loader
@@ -475,7 +474,7 @@ def train_and_evaluate(
 
     try:
         for step in range(start, config.num_steps):
-            batch = process_rows(next(train_iter), config.batch_size)
+            batch = next(train_iter)  # this process's rows of the global batch
             state, metrics = t.train_fn(state, to_global(batch, t.batch_sharding))
             # Fetching the previous step's scalars keeps one step in flight on the device
             # while still naming the exact step where the loss went NaN.
@@ -543,75 +542,3 @@ class _StepLog:
             self.window.clear()
             self.writer.scalars(step + 1, means)
             self.bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means['learning_rate']:.2e}")
-
-
-def benchmark_training(
-    config: ml_collections.ConfigDict,
-    *,
-    steps: int = 10,
-    repeats: int = 3,
-    data_dir: str | pathlib.Path | None = None,
-) -> dict:
-    """Training throughput of `config` on this machine's devices (median of `repeats`).
-
-    Measures the jitted train step (augmentation included) on a device-resident batch and,
-    when `data_dir` is given, fed by the real input pipeline (make_loader, host to device).
-
-    Returns:
-      dict with `images_per_s` (device-resident), `images_per_s_pipeline` (or None),
-      `flops_per_step` (global: per-device program FLOPs x devices), `tflops_per_s`,
-      `compile_s`, `devices`, `device_kind`.
-    """
-    schema = get_schema(config.schema)
-    state, _, train_fn, _, batch_sharding = build_training(config)
-    rng = np.random.default_rng(0)
-    b, s, k = config.batch_size, config.image_size, schema.num_points
-    host_batch = {
-        "image": rng.integers(0, 256, (b, s, s), dtype=np.uint8),
-        "visibility": (rng.random((b, k)) < 0.7).astype(np.float32),
-        "coords": rng.uniform(0, s, (b, k, 2)).astype(np.float32),
-    }
-    batch = to_global(process_rows(host_batch, b), batch_sharding)
-    t0 = time.perf_counter()
-    compiled = train_fn.lower(state, batch).compile()
-    compile_s = time.perf_counter() - t0
-    flops = compiled_flops(compiled)
-
-    def timed(next_batch) -> float:
-        nonlocal state
-        state, metrics = compiled(state, next_batch())  # warm-up
-        jax.block_until_ready(metrics)
-        rates = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            for _ in range(steps):
-                state, metrics = compiled(state, next_batch())
-            jax.block_until_ready((state, metrics))
-            rates.append(steps * b / (time.perf_counter() - t))
-        return float(np.median(rates))
-
-    images_per_s = timed(lambda: batch)
-    pipeline_rate = None
-    if data_dir is not None:
-        it = make_loader(
-            data_dir,
-            "train",
-            schema=schema,
-            image_size=s,
-            batch_size=b,
-            seed=0,
-            shuffle=True,
-            num_workers=config.data.num_workers,
-            val_fraction=0.0,
-        )
-        pipeline_rate = timed(lambda: to_global(process_rows(next(it), b), batch_sharding))
-    global_flops = flops * jax.device_count() if flops is not None else None
-    return {
-        "images_per_s": images_per_s,
-        "images_per_s_pipeline": pipeline_rate,
-        "flops_per_step": global_flops,
-        "tflops_per_s": global_flops * images_per_s / b / 1e12 if global_flops else None,
-        "compile_s": compile_s,
-        "devices": jax.device_count(),
-        "device_kind": jax.devices()[0].device_kind,
-    }
