@@ -436,28 +436,12 @@ def train_and_evaluate(
         )
     loader = _loader_factory(config, schema, data_dir)
     train_iter = loader("train", shuffle=True)  # first: bad data fails before compiling
-    try:
-        loader("val", shuffle=False)
-        has_val = True
-    except ValueError as e:  # no validation cases (e.g. val_fraction=0): no "best" checkpoint
-        logging.warning("validation disabled: %s", e)
-        has_val = False
+    has_val = _has_validation(loader)
     if jax.process_index() == 0:
         write_config(workdir, config)  # refuses a workdir trained with another config
     t = build_training(config)
-    state = t.state
     store = CheckpointStore(workdir, keep=config.keep)
-    restored = store.restore(abstract_state(t.state_sharding, state))
-    start = 0
-    if restored is None and config.get("pretrained"):
-        state = with_pretrained_backbone(state, config.pretrained, t.state_sharding)
-    if restored is not None:
-        state, data_state, start = restored
-        if data_state is not None:
-            train_iter.set_state(data_state)
-        logging.info("resumed from step %d", start)
-        tqdm.write(f"resumed from step {start}")
-
+    state, start = _initial_state(config, t, store, train_iter)
     writer = _Writer(workdir / "events")
     validate = _Validator(config, schema, loader, t.eval_fn, t.batch_sharding, store, writer)
     final: dict = {"stopped": "num_steps"}
@@ -507,6 +491,31 @@ def train_and_evaluate(
     final["step"] = int(jax.device_get(state["step"]))
     final["train_seconds"] = time.perf_counter() - t0
     return final
+
+
+def _has_validation(loader) -> bool:
+    try:
+        loader("val", shuffle=False)
+        return True
+    except ValueError as e:  # no validation cases (e.g. val_fraction=0): no "best" checkpoint
+        logging.warning("validation disabled: %s", e)
+        return False
+
+
+def _initial_state(config, t: Training, store: CheckpointStore, train_iter) -> tuple[State, int]:
+    """(state, first step): the latest checkpoint with its data position, or a fresh state
+    (with pretrained backbone weights when the config names a file)."""
+    restored = store.restore(abstract_state(t.state_sharding, t.state))
+    if restored is None:
+        if config.get("pretrained"):
+            return with_pretrained_backbone(t.state, config.pretrained, t.state_sharding), 0
+        return t.state, 0
+    state, data_state, start = restored
+    if data_state is not None:
+        train_iter.set_state(data_state)
+    logging.info("resumed from step %d", start)
+    tqdm.write(f"resumed from step {start}")
+    return state, start
 
 
 def _out_of_time(config, t0: float) -> bool:
