@@ -20,7 +20,7 @@ def main(argv):
     del argv
     import uvicorn
 
-    from webapp.app import Limits, create_app
+    from cardiac_web.app import Limits, create_app
 
     web = create_app(
         perfusion_dir=FLAGS.perfusion_model,

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from cardiac_web.app import Limits, create_app
 from perfusion import analyze, simulate, studies
 from tavr_jax import get_schema
 from tavr_jax.dicom import write_test_cine
 from tavr_jax.infer.engine import KeypointEngine
-from webapp.app import Limits, create_app
 
 SCHEMA = get_schema("paper11")
 

@@ -4,12 +4,12 @@ import cv2
 import numpy as np
 import pytest
 
+from cardiac_web import browser
+from cardiac_web.app import create_app
 from perfusion import analyze, simulate, studies
 from tavr_jax import get_schema
 from tavr_jax.data.simulate import simulate_case
 from tavr_jax.infer.engine import KeypointEngine
-from webapp import browser
-from webapp.app import create_app
 
 pytestmark = pytest.mark.skipif(
     browser.missing_browser() is not None, reason=f"browser test: {browser.missing_browser()}"
