@@ -1,8 +1,11 @@
 """The local web server: one static page and the JSON API it calls.
 
-Uploads are checked by decoding their content (never by name), size-limited, and written only
-into a per-request temporary folder with server-chosen names (video and DICOM decoders need a
-file). Bad input answers a one-line JSON error with an HTTP 4xx status; the server stays up.
+Uploads are recognised by their content (never by name), bounded before they are decoded
+(request bytes while they stream, pixels and frames from headers: see guards.py and
+media.py), and written only into a per-request temporary folder with server-chosen names
+(video and DICOM decoders need a file). Decoding, inference and analysis run in a bounded
+worker pool, off the event loop. Every error, FastAPI's own included, is a one-line JSON
+{"error": ...} with its HTTP status; the server stays up.
 
 Endpoints (see README "Web page and JSON API"):
   GET  /api/status                      which models are loaded, the keypoint schema, limits
@@ -19,6 +22,7 @@ from __future__ import annotations
 import base64
 import collections
 import dataclasses
+import logging
 import pathlib
 import secrets
 import tempfile
@@ -27,67 +31,59 @@ import threading
 import cv2
 import numpy as np
 from fastapi import FastAPI, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
 
-from tavr_jax.infer import postprocess, streams
+from cardiac_web.guards import BadInput, BodyLimit, HeavyWork, Limits, one_line
+from cardiac_web.media import decode_media, decoding
+from tavr_jax import images
+from tavr_jax.infer import postprocess
 
 STATIC = pathlib.Path(__file__).parent / "static"
-MiB = 1 << 20
+log = logging.getLogger(__name__)
 
 
-class BadInput(Exception):
-    """A client error: answered as {"error": message} with `status`."""
-
-    def __init__(self, message: str, status: int = 422):
-        super().__init__(message)
-        self.status = status
-
-
-@dataclasses.dataclass
-class Limits:
-    max_upload_mb: float = 64.0
-    max_frames: int = 300  # frames of a video/cine returned to the page
-    cached_results: int = 8  # TAVR results kept for re-gating
+def _data_url(image: np.ndarray, ext: str, mime: str, params=()) -> str:
+    ok, buf = cv2.imencode(ext, image, list(params))
+    if not ok:
+        raise RuntimeError(f"OpenCV could not encode a {image.shape} image as {ext}")
+    return f"data:{mime};base64," + base64.b64encode(buf.tobytes()).decode()
 
 
 def png_data_url(rgb: np.ndarray) -> str:
     bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR) if rgb.ndim == 3 else rgb
-    ok, buf = cv2.imencode(".png", bgr)
-    return "data:image/png;base64," + base64.b64encode(buf.tobytes()).decode()
+    return _data_url(bgr, ".png", "image/png")
 
 
 def jpeg_data_url(gray: np.ndarray) -> str:
-    ok, buf = cv2.imencode(".jpg", gray, [cv2.IMWRITE_JPEG_QUALITY, 90])
-    return "data:image/jpeg;base64," + base64.b64encode(buf.tobytes()).decode()
+    return _data_url(gray, ".jpg", "image/jpeg", (cv2.IMWRITE_JPEG_QUALITY, 90))
 
 
-def _decode_image(data: bytes, what: str) -> np.ndarray:
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
-    if image is None:
-        raise BadInput(f"{what}: not an image (could not decode it)", 415)
-    return image
+async def _read_form(request: Request):
+    # A handful of parts is all the API takes; more is a malformed (or hostile) form.
+    return await request.form(max_files=4, max_fields=8)
 
 
-async def _read_upload(upload: UploadFile | None, field: str, limits: Limits) -> bytes:
+async def _read_upload(upload: UploadFile | None, field: str) -> bytes:
     if upload is None or not hasattr(upload, "read"):
         raise BadInput(f"missing form file {field!r}", 400)
-    limit = int(limits.max_upload_mb * MiB)
-    data = await upload.read(limit + 1)
-    if len(data) > limit:
-        raise BadInput(f"{field}: upload larger than {limits.max_upload_mb:g} MiB", 413)
+    data = await upload.read()  # bounded: BodyLimit stopped the body at the limit
     if not data:
         raise BadInput(f"{field}: empty upload", 400)
     return data
 
 
-def _sniff_media(data: bytes) -> str:
-    """'image', 'dicom' or 'video' from the bytes themselves."""
-    if len(data) > 132 and data[128:132] == b"DICM":
-        return "dicom"
-    if cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) is not None:
-        return "image"
-    return "video"
+def _http_error_message(request: Request, exc: HTTPException) -> str:
+    path = request.url.path[:200]
+    if exc.status_code == 404:
+        return f"not found: {path}"
+    if exc.status_code == 405:
+        return f"method {request.method} not allowed for {path}"
+    if exc.status_code == 400:  # Starlette's form parser: a broken multipart body
+        return one_line(f"malformed form upload: {exc.detail}")
+    return one_line(f"{exc.detail}")
 
 
 class Models:
@@ -149,23 +145,38 @@ def create_app(
     limits = limits or Limits()
     models = Models(perfusion_model=perfusion_model, perfusion_dir=perfusion_dir,
                     tavr_engine=tavr_engine, tavr_workdir=tavr_workdir)  # fmt: skip
+    heavy = HeavyWork(limits.max_heavy, limits.busy_wait_s)
     results: collections.OrderedDict[str, dict] = collections.OrderedDict()
-    lock = threading.Lock()  # one inference at a time: the engine's buffers are shared
-    app = FastAPI(title="cardiac-jax", docs_url="/api/docs", redoc_url=None)
+    results_lock = threading.Lock()  # worker threads add results, request threads read them
+    engine_lock = threading.Lock()  # one inference at a time: the engine's buffers are shared
+    # No docs UI: FastAPI's loads its scripts from a CDN, and the page must work offline.
+    app = FastAPI(title="cardiac-jax", docs_url=None, redoc_url=None,
+                  openapi_url="/api/openapi.json")  # fmt: skip
+    app.add_middleware(BodyLimit, limits=limits)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.exception_handler(BadInput)
     async def _bad_input(request: Request, exc: BadInput):
         return JSONResponse({"error": str(exc)}, status_code=exc.status)
 
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size and size.isdigit() and int(size) > limits.max_upload_mb * MiB + MiB:
-            return JSONResponse(
-                {"error": f"upload larger than {limits.max_upload_mb:g} MiB"}, status_code=413
-            )
-        return await call_next(request)
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException):
+        return JSONResponse({"error": _http_error_message(request, exc)},
+                            status_code=exc.status_code, headers=exc.headers)  # fmt: skip
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        return JSONResponse({"error": one_line(f"{where}: {first.get('msg')}")}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _server_error(request: Request, exc: Exception):
+        # Reached only by a bug (bad input is a BadInput); the traceback goes to the log.
+        return JSONResponse(
+            {"error": f"internal server error ({type(exc).__name__}); see the server log"},
+            status_code=500,
+        )
 
     @app.get("/", include_in_schema=False)
     def index():
@@ -187,23 +198,19 @@ def create_app(
             "limits": dataclasses.asdict(limits),
         }  # fmt: skip
 
-    @app.post("/api/perfusion/analyze")
-    async def perfusion_analyze(request: Request):
-        if models.perfusion is None:
-            raise BadInput(models.errors["perfusion"], 503)
-        form = await request.form()
+    def analyze_perfusion(uploads: dict[str, bytes]) -> dict:
+        """Worker thread: decode, read the disks, score, draw (the heavy part of a request)."""
         from perfusion import analyze, studies
 
+        model = models.perfusion
         with tempfile.TemporaryDirectory(prefix="cardiac-web-") as tmp:
             paths = {}
-            fields = ("study",) if form.get("study") is not None else ("stress", "rest")
-            for field in fields:
-                data = await _read_upload(form.get(field), field, limits)
-                _decode_image(data, field)  # content check before anything else sees it
+            for field, data in uploads.items():
+                with decoding(field, 415):  # a content check before anything else sees it
+                    images.decode(data, field, color=True, max_pixels=limits.max_pixels)
                 paths[field] = pathlib.Path(tmp) / f"{field}.png"
                 paths[field].write_bytes(data)
-            model = models.perfusion
-            try:
+            with decoding("study", 422, tmp):  # no disk, one disk where two are expected ...
                 if "study" in paths:
                     study = studies.read_study_image(
                         paths["study"], colormap=model.colormap, size=model.size
@@ -212,8 +219,6 @@ def create_app(
                     study = studies.read_study_pair(
                         paths["stress"], paths["rest"], colormap=model.colormap, size=model.size
                     )
-            except ValueError as e:  # no disk, one disk where two are expected ...
-                raise BadInput(str(e).replace(f"{tmp}/", ""), 422) from None
         study.name, study.path = "upload", ""
         reports, raw = analyze.analyze_arrays(model, [study])
         report = {"file": "upload", **reports[0]}
@@ -227,90 +232,92 @@ def create_app(
             },
         }
 
-    def _gated(entry: dict, expect: str | None) -> list[list[dict]]:
+    @app.post("/api/perfusion/analyze")
+    async def perfusion_analyze(request: Request):
+        if models.perfusion is None:
+            raise BadInput(models.errors["perfusion"], 503)
+        form = await _read_form(request)
+        fields = ("study",) if form.get("study") is not None else ("stress", "rest")
+        uploads = {field: await _read_upload(form.get(field), field) for field in fields}
+        return JSONResponse(await heavy.run(analyze_perfusion, uploads))
+
+    def gate_for(expect: str | None) -> postprocess.Gate:
         engine = models.tavr
         # "none" = the user expects no group at this stage; absent/empty = no stage prior.
         expect_groups = [] if expect == "none" else expect
         try:
-            gate = postprocess.Gate.from_meta(engine.meta, engine.schema, expect=expect_groups)
+            return postprocess.Gate.from_meta(engine.meta, engine.schema, expect=expect_groups)
         except ValueError as e:
             raise BadInput(str(e).replace("--expect", "expect"), 422) from None
-        reported = gate(entry["out"]["visibility"], entry["out"]["group"])
-        return _tavr_points(engine, entry["out"], reported, entry["spacing"])
 
-    def _tavr_json(result_id: str, entry: dict, expect, *, images: bool) -> dict:
-        schema = models.tavr.schema
-        points = _gated(entry, expect)
+    def tavr_json(result_id: str, entry: dict, expect: str | None) -> dict:
+        engine = models.tavr
+        schema = engine.schema
+        out = entry["out"]
+        reported = gate_for(expect)(out["visibility"], out["group"])
+        points = _tavr_points(engine, out, reported, entry["spacing"])
         frames = []
         for i, pts in enumerate(points):
-            frame = {
+            frames.append({
                 "index": i,
                 "time_s": entry["times"][i],
                 "groups": {g: round(float(p), 4)
-                           for g, p in zip(schema.group_names, entry["out"]["group"][i],
-                                           strict=True)},
+                           for g, p in zip(schema.group_names, out["group"][i], strict=True)},
                 "points": pts,
-            }  # fmt: skip
-            if images:
-                frame["image"] = jpeg_data_url(entry["frames"][i])
-            frames.append(frame)
+            })  # fmt: skip
         return {
             "result_id": result_id,
             "kind": entry["kind"],
             "n_frames": len(frames),
-            "truncated": entry["truncated"],
+            "total_frames": entry["total_frames"],
+            "truncated": len(frames) < entry["total_frames"],
+            "warning": entry["warning"],
             "fps": entry["fps"],
             "pixel_spacing_mm": entry["spacing"],
             "expect": expect or "",
             "frames": frames,
         }
 
+    def predict_tavr(data: bytes, expect: str | None) -> dict:
+        """Worker thread: decode within the limits, run the engine, encode the frames."""
+        engine = models.tavr
+        with tempfile.TemporaryDirectory(prefix="cardiac-web-") as tmp:
+            media = decode_media(data, pathlib.Path(tmp), limits)
+        frames, bs = media.frames, engine.batch_size
+        # Batch by batch: no second copy of the whole sequence as one array.
+        batches = ((i, np.stack(frames[i : i + bs])) for i in range(0, len(frames), bs))
+        with engine_lock:
+            outs = [out for _, out in engine.run_batches(batches)]
+        entry = {"out": {k: np.concatenate([o[k] for o in outs]) for k in outs[0]},
+                 "times": media.times, "kind": media.kind, "fps": media.fps,
+                 "spacing": media.pixel_spacing_mm, "total_frames": media.total_frames,
+                 "warning": media.warning}  # fmt: skip
+        result_id = secrets.token_hex(8)
+        response = tavr_json(result_id, entry, expect)
+        for frame, image in zip(response["frames"], frames, strict=True):
+            frame["image"] = jpeg_data_url(image)
+        with results_lock:  # the cache keeps outputs only: re-gating needs no pixels
+            results[result_id] = entry
+            while len(results) > limits.cached_results:
+                results.popitem(last=False)
+        return response
+
     @app.post("/api/tavr/predict")
     async def tavr_predict(request: Request):
         if models.tavr is None:
             raise BadInput(models.errors["tavr"], 503)
-        form = await request.form()
-        data = await _read_upload(form.get("media"), "media", limits)
+        form = await _read_form(request)
+        data = await _read_upload(form.get("media"), "media")
         expect = str(form.get("expect") or "") or None
-        kind = _sniff_media(data)
-        with tempfile.TemporaryDirectory(prefix="cardiac-web-") as tmp:
-            path = pathlib.Path(tmp) / {"image": "frame.png", "dicom": "cine.dcm",
-                                        "video": "clip.video"}[kind]  # fmt: skip
-            path.write_bytes(data)
-            try:
-                source = streams.open_source(path)
-                frames, times = [], []
-                for frame in source:
-                    if len(frames) == limits.max_frames:
-                        break
-                    frames.append(frame.image)
-                    times.append(frame.time_s)
-            except (ValueError, FileNotFoundError) as e:
-                message = str(e).replace(str(path), "upload")
-                if kind == "video":
-                    message = "media: not an image, a video or a DICOM file (" + message + ")"
-                raise BadInput(message, 415 if kind == "video" else 422) from None
-        if not frames:
-            raise BadInput("media: no frames could be decoded", 422)
-        if len({f.shape for f in frames}) != 1:
-            raise BadInput("media: frames of different sizes in one sequence", 422)
-        with lock:
-            out = models.tavr(np.stack(frames))
-        entry = {"out": out, "frames": frames, "times": times, "kind": source.kind,
-                 "fps": source.fps, "spacing": source.pixel_spacing_mm,
-                 "truncated": len(frames) < len(source)}  # fmt: skip
-        result_id = secrets.token_hex(8)
-        response = _tavr_json(result_id, entry, expect, images=True)  # validates expect
-        results[result_id] = entry
-        while len(results) > limits.cached_results:
-            results.popitem(last=False)
-        return response
+        gate_for(expect)  # an unknown group is refused before any decoding
+        return JSONResponse(await heavy.run(predict_tavr, data, expect))
 
     @app.get("/api/tavr/result/{result_id}")
     def tavr_result(result_id: str, expect: str = ""):
-        entry = results.get(result_id)
+        with results_lock:
+            entry = results.get(result_id)
         if entry is None:
             raise BadInput(f"unknown or expired result id {result_id[:32]!r}", 404)
-        return _tavr_json(result_id, entry, expect or None, images=False)
+        return tavr_json(result_id, entry, expect or None)
 
     return app
