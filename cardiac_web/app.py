@@ -61,6 +61,20 @@ def jpeg_data_url(gray: np.ndarray) -> str:
     return _data_url(gray, ".jpg", "image/jpeg", (cv2.IMWRITE_JPEG_QUALITY, 90))
 
 
+# The page's player is 560 CSS pixels wide: frames are shown at most 1024 pixels a side, and a
+# sequence's images together at most 80 Mpx (300 frames of 512 x 512 are shown as they are),
+# which bounds the answer's size whatever the upload holds.
+SHOWN_MAX_SIDE = 1024
+SHOWN_MAX_PIXELS = 80 * 2**20
+
+
+def shown_size(n_frames: int, height: int, width: int) -> tuple[int, int]:
+    """(height, width) of the JPEG images of the frames sent to the page (never larger)."""
+    scale = min(1.0, SHOWN_MAX_SIDE / max(height, width),
+                (SHOWN_MAX_PIXELS / (n_frames * height * width)) ** 0.5)  # fmt: skip
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
 async def _read_form(request: Request):
     # A handful of parts is all the API takes; more is a malformed (or hostile) form.
     return await request.form(max_files=4, max_fields=8)
@@ -198,7 +212,7 @@ def create_app(
             "limits": dataclasses.asdict(limits),
         }  # fmt: skip
 
-    def analyze_perfusion(uploads: dict[str, bytes]) -> dict:
+    def analyze_perfusion(uploads: dict[str, bytes]) -> JSONResponse:
         """Worker thread: decode, read the disks, score, draw (the heavy part of a request)."""
         from perfusion import analyze, studies
 
@@ -223,14 +237,14 @@ def create_app(
         reports, raw = analyze.analyze_arrays(model, [study])
         report = {"file": "upload", **reports[0]}
         overlay = analyze.draw_overlay(study, report, raw["blackout"][0])
-        return {
+        return JSONResponse({
             "report": report,
             "images": {
                 "stress": png_data_url(study.stress_rgb),
                 "rest": png_data_url(study.rest_rgb),
                 "overlay": png_data_url(overlay),
             },
-        }
+        })  # fmt: skip
 
     @app.post("/api/perfusion/analyze")
     async def perfusion_analyze(request: Request):
@@ -239,7 +253,7 @@ def create_app(
         form = await _read_form(request)
         fields = ("study",) if form.get("study") is not None else ("stress", "rest")
         uploads = {field: await _read_upload(form.get(field), field) for field in fields}
-        return JSONResponse(await heavy.run(analyze_perfusion, uploads))
+        return await heavy.run(analyze_perfusion, uploads)
 
     def gate_for(expect: str | None) -> postprocess.Gate:
         engine = models.tavr
@@ -268,6 +282,8 @@ def create_app(
         return {
             "result_id": result_id,
             "kind": entry["kind"],
+            "width": entry["width"],
+            "height": entry["height"],
             "n_frames": len(frames),
             "total_frames": entry["total_frames"],
             "truncated": len(frames) < entry["total_frames"],
@@ -278,8 +294,8 @@ def create_app(
             "frames": frames,
         }
 
-    def predict_tavr(data: bytes, expect: str | None) -> dict:
-        """Worker thread: decode within the limits, run the engine, encode the frames."""
+    def predict_tavr(data: bytes, expect: str | None) -> JSONResponse:
+        """Worker thread: decode within the limits, run the engine, encode the answer."""
         engine = models.tavr
         with tempfile.TemporaryDirectory(prefix="cardiac-web-") as tmp:
             media = decode_media(data, pathlib.Path(tmp), limits)
@@ -288,19 +304,24 @@ def create_app(
         batches = ((i, np.stack(frames[i : i + bs])) for i in range(0, len(frames), bs))
         with engine_lock:
             outs = [out for _, out in engine.run_batches(batches)]
+        height, width = frames[0].shape
         entry = {"out": {k: np.concatenate([o[k] for o in outs]) for k in outs[0]},
                  "times": media.times, "kind": media.kind, "fps": media.fps,
                  "spacing": media.pixel_spacing_mm, "total_frames": media.total_frames,
-                 "warning": media.warning}  # fmt: skip
+                 "warning": media.warning, "width": width, "height": height}  # fmt: skip
         result_id = secrets.token_hex(8)
         response = tavr_json(result_id, entry, expect)
-        for frame, image in zip(response["frames"], frames, strict=True):
+        shown = shown_size(len(frames), height, width)
+        for i, frame in enumerate(response["frames"]):
+            image, frames[i] = frames[i], None  # each decoded frame is freed once encoded
+            if shown != (height, width):
+                image = cv2.resize(image, shown[::-1], interpolation=cv2.INTER_AREA)
             frame["image"] = jpeg_data_url(image)
         with results_lock:  # the cache keeps outputs only: re-gating needs no pixels
             results[result_id] = entry
             while len(results) > limits.cached_results:
                 results.popitem(last=False)
-        return response
+        return JSONResponse(response)  # rendered here, in the worker, not on the event loop
 
     @app.post("/api/tavr/predict")
     async def tavr_predict(request: Request):
@@ -310,7 +331,7 @@ def create_app(
         data = await _read_upload(form.get("media"), "media")
         expect = str(form.get("expect") or "") or None
         gate_for(expect)  # an unknown group is refused before any decoding
-        return JSONResponse(await heavy.run(predict_tavr, data, expect))
+        return await heavy.run(predict_tavr, data, expect)
 
     @app.get("/api/tavr/result/{result_id}")
     def tavr_result(result_id: str, expect: str = ""):

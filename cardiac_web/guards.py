@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ctypes
 import dataclasses
 import re
 import threading
@@ -22,6 +23,12 @@ from starlette.responses import JSONResponse
 MiB = 1 << 20
 # Room for the multipart framing (boundaries, part headers) around the uploaded files.
 FORM_OVERHEAD_BYTES = 64 * 1024
+
+
+try:  # glibc: hands freed heap pages back to the OS
+    _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+except (OSError, AttributeError):  # another C library: nothing to trim
+    _malloc_trim = None
 
 
 class BadInput(Exception):
@@ -136,6 +143,10 @@ class HeavyWork:
             try:
                 return fn(*args)
             finally:
+                # glibc keeps a heavy job's freed frames in its thread's arena; without the
+                # trim the server's resident size ratchets up to the largest request so far.
+                if _malloc_trim is not None:
+                    _malloc_trim(0)
                 self._free.release()
 
         try:

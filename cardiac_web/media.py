@@ -38,10 +38,6 @@ class Media:
     total_frames: int  # frames the file announces (>= len(frames) unless it lies)
     warning: str | None = None  # why fewer frames than announced were decoded
 
-    @property
-    def truncated(self) -> bool:
-        return len(self.frames) < self.total_frames
-
 
 def sniff(data: bytes) -> str:
     """'dicom', 'image' or 'video' from the bytes alone (decodes nothing)."""
