@@ -22,7 +22,6 @@ from __future__ import annotations
 import base64
 import collections
 import dataclasses
-import logging
 import pathlib
 import secrets
 import tempfile
@@ -42,7 +41,6 @@ from tavr_jax import images
 from tavr_jax.infer import postprocess
 
 STATIC = pathlib.Path(__file__).parent / "static"
-log = logging.getLogger(__name__)
 
 
 def _data_url(image: np.ndarray, ext: str, mime: str, params=()) -> str:
