@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from cardiac_web.app import Limits, create_app
 from perfusion import analyze, simulate, studies
 from tavr_jax import get_schema
 from tavr_jax.dicom import write_test_cine
 from tavr_jax.infer.engine import KeypointEngine
-from webapp.app import Limits, create_app
 
 SCHEMA = get_schema("paper11")
 
@@ -58,7 +58,7 @@ def test_perfusion_study_report_matches_library(perfusion_data):
     for files, status, message in [
         ({"study": ("a.png", _png(np.zeros((64, 128, 3), np.uint8)))}, 422, "no disk found"),
         ({"study": ("a.png", _png(image[:, :half]))}, 422, "one disk where 2"),
-        ({"study": ("a.png", b"GIF89a not really")}, 415, "not an image"),
+        ({"study": ("a.png", b"GIF89a not really")}, 415, "not a readable image"),
         ({"stress": ("a.png", png)}, 400, "missing form file 'rest'"),
     ]:
         bad = web.post("/api/perfusion/analyze", files=files)
