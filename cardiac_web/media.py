@@ -152,4 +152,7 @@ def _decode_frames(source, budget: int, announced: int, folder, limits: Limits) 
                        "--max_frames, --max_total_pixels)")  # fmt: skip
         else:
             warning = f"the file holds {len(frames)} decodable frames, its header says {total}"
+            skipped = getattr(source, "skipped", [])  # what the source passed over, and why
+            if skipped:
+                warning += f" ({str(skipped[0][1]).replace(f'{folder}/', '')})"
     return Media(source.kind, frames, times, source.fps, source.pixel_spacing_mm, total, warning)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ml_collections
 
+Config = ml_collections.ConfigDict  # what the rest of the library annotates with
 PRESETS = ("runlocal", "noaug")
 
 

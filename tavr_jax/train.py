@@ -21,7 +21,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
@@ -31,6 +30,7 @@ from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from tavr_jax.checkpoint import CheckpointStore
+from tavr_jax.config import Config
 from tavr_jax.data.augment import augment_batch
 from tavr_jax.data.pipeline import make_loader, open_frames
 from tavr_jax.losses import total_loss
@@ -72,7 +72,7 @@ def make_mesh(devices=None) -> jax.sharding.Mesh:
 
 
 def make_optimizer(
-    config: ml_collections.ConfigDict,
+    config: Config,
 ) -> tuple[optax.GradientTransformation, Callable]:
     """(optax transformation, learning_rate(opt_state, step) -> scalar) for the config."""
     o = config.optimizer
@@ -105,7 +105,7 @@ def make_optimizer(
 
 
 def create_train_state(
-    config: ml_collections.ConfigDict,
+    config: Config,
     model,
     tx: optax.GradientTransformation,
     mesh: jax.sharding.Mesh,
@@ -172,7 +172,7 @@ def train_step(
     tx: optax.GradientTransformation,
     learning_rate_fn: Callable,
     schema: KeypointSchema,
-    config: ml_collections.ConfigDict,
+    config: Config,
 ) -> tuple[State, dict]:
     """One optimisation step on a global batch: augment, forward, loss, update, EMA."""
     step = state["step"]
@@ -261,7 +261,7 @@ def make_step_fns(model, tx, learning_rate_fn, schema, config, mesh, state_shard
     return train_fn, eval_fn, batch_sharding
 
 
-def build_training(config: ml_collections.ConfigDict) -> Training:
+def build_training(config: Config) -> Training:
     """Model, optimizer and sharded state on a mesh of all devices, with the jitted steps."""
     mesh = make_mesh()
     model, schema = build_model(config)
@@ -419,7 +419,7 @@ def _loader_factory(config, schema, data_dir):
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str | pathlib.Path, data_dir: str | pathlib.Path
+    config: Config, workdir: str | pathlib.Path, data_dir: str | pathlib.Path
 ) -> dict:
     """Trains (resuming from W/checkpoints when present) and returns the final metrics.
 

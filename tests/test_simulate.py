@@ -76,7 +76,7 @@ def test_annulus_and_stj_points_sit_on_the_rendered_contrast():
     # Annulus diameter in pixels is the anatomy's (similarity transform, motion scale ~1%).
     assert np.linalg.norm(aa2 - aa1) == pytest.approx(2 * p.r_annulus * mm, rel=0.03)
     assert np.linalg.norm(stj2 - stj1) == pytest.approx(2 * p.r_stj * mm, rel=0.03)
-    # SPEC: the lower hinge point is the left one, AA1, in the standard view.
+    # In the standard view the lower hinge point, AA1, is also the left one.
     assert aa1[0] < aa2[0] and aa1[1] > aa2[1]
 
 
