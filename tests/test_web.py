@@ -1,31 +1,27 @@
 """Web API: good and bad inputs through FastAPI's test client; the server survives them all."""
 
+import _web
 import cv2
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 from cardiac_web.app import Limits, create_app
-from perfusion import analyze, simulate, studies
+from perfusion import analyze, studies
 from tavr_jax import get_schema
 from tavr_jax.dicom import write_test_cine
-from tavr_jax.infer.engine import KeypointEngine
 
 SCHEMA = get_schema("paper11")
 
 
 @pytest.fixture(scope="module")
 def engine():
-    return KeypointEngine.random_init(SCHEMA, "resnet_tiny", 32, batch_size=4)
+    return _web.tiny_engine()
 
 
 @pytest.fixture(scope="module")
 def perfusion_data(tmp_path_factory):
-    """A small simulated study folder and a model fitted on it at 32 px."""
-    root = tmp_path_factory.mktemp("perfusion")
-    simulate.simulate_dataset(root / "data", 15, seed=5, size=32, disk_px=64)
-    analyze.fit(root / "data", root / "model", size=32)
-    return root / "data", analyze.load_model(root / "model")
+    return _web.fitted_perfusion(tmp_path_factory.mktemp("perfusion"))
 
 
 @pytest.fixture(scope="module")

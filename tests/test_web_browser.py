@@ -1,5 +1,6 @@
 """End to end in headless Chromium: upload a simulated frame and study, read the page."""
 
+import _web
 import cv2
 import numpy as np
 import pytest
@@ -108,14 +109,7 @@ def test_polar_map_view_shows_class_scores_overlay_and_uncertainty(tmp_path, mon
         # A report flagged uncertain shows the badge with its reason.
         from selenium.webdriver.support.ui import WebDriverWait
 
-        analyze_arrays = analyze.analyze_arrays
-
-        def uncertain(model, studies_list):
-            reports, raw = analyze_arrays(model, studies_list)
-            reason = "disk colours match no known colormap"
-            return [{**r, "uncertain": True, "uncertain_reason": reason} for r in reports], raw
-
-        monkeypatch.setattr(analyze, "analyze_arrays", uncertain)
+        _web.report_uncertain(monkeypatch, "disk colours match no known colormap")
         d.find_element(By.ID, "perf-submit").click()
         badge = d.find_element(By.ID, "perf-uncertain")
         WebDriverWait(d, 60).until(lambda d: badge.is_displayed())

@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 
+import _web
 import cv2
 import httpx
 import numpy as np
@@ -26,11 +27,10 @@ from starlette import formparsers
 from benchmarks import web_memory
 from cardiac_web import browser
 from cardiac_web.app import SHOWN_MAX_PIXELS, Limits, create_app, shown_size
-from perfusion import analyze, simulate, studies
+from perfusion import studies
 from tavr_jax import dicom, get_schema
 from tavr_jax.dicom import write_test_cine
 from tavr_jax.infer import streams
-from tavr_jax.infer.engine import KeypointEngine
 
 SCHEMA = get_schema("paper11")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -46,16 +46,12 @@ def _noise(n, h, w, seed=0, dtype=np.uint8, high=256):
 
 @pytest.fixture(scope="module")
 def engine():
-    return KeypointEngine.random_init(SCHEMA, "resnet_tiny", 32, batch_size=4)
+    return _web.tiny_engine()
 
 
 @pytest.fixture(scope="module")
 def perfusion_data(tmp_path_factory):
-    """A small simulated study folder and a model fitted on it at 32 px."""
-    root = tmp_path_factory.mktemp("perfusion")
-    simulate.simulate_dataset(root / "data", 15, seed=5, size=32, disk_px=64)
-    analyze.fit(root / "data", root / "model", size=32)
-    return root / "data", analyze.load_model(root / "model")
+    return _web.fitted_perfusion(tmp_path_factory.mktemp("perfusion"))
 
 
 @pytest.fixture(scope="module")
@@ -336,14 +332,7 @@ def test_status_answers_while_heavy_work_runs_and_excess_work_gets_503(engine, m
 
 def test_perfusion_report_uncertainty_fields_pass_through(perfusion_data, monkeypatch):
     data, model = perfusion_data
-    analyze_arrays = analyze.analyze_arrays
-
-    def with_uncertainty(model, studies_list):
-        reports, raw = analyze_arrays(model, studies_list)
-        reason = "disk colours far from every known colormap"
-        return [{**r, "uncertain": True, "uncertain_reason": reason} for r in reports], raw
-
-    monkeypatch.setattr(analyze, "analyze_arrays", with_uncertainty)
+    _web.report_uncertain(monkeypatch, "disk colours far from every known colormap")
     name = studies.read_labels(data / "labels.csv")[0]["filename"]
     png = (data / "images" / name).read_bytes()
     web = TestClient(create_app(perfusion_model=model))
@@ -366,7 +355,9 @@ def test_server_peak_rss_stays_under_2gb_for_any_single_request(tmp_path):
     for row in rows:
         assert row["status"] == inputs[row["name"]][1], row
         assert row["peak"] < 2048, row
-        # The event loop stays free (1 s is the target; slack for a shared, loaded machine).
-        assert row["status_max_s"] < 2.0, row
+        # The event loop stays free. 1 s is the target (docs/web.md measures it on a quiet
+        # machine); here the other test worker competes for the 2 cores, and a blocked loop
+        # (the bug this guards against) held /api/status for the whole request, 26 s.
+        assert row["status_max_s"] < 5.0, row
         if row["status"] == 413:  # refused from a header: the upload's copies, nothing decoded
             assert row["peak"] - row["before"] < 3 * row["upload_mb"] + 100, row
