@@ -70,7 +70,7 @@ def make_model(name: str, *, k: int | str = 10, seed: int = 0) -> Pipeline:
     if name not in MODEL_PARAMETERS:
         raise ValueError(f"unknown model {name!r}; expected one of {FEATURE_MODELS}")
     params = MODEL_PARAMETERS[name]
-    steps = [("select", SelectKBest(f_classif, k=k))]
+    steps = [("select", "passthrough" if k == "all" else SelectKBest(f_classif, k=k))]
     if name == "rf":
         steps.append(("model", RandomForestClassifier(**params, random_state=seed, n_jobs=1)))
     elif name == "logistic":
@@ -82,12 +82,12 @@ def make_model(name: str, *, k: int | str = 10, seed: int = 0) -> Pipeline:
     return Pipeline(steps)
 
 
-def feature_fit_predict_proba(X, y, name: str, *, k: int = 10, seed: int = 0) -> Callable:
+def feature_fit_predict_proba(X, y, name: str, *, k: int | str = 10, seed: int = 0) -> Callable:
     """`fit_predict_proba(train_idx, test_idx)` for a feature model (selection inside the fold)."""
     X, y = np.asarray(X), np.asarray(y)
 
     def fit_predict_proba(train_idx, test_idx):
-        model = make_model(name, k=min(k, X.shape[1]), seed=seed)
+        model = make_model(name, k=k if k == "all" else min(k, X.shape[1]), seed=seed)
         model.fit(X[train_idx], y[train_idx])
         return model.predict_proba(X[test_idx])
 
@@ -376,7 +376,11 @@ def _forest_predict(a: dict, x: np.ndarray) -> np.ndarray:
 
 def export_model(pipeline: Pipeline) -> PortableModel:
     """The PortableModel of a pipeline fitted by `make_model` (binary tasks)."""
-    selected = pipeline.named_steps["select"].get_support(indices=True).astype(np.int64)
+    select = pipeline.named_steps["select"]
+    if select == "passthrough":
+        selected = np.arange(pipeline[-1].n_features_in_, dtype=np.int64)
+    else:
+        selected = select.get_support(indices=True).astype(np.int64)
     clf = pipeline.named_steps["model"]
     if len(clf.classes_) != 2:
         raise ValueError(f"only binary models export, this one has classes {clf.classes_}")
@@ -414,3 +418,22 @@ def export_model(pipeline: Pipeline) -> PortableModel:
         depth=np.array([max(t.max_depth for t in trees)]),
     )
     return PortableModel("forest", selected, arrays)
+
+
+# ---------------------------------------------------------------------------- calibration
+
+
+def fit_platt(p, y) -> tuple[float, float]:
+    """Platt scaling fitted on out-of-fold probabilities: p' = sigmoid(a logit(p) + b)."""
+    model = LogisticRegression(C=1e4, max_iter=1000).fit(_logit(p)[:, None], np.asarray(y))
+    return float(model.coef_[0, 0]), float(model.intercept_[0])
+
+
+def apply_platt(p, a: float, b: float) -> np.ndarray:
+    """Calibrated probabilities of `fit_platt`'s (a, b)."""
+    return 1.0 / (1.0 + np.exp(-(a * _logit(p) + b)))
+
+
+def _logit(p) -> np.ndarray:
+    p = np.clip(np.asarray(p, np.float64), 1e-6, 1 - 1e-6)
+    return np.log(p / (1.0 - p))

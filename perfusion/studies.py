@@ -369,7 +369,7 @@ def _split(value: str | None) -> list[str]:
 
 
 def read_labels(labels_csv) -> list[dict]:
-    """Rows of labels.csv: filename, label[, territories, segments, sex]; header optional.
+    """Rows of labels.csv: filename, label[, territories, segments, sex, depth]; header optional.
 
     A header is a first row naming a `filename` (or file / image) and a `label` column, in any
     order; a UTF-8 byte-order mark (what spreadsheet programs write) is ignored. Errors name
@@ -416,6 +416,10 @@ def read_labels(labels_csv) -> list[dict]:
         if any(not 1 <= s <= 17 for s in segments):
             raise ValueError(f"{where}: segment numbers must be 1-17, got {segments}")
         sex = (rec.get("sex") or "").strip().upper()[:1] or None
+        try:  # the simulator's defect depth, when the file has it
+            depth = float(rec["depth"]) if (rec.get("depth") or "").strip() else None
+        except ValueError:
+            raise ValueError(f"{where}: depth must be a number, got {rec['depth']!r}") from None
         out.append(
             dict(
                 filename=rec["filename"].strip(),
@@ -423,6 +427,7 @@ def read_labels(labels_csv) -> list[dict]:
                 territories=tuple(territories),
                 segments=tuple(sorted(segments)),
                 sex=sex if sex in ("M", "F") else None,
+                depth=depth,
             )
         )
     return out
