@@ -438,10 +438,8 @@ def _is_study_file(p: pathlib.Path) -> bool:
 def _file_item(p: pathlib.Path) -> InputItem:
     def read(size, colormap, skipped):
         found = studies.read_study_file(p, colormap=colormap, size=size, skipped=skipped)
-        return [
-            (p.name if len(found) == 1 else f"{p.name}#{s.name.rsplit('#', 1)[1]}", s)
-            for s in found
-        ]
+        # the frames of a multi-frame DICOM are named <stem>#<frame>: <file>#<frame> here
+        return [(p.name + s.name[len(p.stem) :], s) for s in found]
 
     return InputItem(p.name, read)
 

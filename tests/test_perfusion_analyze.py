@@ -14,10 +14,22 @@ from perfusion import analyze, geometry, scores, simulate, studies
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 REPORT_KEYS = {
-    "file", "label", "probabilities", "uncertain", "uncertain_reason", "stress_scores",
-    "rest_scores", "SSS", "SRS", "SDS", "TPD_stress", "TPD_rest", "extent_stress_pct",
-    "defect_segments", "territories",
-}  # fmt: skip
+    "file",
+    "label",
+    "probabilities",
+    "uncertain",
+    "uncertain_reason",
+    "stress_scores",
+    "rest_scores",
+    "SSS",
+    "SRS",
+    "SDS",
+    "TPD_stress",
+    "TPD_rest",
+    "extent_stress_pct",
+    "defect_segments",
+    "territories",
+}
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +46,12 @@ def fitted(tmp_path_factory):
 def test_fit_writes_a_loadable_model(fitted):
     data, model_dir, meta = fitted
     assert {p.name for p in model_dir.iterdir()} == {
-        "model.json", "normal_limits.npz", "abnormal.npz", "ischemia_vs_infarction.npz",
+        "model.json",
+        "normal_limits.npz",
+        "abnormal.npz",
+        "ischemia_vs_infarction.npz",
         "segments.npz",
-    }  # fmt: skip
+    }
     for p in model_dir.glob("*.npz"):  # plain arrays: loading them runs no code
         with np.load(p, allow_pickle=False) as z:
             assert all(z[k].dtype != object for k in z.files)
@@ -130,8 +145,14 @@ def test_evaluate_report_by_hand(tmp_path):
             "ischemia": p_abnormal * (1 - p_infarction),
             "infarction": p_abnormal * p_infarction,
         }
-        return {"file": f, "label": label, "territories": terr, "defect_segments": segs,
-                "probabilities": probabilities, "uncertain": uncertain}  # fmt: skip
+        return {
+            "file": f,
+            "label": label,
+            "territories": terr,
+            "defect_segments": segs,
+            "probabilities": probabilities,
+            "uncertain": uncertain,
+        }
 
     report = {
         "studies": [
@@ -171,15 +192,24 @@ def test_overlay_draws_segment_grid():
     size = 64
     seg_rgb = np.full((size, size, 3), 100, np.uint8)
     study = studies.Study(
-        "x", seg_rgb, seg_rgb, np.zeros((size, size)), np.zeros((size, size)),
+        "x",
+        seg_rgb,
+        seg_rgb,
+        np.zeros((size, size)),
+        np.zeros((size, size)),
         geometry.disk_mask(size),
-    )  # fmt: skip
+    )
     blackout = np.zeros((2, size, size), bool)
     blackout[0, 2:6, 24:28] = True  # basal anterior, away from grid lines and numbers
     report = {
-        "label": "ischemia", "SSS": 3, "SRS": 0, "SDS": 3, "TPD_stress": 2.0, "TPD_rest": 0.0,
+        "label": "ischemia",
+        "SSS": 3,
+        "SRS": 0,
+        "SDS": 3,
+        "TPD_stress": 2.0,
+        "TPD_rest": 0.0,
         "territories": ["LAD"],
-    }  # fmt: skip
+    }
     img = analyze.draw_overlay(study, report, blackout, scale=2)
     assert img.shape == (30 + 2 * size + 40, 2 * 2 * size + 10, 3)
     stress = img[30 : 30 + 2 * size, : 2 * size]
@@ -223,10 +253,17 @@ def test_folder_with_bad_files_writes_the_good_ones(fitted, tmp_path, monkeypatc
     assert again == report
     # the launcher writes the good results and exits non-zero, naming what it skipped
     run = subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / "perfusion_analyze.py"),
-         f"--model_dir={model_dir}", f"--input={folder}", f"--out={tmp_path / 'r3.json'}"],
-        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "experiments" / "perfusion_analyze.py"),
+            f"--model_dir={model_dir}",
+            f"--input={folder}",
+            f"--out={tmp_path / 'r3.json'}",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert run.returncode == 1, run.stderr
     assert "skipped broken.png: " in run.stderr and "skipped 3 of 6 studies" in run.stderr
     assert len(json.loads((tmp_path / "r3.json").read_text())["studies"]) == 3
@@ -282,3 +319,27 @@ def test_broken_or_old_model_folders_give_one_line_errors(fitted, tmp_path):
         (d / "abnormal.joblib").write_bytes(pickle.dumps({"not": "loaded"}))
 
     broken("v1", old, r"version 1 \(pickled classifiers, which can run code when loaded\); re-fit")
+
+
+def test_dicom_exports_in_a_folder_frame_by_frame(fitted, tmp_path):
+    from tavr_jax import dicom
+
+    data, model_dir, _ = fitted
+    names = [r["filename"] for r in studies.read_labels(data / "labels.csv")]
+    rgb = cv2.cvtColor(cv2.imread(str(data / "images" / names[0])), cv2.COLOR_BGR2RGB)
+    grey = np.repeat(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)[..., None], 3, axis=-1)
+    folder = tmp_path / "in"
+    dicom.write_test_cine(folder / "multi.dcm", np.stack([rgb, grey]))
+    dicom.write_test_cine(folder / "EXPORT0001", rgb)  # DICOM files often have no suffix
+    report = analyze.analyze_path(model_dir, folder, tmp_path / "r.json")
+    assert [r["file"] for r in report["studies"]] == ["EXPORT0001", "multi.dcm#1"]
+    assert [s["file"] for s in report["skipped"]] == ["multi.dcm#2"]
+    assert "disks are grey" in report["skipped"][0]["reason"]
+    model = analyze.load_model(model_dir)
+    want = analyze.analyze_study(
+        model, studies.read_study_image(data / "images" / names[0], size=model.size)
+    )
+    got = report["studies"][0]
+    assert {k: v for k, v in got.items() if k != "file"} == {
+        k: v for k, v in want.items() if k != "file"
+    }
