@@ -39,6 +39,25 @@ METHODS = (
 BINARY_TASKS = ("abnormal", "ischemia_vs_infarction")
 
 
+def method_parameters(method: str) -> dict:
+    """The settings of a method, as the tables print them."""
+    if method.startswith("strip_"):
+        return {"features": "F-test top 10", **classifiers.MODEL_PARAMETERS[method[6:]]}
+    if method == "polar_xgb":
+        return {"features": "polar", **classifiers.MODEL_PARAMETERS["xgb_tuned"]}
+    if method == "cnn":
+        from perfusion import cnn
+
+        c = cnn.SMALL_UPTAKE_CNN
+        return dict(
+            net="3 conv blocks 16-32-64",
+            image_size=c.image_size,
+            epochs=c.epochs,
+            adam=c.learning_rate,
+        )
+    return {"features": "polar" if method == "polar_logistic" else "one score", "C": 1.0}
+
+
 @dataclasses.dataclass
 class StudyArrays:
     """The arrays of a list of labelled studies that every method reads."""
@@ -223,6 +242,7 @@ def compare_methods(
                 class_names=names,
                 progress=progress,
             )
+            result["parameters"] = method_parameters(method)
             out[task][method] = result
     return out
 
@@ -387,3 +407,21 @@ def difficulty_markdown(curve: dict) -> str:
         ]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def table1_results(studies_list, models, *, folds: int = 5, seed: int = 0) -> dict:
+    """Normal vs abnormal CV results of Table 1 per model: methods of this module on the same
+    folds, or the older perfusion.classifiers names (rf, xgb, resnet50, ...)."""
+    arrays = None
+    results = {}
+    for m in models:
+        if m in METHODS:
+            arrays = arrays or StudyArrays.from_studies(studies_list)
+            results[m] = compare_methods(arrays, (m,), ("abnormal",), folds=folds, seed=seed)[
+                "abnormal"
+            ][m]
+        else:
+            results[m] = classifiers.run_study_cv(
+                studies_list, "abnormal", m, folds=folds, seed=seed
+            )
+    return results

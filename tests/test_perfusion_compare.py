@@ -10,7 +10,7 @@ from perfusion import cnn, compare, geometry, scores, simulate, studies
 SIZE = 32
 
 
-def _arrays(n, seed, depth=None, difficulty="clinical"):
+def _studies(n, seed, depth=None, difficulty="clinical"):
     d = simulate.get_difficulty(difficulty)
     if depth is not None:
         d = dataclasses.replace(d, depth=(depth, depth))
@@ -22,11 +22,17 @@ def _arrays(n, seed, depth=None, difficulty="clinical"):
         for i, lab in enumerate(labels)
     ]
     found = [
-        studies.study_from_arrays(s.stress, s.rest, size=SIZE, name=f"s{i}", label=s.label,
-                                  sex=s.sex)
+        studies.study_from_arrays(
+            s.stress, s.rest, size=SIZE, name=f"s{i}", label=s.label, sex=s.sex
+        )
         for i, s in enumerate(sims)
-    ]  # fmt: skip
-    return compare.StudyArrays.from_studies(found, depth=[s.depth for s in sims])
+    ]
+    return found, [s.depth for s in sims]
+
+
+def _arrays(n, seed, depth=None, difficulty="clinical"):
+    found, depths = _studies(n, seed, depth, difficulty)
+    return compare.StudyArrays.from_studies(found, depth=depths)
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +43,12 @@ def data():
 def test_methods_share_the_folds_and_limits_stay_inside_them(data):
     tiny_cnn = dataclasses.replace(cnn.SMALL_UPTAKE_CNN, image_size=16, epochs=1, batch_size=8)
     result = compare.compare_methods(
-        data, ("strip_rf", "tpd", "summed_scores", "polar_logistic", "cnn"), folds=3, n_boot=20,
+        data,
+        ("strip_rf", "tpd", "summed_scores", "polar_logistic", "cnn"),
+        folds=3,
+        n_boot=20,
         cnn_config=tiny_cnn,
-    )  # fmt: skip
+    )
     for task in compare.BINARY_TASKS:
         folds = {m: tuple(r["oof_fold"]) for m, r in result[task].items()}
         assert len(set(folds.values())) == 1  # every method saw the same folds
@@ -90,3 +99,14 @@ def test_difficulty_curve_scores_each_depth(data, tmp_path):
     assert (tmp_path / "curve.png").stat().st_size > 1000
     text = compare.difficulty_markdown(curve)
     assert "| polar_logistic |" in text and "10%" in text and "30%" in text
+
+
+def test_table1_mixes_methods_and_older_model_names():
+    from perfusion import classifiers
+
+    found, _ = _studies(30, seed=3)
+    results = compare.table1_results(found, ["tpd", "rf"], folds=3)
+    assert results["tpd"]["n"] == results["rf"]["n"] == 30
+    assert results["tpd"]["parameters"]["features"] == "one score"
+    text = classifiers.table1_markdown(results, title="t")
+    assert "| tpd (ours) |" in text and "| rf (ours) |" in text and "(published)" in text
