@@ -210,6 +210,8 @@ def fit(
 
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # model.json goes first and comes back last: a folder half rewritten never loads
+    (out_dir / "model.json").unlink(missing_ok=True)
     if unet:
         if masks is None:
             raise ValueError(f"{data_dir}: --unet needs the true defect masks in masks/<name>.npz")
@@ -302,10 +304,16 @@ def load_model(model_dir) -> AnalysisModel:
         raise FileNotFoundError(f"{d}: no model.json (not a fitted model directory, or incomplete)")
     path = d / "model.json"
     meta = _json_file(path)
-    if meta.get("version") != MODEL_VERSION or any(d.glob("*.joblib")):
+    version = meta.get("version")
+    if version == 1:
         raise ValueError(
-            f"{d}: a model folder of version {meta.get('version')} (pickled classifiers, which "
-            f"can run code when loaded); re-fit it with experiments/perfusion_fit.py"
+            f"{d}: a model folder of version 1 (pickled classifiers, which can run code when "
+            "loaded); re-fit it with experiments/perfusion_fit.py"
+        )
+    if version != MODEL_VERSION:
+        raise ValueError(
+            f"{path}: version {version!r}, this code reads version {MODEL_VERSION}; re-fit it "
+            "with experiments/perfusion_fit.py"
         )
 
     def field(key, kind: Callable):
