@@ -143,3 +143,14 @@ def _npz(**arrays) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return buf.getvalue()
+
+
+def test_platt_scaling_recovers_a_known_miscalibration():
+    rng = np.random.default_rng(3)
+    z = rng.normal(0, 2, 20000)
+    y = (rng.random(20000) < 1 / (1 + np.exp(-z))).astype(int)
+    raw = 1 / (1 + np.exp(-(z - 0.5) / 2))  # over-confident the wrong way: logit = (z - 0.5)/2
+    a, b = classifiers.fit_platt(raw, y)
+    assert a == pytest.approx(2.0, abs=0.1) and b == pytest.approx(0.5, abs=0.1)
+    fixed = classifiers.apply_platt(raw, a, b)
+    np.testing.assert_allclose(fixed, 1 / (1 + np.exp(-z)), atol=0.03)
