@@ -715,6 +715,22 @@ def evaluate_report(report: dict, labels_csv) -> dict:
     def mean_or_none(x):
         return float(np.mean(x)) if len(x) else None
 
+    pred_seg = _segments_bool([r["defect_segments"] for r in rows])
+    true_seg = _segments_bool([x["segments"] for x in t])
+    per_study = {  # per-study outcomes the bootstrap resamples
+        "label_accuracy": (labels_true == labels_pred).astype(float),
+        "abnormal_accuracy": (abnormal == (labels_pred != "normal")).astype(float),
+        "ischemia_vs_infarction_accuracy": np.where(both, labels_true == labels_pred, np.nan),
+        "territory_exact_accuracy": (pred_terr == true_terr).all(axis=1).astype(float),
+    }
+    counts = np.stack(
+        [
+            (pred_seg & true_seg).sum(1),
+            (pred_seg & ~true_seg).sum(1),
+            (~pred_seg & true_seg).sum(1),
+        ],
+        axis=1,
+    )  # (N, 3) tp, fp, fn
     return {
         "n": len(rows),
         "skipped": len(report.get("skipped", [])),
@@ -727,6 +743,7 @@ def evaluate_report(report: dict, labels_csv) -> dict:
             for j, n in enumerate(scores.TERRITORY_NAMES)
         },
         "segment": seg,
+        "ci95": _bootstrap_ci(per_study, counts),
         "uncertain_rate": mean_or_none(~certain),
         "certain": {
             "label_accuracy": mean_or_none((labels_true == labels_pred)[certain]),
@@ -739,6 +756,26 @@ def evaluate_report(report: dict, labels_csv) -> dict:
             ),
         },
     }
+
+
+def _bootstrap_ci(per_study: dict, segment_counts, *, n_boot: int = 1000, seed: int = 0):
+    """95% percentile intervals over studies resampled with replacement: each per-study
+    metric (nan = not counted) and the pooled segment F1 from per-study (tp, fp, fn)."""
+    n = len(segment_counts)
+    if n == 0:
+        return {}
+    idx = np.random.default_rng(seed).integers(0, n, (n_boot, n))
+    out = {}
+    for name, values in per_study.items():
+        v = values[idx]
+        counted = ~np.isnan(v)
+        total, k = np.where(counted, v, 0.0).sum(axis=1), counted.sum(axis=1)
+        means = total[k > 0] / k[k > 0]
+        out[name] = np.quantile(means, [0.025, 0.975]).tolist() if len(means) else None
+    tp, fp, fn = segment_counts[idx].sum(axis=1).T
+    f1 = 2 * tp / np.maximum(2 * tp + fp + fn, 1)
+    out["segment_f1"] = np.quantile(f1, [0.025, 0.975]).tolist()
+    return out
 
 
 def _calibration(p, y) -> dict:

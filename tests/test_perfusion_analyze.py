@@ -170,6 +170,10 @@ def test_evaluate_report_by_hand(tmp_path):
     assert m["territory_accuracy"] == {"LAD": 1.0, "LCX": pytest.approx(2 / 3), "RCA": 1.0}
     assert (m["segment"]["tp"], m["segment"]["fp"], m["segment"]["fn"]) == (4, 1, 1)
     assert m["segment"]["f1"] == pytest.approx(8 / 10)
+    assert m["ci95"]["abnormal_accuracy"] == [1.0, 1.0]  # right on every study
+    for key, value in (("label_accuracy", 2 / 3), ("segment_f1", 0.8)):
+        lo, hi = m["ci95"][key]
+        assert 0.0 <= lo <= value <= hi <= 1.0
     assert m["skipped"] == 1 and m["uncertain_rate"] == pytest.approx(1 / 3)
     assert m["certain"] == {"label_accuracy": 1.0, "abnormal_accuracy": 1.0}
     cal = m["calibration"]
