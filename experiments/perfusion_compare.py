@@ -2,7 +2,7 @@
 
 python experiments/perfusion_compare.py --data=data/clin_train --out=runs/compare.json \
     --levels=data/depth_0.10,data/depth_0.20 --markdown=runs/methods.md \
-    --plot=docs/perfusion_difficulty.png
+    --plot=docs/perfusion_difficulty.png --table1=docs/perfusion_table1.md
 """
 
 import datetime
@@ -24,6 +24,7 @@ _BOOT = flags.DEFINE_integer("n_boot", 1000, "bootstrap resamples of the out-of-
 _OUT = flags.DEFINE_string("out", "compare.json", "result JSON")
 _MARKDOWN = flags.DEFINE_string("markdown", None, "write the tables here")
 _PLOT = flags.DEFINE_string("plot", None, "write the difficulty curve here (PNG)")
+_TABLE1 = flags.DEFINE_string("table1", None, "write normal vs abnormal as the seed's Table 1")
 
 
 def main(argv):
@@ -45,7 +46,12 @@ def main(argv):
             f"{datetime.date.today()}. Data: {result['counts']}."
         )
         compare.write_comparison(
-            result, _OUT.value, markdown=_MARKDOWN.value, plot=_PLOT.value, header=header
+            result,
+            _OUT.value,
+            markdown=_MARKDOWN.value,
+            plot=_PLOT.value,
+            table1=_TABLE1.value,
+            header=header,
         )
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")

@@ -365,8 +365,11 @@ def run_comparison(
     return result
 
 
-def write_comparison(result: dict, out_json, *, markdown=None, plot=None, header: str = ""):
-    """The JSON (out-of-fold probabilities dropped), a markdown table and the curve plot."""
+def write_comparison(
+    result: dict, out_json, *, markdown=None, plot=None, table1=None, header: str = ""
+):
+    """The JSON (out-of-fold probabilities dropped), the markdown tables, the curve plot, and
+    the normal-vs-abnormal rows in the seed's Table 1 layout beside the published ones."""
     slim = json.loads(json.dumps(result))
     for rows in slim["cv"].values():
         for r in rows.values():
@@ -378,6 +381,14 @@ def write_comparison(result: dict, out_json, *, markdown=None, plot=None, header
         if "difficulty" in result:
             text += "\n" + difficulty_markdown(result["difficulty"])
         atomic_write_bytes(markdown, text.encode())
+    if table1 is not None:
+        title = (
+            "# Perfusion Table 1: normal vs abnormal, cross-validated\n\n"
+            f"{header} Ours: pooled out-of-fold value (95% bootstrap interval), every method "
+            "on the same folds."
+        )
+        text = classifiers.table1_markdown(result["cv"]["abnormal"], title=title)
+        atomic_write_bytes(table1, text.encode())
     if plot is not None and "difficulty" in result:
         figures.plot_difficulty_curve(result["difficulty"], plot)
 

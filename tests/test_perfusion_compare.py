@@ -1,6 +1,7 @@
 """Methods side by side: same folds, limits fitted inside the fold, difficulty curves."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -40,7 +41,7 @@ def data():
     return _arrays(40, seed=1)
 
 
-def test_methods_share_the_folds_and_limits_stay_inside_them(data):
+def test_methods_share_the_folds_and_limits_stay_inside_them(data, tmp_path):
     tiny_cnn = dataclasses.replace(cnn.SMALL_UPTAKE_CNN, image_size=16, epochs=1, batch_size=8)
     result = compare.compare_methods(
         data,
@@ -58,6 +59,19 @@ def test_methods_share_the_folds_and_limits_stay_inside_them(data):
             assert lo <= r["metrics"]["accuracy"]["value"] <= hi
     assert result["abnormal"]["tpd"]["n"] == 40
     assert result["ischemia_vs_infarction"]["tpd"]["n"] == 16  # the abnormal studies only
+    compare.write_comparison(
+        {"cv": result},
+        tmp_path / "c.json",
+        markdown=tmp_path / "m.md",
+        table1=tmp_path / "t1.md",
+        header="HEADER",
+    )
+    saved = json.loads((tmp_path / "c.json").read_text())
+    assert "oof_probabilities" not in saved["cv"]["abnormal"]["tpd"]
+    assert saved["cv"]["abnormal"]["tpd"]["metrics"] == result["abnormal"]["tpd"]["metrics"]
+    assert "| polar_logistic |" in (tmp_path / "m.md").read_text()
+    table1 = (tmp_path / "t1.md").read_text()
+    assert "HEADER" in table1 and "| cnn (ours) |" in table1 and "(published)" in table1
 
 
 def test_fold_features_never_see_the_test_studies(data):
