@@ -54,23 +54,25 @@ def plot_calibration(metrics: dict[str, dict], path, *, title: str = "") -> None
         rel.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
         for name, m in metrics.items():
             c = m["calibration"][task]
-            pts = [
-                (p, o)
-                for p, o in zip(
-                    c["reliability"]["mean_predicted"], c["reliability"]["observed"], strict=True
-                )
-                if p is not None
-            ]
+            bins = zip(
+                c["reliability"]["mean_predicted"],
+                c["reliability"]["observed"],
+                c["reliability"]["count"],
+                strict=True,
+            )
+            pts = [(p, o, n) for p, o, n in bins if p is not None]
             if pts:
-                px, oy = zip(*pts, strict=True)
-                rel.plot(px, oy, marker="o", label=f"{name} (ECE {c['ece']:.3f})")
+                px, oy, n = zip(*pts, strict=True)
+                (line,) = rel.plot(px, oy, label=f"{name} (ECE {c['ece']:.3f})")
+                # marker area grows with the studies in the bin: sparse bins are noisy
+                rel.scatter(px, oy, s=8 + 4 * np.sqrt(n), color=line.get_color())
             curve = [
                 (a["abstention_rate"], a["accuracy"])
                 for a in c["abstention"]
                 if a["accuracy"] is not None
             ]
             ab.plot(*zip(*curve, strict=True), marker=".", label=name)
-        rel.set_title(f"{label}: reliability", fontsize=10)
+        rel.set_title(f"{label}: reliability (marker area ~ studies)", fontsize=10)
         rel.set_xlabel("predicted probability")
         rel.set_ylabel("observed frequency")
         rel.legend(fontsize=8)

@@ -180,6 +180,10 @@ def test_evaluate_report_by_hand(tmp_path):
     assert cal["abnormal"]["brier"] == pytest.approx((0.1**2 + 0.2**2 + 0.4**2) / 3)
     assert cal["ischemia_vs_infarction"]["n"] == 2  # the truly abnormal studies b and c
     assert cal["ischemia_vs_infarction"]["brier"] == pytest.approx((0.7**2 + 0.1**2) / 2)
+    from perfusion import figures
+
+    figures.plot_calibration({"a": m, "b": m}, tmp_path / "cal.png", title="t")
+    assert (tmp_path / "cal.png").stat().st_size > 1000
 
 
 def test_pooled_dice_by_hand():
