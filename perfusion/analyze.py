@@ -1,21 +1,10 @@
-"""Fit and analyze end to end: normal limits, learned models, calibration -> clinical report.
+"""Analyze end to end: read studies, apply a fitted model, write the clinical report.
 
-Model directory (written by `fit`, read by `load_model`; model.json is written last, so a
-directory without it is incomplete). Nothing in it can run code when loaded: plain arrays in
-.npz files read with allow_pickle=False, xgboost's JSON model inside them, JSON for the rest.
-  model.json                   version, grid size, colormap, score thresholds, feature names,
-                               calibration, segment threshold, abstention band, fit summary
-  normal_limits.npz            perfusion.scores.NormalLimits (per sex when enough normals)
-  abnormal.npz                 normal vs abnormal on scores.polar_features (PortableModel)
-  ischemia_vs_infarction.npz   ischemia vs infarction, the same features
-  segments.npz                 per-segment defect model on scores.segment_features (when the
-                               training labels list segments)
-  unet/                        optional U-Net for the defect mask (msgpack parameters + JSON)
-
-Training studies are scored against cross-fitted limits (a normal study never against limits
-that include itself). Probabilities are Platt-calibrated on out-of-fold predictions of the
-training folder; a study whose probability falls inside the abstention band is reported as
-uncertain, with the reason.
+`fit` and `load_model` (perfusion.fitting) make and read the model directory; this module
+applies it: normal limits -> scores, blackout, calibrated label probabilities, defect segments
+and territories per study, and a study whose probability falls inside the abstention band is
+reported as uncertain, with the reason. Folders are read and analysed in chunks, unreadable
+studies are skipped and listed; overlays draw the blackout on the 17-segment grid.
 """
 
 from __future__ import annotations
@@ -24,339 +13,38 @@ import dataclasses
 import json
 import pathlib
 import re
-import zipfile
 from collections.abc import Callable
 
 import cv2
 import numpy as np
 
-from perfusion import classifiers, geometry, reliability, scores, studies
-from perfusion.scores import ScoreConfig
+from perfusion import classifiers, evaluation, geometry, reliability, scores, studies
+from perfusion.fitting import (  # the entry points of the model directory, offered here too
+    TASK_MODELS,
+    AnalysisModel,
+    fit,
+    learned_features,
+    load_model,
+    stack_uptake,
+)
 from tavr_jax.fileio import atomic_write_bytes
 
+__all__ = [
+    "TASK_MODELS",
+    "AnalysisModel",
+    "fit",
+    "load_model",
+    "analyze_arrays",
+    "analyze_study",
+    "analyze_path",
+    "input_items",
+    "draw_overlay",
+    "write_overlays",
+    "overlay_name",
+]
+
 LABELS = studies.LABELS
-MODEL_VERSION = 2
-TASK_MODELS = ("abnormal", "ischemia_vs_infarction")
-DEFAULT_BAND = (0.25, 0.75)  # abstain when a probability lies in here
 CHUNK = 64  # studies analysed at a time: memory stays bounded for any folder size
-
-
-@dataclasses.dataclass
-class AnalysisModel:
-    """Everything `analyze_study` needs, as loaded from a model directory."""
-
-    size: int
-    limits: scores.NormalLimits
-    config: ScoreConfig
-    abnormal: classifiers.PortableModel
-    ischemia_vs_infarction: classifiers.PortableModel
-    calibration: dict  # task -> (a, b) Platt scaling
-    segments: classifiers.PortableModel | None = None
-    segment_threshold: float = 0.5
-    uncertain_band: tuple[float, float] = DEFAULT_BAND
-    colormap: str | None = None
-    gate_by_label: bool = True
-    unet: object | None = None
-    meta: dict = dataclasses.field(default_factory=dict)
-
-
-# ------------------------------------------------------------------------------ features
-
-
-def _stack(studies_list, size: int):
-    for s in studies_list:
-        if s.stress_uptake.shape != (size, size):
-            raise ValueError(
-                f"{s.name}: map size {s.stress_uptake.shape} but the model uses {size}"
-            )
-    stress = np.stack([s.stress_uptake for s in studies_list]).astype(np.float32)
-    rest = np.stack([s.rest_uptake for s in studies_list]).astype(np.float32)
-    return stress, rest
-
-
-def _learned_features(stress, rest, mean, sd):
-    """(polar (B, F) per study, segment (B, 17, G) per segment) against the given limits."""
-    seg = geometry.segment_map(stress.shape[-1])
-    return (
-        scores.polar_features(stress, rest, mean, sd, seg),
-        scores.segment_features(stress, rest, mean, sd, seg),
-    )
-
-
-def load_true_masks(data_dir, names, size: int) -> np.ndarray | None:
-    """(N, 2, S, S) bool true defect masks from DATA/masks/<name>.npz, or None if any is missing."""
-    out = []
-    for n in names:
-        p = pathlib.Path(data_dir) / "masks" / f"{n}.npz"
-        if not p.is_file():
-            return None
-        try:
-            with np.load(p, allow_pickle=False) as z:
-                m = np.stack([z["stress"], z["rest"]]).astype(np.uint8)
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-            raise ValueError(f"{p}: not a readable mask file ({e})") from None
-        if m.shape[-1] != size:
-            m = np.stack([cv2.resize(x, (size, size), interpolation=cv2.INTER_NEAREST) for x in m])
-        out.append(m.astype(bool))
-    return np.stack(out)
-
-
-def pooled_dice(pred: np.ndarray, true: np.ndarray) -> float:
-    """Dice over all pixels of all maps together (1 when both are empty)."""
-    p, t = np.asarray(pred, bool), np.asarray(true, bool)
-    total = p.sum() + t.sum()
-    return float(2 * (p & t).sum() / total) if total else 1.0
-
-
-def _segments_bool(segment_lists) -> np.ndarray:
-    out = np.zeros((len(segment_lists), scores.NUM_SEGMENTS), bool)
-    for i, segs in enumerate(segment_lists):
-        out[i, np.asarray(list(segs), int) - 1] = True
-    return out
-
-
-def _territories_bool(territory_lists) -> np.ndarray:
-    return np.array([[t in set(ts) for t in scores.TERRITORY_NAMES] for ts in territory_lists])
-
-
-def _territories_of(segment_calls: np.ndarray) -> np.ndarray:
-    """(B, 3) bool: a territory is involved when any of its segments is a defect."""
-    return (segment_calls.astype(np.int32) @ scores.territory_matrix().T) > 0
-
-
-# ----------------------------------------------------------------------------------- fit
-
-
-def _oof_probabilities(X, y, name: str, *, folds: int = 5, seed: int = 0) -> np.ndarray:
-    """Out-of-fold P(class 1) of a feature model on the training folder (for calibration)."""
-    fpp = classifiers.feature_fit_predict_proba(X, y, name, k="all", seed=seed)
-    return np.asarray(
-        classifiers.cross_validate(
-            X, y, name, fit_predict_proba=fpp, folds=folds, seed=seed, n_boot=0
-        )["oof_probabilities"]
-    )[:, 1]
-
-
-def fit(
-    data_dir,
-    out_dir,
-    *,
-    model: str = "logistic",
-    size: int = 128,
-    colormap: str | None = None,
-    k: float | None = None,
-    uncertain_band: tuple[float, float] = DEFAULT_BAND,
-    unet: bool = False,
-    unet_config=None,
-    seed: int = 0,
-    progress: bool = False,
-) -> dict:
-    """Fit normal limits, thresholds, the label and segment models on a labelled study folder.
-
-    k: blackout threshold in SDs; None tunes it by Dice on the folder's masks/ when present,
-    else keeps ScoreConfig's default. Returns the fit summary also stored in model.json.
-    """
-    low, high = uncertain_band
-    if not 0.0 <= low <= 0.5 <= high <= 1.0:
-        raise ValueError(f"uncertain band {uncertain_band} must hold 0.5 within [0, 1]")
-    train = studies.read_study_folder(data_dir, colormap=colormap, size=size, progress=progress)
-    labels = np.array([s.label for s in train])
-    sexes = [s.sex for s in train]
-    stress, rest = _stack(train, size)
-    limits, mean, sd = scores.cross_fitted_limits(stress, rest, labels, sexes, seed=seed)
-    masks = load_true_masks(data_dir, [s.name for s in train], size)
-    summary: dict = {
-        "n_train": len(train),
-        "label_counts": {v: int((labels == v).sum()) for v in LABELS},
-    }
-    segments_map = geometry.segment_map(size)
-    base = ScoreConfig()
-    if k is None and masks is not None:
-        grid = np.round(np.arange(1.5, 6.01, 0.25), 2)
-        lv = geometry.disk_mask(size)
-        z = (mean - np.stack([stress, rest], axis=1)) / sd  # (N, 2, S, S)
-        dices = [pooled_dice((z > kk) & lv, masks) for kk in grid]
-        k = float(grid[int(np.argmax(dices))])
-        summary["k_dice_train"] = float(max(dices))
-    base = dataclasses.replace(base, k=float(k if k is not None else base.k))
-    out = scores.score_studies(stress, rest, mean, sd, segments_map, base)
-    true_seg = _segments_bool([s.segments for s in train])
-    true_terr = _territories_bool([s.territories for s in train])
-    config, tuned = scores.tune_config(out["segment_z"][:, 0], true_seg, true_terr, base=base)
-    summary.update({f"{k_}_train": v for k_, v in tuned.items()})
-
-    polar, per_segment = _learned_features(stress, rest, mean, sd)
-    fitted, calibration = {}, {}
-    for task in TASK_MODELS:
-        idx, y, _ = classifiers.task_targets(labels, task)
-        if len(np.unique(y)) < 2 or np.bincount(y).min() < 5:
-            raise ValueError(f"{data_dir}: task {task} needs at least 5 studies of each class")
-        pipeline = classifiers.make_model(model, k="all", seed=seed).fit(polar[idx], y)
-        fitted[task] = classifiers.export_model(pipeline)
-        oof = _oof_probabilities(polar[idx], y, model, seed=seed)
-        calibration[task] = classifiers.fit_platt(oof, y)
-        calibrated = classifiers.apply_platt(oof, *calibration[task])
-        summary[f"{task}_oof"] = {
-            "accuracy": float(((calibrated > 0.5) == y).mean()),
-            "brier": reliability.brier_score(calibrated, y),
-            "ece": reliability.expected_calibration_error(calibrated, y),
-            "uncertain_rate": float(reliability.in_band(calibrated, uncertain_band).mean()),
-        }
-    segment_model, segment_threshold = None, 0.5
-    if true_seg.any():
-        segment_model, segment_threshold, summary["segments_oof"] = _fit_segment_model(
-            per_segment, true_seg, labels, seed=seed
-        )
-
-    out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # model.json goes first and comes back last: a folder half rewritten never loads
-    (out_dir / "model.json").unlink(missing_ok=True)
-    if unet:
-        if masks is None:
-            raise ValueError(f"{data_dir}: --unet needs the true defect masks in masks/<name>.npz")
-        from perfusion import cnn
-
-        unet_model, losses = cnn.train_unet(
-            stress,
-            rest,
-            masks[:, 0],
-            masks[:, 1],
-            unet_config or cnn.UNetConfig(seed=seed),
-            progress=progress,
-        )
-        unet_model.save(out_dir / "unet")
-        summary["unet_final_loss"] = float(np.mean(losses[-20:]))
-    limits.save(out_dir / "normal_limits.npz")
-    for task, portable in fitted.items():
-        portable.save(out_dir / f"{task}.npz")
-    (out_dir / "segments.npz").unlink(missing_ok=True)
-    if segment_model is not None:
-        segment_model.save(out_dir / "segments.npz")
-    meta = {
-        "version": MODEL_VERSION,
-        "size": size,
-        "colormap": colormap,
-        "classifier": model,
-        "features": list(scores.POLAR_FEATURE_NAMES),
-        "segment_features": list(scores.SEGMENT_FEATURE_NAMES),
-        "score_config": config.to_dict(),
-        "calibration": {t: list(ab) for t, ab in calibration.items()},
-        "segment_threshold": segment_threshold if segment_model is not None else None,
-        "uncertain_band": [float(low), float(high)],
-        "gate_by_label": True,
-        "unet": bool(unet),
-        "fit": summary,
-    }
-    atomic_write_bytes(out_dir / "model.json", json.dumps(meta, indent=1).encode())
-    return meta
-
-
-def _fit_segment_model(per_segment, true_seg, labels, *, seed: int = 0):
-    """Pooled logistic model over (study, segment) rows; its threshold maximises the pooled
-    out-of-fold segment F1 over the abnormal training studies (normal calls report none)."""
-    n = len(per_segment)
-    X = per_segment.reshape(n * scores.NUM_SEGMENTS, -1)
-    y = true_seg.reshape(-1).astype(np.int64)
-    # folds by study, so a study's 17 rows never straddle training and test
-    oof = np.zeros(n * scores.NUM_SEGMENTS)
-    fold_of = np.random.default_rng(seed).permutation(n) % 5
-    rows_fold = np.repeat(fold_of, scores.NUM_SEGMENTS)
-    for f in range(5):
-        held = rows_fold == f
-        if len(np.unique(y[~held])) < 2:
-            continue
-        m = classifiers.make_model("logistic", k="all", seed=seed).fit(X[~held], y[~held])
-        oof[held] = m.predict_proba(X[held])[:, 1]
-    oof = oof.reshape(n, scores.NUM_SEGMENTS)
-    abnormal = np.asarray(labels) != "normal"
-    grid = np.round(np.arange(0.05, 0.951, 0.05), 2)
-    f1 = [scores.segment_f1(oof[abnormal] >= t, true_seg[abnormal])["f1"] for t in grid]
-    threshold = float(grid[int(np.argmax(f1))])
-    calls = (oof >= threshold) & abnormal[:, None]
-    summary = {
-        "f1": scores.segment_f1(calls, true_seg)["f1"],
-        "territory_exact": float(
-            (_territories_of(calls) == _territories_of(true_seg)).all(axis=1).mean()
-        ),
-        "threshold": threshold,
-    }
-    model = classifiers.make_model("logistic", k="all", seed=seed).fit(X, y)
-    return classifiers.export_model(model), threshold, summary
-
-
-def _json_file(path: pathlib.Path) -> dict:
-    try:
-        meta = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return meta
-
-
-def load_model(model_dir) -> AnalysisModel:
-    """Load a model directory written by `fit`; one-line errors name the file at fault."""
-    d = pathlib.Path(model_dir)
-    if not d.is_dir():
-        raise FileNotFoundError(f"model directory not found: {d}")
-    if not (d / "model.json").is_file():
-        raise FileNotFoundError(f"{d}: no model.json (not a fitted model directory, or incomplete)")
-    path = d / "model.json"
-    meta = _json_file(path)
-    version = meta.get("version")
-    if version == 1:
-        raise ValueError(
-            f"{d}: a model folder of version 1 (pickled classifiers, which can run code when "
-            "loaded); re-fit it with experiments/perfusion_fit.py"
-        )
-    if version != MODEL_VERSION:
-        raise ValueError(
-            f"{path}: version {version!r}, this code reads version {MODEL_VERSION}; re-fit it "
-            "with experiments/perfusion_fit.py"
-        )
-
-    def field(key, kind: Callable):
-        if key not in meta:
-            raise ValueError(f"{path}: missing {key!r}; re-fit the model")
-        try:
-            return kind(meta[key])
-        except (TypeError, ValueError, KeyError) as e:
-            raise ValueError(f"{path}: unusable {key!r} ({e}); re-fit the model") from None
-
-    size = field("size", int)
-    if size < 8:
-        raise ValueError(f"{path}: size {size} is not a polar grid size")
-    if list(meta.get("features", [])) != list(scores.POLAR_FEATURE_NAMES):
-        raise ValueError(f"{path}: features of another version of the code; re-fit the model")
-    limits = scores.NormalLimits.load(d / "normal_limits.npz")
-    if limits.size != size:
-        raise ValueError(f"{d / 'normal_limits.npz'}: limits of size {limits.size}, not {size}")
-    segments = None
-    if meta.get("segment_threshold") is not None:
-        segments = classifiers.PortableModel.load(d / "segments.npz")
-    unet = None
-    if meta.get("unet"):
-        from perfusion import cnn
-
-        unet = cnn.UNetModel.load(d / "unet")
-    return AnalysisModel(
-        size=size,
-        limits=limits,
-        config=field("score_config", ScoreConfig.from_dict),
-        abnormal=classifiers.PortableModel.load(d / "abnormal.npz"),
-        ischemia_vs_infarction=classifiers.PortableModel.load(d / "ischemia_vs_infarction.npz"),
-        calibration=field(
-            "calibration", lambda c: {t: (float(c[t][0]), float(c[t][1])) for t in TASK_MODELS}
-        ),
-        segments=segments,
-        segment_threshold=float(meta.get("segment_threshold") or 0.5),
-        uncertain_band=field("uncertain_band", lambda b: (float(b[0]), float(b[1]))),
-        colormap=meta.get("colormap"),
-        gate_by_label=bool(meta.get("gate_by_label", True)),
-        unet=unet,
-        meta=meta,
-    )
 
 
 # ------------------------------------------------------------------------------- analyze
@@ -364,12 +52,12 @@ def load_model(model_dir) -> AnalysisModel:
 
 def analyze_arrays(model: AnalysisModel, studies_list) -> tuple[list[dict], dict[str, np.ndarray]]:
     """Batched analysis: (report dicts without "file", raw score arrays incl. blackout)."""
-    stress, rest = _stack(studies_list, model.size)
+    stress, rest = stack_uptake(studies_list, model.size)
     mean, sd = model.limits.stack_for([s.sex for s in studies_list])
     out = scores.score_studies(
         stress, rest, mean, sd, geometry.segment_map(model.size), model.config
     )
-    polar, per_segment = _learned_features(stress, rest, mean, sd)
+    polar, per_segment = learned_features(stress, rest, mean, sd)
     p_abn = classifiers.apply_platt(
         model.abnormal.predict_proba(polar)[:, 1], *model.calibration["abnormal"]
     )
@@ -382,7 +70,7 @@ def analyze_arrays(model: AnalysisModel, studies_list) -> tuple[list[dict], dict
         b = len(studies_list)
         p_seg = model.segments.predict_proba(per_segment.reshape(b * scores.NUM_SEGMENTS, -1))
         calls = p_seg[:, 1].reshape(b, scores.NUM_SEGMENTS) >= model.segment_threshold
-        territories = _territories_of(calls)
+        territories = evaluation.territories_of(calls)
     else:  # no segment labels to learn from: the scores' own calls
         calls, territories = out["scores"][:, 0] >= 1, out["territories"]
     reports = []
@@ -532,7 +220,7 @@ def analyze_path(
     items = input_items(input_path)
     single = input_path.is_file()
     rows, skipped = [], []
-    dice = _DiceSums() if metrics_out is not None and (input_path / "masks").is_dir() else None
+    dice = DiceSums() if metrics_out is not None and (input_path / "masks").is_dir() else None
     chunks = [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
     bar = None
     if progress:
@@ -572,7 +260,7 @@ def analyze_path(
     out_json.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_json, json.dumps(report, indent=1).encode())
     if metrics_out is not None:
-        metrics = evaluate_report(report, input_path / "labels.csv")
+        metrics = evaluation.evaluate_report(report, input_path / "labels.csv")
         if dice is not None:
             metrics["dice"] = dice.summary()
         atomic_write_bytes(metrics_out, json.dumps(metrics, indent=1).encode())
@@ -680,115 +368,10 @@ def write_overlays(overlay_dir, found, names, reports, blackout) -> list[pathlib
     return paths
 
 
-# ---------------------------------------------------------------------------- evaluation
+# ---------------------------------------------------------------------------- mask Dice
 
 
-def evaluate_report(report: dict, labels_csv) -> dict:
-    """Metrics of a report against labels.csv: label, territory (exact set, per territory)
-    and segment accuracy; calibration and abstention of the probabilities; skipped count."""
-    truth = {r["filename"]: r for r in studies.read_labels(labels_csv)}
-    rows = report["studies"]
-    missing = [r["file"] for r in rows if r["file"] not in truth]
-    if missing:
-        raise ValueError(f"{labels_csv}: no labels for {missing[:3]}")
-    t = [truth[r["file"]] for r in rows]
-    pred_terr = _territories_bool([r["territories"] for r in rows])
-    true_terr = _territories_bool([x["territories"] for x in t])
-    seg = scores.segment_f1(
-        _segments_bool([r["defect_segments"] for r in rows]),
-        _segments_bool([x["segments"] for x in t]),
-    )
-    labels_true = np.array([x["label"] for x in t])
-    labels_pred = np.array([r["label"] for r in rows])
-    abnormal = labels_true != "normal"
-    both = abnormal & (labels_pred != "normal")
-    certain = np.array([not r.get("uncertain", False) for r in rows], bool)
-    p_abn = np.array([1.0 - r["probabilities"]["normal"] for r in rows])
-    # P(infarction | abnormal) of the truly abnormal studies
-    p_inf = np.array(
-        [
-            r["probabilities"]["infarction"] / max(1.0 - r["probabilities"]["normal"], 1e-9)
-            for r in rows
-        ]
-    )
-
-    def mean_or_none(x):
-        return float(np.mean(x)) if len(x) else None
-
-    pred_seg = _segments_bool([r["defect_segments"] for r in rows])
-    true_seg = _segments_bool([x["segments"] for x in t])
-    per_study = {  # per-study outcomes the bootstrap resamples
-        "label_accuracy": (labels_true == labels_pred).astype(float),
-        "abnormal_accuracy": (abnormal == (labels_pred != "normal")).astype(float),
-        "ischemia_vs_infarction_accuracy": np.where(both, labels_true == labels_pred, np.nan),
-        "territory_exact_accuracy": (pred_terr == true_terr).all(axis=1).astype(float),
-    }
-    counts = np.stack(
-        [
-            (pred_seg & true_seg).sum(1),
-            (pred_seg & ~true_seg).sum(1),
-            (~pred_seg & true_seg).sum(1),
-        ],
-        axis=1,
-    )  # (N, 3) tp, fp, fn
-    return {
-        "n": len(rows),
-        "skipped": len(report.get("skipped", [])),
-        "label_accuracy": mean_or_none(labels_true == labels_pred),
-        "abnormal_accuracy": mean_or_none(abnormal == (labels_pred != "normal")),
-        "ischemia_vs_infarction_accuracy": mean_or_none(labels_true[both] == labels_pred[both]),
-        "territory_exact_accuracy": mean_or_none((pred_terr == true_terr).all(axis=1)),
-        "territory_accuracy": {
-            n: mean_or_none(pred_terr[:, j] == true_terr[:, j])
-            for j, n in enumerate(scores.TERRITORY_NAMES)
-        },
-        "segment": seg,
-        "ci95": _bootstrap_ci(per_study, counts),
-        "uncertain_rate": mean_or_none(~certain),
-        "certain": {
-            "label_accuracy": mean_or_none((labels_true == labels_pred)[certain]),
-            "abnormal_accuracy": mean_or_none((abnormal == (labels_pred != "normal"))[certain]),
-        },
-        "calibration": {
-            "abnormal": _calibration(p_abn, abnormal),
-            "ischemia_vs_infarction": _calibration(
-                p_inf[abnormal], labels_true[abnormal] == "infarction"
-            ),
-        },
-    }
-
-
-def _bootstrap_ci(per_study: dict, segment_counts, *, n_boot: int = 1000, seed: int = 0):
-    """95% percentile intervals over studies resampled with replacement: each per-study
-    metric (nan = not counted) and the pooled segment F1 from per-study (tp, fp, fn)."""
-    n = len(segment_counts)
-    if n == 0:
-        return {}
-    idx = np.random.default_rng(seed).integers(0, n, (n_boot, n))
-    out = {}
-    for name, values in per_study.items():
-        v = values[idx]
-        counted = ~np.isnan(v)
-        total, k = np.where(counted, v, 0.0).sum(axis=1), counted.sum(axis=1)
-        means = total[k > 0] / k[k > 0]
-        out[name] = np.quantile(means, [0.025, 0.975]).tolist() if len(means) else None
-    tp, fp, fn = segment_counts[idx].sum(axis=1).T
-    f1 = 2 * tp / np.maximum(2 * tp + fp + fn, 1)
-    out["segment_f1"] = np.quantile(f1, [0.025, 0.975]).tolist()
-    return out
-
-
-def _calibration(p, y) -> dict:
-    return {
-        "n": int(len(p)),
-        "brier": reliability.brier_score(p, y),
-        "ece": reliability.expected_calibration_error(p, y),
-        "reliability": reliability.reliability_bins(p, y),
-        "abstention": reliability.abstention_curve(p, y),
-    }
-
-
-class _DiceSums:
+class DiceSums:
     """Mask Dice against masks/, accumulated chunk by chunk: pooled sums and per-study values
     for the normal-limits blackout and, when the model has one, the U-Net mask."""
 
@@ -799,7 +382,7 @@ class _DiceSums:
         self.missing = False
 
     def add(self, model, data_dir, found, blackout) -> None:
-        masks = load_true_masks(data_dir, [s.name for s in found], model.size)
+        masks = evaluation.load_true_masks(data_dir, [s.name for s in found], model.size)
         if masks is None:
             self.missing = True
             return
@@ -808,7 +391,7 @@ class _DiceSums:
         if model.unet is not None:
             from perfusion import cnn
 
-            preds["unet"] = cnn.predict_mask(model.unet, *_stack(found, model.size))
+            preds["unet"] = cnn.predict_mask(model.unet, *stack_uptake(found, model.size))
         from perfusion.cnn import dice
 
         for name, pred in preds.items():

@@ -41,7 +41,7 @@ def plot_difficulty_curve(curve: dict, path, *, title: str = "") -> None:
 
 
 def plot_calibration(metrics: dict[str, dict], path, *, title: str = "") -> None:
-    """Reliability diagrams and abstention curves of `analyze.evaluate_report` metrics, one
+    """Reliability diagrams and abstention curves of `evaluation.evaluate_report` metrics, one
     line per held-out set (name -> metrics), for both tasks (PNG)."""
     plt = _pyplot()
     tasks = (

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from perfusion import analyze, geometry, scores, simulate, studies
+from perfusion import analyze, evaluation, geometry, scores, simulate, studies
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 REPORT_KEYS = {
@@ -104,7 +104,7 @@ def test_analyze_path_report_overlays_and_consistency(fitted, tmp_path):
     study = studies.read_study_folder(data, size=32)[0]
     assert analyze.analyze_study(model, study) == rows[0]
     metrics = json.loads((tmp_path / "m.json").read_text())
-    expected = json.loads(json.dumps(analyze.evaluate_report(report, data / "labels.csv")))
+    expected = json.loads(json.dumps(evaluation.evaluate_report(report, data / "labels.csv")))
     assert {k: v for k, v in metrics.items() if k != "dice"} == expected
     assert metrics["skipped"] == 0 and metrics["calibration"]["abnormal"]["n"] == 15
     assert 0.0 <= metrics["territory_exact_accuracy"] <= 1.0
@@ -162,7 +162,7 @@ def test_evaluate_report_by_hand(tmp_path):
         ],
         "skipped": [{"file": "d.png", "reason": "unreadable"}],
     }
-    m = analyze.evaluate_report(report, tmp_path / "labels.csv")
+    m = evaluation.evaluate_report(report, tmp_path / "labels.csv")
     assert m["label_accuracy"] == pytest.approx(2 / 3)
     assert m["abnormal_accuracy"] == 1.0
     assert m["ischemia_vs_infarction_accuracy"] == pytest.approx(0.5)
@@ -192,8 +192,8 @@ def test_pooled_dice_by_hand():
     a[0, 0, :2] = True
     b[0, 0, 1:] = True
     b[1, 2, 2] = True
-    assert analyze.pooled_dice(a, b) == pytest.approx(2 * 1 / 5)
-    assert analyze.pooled_dice(a[:0], b[:0]) == 1.0
+    assert evaluation.pooled_dice(a, b) == pytest.approx(2 * 1 / 5)
+    assert evaluation.pooled_dice(a[:0], b[:0]) == 1.0
 
 
 def test_overlay_draws_segment_grid():
