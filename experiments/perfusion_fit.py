@@ -15,7 +15,10 @@ _DATA = flags.DEFINE_string(
 )
 _OUT = flags.DEFINE_string("out", None, "model directory to write", required=True)
 _MODEL = flags.DEFINE_enum(
-    "model", "logistic", classifiers.FEATURE_MODELS, "classifier on the normal-limit features"
+    "model",
+    "auto",
+    ("auto", *classifiers.FEATURE_MODELS),
+    "classifier on the polar features (auto: lowest out-of-fold log loss per task)",
 )
 _SIZE = flags.DEFINE_integer("size", 128, "canonical polar grid (pixels)")
 _COLORMAP = flags.DEFINE_string("colormap", None, "colormap name when images lack a colour bar")

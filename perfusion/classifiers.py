@@ -65,11 +65,14 @@ def task_targets(labels, task: str) -> tuple[np.ndarray, np.ndarray, tuple[str, 
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
-def make_model(name: str, *, k: int | str = 10, seed: int = 0) -> Pipeline:
-    """ANOVA F-test SelectKBest(k) ("all": no selection) then the classifier, one pipeline."""
+def make_model(name: str, *, k: int | str = 10, seed: int = 0, **overrides) -> Pipeline:
+    """ANOVA F-test SelectKBest(k) ("all": no selection) then the classifier, one pipeline.
+
+    overrides: settings that replace MODEL_PARAMETERS[name]'s (e.g. C=0.1 for "logistic").
+    """
     if name not in MODEL_PARAMETERS:
         raise ValueError(f"unknown model {name!r}; expected one of {FEATURE_MODELS}")
-    params = MODEL_PARAMETERS[name]
+    params = {**MODEL_PARAMETERS[name], **overrides}
     steps = [("select", "passthrough" if k == "all" else SelectKBest(f_classif, k=k))]
     if name == "rf":
         steps.append(("model", RandomForestClassifier(**params, random_state=seed, n_jobs=1)))
@@ -82,12 +85,15 @@ def make_model(name: str, *, k: int | str = 10, seed: int = 0) -> Pipeline:
     return Pipeline(steps)
 
 
-def feature_fit_predict_proba(X, y, name: str, *, k: int | str = 10, seed: int = 0) -> Callable:
+def feature_fit_predict_proba(
+    X, y, name: str, *, k: int | str = 10, seed: int = 0, **overrides
+) -> Callable:
     """`fit_predict_proba(train_idx, test_idx)` for a feature model (selection inside the fold)."""
     X, y = np.asarray(X), np.asarray(y)
 
     def fit_predict_proba(train_idx, test_idx):
-        model = make_model(name, k=k if k == "all" else min(k, X.shape[1]), seed=seed)
+        kk = k if k == "all" else min(k, X.shape[1])
+        model = make_model(name, k=kk, seed=seed, **overrides)
         model.fit(X[train_idx], y[train_idx])
         return model.predict_proba(X[test_idx])
 

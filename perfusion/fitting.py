@@ -35,6 +35,17 @@ LABELS = studies.LABELS
 MODEL_VERSION = 2
 TASK_MODELS = ("abnormal", "ischemia_vs_infarction")
 DEFAULT_BAND = (0.25, 0.75)  # abstain when a probability lies in here
+# model="auto": per task, the candidate with the lowest out-of-fold log loss on the training
+# folder. No one model wins everywhere: on 150 studies with large defects, logistic regression
+# on the 135 polar features is 0.93 accurate out of fold for normal vs abnormal and boosted
+# trees 0.99 (a few features step cleanly there); on 600 mild studies logistic regression
+# separates ischemia from infarction best (0.90 against 0.86).
+# name -> (classifiers.make_model name, settings that replace its defaults).
+AUTO_CANDIDATES = {
+    "logistic": ("logistic", {}),
+    "logistic_C0.1": ("logistic", {"C": 0.1}),
+    "xgb_tuned": ("xgb_tuned", {}),
+}
 
 
 @dataclasses.dataclass
@@ -83,9 +94,11 @@ def learned_features(stress, rest, mean, sd):
 # ----------------------------------------------------------------------------------- fit
 
 
-def _oof_probabilities(X, y, name: str, *, folds: int = 5, seed: int = 0) -> np.ndarray:
-    """Out-of-fold P(class 1) of a feature model on the training folder (for calibration)."""
-    fpp = classifiers.feature_fit_predict_proba(X, y, name, k="all", seed=seed)
+def _oof_probabilities(
+    X, y, name: str, *, folds: int = 5, seed: int = 0, **overrides
+) -> np.ndarray:
+    """Out-of-fold P(class 1) of a feature model on the training folder."""
+    fpp = classifiers.feature_fit_predict_proba(X, y, name, k="all", seed=seed, **overrides)
     return np.asarray(
         classifiers.cross_validate(
             X, y, name, fit_predict_proba=fpp, folds=folds, seed=seed, n_boot=0
@@ -93,11 +106,28 @@ def _oof_probabilities(X, y, name: str, *, folds: int = 5, seed: int = 0) -> np.
     )[:, 1]
 
 
+def choose_label_model(X, y, model: str, *, seed: int = 0):
+    """(pipeline fitted on all of X, its out-of-fold probabilities, summary) for one task.
+
+    model: a classifiers.FEATURE_MODELS name, or "auto" for the AUTO_CANDIDATES entry with the
+    lowest out-of-fold log loss (same folds for every candidate; the training folder only).
+    """
+    candidates = AUTO_CANDIDATES if model == "auto" else {model: (model, {})}
+    oof, loss = {}, {}
+    for name, (base, overrides) in candidates.items():
+        oof[name] = _oof_probabilities(X, y, base, seed=seed, **overrides)
+        loss[name] = reliability.log_loss(oof[name], y)
+    best = min(loss, key=loss.get)
+    base, overrides = candidates[best]
+    pipeline = classifiers.make_model(base, k="all", seed=seed, **overrides).fit(X, y)
+    return pipeline, oof[best], {"model": best, "oof_log_loss": loss}
+
+
 def fit(
     data_dir,
     out_dir,
     *,
-    model: str = "logistic",
+    model: str = "auto",
     size: int = 128,
     colormap: str | None = None,
     k: float | None = None,
@@ -109,6 +139,7 @@ def fit(
 ) -> dict:
     """Fit normal limits, thresholds, the label and segment models on a labelled study folder.
 
+    model: the label models' classifier ("auto": chosen per task by `choose_label_model`).
     k: blackout threshold in SDs; None tunes it by Dice on the folder's masks/ when present,
     else keeps ScoreConfig's default. Returns the fit summary also stored in model.json.
     """
@@ -147,12 +178,12 @@ def fit(
         idx, y, _ = classifiers.task_targets(labels, task)
         if len(np.unique(y)) < 2 or np.bincount(y).min() < 5:
             raise ValueError(f"{data_dir}: task {task} needs at least 5 studies of each class")
-        pipeline = classifiers.make_model(model, k="all", seed=seed).fit(polar[idx], y)
+        pipeline, oof, chosen = choose_label_model(polar[idx], y, model, seed=seed)
         fitted[task] = classifiers.export_model(pipeline)
-        oof = _oof_probabilities(polar[idx], y, model, seed=seed)
         calibration[task] = classifiers.fit_platt(oof, y)
         calibrated = classifiers.apply_platt(oof, *calibration[task])
         summary[f"{task}_oof"] = {
+            **chosen,
             "accuracy": float(((calibrated > 0.5) == y).mean()),
             "brier": reliability.brier_score(calibrated, y),
             "ece": reliability.expected_calibration_error(calibrated, y),

@@ -30,6 +30,13 @@ def reliability_bins(p, y, *, bins: int = 10) -> dict[str, list]:
     }
 
 
+def log_loss(p, y, *, eps: float = 1e-6) -> float:
+    """Mean negative log-likelihood of binary outcomes y under P(y = 1) = p (clipped to eps)."""
+    p = np.clip(np.asarray(p, np.float64), eps, 1.0 - eps)
+    y = np.asarray(y, np.float64)
+    return float(-np.mean(y * np.log(p) + (1.0 - y) * np.log(1.0 - p)))
+
+
 def expected_calibration_error(p, y, *, bins: int = 10) -> float:
     """Sum over bins of |mean prediction - observed rate| weighted by the bin's share."""
     r = reliability_bins(p, y, bins=bins)

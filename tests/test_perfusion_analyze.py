@@ -351,3 +351,27 @@ def test_dicom_exports_in_a_folder_frame_by_frame(fitted, tmp_path):
     assert {k: v for k, v in got.items() if k != "file"} == {
         k: v for k, v in want.items() if k != "file"
     }
+
+
+def test_auto_label_model_is_the_lowest_out_of_fold_log_loss():
+    from perfusion import classifiers, fitting, reliability
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(120, 4))
+    y = (np.abs(X[:, 0]) > 0.8).astype(np.int64)  # not monotone in any feature: trees win
+    pipeline, oof, chosen = fitting.choose_label_model(X, y, "auto", seed=0)
+    losses = chosen["oof_log_loss"]
+    assert set(losses) == set(fitting.AUTO_CANDIDATES)
+    assert chosen["model"] == min(losses, key=losses.get) == "xgb_tuned"
+    assert losses["logistic"] > 0.5 > losses["xgb_tuned"]
+    # the returned out-of-fold predictions are the winner's (recomputed through the F-test
+    # pipeline, which keeps all 4 features)
+    again = classifiers.cross_validate(X, y, "xgb_tuned", folds=5, seed=0, n_boot=0)[
+        "oof_probabilities"
+    ]
+    np.testing.assert_allclose(oof, np.asarray(again)[:, 1], atol=1e-6)
+    assert reliability.log_loss(oof, y) == pytest.approx(losses["xgb_tuned"])
+    assert ((pipeline.predict_proba(X)[:, 1] > 0.5) == y).mean() > 0.95
+    # a named model is used as is
+    _, _, named = fitting.choose_label_model(X, y, "logistic", seed=0)
+    assert named["model"] == "logistic" and set(named["oof_log_loss"]) == {"logistic"}

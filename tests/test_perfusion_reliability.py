@@ -42,3 +42,10 @@ def test_abstention_curve_and_reasons():
         0.95, 0.4, band
     )
     assert reliability.uncertain_reason(0.95, 0.9, band) is None
+
+
+def test_log_loss_by_hand():
+    # -(log 0.8 + log(1 - 0.3) + log 0.5) / 3; 0 and 1 are clipped, not infinite
+    want = -(np.log(0.8) + np.log(0.7) + np.log(0.5)) / 3
+    assert reliability.log_loss([0.8, 0.3, 0.5], [1, 0, 1]) == pytest.approx(want)
+    assert reliability.log_loss([0.0], [1], eps=1e-6) == pytest.approx(-np.log(1e-6))
