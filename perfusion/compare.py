@@ -420,7 +420,9 @@ def difficulty_markdown(curve: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def table1_results(studies_list, models, *, folds: int = 5, seed: int = 0) -> dict:
+def table1_results(
+    studies_list, models, *, folds: int = 5, seed: int = 0, n_boot: int = 1000
+) -> dict:
     """Normal vs abnormal CV results of Table 1 per model: methods of this module on the same
     folds, or the older perfusion.classifiers names (rf, xgb, resnet50, ...)."""
     arrays = None
@@ -428,11 +430,11 @@ def table1_results(studies_list, models, *, folds: int = 5, seed: int = 0) -> di
     for m in models:
         if m in METHODS:
             arrays = arrays or StudyArrays.from_studies(studies_list)
-            results[m] = compare_methods(arrays, (m,), ("abnormal",), folds=folds, seed=seed)[
-                "abnormal"
-            ][m]
+            results[m] = compare_methods(
+                arrays, (m,), ("abnormal",), folds=folds, seed=seed, n_boot=n_boot
+            )["abnormal"][m]
         else:
             results[m] = classifiers.run_study_cv(
-                studies_list, "abnormal", m, folds=folds, seed=seed
+                studies_list, "abnormal", m, folds=folds, seed=seed, n_boot=n_boot
             )
     return results

@@ -119,7 +119,7 @@ def test_table1_mixes_methods_and_older_model_names():
     from perfusion import classifiers
 
     found, _ = _studies(30, seed=3)
-    results = compare.table1_results(found, ["tpd", "rf"], folds=3)
+    results = compare.table1_results(found, ["tpd", "rf"], folds=3, n_boot=20)
     assert results["tpd"]["n"] == results["rf"]["n"] == 30
     assert results["tpd"]["parameters"]["features"] == "one score"
     text = classifiers.table1_markdown(results, title="t")
