@@ -1,6 +1,7 @@
 """Saying when unsure: calibration of binary probabilities, and abstention.
 
-Pure numpy, shared by the fit (Platt scaling is fitted in perfusion.classifiers), the report
+Pure numpy, shared by the fit (the log loss that chooses the label model; Platt scaling is
+fitted in perfusion.classifiers), the report
 (`uncertain_reason`) and the evaluation (reliability bins, expected calibration error, Brier
 score, abstention rate against accuracy).
 """
