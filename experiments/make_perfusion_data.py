@@ -1,8 +1,10 @@
-"""Simulated perfusion study folder (images/, masks/, labels.csv) in the SPEC.md format.
+"""Simulated perfusion study folder (images/, masks/, labels.csv), easy or clinically hard.
 
 python experiments/make_perfusion_data.py --out=data/perfusion --n=300 --seed=0
+python experiments/make_perfusion_data.py --out=data/hard --n=600 --seed=0 --difficulty=clinical
 """
 
+import dataclasses
 import sys
 
 from absl import app, flags
@@ -10,17 +12,26 @@ from absl import app, flags
 from perfusion import colormaps, simulate
 
 _OUT = flags.DEFINE_string("out", None, "output study folder", required=True)
-_N = flags.DEFINE_integer("n", 300, "number of studies (balanced normal/ischemia/infarction)")
+_N = flags.DEFINE_integer("n", 300, "number of studies")
 _SEED = flags.DEFINE_integer("seed", 0, "random seed (deterministic per seed)")
 _SIZE = flags.DEFINE_integer("size", 128, "canonical polar grid of the ground truth (pixels)")
 _DISK = flags.DEFINE_integer("disk_px", 200, "disk diameter in the exported image (pixels)")
 _CMAP = flags.DEFINE_enum("colormap", "spectrum", colormaps.COLORMAP_NAMES, "export colormap")
+_LAYOUT = flags.DEFINE_enum("layout", "side", simulate.LAYOUTS, "export layout")
+_DIFFICULTY = flags.DEFINE_enum(
+    "difficulty", "easy", tuple(simulate.DIFFICULTIES), "preset (perfusion.simulate.Difficulty)"
+)
+_DEPTH = flags.DEFINE_list("depth", None, "defect depth range LOW,HIGH overriding the preset's")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
+        difficulty = simulate.get_difficulty(_DIFFICULTY.value)
+        if _DEPTH.value:
+            low, high = (float(v) for v in _DEPTH.value)
+            difficulty = dataclasses.replace(difficulty, depth=(low, high))
         sims = simulate.simulate_dataset(
             _OUT.value,
             _N.value,
@@ -28,6 +39,8 @@ def main(argv):
             size=_SIZE.value,
             colormap=_CMAP.value,
             disk_px=_DISK.value,
+            difficulty=difficulty,
+            layout=_LAYOUT.value,
             progress=True,
         )
     except (ValueError, OSError) as e:

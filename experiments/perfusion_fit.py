@@ -1,4 +1,4 @@
-"""Fit the perfusion analysis model: classifiers, normal limits, thresholds (and a U-Net).
+"""Fit the perfusion analysis model: normal limits, calibrated classifiers, segment model.
 
 python experiments/perfusion_fit.py --data=data/perfusion_train --out=models/perfusion [--unet]
 """
@@ -14,13 +14,21 @@ _DATA = flags.DEFINE_string(
     "data", None, "labelled study folder (images/, labels.csv)", required=True
 )
 _OUT = flags.DEFINE_string("out", None, "model directory to write", required=True)
-_MODEL = flags.DEFINE_enum("model", "rf", classifiers.FEATURE_MODELS, "feature classifier")
+_MODEL = flags.DEFINE_enum(
+    "model",
+    "auto",
+    ("auto", *classifiers.FEATURE_MODELS),
+    "classifier on the polar features (auto: lowest out-of-fold log loss per task)",
+)
 _SIZE = flags.DEFINE_integer("size", 128, "canonical polar grid (pixels)")
 _COLORMAP = flags.DEFINE_string("colormap", None, "colormap name when images lack a colour bar")
 _K = flags.DEFINE_float("k", None, "blackout at mean - k SD (default: tuned on masks/ or 2.5)")
 _UNET = flags.DEFINE_bool("unet", False, "also train the U-Net on the folder's masks/")
 _UNET_STEPS = flags.DEFINE_integer("unet_steps", 500, "U-Net training steps")
 _UNET_SIZE = flags.DEFINE_integer("unet_size", 32, "U-Net input size (pixels, divisible by 4)")
+_BAND = flags.DEFINE_list(
+    "uncertain_band", ["0.25", "0.75"], "LOW,HIGH: probabilities in here are reported uncertain"
+)
 _SEED = flags.DEFINE_integer("seed", 0, "random seed")
 
 
@@ -42,6 +50,7 @@ def main(argv):
             size=_SIZE.value,
             colormap=_COLORMAP.value,
             k=_K.value,
+            uncertain_band=tuple(float(v) for v in _BAND.value),
             unet=_UNET.value,
             unet_config=unet_config,
             seed=_SEED.value,

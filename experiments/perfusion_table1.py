@@ -1,6 +1,10 @@
-"""The seed's Table 1 (normal vs abnormal, 5-fold CV) on a study folder, beside the paper's.
+"""The seed's Table 1 (normal vs abnormal, 5-fold CV) on study folders, beside the paper's.
 
-python experiments/perfusion_table1.py --data=DIR --out=docs/perfusion_table1.md
+python experiments/perfusion_table1.py --data=data/clin_train,data/easy_train \
+    --out=docs/perfusion_table1.md
+
+Models: the methods of perfusion.compare (strip_rf, polar_logistic, cnn, ...) or the older
+names of perfusion.classifiers (rf, xgb, xgb_tuned, resnet50, resnet152).
 """
 
 import datetime
@@ -11,12 +15,12 @@ import sys
 
 from absl import app, flags
 
-from perfusion import classifiers, studies
+from perfusion import classifiers, compare, studies
 from tavr_jax.fileio import atomic_write_bytes
 
-_DATA = flags.DEFINE_string("data", None, "study folder (images/ + labels.csv)", required=True)
+_DATA = flags.DEFINE_list("data", None, "study folders (images/ + labels.csv)", required=True)
 _OUT = flags.DEFINE_string("out", "docs/perfusion_table1.md", "output markdown")
-_MODELS = flags.DEFINE_list("models", ["rf", "xgb", "xgb_tuned"], "models (rf, xgb, resnet50...)")
+_MODELS = flags.DEFINE_list("models", list(compare.METHODS), "methods / models to compare")
 _FOLDS = flags.DEFINE_integer("folds", 5, "number of stratified folds")
 _SEED = flags.DEFINE_integer("seed", 0, "seed of the folds and the models")
 
@@ -24,24 +28,24 @@ _SEED = flags.DEFINE_integer("seed", 0, "seed of the folds and the models")
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    sections = [
+        f"# Perfusion Table 1: normal vs abnormal, {_FOLDS.value}-fold CV (seed {_SEED.value})\n\n"
+        f"Command: `python {' '.join(map(shlex.quote, sys.argv))}`; "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"{datetime.date.today()}. Ours: pooled out-of-fold value (95% bootstrap interval)."
+    ]
     try:
-        data = studies.read_study_folder(_DATA.value, progress=True)
-        results = {
-            m: classifiers.run_study_cv(data, "abnormal", m, folds=_FOLDS.value, seed=_SEED.value)
-            for m in _MODELS.value
-        }
+        for folder in _DATA.value:
+            data = studies.read_study_folder(folder, progress=True)
+            results = compare.table1_results(
+                data, _MODELS.value, folds=_FOLDS.value, seed=_SEED.value
+            )
+            counts = {lab: sum(s.label == lab for s in data) for lab in studies.LABELS}
+            title = f"## `{folder}`: {len(data)} studies {counts}"
+            sections.append(classifiers.table1_markdown(results, title=title))
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
-    counts = {lab: sum(s.label == lab for s in data) for lab in studies.LABELS}
-    title = (
-        f"# Perfusion Table 1: normal vs abnormal, {_FOLDS.value}-fold CV (seed {_SEED.value})\n\n"
-        f"Data: `{_DATA.value}`, {len(data)} studies {counts} (a folder from "
-        "`experiments/make_perfusion_data.py` or a real export). Ours: pooled out-of-fold value "
-        f"(95% bootstrap interval). Command: `python {' '.join(map(shlex.quote, sys.argv))}`; "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"{datetime.date.today()}."
-    )
-    text = classifiers.table1_markdown(results, title=title)
+    text = "\n\n".join(sections)
     atomic_write_bytes(_OUT.value, text.encode())
     print(text)
 

@@ -226,11 +226,13 @@ PERFUSION = [
         """
 # SPECT perfusion polar maps: quick start
 
-Simulate labelled stress/rest polar-map studies, read them back from their images (disk
-detection and colour-bar matching), compute the 252 strip/ring features, cross-validate a
-normal-vs-abnormal classifier, then fit the full analysis model (classifiers, normal limits,
-tuned thresholds) and analyse one held-out study: label with probabilities, 17-segment scores,
-SSS/SRS/SDS, TPD, territories, and its overlay (blackout area and the 17-segment grid).
+Simulate labelled stress/rest polar-map studies at clinical difficulty (mild and small defects,
+attenuation that mimics them, infarcts with peri-infarct ischemia, 60% normal studies), read
+them back from their images (disk detection and colour-bar matching), compare methods on the
+same folds (the published strip/ring features, TPD alone, deviations from sex-specific normal
+limits), then fit the analysis model (normal limits, calibrated classifiers, a per-segment
+defect model) and analyse held-out studies: label with calibrated probabilities and an
+"uncertain" flag, 17-segment scores, SSS/SRS/SDS, TPD, territories, and an overlay.
 
 Runs top to bottom on a CPU runtime in a few minutes.
 """,
@@ -247,7 +249,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from sklearn.feature_selection import f_classif
 
-from perfusion import analyze, classifiers, features, studies
+from perfusion import analyze, compare, features, studies
 from perfusion.simulate import simulate_dataset
 """,
     ),
@@ -258,25 +260,28 @@ from perfusion.simulate import simulate_dataset
         WORKDIR.format(name="perfusion")
         + """
 
-N_TRAIN, N_TEST, FOLDS, N_BOOT = 150, 9, 5, 1000  # studies (balanced over the 3 labels)
+N_TRAIN, N_TEST, FOLDS, N_BOOT = 200, 60, 5, 1000  # studies; 60% of them normal
 if SMOKE:
-    N_TRAIN, N_TEST, FOLDS, N_BOOT = 24, 3, 3, 100
-MODEL = "rf"  # rf | xgb | xgb_tuned (perfusion.classifiers.FEATURE_MODELS)
-print(dict(n_train=N_TRAIN, n_test=N_TEST, folds=FOLDS, model=MODEL))
+    N_TRAIN, N_TEST, FOLDS, N_BOOT = 40, 10, 3, 100
+DIFFICULTY = "clinical"  # or "easy": large defects, balanced labels (perfusion.simulate)
+METHODS = ("strip_rf", "tpd", "polar_logistic")  # of perfusion.compare.METHODS
+print(dict(n_train=N_TRAIN, n_test=N_TEST, folds=FOLDS, difficulty=DIFFICULTY))
 """,
     ),
     (
         "md",
         "## Simulate and read studies\\n"
         "A study folder: `images/<id>.png` (stress and rest disks with a colour bar), "
-        "`labels.csv`, and the true defect masks in `masks/`.",
+        "`labels.csv` (label, territories, segments, sex, defect depth), and the true defect "
+        "masks in `masks/`.",
     ),
     (
         "code",
         """
 train_dir, test_dir = WORK / "train", WORK / "test"
-simulate_dataset(train_dir, N_TRAIN, seed=0)
-simulate_dataset(test_dir, N_TEST, seed=1)  # another seed: studies the model never sees
+simulate_dataset(train_dir, N_TRAIN, seed=0, difficulty=DIFFICULTY)
+# another seed, another colormap and layout: studies the model never sees, drawn differently
+simulate_dataset(test_dir, N_TEST, seed=1, difficulty=DIFFICULTY, colormap="hot", layout="stacked")
 train = studies.read_study_folder(train_dir)
 labels = np.array([s.label for s in train])
 print(len(train), "studies:", {v: int((labels == v).sum()) for v in studies.LABELS})
@@ -302,7 +307,7 @@ plt.tight_layout()
 plt.show()
 """,
     ),
-    ("md", "## Strip/ring features"),
+    ("md", "## The published strip/ring features"),
     (
         "code",
         """
@@ -323,26 +328,33 @@ plt.tight_layout()
 plt.show()
 """,
     ),
-    ("md", "## Cross-validation (normal vs abnormal)"),
+    ("md", "## Methods side by side (same folds, normal limits fitted inside each fold)"),
     (
         "code",
         """
-cv = classifiers.run_study_cv(train, "abnormal", MODEL, folds=FOLDS, n_boot=N_BOOT)
-for name, m in cv["metrics"].items():
-    lo, hi = m["ci95"]
-    print(f"{name:>10}: {m['value']:.3f}  (95% CI {lo:.3f} - {hi:.3f})")
-print("confusion matrix (rows true, columns predicted):", cv["class_names"])
-print(np.array(cv["confusion_matrix"]))
+result = compare.compare_methods(
+    compare.StudyArrays.from_studies(train), METHODS, folds=FOLDS, n_boot=N_BOOT
+)
+print(compare.comparison_markdown(result))
 """,
     ),
-    ("md", "## Fit the analysis model and analyse a held-out study"),
+    ("md", "## Fit the analysis model and analyse the held-out folder"),
     (
         "code",
         """
 model_dir = WORK / "model"
-meta = analyze.fit(train_dir, model_dir, model=MODEL)
+meta = analyze.fit(train_dir, model_dir)
 print(json.dumps(meta["fit"], indent=1))
 model = analyze.load_model(model_dir)
+report = analyze.analyze_path(
+    model_dir, test_dir, WORK / "report.json", metrics_out=WORK / "metrics.json"
+)
+metrics = json.loads((WORK / "metrics.json").read_text())
+for key in ("label_accuracy", "abnormal_accuracy", "ischemia_vs_infarction_accuracy",
+            "territory_exact_accuracy", "uncertain_rate"):
+    print(f"{key:>32}: {metrics[key]}")
+print(f"{'segment F1':>32}: {metrics['segment']['f1']:.3f}")
+print(f"{'calibration (ECE, normal vs abnormal)':>32}: {metrics['calibration']['abnormal']['ece']:.3f}")
 """,
     ),
     (

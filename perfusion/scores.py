@@ -18,6 +18,10 @@ Definitions (all documented in docs/perfusion_clinical.md):
                  score = number of thresholds reached (z >= t1 -> 1 equivocal, ... >= t4 -> 4).
   SSS, SRS       sums of the 17 stress / rest scores; SDS = sum max(stress - rest, 0).
   territory      involved when the sum of its segments' stress scores >= `territory_min_score`.
+
+Learned models read the deviations from the normal limits as features: `polar_features` per
+study (per-segment z, extent and relative deficit at stress and rest, their change, territory
+and global sums) and `segment_features` per (study, segment).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import dataclasses
 import io
 import json
 import pathlib
+import zipfile
 
 import numpy as np
 
@@ -97,13 +102,29 @@ class NormalLimits:
 
     @classmethod
     def load(cls, path) -> NormalLimits:
+        """Reads limits saved by `save` (no pickle); a broken file is a one-line ValueError."""
         path = pathlib.Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"normal limits file not found: {path}")
-        with np.load(path) as z:
-            count = json.loads(bytes(z["count"]).decode())
-            mean = {g: z[f"mean_{g}"] for g in count}
-            sd = {g: z[f"sd_{g}"] for g in count}
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                count = {str(g): int(c) for g, c in json.loads(bytes(z["count"]).decode()).items()}
+                mean = {g: z[f"mean_{g}"].astype(np.float32) for g in count}
+                sd = {g: z[f"sd_{g}"].astype(np.float32) for g in count}
+            shapes = {a.shape for a in (*mean.values(), *sd.values())}
+            if "all" not in count or len(shapes) != 1 or len(next(iter(shapes))) != 3:
+                raise ValueError(f"expected (2, S, S) limits with a pooled group, got {shapes}")
+        except (
+            OSError,
+            ValueError,
+            KeyError,
+            TypeError,
+            AttributeError,
+            EOFError,
+            zipfile.BadZipFile,
+        ) as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"{path}: not a readable normal-limits file ({reason})") from None
         return cls(mean=mean, sd=sd, count=count)
 
 
@@ -152,6 +173,27 @@ def fit_normal_limits(
         sd[g] = np.maximum(maps[sel].std(axis=0, ddof=1), sd_floor).astype(np.float32)
         count[g] = int(sel.sum())
     return NormalLimits(mean=mean, sd=sd, count=count)
+
+
+def cross_fitted_limits(stress, rest, labels, sexes, *, folds: int = 5, seed: int = 0):
+    """Normal limits of a labelled set, and each study's own limits to score it against.
+
+    Returns (limits fitted on all normals, mean (N, 2, S, S), sd (N, 2, S, S)): an abnormal
+    study gets the full limits of its sex, a normal study limits fitted without it (k-fold over
+    the normals), so its deviations are what a new normal study's would be.
+    """
+    labels = np.asarray(labels)
+    normal = np.flatnonzero(labels == "normal")
+    if len(normal) < 4:
+        raise ValueError(f"need at least 4 normal studies for normal limits, got {len(normal)}")
+    full = fit_normal_limits(stress[normal], rest[normal], sex=[sexes[i] for i in normal])
+    mean, sd = full.stack_for(sexes)
+    fold_of = np.random.default_rng(seed).permutation(len(normal)) % min(folds, len(normal) // 2)
+    for f in np.unique(fold_of):
+        keep, held = normal[fold_of != f], normal[fold_of == f]
+        lim = fit_normal_limits(stress[keep], rest[keep], sex=[sexes[i] for i in keep])
+        mean[held], sd[held] = lim.stack_for([sexes[i] for i in held])
+    return full, mean, sd
 
 
 def segment_onehot(segments: np.ndarray) -> np.ndarray:
@@ -321,3 +363,86 @@ def tune_config(
         info["territory_exact"] = float(exact.max())
     config = ScoreConfig(k=base.k, segment_z=thresholds, territory_min_score=tmin)
     return config, info
+
+
+# ------------------------------------------------------------------ features for learned models
+
+_SEG = [str(i) for i in range(1, NUM_SEGMENTS + 1)]
+FEATURE_K = 2.0  # extent features count pixels more than 2 SD below the normal mean
+POLAR_FEATURE_NAMES = tuple(
+    [f"z_{p}_{s}" for p in PHASES for s in _SEG]
+    + [f"extent_{p}_{s}" for p in PHASES for s in _SEG]
+    + [f"deficit_{p}_{s}" for p in PHASES for s in _SEG]
+    + [f"z_change_{s}" for s in _SEG]
+    + [f"territory_z_{p}_{t}" for p in PHASES for t in TERRITORY_NAMES]
+    + [f"{g}_{p}" for g in ("tpd", "extent", "z_sum", "z_max") for p in PHASES]
+    + ["z_sum_change", "rest_over_stress"]
+)
+SEGMENT_FEATURE_NAMES = tuple(
+    ["z_stress", "z_rest", "z_change", "deficit_stress", "deficit_rest"]
+    + ["extent_stress_1.5", "extent_stress_2.5", "extent_stress_3.5", "extent_rest_2.5"]
+    + ["territory_z_stress", "study_z_sum_stress", "study_z_max_stress"]
+    + [f"is_segment_{s}" for s in _SEG]
+)
+
+
+def _segment_stats(stress, rest, mean, sd, segments, ks) -> dict[str, np.ndarray]:
+    """Per-segment means (B, 2, 17) of z, of z > k for each k, and of the relative deficit."""
+    u = np.stack([np.asarray(stress, np.float32), np.asarray(rest, np.float32)], axis=1)
+    mean = np.asarray(mean, np.float32)
+    lv = np.asarray(segments) > 0
+    z = np.where(lv, (mean - u) / np.asarray(sd, np.float32), 0.0)
+    deficit = np.where(lv, (mean - u) / np.maximum(mean, 1e-3), 0.0)
+    out = {"z": segment_means(z, segments), "deficit": segment_means(deficit, segments)}
+    for k in ks:
+        out[k] = segment_means((z > k).astype(np.float32), segments)
+    tpd = 100.0 * np.where(z > FEATURE_K, np.clip(deficit, 0.0, 1.0), 0.0)
+    out["tpd"] = tpd.reshape(*tpd.shape[:2], -1).sum(-1) / max(int(lv.sum()), 1)  # (B, 2)
+    return out
+
+
+def polar_features(stress, rest, mean, sd, segments) -> np.ndarray:
+    """(B, len(POLAR_FEATURE_NAMES)) float32: a study's deviations from its normal limits.
+
+    Args:
+      stress, rest: (B, S, S) relative uptake; mean, sd: (B, 2, S, S) or (2, S, S) limits for
+        the study's sex; segments: (S, S) AHA segment map.
+    """
+    st = _segment_stats(stress, rest, mean, sd, segments, (FEATURE_K,))
+    z, extent = st["z"], st[FEATURE_K]  # (B, 2, 17)
+    b = len(z)
+    zpos = np.maximum(z, 0.0)
+    territory = zpos @ territory_matrix().T  # (B, 2, 3)
+    z_sum = zpos.sum(-1)  # (B, 2)
+    glob = [st["tpd"], 100.0 * extent @ _segment_area_fractions(segments), z_sum, z.max(-1)]
+    cols = [
+        z.reshape(b, -1), extent.reshape(b, -1), st["deficit"].reshape(b, -1), z[:, 0] - z[:, 1],
+        territory.reshape(b, -1), np.concatenate(glob, axis=1),
+        np.maximum(z[:, 0] - z[:, 1], 0.0).sum(-1, keepdims=True),
+        ((z_sum[:, 1] + 1.0) / (z_sum[:, 0] + 1.0))[:, None],
+    ]  # fmt: skip
+    return np.concatenate(cols, axis=1).astype(np.float32)
+
+
+def segment_features(stress, rest, mean, sd, segments) -> np.ndarray:
+    """(B, 17, len(SEGMENT_FEATURE_NAMES)) float32: each segment's deviations and context."""
+    st = _segment_stats(stress, rest, mean, sd, segments, (1.5, 2.5, 3.5))
+    z = st["z"]
+    b = len(z)
+    zpos = np.maximum(z[:, 0], 0.0)  # (B, 17)
+    membership = territory_matrix()  # (3, 17)
+    own_territory = (zpos @ membership.T)[:, np.argmax(membership, axis=0)]  # (B, 17)
+    per_segment = [
+        z[:, 0], z[:, 1], z[:, 0] - z[:, 1], st["deficit"][:, 0], st["deficit"][:, 1],
+        st[1.5][:, 0], st[2.5][:, 0], st[3.5][:, 0], st[2.5][:, 1], own_territory,
+        np.repeat(zpos.sum(-1, keepdims=True), NUM_SEGMENTS, 1),
+        np.repeat(z[:, 0].max(-1, keepdims=True), NUM_SEGMENTS, 1),
+    ]  # fmt: skip
+    identity = np.broadcast_to(np.eye(NUM_SEGMENTS, dtype=np.float32), (b, NUM_SEGMENTS, 17))
+    return np.concatenate([np.stack(per_segment, -1), identity], axis=-1).astype(np.float32)
+
+
+def _segment_area_fractions(segments) -> np.ndarray:
+    """(17,) share of the LV's pixels in each segment."""
+    counts = segment_onehot(segments).sum(axis=0)
+    return counts / max(counts.sum(), 1.0)

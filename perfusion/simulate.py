@@ -3,7 +3,10 @@
 Uptake is relative (hottest pixel = 1) on the canonical grid of perfusion.geometry. A defect is
 a smooth partial territory: an angular window inside one coronary territory times a radial
 window from the base towards the apex, its depth graded. Ischemia: the stress defect largely
-recovers at rest; infarction: the defect is fixed.
+recovers at rest; infarction: the defect is fixed, possibly with a reversible rim.
+
+How hard the studies are is one `Difficulty` (presets `EASY` and `CLINICAL`): defect depth and
+extent, attenuation strength by sex, noise, reversibility, and the share of normal studies.
 """
 
 from __future__ import annotations
@@ -29,6 +32,70 @@ SEGMENT_FRACTION = 0.3
 _TERRITORY_ANGLES = {"LAD": (125.0, 60.0), "RCA": (255.0, 45.0), "LCX": (10.0, 50.0)}
 
 
+@dataclasses.dataclass(frozen=True)
+class Difficulty:
+    """How hard the simulated studies are: every range is (low, high) of a uniform draw.
+
+    `EASY` is the simulator as first written (large defects, balanced classes); `CLINICAL`
+    follows a referred clinical population: mild and small defects, attenuation that mimics
+    them, noisier maps, infarcts with peri-infarct ischemia, 60% normal studies.
+    """
+
+    depth: tuple[float, float] = (0.2, 0.65)  # uptake lost at a defect's core (of the hottest)
+    span: tuple[float, float] = (0.25, 0.8)  # defect half-width, fraction of its territory's
+    inner: tuple[float, float] = (0.2, 0.7)  # where a defect starts towards the base (radius)
+    inner_lad: tuple[float, float] = (0.0, 0.55)  # LAD defects may reach the apex
+    two_territories: float = 0.3  # probability of a second territory
+    attenuation_m: tuple[float, float] = (0.04, 0.2)  # inferior (diaphragm), men
+    attenuation_f: tuple[float, float] = (0.04, 0.2)  # anterior (breast), women
+    noise: tuple[float, float] = (0.02, 0.06)  # pixel noise SD before the smoothing
+    ischemia_rest: tuple[float, float] = (0.0, 0.4)  # of the stress depth still lost at rest
+    infarction_rest: tuple[float, float] = (0.7, 1.0)
+    peri_infarct: float = 0.0  # probability that an infarct has a reversible rim (mixed)
+    normal_fraction: float | None = None  # None: the three labels in equal numbers
+    # True defect mask: uptake reduced by at least this much (absolute); None = half the
+    # defect's own depth, so mild defects have a mask too.
+    mask_drop: float | None = DEFECT_THRESHOLD
+
+    def label_counts(self, n: int) -> dict[str, int]:
+        """Studies per label for a folder of n: exact numbers, not a random draw."""
+        if self.normal_fraction is None:
+            return {lab: len(range(i, n, 3)) for i, lab in enumerate(LABELS)}
+        normal = int(round(n * self.normal_fraction))
+        ischemia = (n - normal + 1) // 2
+        return {"normal": normal, "ischemia": ischemia, "infarction": n - normal - ischemia}
+
+
+EASY = Difficulty()
+CLINICAL = Difficulty(
+    depth=(0.14, 0.35),
+    span=(0.2, 0.6),
+    inner=(0.3, 0.75),
+    inner_lad=(0.1, 0.6),
+    two_territories=0.2,
+    attenuation_m=(0.05, 0.22),
+    attenuation_f=(0.03, 0.18),
+    noise=(0.03, 0.07),
+    ischemia_rest=(0.0, 0.5),
+    infarction_rest=(0.6, 1.0),
+    peri_infarct=0.5,
+    normal_fraction=0.6,
+    mask_drop=None,
+)
+DIFFICULTIES = {"easy": EASY, "clinical": CLINICAL}
+
+
+def get_difficulty(name_or_difficulty) -> Difficulty:
+    """A preset by name ("easy", "clinical") or a Difficulty as is."""
+    if isinstance(name_or_difficulty, Difficulty):
+        return name_or_difficulty
+    if name_or_difficulty not in DIFFICULTIES:
+        raise ValueError(
+            f"unknown difficulty {name_or_difficulty!r}; expected one of {tuple(DIFFICULTIES)}"
+        )
+    return DIFFICULTIES[name_or_difficulty]
+
+
 @dataclasses.dataclass
 class SimulatedStudy:
     """Ground truth of one simulated study on the canonical (S, S) grid."""
@@ -41,6 +108,7 @@ class SimulatedStudy:
     rest_defect: np.ndarray
     territories: tuple[str, ...]
     segments: tuple[int, ...]  # AHA segments with a stress defect
+    depth: float = 0.0  # deepest defect's core depth (0 for a normal study)
 
 
 def _angle_diff(a, b):
@@ -52,7 +120,7 @@ def _smooth_step(x, edge, width):
     return 1.0 / (1.0 + np.exp(-(x - edge) / max(width, 1e-6) * 4.0))
 
 
-def _normal_pattern(rng, size: int, sex: str) -> np.ndarray:
+def _normal_pattern(rng, size: int, sex: str, difficulty: Difficulty = EASY) -> np.ndarray:
     """Uptake of a normal heart before noise: apical thinning, attenuation, smooth variation."""
     r, a = geometry.polar_coords(size)
     u = np.full((size, size), rng.uniform(0.82, 0.92))
@@ -65,9 +133,9 @@ def _normal_pattern(rng, size: int, sex: str) -> np.ndarray:
     )
     u -= rng.uniform(0.0, 0.05) * _smooth_step(r, 0.9, 0.08)
     if sex == "M":  # diaphragmatic attenuation: inferior wall
-        depth, centre = rng.uniform(0.04, 0.2), 270 + rng.normal(0, 10)
+        depth, centre = rng.uniform(*difficulty.attenuation_m), 270 + rng.normal(0, 10)
     else:  # breast attenuation: anterior wall, sometimes shifted
-        depth, centre = rng.uniform(0.04, 0.2), 90 + rng.normal(0, 20)
+        depth, centre = rng.uniform(*difficulty.attenuation_f), 90 + rng.normal(0, 20)
     width = rng.uniform(30, 55)
     u -= depth * np.exp(-((_angle_diff(a, centre) / width) ** 2)) * (0.4 + 0.6 * r)
     # low-frequency patient-to-patient variation
@@ -77,17 +145,30 @@ def _normal_pattern(rng, size: int, sex: str) -> np.ndarray:
     return u
 
 
-def _defect_field(rng, size: int, territory: str) -> np.ndarray:
-    """(S, S) in 0-1: a smooth partial-territory defect shape (1 = full depth)."""
-    r, a = geometry.polar_coords(size)
+def _defect_shape(rng, territory: str, difficulty: Difficulty) -> dict:
+    """Random parameters of a partial-territory defect (drawn once, drawn at any size)."""
     centre, span = _TERRITORY_ANGLES[territory]
-    c = centre + rng.uniform(-0.35, 0.35) * span
-    half = rng.uniform(0.25, 0.8) * span
-    soft = rng.uniform(6.0, 15.0)
-    angular = _smooth_step(half - np.abs(_angle_diff(a, c)), 0.0, soft)
-    inner = rng.uniform(0.0, 0.55) if territory == "LAD" else rng.uniform(0.2, 0.7)
-    outer = rng.uniform(0.85, 1.1)
-    radial = _smooth_step(r, inner, 0.15) * _smooth_step(outer - r, 0.0, 0.1)
+    inner = difficulty.inner_lad if territory == "LAD" else difficulty.inner
+    return dict(
+        centre=centre + rng.uniform(-0.35, 0.35) * span,
+        half=rng.uniform(*difficulty.span) * span,
+        soft=rng.uniform(6.0, 15.0),
+        inner=rng.uniform(*inner),
+        outer=rng.uniform(0.85, 1.1),
+    )
+
+
+def _defect_field(size: int, territory: str, shape: dict, *, widen: float = 1.0) -> np.ndarray:
+    """(S, S) in 0-1: a smooth partial-territory defect (1 = full depth).
+
+    widen > 1 stretches the same defect wider and further towards the apex: the rim of
+    peri-infarct ischemia around an infarct's core.
+    """
+    r, a = geometry.polar_coords(size)
+    half = shape["half"] * widen
+    angular = _smooth_step(half - np.abs(_angle_diff(a, shape["centre"])), 0.0, shape["soft"])
+    inner = max(shape["inner"] - 0.3 * (widen - 1.0), 0.0)
+    radial = _smooth_step(r, inner, 0.15) * _smooth_step(shape["outer"] - r, 0.0, 0.1)
     field = angular * radial
     if territory == "LAD" and inner < 0.25:  # LAD defects reaching the apex take the apex whole
         field = np.maximum(field, _smooth_step(0.25 - r, 0.0, 0.15))
@@ -122,50 +203,79 @@ def simulate_study(
     label: str | None = None,
     sex: str | None = None,
     territories=None,
+    difficulty: Difficulty | str = EASY,
 ) -> SimulatedStudy:
     """One study's ground truth: canonical stress/rest uptake maps, defect masks, segments."""
+    difficulty = get_difficulty(difficulty)
     label = label or LABELS[rng.integers(3)]
     if label not in LABELS:
         raise ValueError(f"unknown label {label!r}; expected one of {LABELS}")
     sex = sex or ("M" if rng.random() < 0.5 else "F")
-    base = _normal_pattern(rng, size, sex)
+    base = _normal_pattern(rng, size, sex, difficulty)
     stress_drop = np.zeros((size, size))
     rest_drop = np.zeros((size, size))
+    stress_defect = np.zeros((size, size), bool)
+    rest_defect = np.zeros((size, size), bool)
+    deepest = 0.0
     if label != "normal":
         if territories is None:
-            k = 1 if rng.random() < 0.7 else 2
+            k = 1 if rng.random() < 1.0 - difficulty.two_territories else 2
             territories = rng.choice(geometry.TERRITORY_NAMES, size=k, replace=False)
         territories = tuple(t for t in geometry.TERRITORY_NAMES if t in set(territories))
         for t in territories:
             # redraw a defect too small or too shallow to involve any segment, so every
             # labelled territory shows in the segments
             for _ in range(20):
-                field = _defect_field(rng, size, t)
-                depth = rng.uniform(0.2, 0.65)  # graded severity: mild to severe
-                if _segment_fractions(depth * field >= DEFECT_THRESHOLD).max() >= SEGMENT_FRACTION:
+                shape = _defect_shape(rng, t, difficulty)
+                field = _defect_field(size, t, shape)
+                depth = rng.uniform(*difficulty.depth)  # graded severity
+                drop = difficulty.mask_drop if difficulty.mask_drop is not None else depth / 2
+                if _segment_fractions(depth * field >= drop).max() >= SEGMENT_FRACTION:
                     break
             # ischemia recovers most of the way at rest; infarction stays (nearly) fixed
-            rest_frac = rng.uniform(0.0, 0.4) if label == "ischemia" else rng.uniform(0.7, 1.0)
-            stress_drop = np.maximum(stress_drop, depth * field)
-            rest_drop = np.maximum(rest_drop, rest_frac * depth * field)
+            rest_range = (
+                difficulty.ischemia_rest if label == "ischemia" else difficulty.infarction_rest
+            )
+            stress_t = depth * field
+            rest_t = rng.uniform(*rest_range) * stress_t
+            if (
+                label == "infarction"
+                and difficulty.peri_infarct
+                and (rng.random() < difficulty.peri_infarct)
+            ):  # a reversible rim around the fixed core: stress wider than rest
+                stress_t = np.maximum(stress_t, depth * _defect_field(size, t, shape, widen=1.5))
+            stress_drop = np.maximum(stress_drop, stress_t)
+            rest_drop = np.maximum(rest_drop, rest_t)
+            stress_defect |= stress_t >= drop
+            rest_defect |= rest_t >= drop
+            deepest = max(deepest, float(depth))
     else:
         territories = ()
-    noise = rng.uniform(0.02, 0.06)
+    noise = rng.uniform(*difficulty.noise)
     variation = rng.normal(0.0, 0.025, 3)  # stress and rest differ a little in shape
     r, a = geometry.polar_coords(size)
     wobble = variation[0] * np.cos(np.radians(a) + variation[1] * 50) * r
     stress = _finish(base - stress_drop, rng, size, noise)
     rest = _finish(base + wobble - rest_drop, rng, size, noise)
     mask = geometry.disk_mask(size)
-    stress_defect = (stress_drop >= DEFECT_THRESHOLD) & mask
-    rest_defect = (rest_drop >= DEFECT_THRESHOLD) & mask
+    stress_defect &= mask
+    rest_defect &= mask
     frac = _segment_fractions(stress_defect)
     segments = tuple(int(s) + 1 for s in np.flatnonzero(frac >= SEGMENT_FRACTION))
     # territories: those given a defect, plus any a defect spilled over into a whole segment
     involved = set(territories) | set(geometry.segments_to_territories(segments))
     territories = tuple(t for t in geometry.TERRITORY_NAMES if t in involved)
     return SimulatedStudy(
-        label, sex, stress, rest, stress_defect, rest_defect, territories, segments
+        label, sex, stress, rest, stress_defect, rest_defect, territories, segments, deepest
+    )
+
+
+LAYOUTS = ("side", "stacked")
+
+
+def _put_text(image, text, org, scale, thickness=1):
+    cv2.putText(
+        image, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (230, 230, 230), thickness, cv2.LINE_AA
     )
 
 
@@ -178,51 +288,59 @@ def render_study_image(
     rng: np.random.Generator | None = None,
     colorbar: bool = True,
     text: bool = True,
+    layout: str = "side",
 ) -> np.ndarray:
-    """An export-like RGB image: stress disk left, rest right, labels and a colour bar."""
+    """An export-like RGB image of a study with labels and a colour bar.
+
+    layout "side": stress left, rest right, titles above, a vertical bar on the right, dark
+    background. "stacked": stress above rest, titles on the left, a horizontal bar underneath,
+    mid-grey background.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     rng = rng or np.random.default_rng(0)
-    margin, gap, top = 30, int(rng.integers(30, 60)), 50
     bar_w = 18
-    width = margin * 2 + disk_px * 2 + gap + (60 + bar_w if colorbar else 0)
-    height = top + disk_px + margin
-    bg = int(rng.integers(0, 25))
+    if layout == "side":
+        margin, gap, top = 30, int(rng.integers(30, 60)), 50
+        width = margin * 2 + disk_px * 2 + gap + (60 + bar_w if colorbar else 0)
+        height = top + disk_px + margin
+        bg = int(rng.integers(0, 25))
+        origins = [(margin, top), (margin + disk_px + gap, top)]
+        titles = [(x + disk_px // 2 - 45, y - 15) for x, y in origins]
+    else:
+        left, gap, top = 110, int(rng.integers(20, 40)), 20
+        width = left + disk_px + 30
+        height = top + 2 * disk_px + gap + (70 if colorbar else 20)
+        bg = int(rng.integers(40, 80))
+        origins = [(left, top), (left, top + disk_px + gap)]
+        titles = [(10, y + disk_px // 2) for _, y in origins]
     image = np.full((height, width, 3), bg, np.uint8)
     yy, xx = np.mgrid[:disk_px, :disk_px]
     rr = np.hypot(xx + 0.5 - disk_px / 2, yy + 0.5 - disk_px / 2) / (disk_px / 2)
     alpha = np.clip((1.0 - rr) * disk_px / 2 + 0.5, 0.0, 1.0)[..., None]  # anti-aliased rim
-    for i, (u, title) in enumerate(((stress, "STRESS"), (rest, "REST"))):
+    for u, (x0, y0), org, title in zip(
+        (stress, rest), origins, titles, ("STRESS", "REST"), strict=True
+    ):
         up = cv2.resize(u.astype(np.float32), (disk_px, disk_px), interpolation=cv2.INTER_LINEAR)
         rgb = colormaps.uptake_to_rgb(up, colormap).astype(np.float32)
-        x0 = margin + i * (disk_px + gap)
-        tile = image[top : top + disk_px, x0 : x0 + disk_px].astype(np.float32)
-        image[top : top + disk_px, x0 : x0 + disk_px] = np.round(alpha * rgb + (1 - alpha) * tile)
+        tile = image[y0 : y0 + disk_px, x0 : x0 + disk_px].astype(np.float32)
+        image[y0 : y0 + disk_px, x0 : x0 + disk_px] = np.round(alpha * rgb + (1 - alpha) * tile)
         if text:
-            cv2.putText(
-                image,
-                title,
-                (x0 + disk_px // 2 - 45, top - 15),
-                cv2.FONT_HERSHEY_SIMPLEX,
-                0.8,
-                (230, 230, 230),
-                2,
-                cv2.LINE_AA,
-            )
-    if colorbar:
-        bx = margin + 2 * disk_px + gap + 25
+            _put_text(image, title, org, 0.8, 2)
+    if colorbar and layout == "side":
+        bx, top = origins[1][0] + disk_px + 25, origins[0][1]
         ramp = np.linspace(1.0, 0.0, disk_px)[:, None].repeat(bar_w, 1)  # high at the top
         image[top : top + disk_px, bx : bx + bar_w] = colormaps.uptake_to_rgb(ramp, colormap)
         if text:
             for val, y in (("100%", top + 8), ("0%", top + disk_px)):
-                cv2.putText(
-                    image,
-                    val,
-                    (bx + bar_w + 4, y),
-                    cv2.FONT_HERSHEY_SIMPLEX,
-                    0.35,
-                    (230, 230, 230),
-                    1,
-                    cv2.LINE_AA,
-                )
+                _put_text(image, val, (bx + bar_w + 4, y), 0.35)
+    elif colorbar:
+        bx, by = origins[0][0], origins[1][1] + disk_px + 20
+        ramp = np.linspace(0.0, 1.0, disk_px)[None, :].repeat(bar_w, 0)  # high at the right
+        image[by : by + bar_w, bx : bx + disk_px] = colormaps.uptake_to_rgb(ramp, colormap)
+        if text:
+            _put_text(image, "0%", (bx, by + bar_w + 16), 0.4)
+            _put_text(image, "100%", (bx + disk_px - 36, by + bar_w + 16), 0.4)
     return image
 
 
@@ -253,18 +371,27 @@ def simulate_dataset(
     size: int = 128,
     colormap="spectrum",
     disk_px: int = 200,
+    difficulty: Difficulty | str = EASY,
+    layout: str = "side",
     progress: bool = False,
 ) -> list[SimulatedStudy]:
-    """Write a study folder: images/<id>.png, masks/<id>.npz, labels.csv (with sex). Balanced."""
+    """Write a study folder: images/<id>.png, masks/<id>.npz, labels.csv (with sex and depth).
+
+    Label counts are exact (`Difficulty.label_counts`), in a shuffled order.
+    """
     out = os.fspath(out)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    difficulty = get_difficulty(difficulty)
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     os.makedirs(os.path.join(out, "masks"), exist_ok=True)
     rng = np.random.default_rng(seed)
-    labels = [LABELS[i % 3] for i in range(n)]
+    if difficulty.normal_fraction is None:
+        labels = [LABELS[i % 3] for i in range(n)]
+    else:
+        labels = [lab for lab, k in difficulty.label_counts(n).items() for _ in range(k)]
     rng.shuffle(labels)
-    rows = [("filename", "label", "territories", "segments", "sex")]
+    rows = [("filename", "label", "territories", "segments", "sex", "depth")]
     studies = []
     items = range(n)
     if progress:
@@ -273,15 +400,22 @@ def simulate_dataset(
         items = tqdm(items, desc="simulating", unit="study")
     for i in items:
         srng = np.random.default_rng([seed, i])  # per-study stream: any study can be redone alone
-        sim = simulate_study(srng, size, label=labels[i])
+        sim = simulate_study(srng, size, label=labels[i], difficulty=difficulty)
         name = f"study_{i:04d}.png"
         image = render_study_image(
-            sim.stress, sim.rest, colormap=colormap, disk_px=disk_px, rng=srng
+            sim.stress, sim.rest, colormap=colormap, disk_px=disk_px, rng=srng, layout=layout
         )
         _write_png(os.path.join(out, "images", name), image)
         _write_masks(os.path.join(out, "masks", name.replace(".png", ".npz")), sim)
         rows.append(
-            (name, sim.label, "+".join(sim.territories), "+".join(map(str, sim.segments)), sim.sex)
+            (
+                name,
+                sim.label,
+                "+".join(sim.territories),
+                "+".join(map(str, sim.segments)),
+                sim.sex,
+                f"{sim.depth:.3f}",
+            )
         )
         studies.append(sim)
 

@@ -1,7 +1,14 @@
-"""Reading perfusion studies: study folders, single images with two disks, pairs, arrays.
+"""Reading perfusion studies: study folders, images with two disks, pairs, DICOM, arrays.
 
-The only perfusion module doing image-file I/O (OpenCV). Every study ends up on the canonical
-polar grid of perfusion.geometry: (S, S) with the disk inscribed, apex at the centre.
+The only perfusion module doing image-file I/O. Files come through tavr_jax.images (the size
+in the header is checked against a pixel limit before decoding) and DICOM secondary captures
+through tavr_jax.dicom. Every study ends up on the canonical polar grid of perfusion.geometry:
+(S, S) with the disk inscribed, apex at the centre.
+
+A picture that does not read as a polar map is refused with one line naming the file, rather
+than scored: no disk, a missing or an extra disk, disks of different sizes, grey disks
+without a grey table chosen on purpose, colours far from the colour table, a flat disk, or a
+disk whose hottest part is far below 100%.
 """
 
 from __future__ import annotations
@@ -14,10 +21,12 @@ import cv2
 import numpy as np
 
 from perfusion import colormaps, geometry
+from tavr_jax import dicom, images
 
 LABELS = ("normal", "ischemia", "infarction")
 _LABEL_SYNONYMS = {"ischaemia": "ischemia", "infarct": "infarction", "mi": "infarction"}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+DICOM_EXTENSIONS = (".dcm", ".dicom")
 
 
 @dataclasses.dataclass
@@ -48,15 +57,6 @@ class Disk:
     cx: float
     cy: float
     radius: float
-
-
-def _imread_rgb(path: str) -> np.ndarray:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such image")
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
-    if image is None:
-        raise ValueError(f"{path}: unreadable image")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 def _support(points: np.ndarray, circle) -> float:
@@ -130,80 +130,207 @@ def _orient_table(table: np.ndarray) -> np.ndarray:
     return table[::-1] if low - high > 10 else table
 
 
-def _canonical_maps(image: np.ndarray, disk: Disk, table: np.ndarray, size: int):
-    """(rgb (S,S,3) uint8, uptake (S,S) float32) of one disk, black / 0 outside it."""
-    mask = geometry.disk_mask(size)
+# Reading checks: a picture that is not a polar map in a known table is refused, not scored.
+_GREY_SPREAD = 12  # max - min over R, G, B at or below which a pixel counts as grey
+_GREY_FRACTION = 0.95  # disks this grey were exported (or converted) without colour
+_FAR_FROM_TABLE = 30.0  # RGB distance beyond which a pixel's colour is not in the table
+_MAX_FAR_FRACTION = 0.1  # JPEG and anti-aliasing put a few percent of pixels off the table
+_MIN_HOTTEST = 0.6  # polar maps are normalised to their hottest region (100%)
+_MIN_UPTAKE_SD = 0.01  # a flat disk of one colour is no perfusion map
+_MIN_DISK_RATIO = 0.8  # radii of the stress and rest disks in one export
+_EXTRA_DISK_RATIO = 0.5  # a further disk at least this large makes the layout ambiguous
+
+
+def _inner(disk: Disk, shape) -> tuple[slice, slice, np.ndarray]:
+    """The crop around a disk and, inside it, the pixels within 0.9 of the radius."""
     x0, y0 = max(int(disk.cx - disk.radius - 2), 0), max(int(disk.cy - disk.radius - 2), 0)
-    x1 = min(int(disk.cx + disk.radius + 3), image.shape[1])
-    y1 = min(int(disk.cy + disk.radius + 3), image.shape[0])
-    crop = np.ascontiguousarray(image[y0:y1, x0:x1])
-    local = Disk(disk.cx - x0, disk.cy - y0, disk.radius)
+    x1 = min(int(disk.cx + disk.radius + 3), shape[1])
+    y1 = min(int(disk.cy + disk.radius + 3), shape[0])
+    yy, xx = np.ogrid[y0:y1, x0:x1]
+    inside = (xx + 0.5 - disk.cx) ** 2 + (yy + 0.5 - disk.cy) ** 2 < (0.9 * disk.radius) ** 2
+    return slice(y0, y1), slice(x0, x1), inside
+
+
+def _canonical_maps(image: np.ndarray, disk: Disk, table: np.ndarray, size: int, what: str):
+    """(rgb (S,S,3) uint8, uptake (S,S) float32) of one disk, black / 0 outside it.
+
+    Refuses (ValueError naming `what`) a disk whose colours are not in the table, which is one
+    flat colour, or whose hottest part is far below 100%.
+    """
+    rows, cols, inside = _inner(disk, image.shape)
+    crop = np.ascontiguousarray(image[rows, cols])
+    local = Disk(disk.cx - cols.start, disk.cy - rows.start, disk.radius)
     # colour -> uptake at the native resolution, before any interpolation mixes colours
-    uptake = colormaps.rgb_to_uptake(crop, table).astype(np.float32)
-    uptake = _resample_disk(uptake, local, size, cv2.INTER_LINEAR)
+    uptake, distance = colormaps.rgb_to_uptake(crop, table, return_distance=True)
+    far = float(np.mean(distance[inside] > _FAR_FROM_TABLE))
+    if far > _MAX_FAR_FRACTION:
+        raise ValueError(
+            f"{what}: {far:.0%} of the disk's colours are far from the colour table (not a "
+            "polar map in a known colormap, or a colour bar that does not belong to it)"
+        )
+    values = uptake[inside]
+    if values.std() < _MIN_UPTAKE_SD:
+        raise ValueError(f"{what}: the disk is one flat colour, not a perfusion polar map")
+    hottest = float(np.percentile(values, 99))
+    if hottest < _MIN_HOTTEST:
+        raise ValueError(
+            f"{what}: the hottest part of the disk reads {hottest:.0%}; polar maps are "
+            "normalised to their hottest region, so the colour table does not fit"
+        )
+    mask = geometry.disk_mask(size)
+    uptake = _resample_disk(uptake.astype(np.float32), local, size, cv2.INTER_LINEAR)
     rgb = _resample_disk(crop, local, size, cv2.INTER_LINEAR)
     rgb[~mask] = 0
     uptake = np.where(mask, np.clip(uptake, 0.0, 1.0), 0.0).astype(np.float32)
     return rgb, uptake
 
 
-def _colour_table(image, colormap, disk_pixels) -> np.ndarray:
+def _colour_table(image, colormap, disk_pixels, what) -> np.ndarray:
+    """The table that maps the disks' colours to uptake; grey disks only on purpose."""
     if colormap is not None:
         return colormaps.get_colormap(colormap)
+    spread = disk_pixels.max(axis=-1).astype(np.int16) - disk_pixels.min(axis=-1)
+    grey = np.mean(spread <= _GREY_SPREAD) >= _GREY_FRACTION
     table = colormaps.colorbar_from_image(image)
+    named = None
     if table is not None and len(table) >= 16:
         table = _orient_table(table)
         named = colormaps.match_named(table)
-        return colormaps.get_colormap(named) if named else table
+    if grey and named != "gray":
+        # The luminance of a rainbow table is not monotonic: a colour export converted to grey
+        # cannot be read back, and a grey export needs its grey table named.
+        raise ValueError(
+            f"{what}: the disks are grey; a grey export is read only with colormap 'gray' "
+            "chosen on purpose (--colormap=gray), a colour export converted to grey not at all"
+        )
+    if named:
+        return colormaps.get_colormap(named)
+    if table is not None and len(table) >= 16:
+        return table
     return colormaps.get_colormap(colormaps.best_colormap(disk_pixels))
 
 
 def _disk_pixels(image: np.ndarray, disks) -> np.ndarray:
-    yy, xx = np.mgrid[: image.shape[0], : image.shape[1]]
-    inside = np.zeros(image.shape[:2], bool)
+    """(N, 3) the pixels within 0.9 of each disk's radius."""
+    parts = []
     for d in disks:
-        inside |= (xx - d.cx) ** 2 + (yy - d.cy) ** 2 < (0.9 * d.radius) ** 2
-    return image[inside]
+        rows, cols, inside = _inner(d, image.shape)
+        parts.append(image[rows, cols][inside])
+    return np.concatenate(parts)
 
 
-def _maps_from_image(image: np.ndarray, path: str, expected: int, colormap, size: int):
+def _maps_from_image(image: np.ndarray, what, expected: int, colormap, size: int):
     disks = find_disks(image)
     if not disks:
-        raise ValueError(f"{path}: no disk found")
+        raise ValueError(f"{what}: no disk found")
     if len(disks) < expected:
-        raise ValueError(f"{path}: one disk where {expected} (stress and rest) are expected")
+        raise ValueError(f"{what}: one disk where {expected} (stress and rest) are expected")
+    smallest = min(d.radius for d in disks[:expected])
+    extra = [d for d in disks[expected:] if d.radius >= _EXTRA_DISK_RATIO * smallest]
+    if extra:
+        want = "2 (stress and rest)" if expected == 2 else "1"
+        raise ValueError(
+            f"{what}: {expected + len(extra)} disks found where {want} expected; crop the "
+            "export to the study's disks"
+        )
     disks = disks[:expected]
     # stress left, rest right (top / bottom when the disks are stacked)
     if expected == 2:
         a, b = disks
+        if min(a.radius, b.radius) < _MIN_DISK_RATIO * max(a.radius, b.radius):
+            raise ValueError(
+                f"{what}: the two disks differ in size (radius {a.radius:.0f} and "
+                f"{b.radius:.0f} px), so they are not a stress/rest pair of one export"
+            )
         horizontal = abs(a.cx - b.cx) >= abs(a.cy - b.cy)
         disks.sort(key=(lambda d: d.cx) if horizontal else (lambda d: d.cy))
-    table = _colour_table(image, colormap, _disk_pixels(image, disks))
-    return [_canonical_maps(image, d, table, size) for d in disks]
+    table = _colour_table(image, colormap, _disk_pixels(image, disks), what)
+    phases = ("stress", "rest") if expected == 2 else ("",)
+    return [
+        _canonical_maps(image, d, table, size, f"{what} {phase} disk".replace("  ", " "))
+        for d, phase in zip(disks, phases, strict=True)
+    ]
+
+
+def _is_dicom(path: str) -> bool:
+    return path.lower().endswith(DICOM_EXTENSIONS) or dicom.is_dicom(path)
+
+
+def _read_rgb(path: str) -> np.ndarray:
+    """An image file as (H, W, 3) uint8 RGB, its size checked against the pixel limit first."""
+    image = images.read(path, color=True)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB, dst=image)
+
+
+def _stem(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def _study(name, maps, size, path) -> Study:
+    (s_rgb, s_up), (r_rgb, r_up) = maps
+    return Study(name, s_rgb, r_rgb, s_up, r_up, geometry.disk_mask(size).copy(), path=path)
+
+
+def read_study_file(path, *, colormap=None, size: int = 128, skipped=None) -> list[Study]:
+    """The studies in one file: an image, or a DICOM secondary capture of one or more frames.
+
+    An image holds one study (stress disk left or top, rest right or bottom). In a DICOM file
+    each frame holding both disks is a study (named `<stem>#<frame>` when there are several
+    frames), and a file of two frames holding one disk each is one study: stress, then rest.
+    Colours map to uptake through the export's colour bar when present, else through the named
+    colormap (or table) given, else through the known colormap nearest to the disk colours.
+
+    skipped: a list to collect `(name, reason)` of unreadable frames while the good frames are
+    still returned; by default the first bad frame raises.
+    """
+    path = os.fspath(path)
+    if not _is_dicom(path):
+        maps = _maps_from_image(_read_rgb(path), path, 2, colormap, size)
+        return [_study(_stem(path), maps, size, path)]
+    cine = dicom.DicomCine(path)
+    try:
+        n = len(cine)
+        if n == 2:
+            first = cine.rgb_frame(0)
+            disks = find_disks(first)
+            if len([d for d in disks if d.radius >= _EXTRA_DISK_RATIO * disks[0].radius]) == 1:
+                maps = [
+                    _maps_from_image(frame, f"{path} frame {i + 1}", 1, colormap, size)[0]
+                    for i, frame in enumerate((first, cine.rgb_frame(1)))
+                ]
+                return [_study(_stem(path), maps, size, path)]
+        out = []
+        for i in range(n):
+            what = path if n == 1 else f"{path} frame {i + 1}"
+            try:
+                maps = _maps_from_image(cine.rgb_frame(i), what, 2, colormap, size)
+            except ValueError as e:
+                if skipped is None:
+                    raise
+                skipped.append((f"{os.path.basename(path)}#{i + 1}", str(e)))
+                continue
+            name = _stem(path) if n == 1 else f"{_stem(path)}#{i + 1}"
+            out.append(_study(name, maps, size, path))
+        return out
+    finally:
+        cine.close()
 
 
 def read_study_image(path, *, colormap=None, size: int = 128) -> Study:
-    """One image holding the stress disk (left) and the rest disk (right).
-
-    Colours map to uptake through the image's colour bar when present, else through the named
-    colormap (or table) given, else through the known colormap nearest to the disk colours.
-    """
-    path = os.fspath(path)
-    image = _imread_rgb(path)
-    (s_rgb, s_up), (r_rgb, r_up) = _maps_from_image(image, path, 2, colormap, size)
-    name = os.path.splitext(os.path.basename(path))[0]
-    return Study(name, s_rgb, r_rgb, s_up, r_up, geometry.disk_mask(size).copy(), path=path)
+    """The one study in an image (or single-study DICOM) file; see `read_study_file`."""
+    found = read_study_file(path, colormap=colormap, size=size)
+    if len(found) != 1:
+        raise ValueError(f"{path}: holds {len(found)} studies; read it with read_study_file")
+    return found[0]
 
 
 def read_study_pair(stress_path, rest_path, *, colormap=None, size: int = 128) -> Study:
     """A study stored as two files, one disk each."""
     maps = []
     for p in (os.fspath(stress_path), os.fspath(rest_path)):
-        maps.append(_maps_from_image(_imread_rgb(p), p, 1, colormap, size)[0])
-    (s_rgb, s_up), (r_rgb, r_up) = maps
-    name = os.path.splitext(os.path.basename(os.fspath(stress_path)))[0]
-    mask = geometry.disk_mask(size).copy()
-    return Study(name, s_rgb, r_rgb, s_up, r_up, mask, path=os.fspath(stress_path))
+        image = dicom.DicomCine(p).rgb_frame(0) if _is_dicom(p) else _read_rgb(p)
+        maps.append(_maps_from_image(image, p, 1, colormap, size)[0])
+    return _study(_stem(os.fspath(stress_path)), maps, size, os.fspath(stress_path))
 
 
 def _map_from_array(array, colormap, size: int, what: str):
@@ -242,24 +369,41 @@ def _split(value: str | None) -> list[str]:
 
 
 def read_labels(labels_csv) -> list[dict]:
-    """Rows of labels.csv: filename, label[, territories, segments, sex]; header optional."""
+    """Rows of labels.csv: filename, label[, territories, segments, sex, depth]; header optional.
+
+    A header is a first row naming a `filename` (or file / image) and a `label` column, in any
+    order; a UTF-8 byte-order mark (what spreadsheet programs write) is ignored. Errors name
+    the file and its line number.
+    """
     labels_csv = os.fspath(labels_csv)
     if not os.path.exists(labels_csv):
         raise FileNotFoundError(f"{labels_csv}: no such labels file")
-    with open(labels_csv, newline="") as f:
-        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    try:
+        with open(labels_csv, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            rows = [(reader.line_num, r) for r in reader if r and any(c.strip() for c in r)]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{labels_csv}: not UTF-8 text (byte {e.start})") from None
     if not rows:
         raise ValueError(f"{labels_csv}: empty labels file")
     header = ["filename", "label", "territories", "segments", "sex"]
-    if rows[0][0].strip().lower() in ("filename", "file", "image"):
-        header = [c.strip().lower() for c in rows[0]]
-        rows = rows[1:]
+    first = [c.strip().lower() for c in rows[0][1]]
+    if "label" in first or first[0] in ("filename", "file", "image"):
+        first = ["filename" if c in ("file", "image") else c for c in first]
+        if "filename" not in first or "label" not in first:
+            raise ValueError(
+                f"{labels_csv} line {rows[0][0]}: the header needs filename and label columns, "
+                f"got {','.join(first)}"
+            )
+        header, rows = first, rows[1:]
+        if not rows:
+            raise ValueError(f"{labels_csv}: no studies listed, only a header row")
     out = []
-    for line, row in enumerate(rows, start=2 if header else 1):
+    for line, row in rows:
         rec = dict(zip(header, row, strict=False))
         where = f"{labels_csv} line {line}"
         if not rec.get("filename", "").strip() or "label" not in rec:
-            raise ValueError(f"{where}: expected filename,label[,territories,segments]")
+            raise ValueError(f"{where}: expected filename,label[,territories,segments,sex]")
         territories = []
         for t in _split(rec.get("territories")):
             if t.upper() not in geometry.TERRITORIES:
@@ -272,6 +416,10 @@ def read_labels(labels_csv) -> list[dict]:
         if any(not 1 <= s <= 17 for s in segments):
             raise ValueError(f"{where}: segment numbers must be 1-17, got {segments}")
         sex = (rec.get("sex") or "").strip().upper()[:1] or None
+        try:  # the simulator's defect depth, when the file has it
+            depth = float(rec["depth"]) if (rec.get("depth") or "").strip() else None
+        except ValueError:
+            raise ValueError(f"{where}: depth must be a number, got {rec['depth']!r}") from None
         out.append(
             dict(
                 filename=rec["filename"].strip(),
@@ -279,6 +427,7 @@ def read_labels(labels_csv) -> list[dict]:
                 territories=tuple(territories),
                 segments=tuple(sorted(segments)),
                 sex=sex if sex in ("M", "F") else None,
+                depth=depth,
             )
         )
     return out
@@ -300,11 +449,39 @@ def _pair_paths(images_dir: str, filename: str):
     return None
 
 
-def read_study_folder(root, *, colormap=None, size: int = 128, progress: bool = False):
-    """All studies of a folder: images/ + labels.csv (see SPEC.md). Returns list[Study]."""
+def read_labelled_study(root, rec: dict, *, colormap=None, size: int = 128) -> Study:
+    """The study of one labels.csv row (`read_labels`) of a study folder, labels attached."""
     root = os.fspath(root)
     images_dir = os.path.join(root, "images")
-    if not os.path.isdir(images_dir):
+    path = os.path.join(images_dir, rec["filename"])
+    if os.path.exists(path):
+        study = read_study_image(path, colormap=colormap, size=size)
+    else:
+        pair = _pair_paths(images_dir, rec["filename"])
+        if pair is None:
+            raise FileNotFoundError(
+                f"{os.path.join(root, 'labels.csv')}: row {rec['filename']!r} has no image "
+                f"({path} not found)"
+            )
+        study = read_study_pair(*pair, colormap=colormap, size=size)
+    study.name = os.path.splitext(rec["filename"])[0]
+    study.label = rec["label"]
+    study.territories = rec["territories"]
+    study.segments = rec["segments"]
+    study.sex = rec["sex"]
+    return study
+
+
+def read_study_folder(
+    root, *, colormap=None, size: int = 128, progress: bool = False, skipped=None
+) -> list[Study]:
+    """All studies of a folder: images/ + labels.csv (see docs/perfusion.md).
+
+    skipped: a list to collect `(filename, reason)` of unreadable studies while the others are
+    still returned; by default the first unreadable study raises.
+    """
+    root = os.fspath(root)
+    if not os.path.isdir(os.path.join(root, "images")):
         raise FileNotFoundError(f"{root}: no images/ folder")
     rows = read_labels(os.path.join(root, "labels.csv"))
     if progress:
@@ -313,32 +490,10 @@ def read_study_folder(root, *, colormap=None, size: int = 128, progress: bool = 
         rows = tqdm(rows, desc=f"reading {root}", unit="study")
     studies = []
     for rec in rows:
-        path = os.path.join(images_dir, rec["filename"])
-        if os.path.exists(path):
-            study = read_study_image(path, colormap=colormap, size=size)
-        else:
-            pair = _pair_paths(images_dir, rec["filename"])
-            if pair is None:
-                raise FileNotFoundError(
-                    f"{os.path.join(root, 'labels.csv')}: row {rec['filename']!r} has no image "
-                    f"({path} not found)"
-                )
-            study = read_study_pair(*pair, colormap=colormap, size=size)
-        study.name = os.path.splitext(rec["filename"])[0]
-        study.label = rec["label"]
-        study.territories = rec["territories"]
-        study.segments = rec["segments"]
-        study.sex = rec["sex"]
-        studies.append(study)
+        try:
+            studies.append(read_labelled_study(root, rec, colormap=colormap, size=size))
+        except (ValueError, OSError) as e:
+            if skipped is None:
+                raise
+            skipped.append((rec["filename"], str(e)))
     return studies
-
-
-def stack_studies(studies) -> dict[str, np.ndarray]:
-    """Batch arrays of a list of studies: stress_rgb/rest_rgb (B,S,S,3), uptakes (B,S,S), y."""
-    return dict(
-        stress_rgb=np.stack([s.stress_rgb for s in studies]),
-        rest_rgb=np.stack([s.rest_rgb for s in studies]),
-        stress_uptake=np.stack([s.stress_uptake for s in studies]),
-        rest_uptake=np.stack([s.rest_uptake for s in studies]),
-        label=np.array([LABELS.index(s.label) if s.label else -1 for s in studies]),
-    )

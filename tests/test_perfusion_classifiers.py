@@ -1,4 +1,7 @@
-"""Cross-validation, metrics and in-fold feature selection of the classical models."""
+"""Cross-validation, metrics, in-fold feature selection and export of the classical models."""
+
+import io
+import pickle
 
 import numpy as np
 import pytest
@@ -96,3 +99,58 @@ def test_run_study_cv_end_to_end(tmp_path):
     assert set(r["metrics"]) == set(classifiers.METRICS)
     with pytest.raises(ValueError, match="unknown model"):
         classifiers.run_study_cv(data, "abnormal", "svm")
+
+
+@pytest.mark.parametrize("name", ["rf", "xgb", "logistic"])
+def test_exported_model_predicts_as_the_pipeline_and_saves_without_pickle(tmp_path, name):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(80, 12))
+    y = (X[:, 0] + 0.5 * X[:, 3] + rng.normal(0, 0.7, 80) > 0).astype(int)
+    pipeline = classifiers.make_model(name, k=5).fit(X, y)
+    X_new = rng.normal(size=(50, 12))
+    want = pipeline.predict_proba(X_new)  # scikit-learn / xgboost themselves: the reference
+    model = classifiers.export_model(pipeline)
+    np.testing.assert_allclose(model.predict_proba(X_new), want, atol=1e-6)
+    model.save(tmp_path / "m.npz")
+    with np.load(tmp_path / "m.npz", allow_pickle=False) as z:  # plain arrays only
+        assert all(z[k].dtype != object for k in z.files)
+    loaded = classifiers.PortableModel.load(tmp_path / "m.npz")
+    np.testing.assert_allclose(loaded.predict_proba(X_new), want, atol=1e-6)
+
+
+def test_broken_model_files_give_one_line_errors(tmp_path):
+    X = np.random.default_rng(1).normal(size=(40, 6))
+    y = (X[:, 0] > 0).astype(int)
+    good = classifiers.export_model(classifiers.make_model("xgb", k=3).fit(X, y)).to_bytes()
+    bad = {
+        "garbage.npz": b"not a model at all",
+        "truncated.npz": good[: len(good) // 2],
+        "foreign.npz": _npz(values=np.arange(3)),
+        "pickled.npz": pickle.dumps({"a": 1}),
+        "broken_booster.npz": _npz(kind=np.array("xgboost"), selected=np.arange(3),
+                                   booster_json=np.frombuffer(b"{nope", np.uint8)),
+    }  # fmt: skip
+    for name, data in bad.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=f"{name}: not a readable model file") as info:
+            classifiers.PortableModel.load(tmp_path / name)
+        assert "\n" not in str(info.value)
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+        classifiers.PortableModel.load(tmp_path / "missing.npz")
+
+
+def _npz(**arrays) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def test_platt_scaling_recovers_a_known_miscalibration():
+    rng = np.random.default_rng(3)
+    z = rng.normal(0, 2, 20000)
+    y = (rng.random(20000) < 1 / (1 + np.exp(-z))).astype(int)
+    raw = 1 / (1 + np.exp(-(z - 0.5) / 2))  # over-confident the wrong way: logit = (z - 0.5)/2
+    a, b = classifiers.fit_platt(raw, y)
+    assert a == pytest.approx(2.0, abs=0.1) and b == pytest.approx(0.5, abs=0.1)
+    fixed = classifiers.apply_platt(raw, a, b)
+    np.testing.assert_allclose(fixed, 1 / (1 + np.exp(-z)), atol=0.03)

@@ -111,3 +111,15 @@ def test_classifier_three_class_softmax_and_resnet152_preset():
     shapes = jax.eval_shape(cnn.ResNet152().init, jax.random.key(0), jnp.zeros((1, 32, 32, 6)))
     blocks = [k for k in shapes["params"] if k.startswith("layer")]
     assert len(blocks) == 50
+
+
+def test_uptake_inputs_and_the_small_network():
+    stress = np.full((2, 8, 8), 0.5, np.float32)
+    rest = np.zeros((2, 8, 8), np.float32)
+    x = cnn.uptake_inputs(stress, rest, ["M", None], 8)
+    assert x.shape == (2, 8, 8, 3) and x.dtype == np.uint8
+    assert (x[..., 0] == 128).all() and (x[..., 1] == 0).all()  # 0.5 -> 127.5 -> 128
+    assert (x[0, ..., 2] == 255).all() and (x[1, ..., 2] == 128).all()  # men 255, unknown 128
+    net = cnn.MapClassifier("small")
+    variables = net.init(jax.random.key(0), jnp.asarray(x), train=False)
+    assert net.apply(variables, jnp.asarray(x), train=False).shape == (2, 1)

@@ -162,3 +162,67 @@ def test_reversibility_categories():
     r = np.array([0, 0, 1, 2, 3])
     got = [scores.REVERSIBILITY[i] for i in scores.reversibility(s, r)]
     assert got == ["normal", "reversible", "partially_reversible", "fixed", "fixed"]
+
+
+def test_polar_and_segment_features_against_a_loop():
+    rng = np.random.default_rng(7)
+    size, b = 24, 3
+    seg = geometry.segment_map(size)
+    lv = seg > 0
+    stress, rest = rng.uniform(0.3, 1.0, (2, b, size, size))
+    mean = rng.uniform(0.7, 0.9, (b, 2, size, size))
+    sd = rng.uniform(0.03, 0.08, (b, 2, size, size))
+    polar = scores.polar_features(stress, rest, mean, sd, seg)
+    per = scores.segment_features(stress, rest, mean, sd, seg)
+    names = scores.POLAR_FEATURE_NAMES
+    assert polar.shape == (b, len(names)) and per.shape == (
+        b,
+        17,
+        len(scores.SEGMENT_FEATURE_NAMES),
+    )
+    pn = {n: i for i, n in enumerate(scores.SEGMENT_FEATURE_NAMES)}
+    for i in range(b):
+        zseg = {}
+        for p, u in enumerate((stress[i], rest[i])):
+            z = (mean[i, p] - u) / sd[i, p]
+            deficit = (mean[i, p] - u) / mean[i, p]
+            phase = ("stress", "rest")[p]
+            for s in range(1, 18):
+                px = seg == s
+                zseg[phase, s] = z[px].mean()
+                assert polar[i, names.index(f"z_{phase}_{s}")] == pytest.approx(
+                    z[px].mean(), rel=1e-4
+                )
+                assert polar[i, names.index(f"extent_{phase}_{s}")] == pytest.approx(
+                    np.mean(z[px] > 2)
+                )
+                assert polar[i, names.index(f"deficit_{phase}_{s}")] == pytest.approx(
+                    deficit[px].mean(), rel=1e-4
+                )
+            tpd = 100 * np.sum(np.clip(deficit, 0, 1)[lv & (z > 2)]) / lv.sum()
+            assert polar[i, names.index(f"tpd_{phase}")] == pytest.approx(tpd, rel=1e-4)
+            assert polar[i, names.index(f"extent_{phase}")] == pytest.approx(
+                100 * np.mean(z[lv] > 2), rel=1e-4
+            )
+            pos = [max(zseg[phase, s], 0) for s in range(1, 18)]
+            assert polar[i, names.index(f"z_sum_{phase}")] == pytest.approx(sum(pos), rel=1e-4)
+            for t, members in geometry.TERRITORIES.items():
+                want = sum(max(zseg[phase, s], 0) for s in members)
+                assert polar[i, names.index(f"territory_z_{phase}_{t}")] == pytest.approx(
+                    want, rel=1e-4
+                )
+        change = [zseg["stress", s] - zseg["rest", s] for s in range(1, 18)]
+        assert polar[i, names.index("z_change_5")] == pytest.approx(change[4], rel=1e-4)
+        assert polar[i, names.index("z_sum_change")] == pytest.approx(
+            sum(max(c, 0) for c in change), rel=1e-4
+        )
+        for s in range(1, 18):
+            row = per[i, s - 1]
+            z = (mean[i, 0] - stress[i]) / sd[i, 0]
+            assert row[pn["z_stress"]] == pytest.approx(zseg["stress", s], rel=1e-4)
+            assert row[pn["extent_stress_2.5"]] == pytest.approx(np.mean(z[seg == s] > 2.5))
+            own = geometry.SEGMENT_TERRITORY[s]
+            want = sum(max(zseg["stress", q], 0) for q in geometry.TERRITORIES[own])
+            assert row[pn["territory_z_stress"]] == pytest.approx(want, rel=1e-4)
+            onehot = row[pn["is_segment_1"] :]
+            assert onehot[s - 1] == 1 and onehot.sum() == 1
