@@ -70,14 +70,22 @@ def select_providers(which: str = "auto") -> list[str]:
     return list(dict.fromkeys(chain))
 
 
-def make_session(model, *, provider: str = "auto", threads: int | None = None):
-    """An onnxruntime InferenceSession of a ModelProto, serialized bytes or a path."""
+def make_session(model, *, provider: str = "auto", threads: int | None = None,
+                 profile_prefix: str | None = None):  # fmt: skip
+    """An onnxruntime InferenceSession of a ModelProto, serialized bytes or a path.
+
+    profile_prefix: record every node's time to `<prefix>_<date>.json` (onnxruntime's
+    profiler; `session.end_profiling()` writes the file and returns its path).
+    """
     ort = _import_ort()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # All logical cores, like XLA's CPU client (onnxruntime's default counts physical ones).
     options.intra_op_num_threads = threads or os.cpu_count() or 1
     options.log_severity_level = 3
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_prefix)
     if hasattr(model, "SerializeToString"):
         model = model.SerializeToString()
     elif isinstance(model, str | os.PathLike):

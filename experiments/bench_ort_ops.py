@@ -1,0 +1,70 @@
+"""Where onnxruntime spends its time: our ONNX graph beside torch's export of the same network.
+
+python experiments/bench_ort_ops.py --backbone=resnet34 --image_size=512 --runs=25
+
+Both sessions run the same uint8 frame in alternation (the order flips every round), with
+onnxruntime's profiler on; prints each one's median latency and its kernel time per op type.
+"""
+
+import collections
+import json
+import pathlib
+import tempfile
+import time
+
+import numpy as np
+from absl import app, flags
+
+from benchmarks.torch_reference import export_onnx_bytes, keypoint_net
+from tavr_jax.infer import onnx_export, onnx_runtime
+from tavr_jax.infer.engine import KeypointEngine
+from tavr_jax.schema import get_schema
+
+_BACKBONE = flags.DEFINE_string("backbone", "resnet34", "backbone")
+_HEAD = flags.DEFINE_string("head", "regression", "head of our graph (the peer has the paper's)")
+_SIZE = flags.DEFINE_integer("image_size", 512, "network input and frame size")
+_RUNS = flags.DEFINE_integer("runs", 25, "timed runs of each graph (3 more to warm up)")
+_TOP = flags.DEFINE_integer("top", 8, "op types listed per graph")
+
+
+def op_times(profile_path: str, runs: int) -> collections.Counter:
+    """ms per run of each op type from an onnxruntime profile."""
+    per_op = collections.Counter()
+    for event in json.loads(pathlib.Path(profile_path).read_text()):
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            per_op[event["args"]["op_name"]] += event["dur"] / 1e3 / runs
+    return per_op
+
+
+def main(argv):
+    del argv
+    schema, size, runs = get_schema("paper11"), _SIZE.value, _RUNS.value
+    engine = KeypointEngine.random_init(schema, _BACKBONE.value, size, head=_HEAD.value)
+    graphs = {
+        "ours": onnx_export.build_model(engine.meta, engine.variables, frame_size=(size, size)),
+        "torch export": export_onnx_bytes(
+            keypoint_net(_BACKBONE.value, schema, size), (1, size, size)
+        ),  # fmt: skip
+    }
+    frames = np.random.default_rng(0).integers(0, 256, (1, size, size), np.uint8)
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions = {name: onnx_runtime.make_session(g, profile_prefix=f"{tmp}/{i}")
+                    for i, (name, g) in enumerate(graphs.items())}  # fmt: skip
+        times = collections.defaultdict(list)
+        for r in range(runs + 3):
+            for name in list(sessions)[:: 1 if r % 2 else -1]:
+                t0 = time.perf_counter()
+                sessions[name].run(None, {"frames": frames})
+                times[name].append(time.perf_counter() - t0)
+        for name, session in sessions.items():
+            per_op = op_times(session.end_profiling(), runs + 3)
+            print(f"{name}: median {1e3 * np.median(times[name][3:]):.1f} ms, "
+                  f"kernels {sum(per_op.values()):.1f} ms per run")  # fmt: skip
+            for op, ms in per_op.most_common(_TOP.value):
+                print(f"  {op:24s} {ms:8.2f} ms")
+    ratio = np.median(np.array(times["ours"][3:]) / np.array(times["torch export"][3:]))
+    print(f"ours / torch export: {ratio:.3f} (median of paired runs)")
+
+
+if __name__ == "__main__":
+    app.run(main)
