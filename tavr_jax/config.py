@@ -22,7 +22,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.schema = "paper11"  # a schema name or a path to a schema .json
     c.backbone = "resnet34"  # resnet18|resnet34|resnet50|vgg16|efficientnet_b7|resnet_tiny
-    c.head = "regression"  # regression (the paper) | integral (soft-argmax heatmaps)
+    c.head = "regression"  # regression (the paper) | integral | heatmap (stride-4, dense)
     c.grouped = True
     c.pretrained = ""  # optional path to a torchvision-style .npz/.pth state dict
     c.image_size = 512
@@ -47,14 +47,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         )
     )
 
-    # The paper's loss (section 3.2): group BCE + visibility focal + coordinate Wing, weighted.
+    # The paper's loss (section 3.2): group BCE + visibility focal + coordinate Wing, weighted;
+    # the heatmap head adds a KL term towards a Gaussian around each visible point.
     c.loss = ml_collections.ConfigDict(
         dict(
-            weights=dict(group=1.0, visibility=1.0, coords=1.0),
+            weights=dict(group=1.0, visibility=1.0, coords=1.0, heatmap=1.0),
+            visibility_loss="focal",  # focal (the paper) | bce
             focal_alpha=0.25,
             focal_gamma=2.0,
             wing_w=10.0,  # pixels of the network input
             wing_eps=2.0,
+            heatmap_sigma_px=4.0,  # pixels of the network input
         )
     )
 

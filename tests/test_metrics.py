@@ -336,3 +336,39 @@ def test_load_thresholds_defaults_and_errors(tmp_path):
     (tmp_path / "thresholds.json").write_text('{"points": {"P": 0.5}}')
     with pytest.raises(ValueError, match="thresholds.json"):
         workdir.load_thresholds(tmp_path, TINY)
+
+
+def test_calibration_hand_computed():
+    # Bins of width 0.25. [0, .25): 0.1 (no), 0.2 (yes) -> confidence 0.15, accuracy 0.5;
+    # [.5, .75): 0.6 (yes) -> 0.6 vs 1; [.75, 1]: 0.9 (yes), 1.0 (yes), 0.8 (no) -> 0.9 vs 2/3.
+    # ECE = (2 * 0.35 + 1 * 0.4 + 3 * (0.9 - 2/3)) / 6.
+    prob = np.array([[0.1, 0.2, 0.6], [0.9, 1.0, 0.8]])
+    truth = np.array([[0, 1, 1], [1, 1, 0]], bool)
+    cal = metrics.calibration(prob, truth, bins=4)
+    assert cal["n"] == 6
+    assert cal["ece"] == pytest.approx((2 * 0.35 + 0.4 + 3 * (0.9 - 2 / 3)) / 6)
+    counts = [b["count"] for b in cal["bins"]]
+    assert counts == [2, 0, 1, 3]
+    assert cal["bins"][1]["confidence"] is None and cal["bins"][1]["accuracy"] is None
+    assert cal["bins"][0]["confidence"] == pytest.approx(0.15)
+    assert cal["bins"][3]["accuracy"] == pytest.approx(2 / 3)
+    assert cal["bins"][3]["hi"] == 1.0
+    json.dumps(cal)  # serialisable as it is
+
+
+def test_calibration_of_calibrated_and_overconfident_probabilities():
+    rng = np.random.default_rng(0)
+    p = rng.uniform(size=200_000)
+    truth = rng.uniform(size=p.shape) < p  # events happen with their stated probability
+    assert metrics.calibration(p, truth)["ece"] < 0.01
+    # Saying 0 or 1 where the truth is a coin flip is off by 0.5 everywhere.
+    coin = rng.uniform(size=p.shape) < 0.5
+    assert metrics.calibration(p > 0.5, coin)["ece"] == pytest.approx(0.5, abs=0.01)
+    with pytest.raises(ValueError, match="same size"):
+        metrics.calibration(p[:3], truth[:4])
+
+
+def test_keypoint_metrics_report_visibility_calibration():
+    prob, pxy, vis, txy, _, _ = _random_case(5)
+    m = metrics.keypoint_metrics(prob, pxy, vis, txy, SCHEMA)
+    assert m["visibility_calibration"] == metrics.calibration(prob, vis)

@@ -1,0 +1,236 @@
+"""Learning curves of training variants at equal budget, scored on held-out patients.
+
+Each variant (a name and config overrides: head, loss, input size...) trains once in its own
+workdir with validation every `eval_every` steps; the validation passes that training makes
+anyway (held-out patients of the training project, threshold 0.5, no tuning) are read back
+from the TensorBoard events as the curve, against steps and wall-clock seconds. At the end,
+thresholds are tuned on those validation patients and each held-out project (other seeds,
+frame sizes, case mixes) is scored with tuned thresholds and with 0.5, with the calibration
+of the visibility probabilities on validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import struct
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from tavr_jax.evaluate import evaluate_project, tune_project
+from tavr_jax.fileio import atomic_write_with, write_json_atomic
+
+CURVE_TAGS = ("val_f1", "val_precision", "val_recall", "val_mean_error_px", "val_loc_accuracy_20px")
+SUMMARY_KEYS = ("precision", "recall", "f1", "mean_error_px", "loc_accuracy_20px")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One curve: a name and the config fields it changes (dotted names, e.g. `loss.x`)."""
+
+    name: str
+    overrides: Mapping[str, object] = dataclasses.field(default_factory=dict)
+
+
+def apply_overrides(config, overrides: Mapping[str, object]):
+    """A copy of `config` with dotted fields set (`{"loss.visibility_loss": "bce"}`)."""
+    config = config.copy_and_resolve_references()
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for name in parents:
+            node = node[name]
+        if leaf not in node:
+            raise ValueError(f"unknown config field {key!r}")
+        node[leaf] = value
+    return config
+
+
+def _records(path: pathlib.Path):
+    """The payloads of a TFRecord file (length, crc, payload, crc), stopping at a torn tail."""
+    data = path.read_bytes()
+    pos = 0
+    while pos + 12 <= len(data):
+        (length,) = struct.unpack_from("<Q", data, pos)
+        end = pos + 12 + length + 4
+        if end > len(data):
+            return
+        yield data[pos + 12 : pos + 12 + length]
+        pos = end
+
+
+def read_scalars(workdir) -> dict[str, list[tuple[int, float, float]]]:
+    """TensorBoard scalars of a workdir: tag -> [(step, seconds since the run began, value)].
+
+    Seconds count from the first event of the run's first events file (the writer opens
+    before compilation), so they include compilation and validation passes.
+    """
+    from tensorboardX.proto import event_pb2
+
+    files = sorted(pathlib.Path(workdir, "events").glob("events.out.tfevents.*"))
+    if not files:
+        raise FileNotFoundError(f"{workdir}/events: no TensorBoard events")
+    out: dict[str, list[tuple[int, float, float]]] = {}
+    start = None
+    for path in files:
+        for record in _records(path):
+            event = event_pb2.Event.FromString(record)
+            start = event.wall_time if start is None else start
+            for value in event.summary.value:
+                out.setdefault(value.tag, []).append(
+                    (int(event.step), event.wall_time - start, float(value.simple_value))
+                )
+    return out
+
+
+def _summary(metrics: dict) -> dict:
+    keep = {k: metrics.get(k) for k in SUMMARY_KEYS}
+    width = metrics.get("frame_width_px")
+    err = metrics.get("mean_error_px")
+    keep["mean_error_px_at_1024"] = None if err is None or not width else err * 1024.0 / width
+    keep["frame_width_px"] = width
+    keep["n_images"] = metrics.get("n_images")
+    return keep
+
+
+def run_curves(
+    base_config,
+    data_dir,
+    variants: Sequence[Variant],
+    *,
+    workdir_root,
+    test_projects: Mapping[str, str] | None = None,
+    steps: int,
+    eval_every: int,
+    out=None,
+    train_fn: Callable | None = None,
+    eval_batch_size: int = 16,
+) -> dict:
+    """Trains each variant (resumed when its workdir has a finished run) and scores it.
+
+    Returns (and writes to `out` as JSON after each variant) {variant name: {"overrides",
+    "curve": {tag: [[step, seconds, value], ...]}, "train_seconds", "val": {...,
+    "calibration"}, "test": {project: {"tuned": summary, "at_0.5": summary}}}}.
+    """
+    if train_fn is None:
+        from tavr_jax.train import train_and_evaluate as train_fn
+    results: dict = {}
+    for v in variants:
+        config = apply_overrides(base_config, v.overrides)
+        config.num_steps = int(steps)
+        config.eval_every = config.checkpoint_every = int(eval_every)
+        workdir = pathlib.Path(workdir_root) / v.name
+        done = workdir / "curve.json"
+        if done.exists() and json.loads(done.read_text()).get("steps") == steps:
+            results[v.name] = json.loads(done.read_text())
+        else:
+            t0 = time.perf_counter()
+            final = train_fn(config, workdir, data_dir)
+            train_seconds = time.perf_counter() - t0
+            scalars = read_scalars(workdir)
+            tuned = tune_project(workdir, data_dir, batch_size=eval_batch_size, which="latest")
+            val = evaluate_project(
+                workdir, data_dir, split="val", threshold=0.5, batch_size=eval_batch_size,
+                which="latest",
+            )  # fmt: skip
+            entry = {
+                "overrides": dict(v.overrides),
+                "steps": steps,
+                "train_seconds": train_seconds,
+                "stopped": final.get("stopped"),
+                "curve": {t: scalars.get(t, []) for t in CURVE_TAGS},
+                "val": {
+                    "at_0.5": _summary(val),
+                    "calibration": val["visibility_calibration"],
+                    "tuned_val_f1": tuned["val_f1"],
+                },
+                "test": {},
+            }
+            for name, project in (test_projects or {}).items():
+                entry["test"][name] = {
+                    "tuned": _summary(
+                        evaluate_project(
+                            workdir,
+                            project,
+                            split="all",
+                            which="latest",
+                            batch_size=eval_batch_size,
+                        )  # fmt: skip
+                    ),
+                    "at_0.5": _summary(
+                        evaluate_project(
+                            workdir,
+                            project,
+                            split="all",
+                            threshold=0.5,
+                            which="latest",
+                            batch_size=eval_batch_size,
+                        )  # fmt: skip
+                    ),
+                }
+            write_json_atomic(done, entry)
+            results[v.name] = json.loads(done.read_text())  # as a resumed run will see it
+        if out is not None:
+            write_json_atomic(out, results)
+    return results
+
+
+def plot_curves(results: Mapping[str, dict], path, *, frame_width_px: float | None = None) -> None:
+    """Mean error and F1 (validation, threshold 0.5) against steps and against seconds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), constrained_layout=True)
+    scale = 1024.0 / frame_width_px if frame_width_px else 1.0
+    unit = "mean error (px at 1024)" if frame_width_px else "mean error (px)"
+    for name, entry in results.items():
+        for row, (tag, label, k) in enumerate(
+            (("val_mean_error_px", unit, scale), ("val_f1", "F1 at threshold 0.5", 1.0))
+        ):
+            points = np.asarray(entry["curve"].get(tag) or np.zeros((0, 3)), np.float64)
+            if not len(points):
+                continue
+            for col, x in enumerate((points[:, 0], points[:, 1] / 60.0)):
+                axes[row, col].plot(x, points[:, 2] * k, marker="o", ms=3, label=name)
+                axes[row, col].set_ylabel(label)
+    for row in range(2):
+        axes[row, 0].set_xlabel("training step")
+        axes[row, 1].set_xlabel("wall-clock minutes (compile and validation included)")
+        for col in range(2):
+            axes[row, col].grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    atomic_write_with(pathlib.Path(path), lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+
+
+def plot_reliability(results: Mapping[str, dict], path) -> None:
+    """Reliability diagram of each variant's validation visibility probabilities."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5), constrained_layout=True)
+    ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--", label="calibrated")
+    for name, entry in results.items():
+        cal = entry["val"]["calibration"]
+        bins = [b for b in cal["bins"] if b["count"] > 0]
+        ax.plot(
+            [b["confidence"] for b in bins],
+            [b["accuracy"] for b in bins],
+            marker="o",
+            label=f"{name} (ECE {cal['ece']:.3f})",
+        )
+    ax.set_xlabel("predicted visibility probability (bin mean)")
+    ax.set_ylabel("share of annotated-visible points")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    atomic_write_with(pathlib.Path(path), lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
