@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+import pytest
 from _workdirs import TINY_CONFIG, write_tiny_checkpoint, write_tiny_project
 
 from tavr_jax import table1
@@ -19,10 +21,15 @@ def _metrics(f1, precision=0.9, recall=0.8, err=12.5, acc=0.75, pim_f1=None, wid
 def test_table1_variants():
     V = table1.Variant
     assert table1.table1_variants(["resnet18", "resnet34"]) == [
-        V("resnet18"), V("resnet34"), V("resnet34", head="integral"), V("resnet34", grouped=False)
+        V("resnet18"), V("resnet34"), V("resnet34", head="integral"), V("resnet34", head="heatmap"),
+        V("resnet34", grouped=False),
     ]  # fmt: skip
-    assert table1.table1_variants(["vgg16"], "resnet_tiny")[1:] == [
+    assert table1.table1_variants(["vgg16"], "resnet_tiny", heads=["integral"])[1:] == [
         V("resnet_tiny"), V("resnet_tiny", head="integral"), V("resnet_tiny", grouped=False)
+    ]  # fmt: skip
+    # The grouping ablation with another head brings its grouped arm along.
+    assert table1.table1_variants(["resnet18"], "resnet18", heads=[], ablation_head="heatmap") == [
+        V("resnet18"), V("resnet18", head="heatmap"), V("resnet18", head="heatmap", grouped=False)
     ]  # fmt: skip
     assert V("resnet34", grouped=False).name == "resnet34-regression-ungrouped"
 
@@ -79,15 +86,20 @@ def test_run_table1_trains_each_variant_and_writes_table(tmp_path):
     assert seen == [
         ("resnet_tiny", "regression", True, 4, 32, 0.2),
         ("resnet_tiny", "integral", True, 4, 32, 0.2),
+        ("resnet_tiny", "heatmap", True, 4, 32, 0.2),
         ("resnet_tiny", "regression", False, 4, 32, 0.2),
     ]
     assert base.num_steps == 300  # the caller's config is not modified
     for variant, m in results:
         saved = json.loads((tmp_path / "runs" / variant.name / "metrics_test.json").read_text())
         assert saved["split"] == "test" and saved["f1"] == m["f1"]
+        # Per-patient counts add up to the pooled ones.
+        tp, fp, fn = (sum(c[i] for c in m["case_counts"].values()) for i in range(3))
+        assert (tp, fp, fn) == (m["counts"]["tp"], m["counts"]["fp"], m["counts"]["fn"])
         assert (tmp_path / "runs" / variant.name / "thresholds.json").exists()
     text = out.read_text()
-    assert text.count(" | ours | ") == 3 and "## Grouped vs not grouped" in text
+    assert text.count(" | ours | ") == 4 and "## Grouped vs not grouped" in text
+    assert "paired bootstrap, 1 test patients" in text
     assert "test split 2 frames of 1 cases, 32 px wide" in text
     # A finished variant is reused (resume); another budget retrains.
     seen.clear()
@@ -96,3 +108,48 @@ def test_run_table1_trains_each_variant_and_writes_table(tmp_path):
         workdir_root=tmp_path / "runs", ablation_backbone="resnet_tiny", train_fn=fake_train,
     )  # fmt: skip
     assert seen == [] and out.read_text() == text
+
+
+def _loop_bootstrap(a, b, n_boot, seed):
+    """Plain loop over replicates with the same draws: pooled F1 of each arm per replicate."""
+    cases = sorted(a)
+    draws = np.random.default_rng(seed).integers(0, len(cases), (n_boot, len(cases)))
+    diffs = []
+    for row in draws:
+        f1 = []
+        for counts in (a, b):
+            tp = sum(counts[cases[i]][0] for i in row)
+            fp = sum(counts[cases[i]][1] for i in row)
+            fn = sum(counts[cases[i]][2] for i in row)
+            f1.append(2 * tp / (2 * tp + fp + fn))
+        diffs.append(f1[0] - f1[1])
+    return np.percentile(diffs, [2.5, 97.5])
+
+
+def test_paired_bootstrap_f1_matches_a_loop_and_hand_values():
+    a = {"p1": [8, 1, 1], "p2": [5, 0, 5], "p3": [9, 3, 0]}
+    b = {"p1": [6, 2, 3], "p2": [5, 1, 5], "p3": [7, 5, 2]}
+    boot = table1.paired_bootstrap_f1(a, b, n_boot=300, seed=3)
+    # Pooled: a = 2*22 / (44 + 4 + 6) = 44/54; b = 36 / (36 + 8 + 10) = 36/54.
+    assert boot["f1_a"] == pytest.approx(44 / 54) and boot["f1_b"] == pytest.approx(36 / 54)
+    assert boot["diff"] == pytest.approx(8 / 54) and boot["relative"] == pytest.approx(8 / 36)
+    np.testing.assert_allclose(boot["ci"], _loop_bootstrap(a, b, 300, 3), rtol=1e-12)
+    assert boot["ci"][0] <= boot["diff"] <= boot["ci"][1]
+    # One patient: every replicate is that patient, the interval has no width.
+    one = table1.paired_bootstrap_f1({"p": [4, 1, 0]}, {"p": [2, 1, 2]}, n_boot=50)
+    assert one["ci"][0] == pytest.approx(one["ci"][1]) == pytest.approx(one["diff"])
+    with pytest.raises(ValueError, match="same, non-empty set of cases"):
+        table1.paired_bootstrap_f1(a, {"p1": [1, 0, 0]})
+
+
+def test_grouping_verdict_reads_the_interval():
+    def arm(f1, counts):
+        return {"f1": f1, "case_counts": counts}
+
+    wide_gain = {f"p{i}": [20, 0, 0] for i in range(6)}  # F1 1.0 everywhere
+    poor = {f"p{i}": [10, 10, 10] for i in range(6)}  # F1 0.5 everywhere
+    text = table1._grouping_verdict(arm(1.0, wide_gain), arm(0.5, poor))
+    assert "[+0.5000, +0.5000] F1 points" in text
+    assert "is confirmed read as 0.08 F1 points, and confirmed read as 8% relative" in text
+    text = table1._grouping_verdict(arm(0.5, poor), arm(0.5, poor))
+    assert "is refuted read as 0.08 F1 points, and refuted read as 8% relative" in text
