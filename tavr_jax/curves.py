@@ -12,6 +12,7 @@ of the visibility probabilities on validation.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 import struct
@@ -22,6 +23,8 @@ import numpy as np
 
 from tavr_jax.evaluate import evaluate_project, tune_project
 from tavr_jax.fileio import atomic_write_with, write_json_atomic
+from tavr_jax.metrics import paired_bootstrap_f1
+from tavr_jax.table1 import case_counts
 
 CURVE_TAGS = ("val_f1", "val_precision", "val_recall", "val_mean_error_px", "val_loc_accuracy_20px")
 SUMMARY_KEYS = ("precision", "recall", "f1", "mean_error_px", "loc_accuracy_20px")
@@ -113,7 +116,8 @@ def run_curves(
 
     Returns (and writes to `out` as JSON after each variant) {variant name: {"overrides",
     "curve": {tag: [[step, seconds, value], ...]}, "train_seconds", "val": {...,
-    "calibration"}, "test": {project: {"tuned": summary, "at_0.5": summary}}}}.
+    "calibration"}, "test": {project: {"tuned": summary, "at_0.5": summary,
+    "case_counts_at_0.5": {case: [TP, FP, FN]}}}}}.
     """
     if train_fn is None:
         from tavr_jax.train import train_and_evaluate as train_fn
@@ -150,32 +154,35 @@ def run_curves(
                 "test": {},
             }
             for name, project in (test_projects or {}).items():
+                score = functools.partial(
+                    evaluate_project, workdir, project, split="all", which="latest",
+                    batch_size=eval_batch_size,
+                )  # fmt: skip
+                counts = case_counts(workdir, project, split="all", threshold=0.5,
+                                     which="latest", batch_size=eval_batch_size)  # fmt: skip
                 entry["test"][name] = {
-                    "tuned": _summary(
-                        evaluate_project(
-                            workdir,
-                            project,
-                            split="all",
-                            which="latest",
-                            batch_size=eval_batch_size,
-                        )  # fmt: skip
-                    ),
-                    "at_0.5": _summary(
-                        evaluate_project(
-                            workdir,
-                            project,
-                            split="all",
-                            threshold=0.5,
-                            which="latest",
-                            batch_size=eval_batch_size,
-                        )  # fmt: skip
-                    ),
+                    "tuned": _summary(score()),
+                    "at_0.5": _summary(score(threshold=0.5)),
+                    "case_counts_at_0.5": counts,
                 }
             write_json_atomic(done, entry)
             results[v.name] = json.loads(done.read_text())  # as a resumed run will see it
         if out is not None:
             write_json_atomic(out, results)
     return results
+
+
+def compare_variants(results: Mapping[str, dict], a: str, b: str, **bootstrap) -> dict:
+    """F1(a) - F1(b) at threshold 0.5 on each held-out project, with a paired bootstrap
+    interval over its patients (`metrics.paired_bootstrap_f1`)."""
+    out = {}
+    for project, scores in results[a]["test"].items():
+        out[project] = paired_bootstrap_f1(
+            scores["case_counts_at_0.5"],
+            results[b]["test"][project]["case_counts_at_0.5"],
+            **bootstrap,
+        )
+    return out
 
 
 def plot_curves(results: Mapping[str, dict], path, *, frame_width_px: float | None = None) -> None:

@@ -313,3 +313,43 @@ def tune_thresholds(
             "groups": group_f1,
         },
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# Comparing two models over patients
+
+
+def paired_bootstrap_f1(
+    counts_a: dict, counts_b: dict, *, n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> dict:
+    """F1(a) - F1(b), pooled over cases, with a percentile interval from resampling patients.
+
+    Both arms are scored on the same resampled cases in each replicate (a paired bootstrap),
+    so the interval reflects how much the difference depends on which patients were tested.
+    """
+    cases = sorted(counts_a)
+    if sorted(counts_b) != cases or not cases:
+        raise ValueError("both arms must be scored on the same, non-empty set of cases")
+    a = np.array([counts_a[c] for c in cases], np.float64)  # (cases, 3)
+    b = np.array([counts_b[c] for c in cases], np.float64)
+
+    def f1(counts):  # (..., 3) summed counts -> F1
+        tp, fp, fn = counts[..., 0], counts[..., 1], counts[..., 2]
+        return 2 * tp / np.maximum(2 * tp + fp + fn, 1)
+
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(cases), (n_boot, len(cases)))
+    boot_a, boot_b = f1(a[draws].sum(1)), f1(b[draws].sum(1))
+    q = [50 * (1 - level), 50 * (1 + level)]
+    f1_a, f1_b = float(f1(a.sum(0))), float(f1(b.sum(0)))
+    return {
+        "f1_a": f1_a,
+        "f1_b": f1_b,
+        "diff": f1_a - f1_b,
+        "ci": np.percentile(boot_a - boot_b, q).tolist(),
+        "relative": (f1_a - f1_b) / f1_b if f1_b > 0 else None,
+        "relative_ci": np.percentile((boot_a - boot_b) / np.maximum(boot_b, 1e-12), q).tolist(),
+        "level": level,
+        "n_cases": len(cases),
+        "n_boot": n_boot,
+    }

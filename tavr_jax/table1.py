@@ -23,6 +23,7 @@ from tavr_jax.evaluate import evaluate_project, fmt_metric, predict_project, tun
 from tavr_jax.fileio import atomic_write_bytes, write_json_atomic
 from tavr_jax.infer.engine import KeypointEngine
 from tavr_jax.infer.postprocess import reported_points
+from tavr_jax.metrics import paired_bootstrap_f1
 from tavr_jax.train import train_and_evaluate
 from tavr_jax.workdir import data_split, load_thresholds
 
@@ -73,19 +74,31 @@ def table1_variants(
     return list(dict.fromkeys(variants))  # unique, in order
 
 
-def case_counts(workdir, data_dir, *, split: str = "test", batch_size: int = 16) -> dict:
+def case_counts(
+    workdir,
+    data_dir,
+    *,
+    split: str = "test",
+    threshold: float | None = None,
+    which: str = "best",
+    batch_size: int = 16,
+) -> dict:
     """{case: [TP, FP, FN]} of the points a workdir reports on one split of its case split.
 
-    The same rule as `evaluate_project` (tuned thresholds and group gating of W/thresholds.json,
-    the best checkpoint), kept per case (patient) for the bootstrap over patients.
+    The same rule as `evaluate_project` (with `threshold=None`, the tuned thresholds and group
+    gating of W/thresholds.json; else one threshold, no gating), kept per case (patient) for
+    the bootstrap over patients (`metrics.paired_bootstrap_f1`).
     """
-    engine = KeypointEngine.from_workdir(workdir, batch_size=batch_size)
+    engine = KeypointEngine.from_workdir(workdir, which=which, batch_size=batch_size)
     meta, schema = engine.meta, engine.schema
     project = read_project(data_dir, schema, split=split, **data_split(meta["config"]))
     if not project.frames:
         raise ValueError(f"{data_dir}: split {split!r} has no frames")
     pred = predict_project(engine, project, desc=f"counts {split}")
-    point_thr, group_thr = load_thresholds(workdir, schema)
+    if threshold is None:
+        point_thr, group_thr = load_thresholds(workdir, schema)
+    else:
+        point_thr, group_thr = float(threshold), None
     shown = reported_points(
         pred["visibility"],
         None if group_thr is None else pred["group"],
@@ -101,42 +114,6 @@ def case_counts(workdir, data_dir, *, split: str = "test", batch_size: int = 16)
         c[1] += int(np.sum(p & ~t))
         c[2] += int(np.sum(~p & t))
     return out
-
-
-def paired_bootstrap_f1(
-    counts_a: dict, counts_b: dict, *, n_boot: int = 2000, seed: int = 0, level: float = 0.95
-) -> dict:
-    """F1(a) - F1(b), pooled over cases, with a percentile interval from resampling patients.
-
-    Both arms are scored on the same resampled cases in each replicate (a paired bootstrap),
-    so the interval reflects how much the difference depends on which patients were tested.
-    """
-    cases = sorted(counts_a)
-    if sorted(counts_b) != cases or not cases:
-        raise ValueError("both arms must be scored on the same, non-empty set of cases")
-    a = np.array([counts_a[c] for c in cases], np.float64)  # (cases, 3)
-    b = np.array([counts_b[c] for c in cases], np.float64)
-
-    def f1(counts):  # (..., 3) summed counts -> F1
-        tp, fp, fn = counts[..., 0], counts[..., 1], counts[..., 2]
-        return 2 * tp / np.maximum(2 * tp + fp + fn, 1)
-
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(cases), (n_boot, len(cases)))
-    boot_a, boot_b = f1(a[draws].sum(1)), f1(b[draws].sum(1))
-    q = [50 * (1 - level), 50 * (1 + level)]
-    f1_a, f1_b = float(f1(a.sum(0))), float(f1(b.sum(0)))
-    return {
-        "f1_a": f1_a,
-        "f1_b": f1_b,
-        "diff": f1_a - f1_b,
-        "ci": np.percentile(boot_a - boot_b, q).tolist(),
-        "relative": (f1_a - f1_b) / f1_b if f1_b > 0 else None,
-        "relative_ci": np.percentile((boot_a - boot_b) / np.maximum(boot_b, 1e-12), q).tolist(),
-        "level": level,
-        "n_cases": len(cases),
-        "n_boot": n_boot,
-    }
 
 
 def _row(cells) -> str:

@@ -72,6 +72,13 @@ def test_run_curves_trains_each_variant_once_and_scores_held_out_projects(tmp_pa
     assert entry["test"]["other"]["tuned"]["n_images"] == 4  # 2 cases x 2 frames, all scored
     assert entry["test"]["other"]["tuned"]["frame_width_px"] == 96
     assert 0 <= entry["val"]["calibration"]["ece"] <= 1
+    counts = entry["test"]["other"]["case_counts_at_0.5"]
+    assert sorted(counts) == ["case0", "case1"]
+    at_half = entry["test"]["other"]["at_0.5"]
+    tp, fp, fn = (sum(c[i] for c in counts.values()) for i in range(3))
+    assert at_half["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    diff = curves.compare_variants(results, "heatmap_bce", "regression", n_boot=50)["other"]
+    assert diff["n_cases"] == 2 and diff["f1_a"] == pytest.approx(at_half["f1"])
     assert json.loads((tmp_path / "curves.json").read_text()) == results
     # Finished variants are reused.
     seen.clear()

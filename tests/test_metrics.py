@@ -372,3 +372,35 @@ def test_keypoint_metrics_report_visibility_calibration():
     prob, pxy, vis, txy, _, _ = _random_case(5)
     m = metrics.keypoint_metrics(prob, pxy, vis, txy, SCHEMA)
     assert m["visibility_calibration"] == metrics.calibration(prob, vis)
+
+
+def _loop_bootstrap(a, b, n_boot, seed):
+    """Plain loop over replicates with the same draws: pooled F1 of each arm per replicate."""
+    cases = sorted(a)
+    draws = np.random.default_rng(seed).integers(0, len(cases), (n_boot, len(cases)))
+    diffs = []
+    for row in draws:
+        f1 = []
+        for counts in (a, b):
+            tp = sum(counts[cases[i]][0] for i in row)
+            fp = sum(counts[cases[i]][1] for i in row)
+            fn = sum(counts[cases[i]][2] for i in row)
+            f1.append(2 * tp / (2 * tp + fp + fn))
+        diffs.append(f1[0] - f1[1])
+    return np.percentile(diffs, [2.5, 97.5])
+
+
+def test_paired_bootstrap_f1_matches_a_loop_and_hand_values():
+    a = {"p1": [8, 1, 1], "p2": [5, 0, 5], "p3": [9, 3, 0]}
+    b = {"p1": [6, 2, 3], "p2": [5, 1, 5], "p3": [7, 5, 2]}
+    boot = metrics.paired_bootstrap_f1(a, b, n_boot=300, seed=3)
+    # Pooled: a = 2*22 / (44 + 4 + 6) = 44/54; b = 36 / (36 + 8 + 10) = 36/54.
+    assert boot["f1_a"] == pytest.approx(44 / 54) and boot["f1_b"] == pytest.approx(36 / 54)
+    assert boot["diff"] == pytest.approx(8 / 54) and boot["relative"] == pytest.approx(8 / 36)
+    np.testing.assert_allclose(boot["ci"], _loop_bootstrap(a, b, 300, 3), rtol=1e-12)
+    assert boot["ci"][0] <= boot["diff"] <= boot["ci"][1]
+    # One patient: every replicate is that patient, the interval has no width.
+    one = metrics.paired_bootstrap_f1({"p": [4, 1, 0]}, {"p": [2, 1, 2]}, n_boot=50)
+    assert one["ci"][0] == pytest.approx(one["ci"][1]) == pytest.approx(one["diff"])
+    with pytest.raises(ValueError, match="same, non-empty set of cases"):
+        metrics.paired_bootstrap_f1(a, {"p1": [1, 0, 0]})

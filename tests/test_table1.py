@@ -2,8 +2,6 @@
 
 import json
 
-import numpy as np
-import pytest
 from _workdirs import TINY_CONFIG, write_tiny_checkpoint, write_tiny_project
 
 from tavr_jax import table1
@@ -108,38 +106,6 @@ def test_run_table1_trains_each_variant_and_writes_table(tmp_path):
         workdir_root=tmp_path / "runs", ablation_backbone="resnet_tiny", train_fn=fake_train,
     )  # fmt: skip
     assert seen == [] and out.read_text() == text
-
-
-def _loop_bootstrap(a, b, n_boot, seed):
-    """Plain loop over replicates with the same draws: pooled F1 of each arm per replicate."""
-    cases = sorted(a)
-    draws = np.random.default_rng(seed).integers(0, len(cases), (n_boot, len(cases)))
-    diffs = []
-    for row in draws:
-        f1 = []
-        for counts in (a, b):
-            tp = sum(counts[cases[i]][0] for i in row)
-            fp = sum(counts[cases[i]][1] for i in row)
-            fn = sum(counts[cases[i]][2] for i in row)
-            f1.append(2 * tp / (2 * tp + fp + fn))
-        diffs.append(f1[0] - f1[1])
-    return np.percentile(diffs, [2.5, 97.5])
-
-
-def test_paired_bootstrap_f1_matches_a_loop_and_hand_values():
-    a = {"p1": [8, 1, 1], "p2": [5, 0, 5], "p3": [9, 3, 0]}
-    b = {"p1": [6, 2, 3], "p2": [5, 1, 5], "p3": [7, 5, 2]}
-    boot = table1.paired_bootstrap_f1(a, b, n_boot=300, seed=3)
-    # Pooled: a = 2*22 / (44 + 4 + 6) = 44/54; b = 36 / (36 + 8 + 10) = 36/54.
-    assert boot["f1_a"] == pytest.approx(44 / 54) and boot["f1_b"] == pytest.approx(36 / 54)
-    assert boot["diff"] == pytest.approx(8 / 54) and boot["relative"] == pytest.approx(8 / 36)
-    np.testing.assert_allclose(boot["ci"], _loop_bootstrap(a, b, 300, 3), rtol=1e-12)
-    assert boot["ci"][0] <= boot["diff"] <= boot["ci"][1]
-    # One patient: every replicate is that patient, the interval has no width.
-    one = table1.paired_bootstrap_f1({"p": [4, 1, 0]}, {"p": [2, 1, 2]}, n_boot=50)
-    assert one["ci"][0] == pytest.approx(one["ci"][1]) == pytest.approx(one["diff"])
-    with pytest.raises(ValueError, match="same, non-empty set of cases"):
-        table1.paired_bootstrap_f1(a, {"p1": [1, 0, 0]})
 
 
 def test_grouping_verdict_reads_the_interval():
