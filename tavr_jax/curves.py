@@ -216,7 +216,8 @@ def plot_curves(results: Mapping[str, dict], path, *, frame_width_px: float | No
 
 
 def plot_reliability(results: Mapping[str, dict], path) -> None:
-    """Reliability diagram of each variant's validation visibility probabilities."""
+    """Reliability diagram of each variant's validation visibility probabilities (marker
+    area proportional to the share of points in the bin)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -227,12 +228,11 @@ def plot_reliability(results: Mapping[str, dict], path) -> None:
     for name, entry in results.items():
         cal = entry["val"]["calibration"]
         bins = [b for b in cal["bins"] if b["count"] > 0]
-        ax.plot(
-            [b["confidence"] for b in bins],
-            [b["accuracy"] for b in bins],
-            marker="o",
-            label=f"{name} (ECE {cal['ece']:.3f})",
-        )
+        x, y = [b["confidence"] for b in bins], [b["accuracy"] for b in bins]
+        (line,) = ax.plot(x, y, lw=1, label=f"{name} (ECE {cal['ece']:.3f})")
+        # Marker area follows the bin's share of the points: sparse bins are noisy.
+        share = np.array([b["count"] for b in bins]) / cal["n"]
+        ax.scatter(x, y, s=8 + 400 * share, color=line.get_color(), alpha=0.7)
     ax.set_xlabel("predicted visibility probability (bin mean)")
     ax.set_ylabel("share of annotated-visible points")
     ax.set_xlim(0, 1)
