@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from tavr_jax.config import apply_overrides
 from tavr_jax.evaluate import evaluate_project, tune_project
 from tavr_jax.fileio import atomic_write_with, write_json_atomic
 from tavr_jax.metrics import paired_bootstrap_f1
@@ -36,20 +37,6 @@ class Variant:
 
     name: str
     overrides: Mapping[str, object] = dataclasses.field(default_factory=dict)
-
-
-def apply_overrides(config, overrides: Mapping[str, object]):
-    """A copy of `config` with dotted fields set (`{"loss.visibility_loss": "bce"}`)."""
-    config = config.copy_and_resolve_references()
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for name in parents:
-            node = node[name]
-        if leaf not in node:
-            raise ValueError(f"unknown config field {key!r}")
-        node[leaf] = value
-    return config
 
 
 def _records(path: pathlib.Path):

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from tavr_jax.config import PAPER_RECIPE, apply_overrides
 from tavr_jax.data.supervisely import read_project
 from tavr_jax.evaluate import evaluate_project, fmt_metric, predict_project, tune_project
 from tavr_jax.fileio import atomic_write_bytes, write_json_atomic
@@ -295,8 +296,10 @@ def run_table1(
         f"(optimizer {base_config.optimizer.name}, lr {base_config.optimizer.learning_rate})"
     )
     for v in variants:
-        config = base_config.copy_and_resolve_references()
-        config.backbone, config.head, config.grouped = v.backbone, v.head, v.grouped
+        # The regression rows are the paper's: its head and its loss.
+        recipe = PAPER_RECIPE if v.head == "regression" else {"head": v.head}
+        config = apply_overrides(base_config, recipe)
+        config.backbone, config.grouped = v.backbone, v.grouped
         config.num_steps, config.image_size = int(steps), int(image_size)
         config.eval_every = config.checkpoint_every = max(1, steps // 2)
         config.optimizer.warmup_steps = min(config.optimizer.warmup_steps, max(1, steps // 10))

@@ -12,15 +12,6 @@ from tavr_jax.checkpoint import CheckpointStore
 from tavr_jax.config import get_config
 
 
-def test_apply_overrides_sets_dotted_fields_on_a_copy():
-    base = get_config("runlocal")
-    c = curves.apply_overrides(base, {"head": "heatmap", "loss.visibility_loss": "bce"})
-    assert (c.head, c.loss.visibility_loss) == ("heatmap", "bce")
-    assert (base.head, base.loss.visibility_loss) == (get_config("runlocal").head, "focal")
-    with pytest.raises(ValueError, match="unknown config field 'loss.nope'"):
-        curves.apply_overrides(base, {"loss.nope": 1})
-
-
 def _write_events(workdir, values):
     writer = SummaryWriter(str(workdir / "events"))
     for step, value in values:

@@ -70,7 +70,8 @@ def test_run_table1_trains_each_variant_and_writes_table(tmp_path):
     def fake_train(config, workdir, data_dir):
         assert data_dir == data
         seen.append((config.backbone, config.head, config.grouped, config.num_steps,
-                     config.image_size, config.data.test_fraction))  # fmt: skip
+                     config.image_size, config.data.test_fraction,
+                     config.loss.visibility_loss, config.loss.weights.coords))  # fmt: skip
         write_tiny_checkpoint(workdir, config.to_dict())
 
     base = get_config("runlocal")
@@ -81,13 +82,14 @@ def test_run_table1_trains_each_variant_and_writes_table(tmp_path):
         workdir_root=tmp_path / "runs", ablation_backbone="resnet_tiny", train_fn=fake_train,
         eval_batch_size=2,
     )  # fmt: skip
+    # The regression rows (the paper's) train with the paper's loss, the others with the default.
     assert seen == [
-        ("resnet_tiny", "regression", True, 4, 32, 0.2),
-        ("resnet_tiny", "integral", True, 4, 32, 0.2),
-        ("resnet_tiny", "heatmap", True, 4, 32, 0.2),
-        ("resnet_tiny", "regression", False, 4, 32, 0.2),
+        ("resnet_tiny", "regression", True, 4, 32, 0.2, "focal", 1.0),
+        ("resnet_tiny", "integral", True, 4, 32, 0.2, "bce", 0.1),
+        ("resnet_tiny", "heatmap", True, 4, 32, 0.2, "bce", 0.1),
+        ("resnet_tiny", "regression", False, 4, 32, 0.2, "focal", 1.0),
     ]
-    assert base.num_steps == 300  # the caller's config is not modified
+    assert base.num_steps == get_config("runlocal").num_steps  # the caller's is not modified
     for variant, m in results:
         saved = json.loads((tmp_path / "runs" / variant.name / "metrics_test.json").read_text())
         assert saved["split"] == "test" and saved["f1"] == m["f1"]
