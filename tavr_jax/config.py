@@ -9,7 +9,7 @@ measured head: stride-4 heatmaps, BCE visibility, a light coordinate term (docs/
 - `paper`: the paper's own head and loss (regression head, focal visibility, Wing weight 1);
 - `noaug`: no augmentation (`config.augment = None`).
 Any field can be overridden on the command line: `--config.backbone=resnet18
---config.optimizer.learning_rate=3e-4 --config.loss.weights.reg=2 --config.data.test_fraction=0.2`.
+--config.optimizer.learning_rate=3e-4 --config.loss.weights.coords=2 --config.data.test_fraction=0.2`.
 """
 
 from __future__ import annotations
