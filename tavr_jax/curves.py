@@ -52,14 +52,64 @@ def _records(path: pathlib.Path):
         pos = end
 
 
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(buf: bytes):
+    """(field number, value) of each field of a protobuf message: an int for a varint, the raw
+    bytes for a fixed-width or length-delimited field (a string, a nested message)."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        wire = key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire in (1, 5):  # 64-bit, 32-bit
+            size = 8 if wire == 1 else 4
+            value, pos = buf[pos : pos + size], pos + size
+        elif wire == 2:
+            size, pos = _varint(buf, pos)
+            value, pos = buf[pos : pos + size], pos + size
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire} in a TensorBoard event")
+        yield key >> 3, value
+
+
+def _event_scalars(record: bytes) -> tuple[float, int, list[tuple[str, float]]]:
+    """(wall_time, step, [(tag, simple_value)]) of one tensorflow.Event message.
+
+    Event: wall_time = 1 (double), step = 2 (int64), summary = 5 (Summary: value = 1, repeated
+    Value: tag = 1 (string), simple_value = 2 (float)). Read here rather than through
+    tensorboardX's generated classes, which belong to the training loop's module.
+    """
+    wall_time, step, scalars = 0.0, 0, []
+    for field, value in _fields(record):
+        if field == 1:
+            (wall_time,) = struct.unpack("<d", value)
+        elif field == 2:
+            step = value
+        elif field == 5:
+            for _, item in ((f, v) for f, v in _fields(value) if f == 1):
+                parts = dict(_fields(item))
+                if 1 in parts and 2 in parts:
+                    scalars.append((parts[1].decode(), struct.unpack("<f", parts[2])[0]))
+    return wall_time, step, scalars
+
+
 def read_scalars(workdir) -> dict[str, list[tuple[int, float, float]]]:
     """TensorBoard scalars of a workdir: tag -> [(step, seconds since the run began, value)].
 
     Seconds count from the first event of the run's first events file (the writer opens
     before compilation), so they include compilation and validation passes.
     """
-    from tensorboardX.proto import event_pb2
-
     files = sorted(pathlib.Path(workdir, "events").glob("events.out.tfevents.*"))
     if not files:
         raise FileNotFoundError(f"{workdir}/events: no TensorBoard events")
@@ -67,12 +117,10 @@ def read_scalars(workdir) -> dict[str, list[tuple[int, float, float]]]:
     start = None
     for path in files:
         for record in _records(path):
-            event = event_pb2.Event.FromString(record)
-            start = event.wall_time if start is None else start
-            for value in event.summary.value:
-                out.setdefault(value.tag, []).append(
-                    (int(event.step), event.wall_time - start, float(value.simple_value))
-                )
+            wall_time, step, scalars = _event_scalars(record)
+            start = wall_time if start is None else start
+            for tag, value in scalars:
+                out.setdefault(tag, []).append((step, wall_time - start, value))
     return out
 
 

@@ -6,6 +6,7 @@ import jax
 import pytest
 from _workdirs import TINY_CONFIG, write_tiny_checkpoint, write_tiny_project
 from tensorboardX import SummaryWriter
+from tensorboardX.proto import event_pb2
 
 from tavr_jax import curves
 from tavr_jax.checkpoint import CheckpointStore
@@ -26,8 +27,14 @@ def test_read_scalars_round_trip_and_torn_tail(tmp_path):
     assert [(s, v) for s, _, v in scalars["val_f1"]] == [(100, 0.5), (200, 0.75), (300, 0.875)]
     seconds = [t for _, t, _ in scalars["val_f1"]]
     assert seconds == sorted(seconds) and seconds[0] >= 0
-    # A run killed mid-write leaves a partial record: the complete ones are still read.
+    # The hand-written protobuf reading agrees with tensorboardX's generated classes.
     path = next((tmp_path / "events").glob("events.out.tfevents.*"))
+    events = [event_pb2.Event.FromString(r) for r in curves._records(path)]
+    start = events[0].wall_time
+    expected = [(e.step, e.wall_time - start, v.simple_value)
+                for e in events for v in e.summary.value if v.tag == "loss"]  # fmt: skip
+    assert scalars["loss"] == expected and [s for s, _, _ in expected] == [100, 200, 300]
+    # A run killed mid-write leaves a partial record: the complete ones are still read.
     path.write_bytes(path.read_bytes() + b"\x20\x00\x00\x00\x00\x00\x00\x00\x01\x02")
     assert len(curves.read_scalars(tmp_path)["val_f1"]) == 3
     with pytest.raises(FileNotFoundError, match="no TensorBoard events"):
@@ -50,8 +57,8 @@ def test_run_curves_trains_each_variant_once_and_scores_held_out_projects(tmp_pa
 
     base = get_config("runlocal")
     variants = [
-        curves.Variant("regression", {"head": "regression"}),
-        curves.Variant("heatmap_bce", {"head": "heatmap", "loss.visibility_loss": "bce"}),
+        curves.Variant("regression", {"head": "regression", "loss.visibility_loss": "focal"}),
+        curves.Variant("heatmap_bce", {"head": "heatmap"}),  # the default loss: BCE
     ]
     kw = dict(workdir_root=tmp_path / "runs", test_projects={"other": other}, steps=4,
               eval_every=2, out=tmp_path / "curves.json", train_fn=fake_train,
