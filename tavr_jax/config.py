@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ml_collections
 
+Config = ml_collections.ConfigDict  # what the rest of the library annotates with
 PRESETS = ("runlocal", "paper", "noaug")
 
 # The paper's head and loss (section 3.2), which the default replaces; Table 1's regression

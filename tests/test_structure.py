@@ -19,6 +19,7 @@ OWNERS = {
     "orbax": {"tavr_jax.checkpoint"},
     "pydicom": {"tavr_jax.dicom"},
     "grain": {"tavr_jax.data.pipeline"},
+    "ml_collections": {"tavr_jax.config"},
     "tensorflow_datasets": {"tavr_jax.data.records"},
     "array_record": {"tavr_jax.data.records"},
     "sklearn": {"perfusion.classifiers"},
