@@ -24,6 +24,13 @@ PRESETS = ("runlocal", "noaug")
 # Table 1's regression rows train with it.
 PAPER_RECIPE = {"head": "regression", "loss.visibility_loss": "focal", "loss.weights.coords": 1.0}
 PRESETS += ("paper",)
+# What Table 1 trains each head with: the paper's rows with the paper's loss; the integral
+# head has no heatmap term, so its Wing term (its only localisation signal) keeps weight 1.
+HEAD_RECIPES = {
+    "regression": PAPER_RECIPE,
+    "integral": {"head": "integral", "loss.weights.coords": 1.0},
+    "heatmap": {"head": "heatmap"},
+}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from tavr_jax.config import PAPER_RECIPE, apply_overrides
+from tavr_jax.config import HEAD_RECIPES, apply_overrides
 from tavr_jax.data.supervisely import read_project
 from tavr_jax.evaluate import evaluate_project, fmt_metric, predict_project, tune_project
 from tavr_jax.fileio import atomic_write_bytes, write_json_atomic
@@ -296,9 +296,7 @@ def run_table1(
         f"(optimizer {base_config.optimizer.name}, lr {base_config.optimizer.learning_rate})"
     )
     for v in variants:
-        # The regression rows are the paper's: its head and its loss.
-        recipe = PAPER_RECIPE if v.head == "regression" else {"head": v.head}
-        config = apply_overrides(base_config, recipe)
+        config = apply_overrides(base_config, HEAD_RECIPES.get(v.head, {"head": v.head}))
         config.backbone, config.grouped = v.backbone, v.grouped
         config.num_steps, config.image_size = int(steps), int(image_size)
         config.eval_every = config.checkpoint_every = max(1, steps // 2)

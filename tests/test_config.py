@@ -2,7 +2,7 @@
 
 import pytest
 
-from tavr_jax.config import PAPER_RECIPE, apply_overrides, get_config
+from tavr_jax.config import HEAD_RECIPES, PAPER_RECIPE, apply_overrides, get_config
 
 
 def test_default_is_the_best_measured_head_at_paper_scale():
@@ -36,3 +36,11 @@ def test_apply_overrides_sets_dotted_fields_on_a_copy():
     assert (base.head, base.loss.visibility_loss) == ("heatmap", "bce")
     with pytest.raises(ValueError, match="unknown config field 'loss.nope'"):
         apply_overrides(base, {"loss.nope": 1})
+
+
+def test_head_recipes_apply_to_the_default():
+    for head, recipe in HEAD_RECIPES.items():
+        c = apply_overrides(get_config(), recipe)
+        assert c.head == head
+    integral = apply_overrides(get_config(), HEAD_RECIPES["integral"])
+    assert (integral.loss.visibility_loss, integral.loss.weights.coords) == ("bce", 1.0)
