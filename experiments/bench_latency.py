@@ -1,7 +1,9 @@
-"""Latency / throughput of the compiled keypoint engine (see docs/latency.md).
+"""Latency / throughput of the keypoint engine per backend, beside its peers (docs/latency.md).
 
     python experiments/bench_latency.py --backbones=resnet18,resnet34 --image_size=512 \
         --batch_sizes=1,8 --dtypes=float32 --out=bench.json --plot=docs/latency.png
+    python experiments/bench_latency.py --backbones=resnet34 --batch_sizes=1,8 --dtypes=float32 \
+        --backend=xla,onnxruntime --onnxruntime_peer --out=peers.json
     python experiments/bench_latency.py --backbones=resnet34 --stream=cine.dcm --out=stream.json
 """
 
@@ -28,6 +30,13 @@ _TORCH = flags.DEFINE_bool("torch_eager", True, "also time eager PyTorch (when i
 _TORCH_THREADS = flags.DEFINE_integer("torch_threads", None, "torch threads (default: all)")
 _PROFILE = flags.DEFINE_bool("profile", True, "time resize / backbone / head separately")
 _MIN_TIME = flags.DEFINE_float("min_time", 2.0, "seconds of timed runs per measurement")
+_BACKEND = flags.DEFINE_list("backend", ["xla"], "engine backends: xla, onnxruntime")
+_ORT_PEER = flags.DEFINE_bool(
+    "onnxruntime_peer", False, "also time onnxruntime on torch's ONNX export of the network"
+)
+_PROVIDER = flags.DEFINE_enum(
+    "provider", "auto", ["auto", "cpu", "cuda", "tensorrt"], "onnxruntime execution provider"
+)
 
 
 def main(argv):
@@ -39,6 +48,7 @@ def main(argv):
             b = int(_BATCHES.value[0])
             engine = KeypointEngine.random_init("paper11", _BACKBONES.value[0], _SIZE.value,
                                                 batch_size=b, dtype=_DTYPES.value[0])  # fmt: skip
+            engine = bench.make_backend(_BACKEND.value[0], engine, _PROVIDER.value)
             result = bench.bench_stream(engine, _STREAM.value)
         else:
             result = bench.run_benchmark(
@@ -46,6 +56,8 @@ def main(argv):
                 batch_sizes=[int(b) for b in _BATCHES.value], dtypes=_DTYPES.value,
                 workdir=_WORKDIR.value, torch_eager=_TORCH.value, timing=timing,
                 torch_threads=_TORCH_THREADS.value, profile=_PROFILE.value,
+                backends=_BACKEND.value, onnxruntime_peer=_ORT_PEER.value,
+                provider=_PROVIDER.value, out=_OUT.value,
             )  # fmt: skip
             if _PLOT.value:
                 earlier = [json.loads(open(p).read()) for p in _PLOT_WITH.value]

@@ -5,7 +5,8 @@ r"""Training throughput (images/s) and model FLOP utilisation per backbone and d
 
 FLOPs per step come from XLA (`compiled.cost_analysis()`); MFU = achieved FLOP/s over the
 device's peak (--peak_tflops, or a table of known GPUs). With --data the step is also fed by
-the real input pipeline (a Supervisely project or TFDS folder).
+the real input pipeline (a Supervisely project or TFDS folder). The JSON is rewritten after
+every row; weights are initialised once per backbone.
 """
 
 import datetime
@@ -15,8 +16,8 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from benchmarks import training
 from tavr_jax.fileio import write_json_atomic
-from tavr_jax.train import benchmark_training
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(pathlib.Path(__file__).parent / "configs" / "tavr.py"), "base training config"
@@ -62,15 +63,21 @@ def _row(r: dict) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
     rows = []
     for backbone in _BACKBONES.value:
+        state = None  # the same fp32 weights serve every dtype of a backbone
         for dtype in _DTYPES.value:
             config = _CONFIG.value.copy_and_resolve_references()
             config.update(
                 backbone=backbone, dtype=dtype, image_size=_SIZE.value, batch_size=_BATCH.value
             )
-            r = benchmark_training(
-                config, steps=_STEPS.value, repeats=_REPEATS.value, data_dir=_DATA.value
+            r, state = training.training_rate(
+                config,
+                steps=_STEPS.value,
+                repeats=_REPEATS.value,
+                data_dir=_DATA.value,
+                state=state,
             )
             peak = _peak(r["device_kind"], dtype)
             achieved = r["tflops_per_s"]
@@ -83,11 +90,11 @@ def main(argv):
                 mfu=achieved / (peak * r["devices"]) if peak and achieved else None,
             )
             rows.append(r)
-            print(_row(r))
-    device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
-    write_json_atomic(
-        _OUT.value, {"date": datetime.date.today().isoformat(), "device": device, "results": rows}
-    )
+            print(_row(r), flush=True)
+            write_json_atomic(
+                _OUT.value,
+                {"date": datetime.date.today().isoformat(), "device": device, "results": rows},
+            )
     print(f"wrote {_OUT.value}")
 
 

@@ -10,7 +10,8 @@ import sys
 
 from absl import app, flags
 
-from tavr_jax.data import pipeline
+from tavr_jax import images
+from tavr_jax.data import pipeline, records
 from tavr_jax.schema import get_schema
 
 _DATA = flags.DEFINE_string("data", None, "Supervisely project folder", required=True)
@@ -23,6 +24,7 @@ _SCHEMA = flags.DEFINE_string("schema", "paper11", "keypoint schema name or JSON
 _SEED = flags.DEFINE_integer("seed", 0, "seed of the split by case")
 _VAL = flags.DEFINE_float("val_fraction", 0.2, "fraction of cases for validation")
 _TEST = flags.DEFINE_float("test_fraction", 0.0, "fraction of cases for test")
+_MAX_PIXELS = flags.DEFINE_integer("max_pixels", images.DEFAULT_MAX_PIXELS, "pixels per image")
 _COMPRESS = flags.DEFINE_bool("compress", False, "zstd records: smaller, 3-4x slower to read")
 
 
@@ -30,7 +32,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
-        out = pipeline.build_tfds(
+        images.set_max_pixels(_MAX_PIXELS.value)
+        out = records.build_tfds(
             _DATA.value,
             _OUT.value,
             image_size=_SIZE.value,
@@ -41,10 +44,10 @@ def main(argv):
             compress=_COMPRESS.value,
             overwrite=_OVERWRITE.value,
         )
-        meta = pipeline.read_tfds_meta(out)
+        meta = records.read_tfds_meta(out)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    sizes = {name: len(pipeline.open_source(out, name)) for name in meta["split"]["cases"]}
+    sizes = {name: len(pipeline.open_split(out, name)) for name in meta["split"]["cases"]}
     print(f"wrote {out}: " + ", ".join(f"{n} {k} frames" for k, n in sizes.items()))
     print(f"reader counts: {meta['reader_counts']}")
 

@@ -7,6 +7,7 @@ import sys
 
 from absl import app, flags
 
+from tavr_jax import images
 from tavr_jax.data import stats
 from tavr_jax.schema import get_schema
 
@@ -15,13 +16,15 @@ _OUT = flags.DEFINE_string("out", "stats.json", "output JSON; the contact sheet 
 _SPLIT = flags.DEFINE_string("split", "all", "all, train, val or test (split by case)")
 _SCHEMA = flags.DEFINE_string("schema", "paper11", "keypoint schema name or JSON path")
 _SEED = flags.DEFINE_integer("seed", 0, "seed of the case split and of the sampled frames")
-_SHEET = flags.DEFINE_integer("sheet_frames", 8, "frames on the contact sheet")
+_SHEET = flags.DEFINE_integer("sheet_frames", 8, "frames on the contact sheet (at most 64)")
+_MAX_PIXELS = flags.DEFINE_integer("max_pixels", images.DEFAULT_MAX_PIXELS, "pixels per image")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
+        images.set_max_pixels(_MAX_PIXELS.value)
         json_path, png_path = stats.write_stats(
             _DATA.value,
             _OUT.value,

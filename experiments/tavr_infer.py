@@ -2,16 +2,21 @@
 
     python experiments/tavr_infer.py --workdir=W --input=cine.dcm --out=OUT --overlay \
         --track=kalman --expect=anatomical,contour
+    python experiments/tavr_infer.py --model_file=model.onnx --workdir=W --input=frames/ \
+        --out=preannotation/ --format=supervisely
 Writes OUT/predictions.jsonl (one line per frame), OUT/coco_keypoints.json and, with
---overlay, OUT/overlay.avi (video/DICOM) or OUT/overlay/*.png (images).
+--overlay, OUT/overlay.avi (video/DICOM) or OUT/overlay/*.png (images). --format=supervisely
+writes OUT as a Supervisely project of the reported points instead (pre-annotation).
+--backend=onnxruntime runs the workdir's network on onnxruntime; --model_file runs an exported
+file (tavr_export.py), checked against --workdir and --schema when they are given.
 """
 
 import sys
 
 from absl import app, flags
 
-from tavr_jax.infer.engine import KeypointEngine
-from tavr_jax.infer.outputs import run_inference
+from tavr_jax.infer.backends import open_engine
+from tavr_jax.infer.outputs import FORMATS, run_inference
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "training workdir (config.json, checkpoints/)")
 _INPUT = flags.DEFINE_string("input", None, "image, folder of images, video or DICOM file")
@@ -24,22 +29,33 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute
 _WHICH = flags.DEFINE_enum("which", "best", ["best", "latest"], "checkpoint to load")
 _SCHEMA = flags.DEFINE_string("schema", None, "refuse a checkpoint of another schema")
 _BACKBONE = flags.DEFINE_string("backbone", None, "refuse a checkpoint of another backbone")
+_BACKEND = flags.DEFINE_enum("backend", "xla", ["xla", "onnxruntime"], "engine backend")
+_MODEL_FILE = flags.DEFINE_string("model_file", None, "exported .onnx or jax.export file")
+_PROVIDER = flags.DEFINE_enum(
+    "provider", "auto", ["auto", "cpu", "cuda", "tensorrt"], "onnxruntime execution provider"
+)
+_FORMAT = flags.DEFINE_enum("format", "jsonl", list(FORMATS), "jsonl (+COCO) or supervisely")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    for flag in (_WORKDIR, _INPUT, _OUT):
+    for flag in (_INPUT, _OUT):
         if not flag.value:
             raise app.UsageError(f"--{flag.name} is required")
+    if not (_WORKDIR.value or _MODEL_FILE.value):
+        raise app.UsageError("--workdir or --model_file is required")
     try:
-        engine = KeypointEngine.from_workdir(
+        engine = open_engine(
             _WORKDIR.value,
+            model_file=_MODEL_FILE.value,
+            backend=_BACKEND.value,
             which=_WHICH.value,
             schema=_SCHEMA.value,
             backbone=_BACKBONE.value,
             batch_size=_BATCH.value,
             dtype=_DTYPE.value,
+            provider=_PROVIDER.value,
         )
         summary = run_inference(
             engine,
@@ -48,10 +64,15 @@ def main(argv):
             overlay=_OVERLAY.value,
             track=_TRACK.value,
             expect=_EXPECT.value,
+            format=_FORMAT.value,
         )
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     print(f"{summary['frames']} frames ({summary['source']}) -> {summary['predictions']}")
+    if summary["skipped"]:
+        for name, reason in summary["skipped"]:
+            print(f"skipped {name}: {reason}", file=sys.stderr)
+        sys.exit(f"error: {len(summary['skipped'])} item(s) skipped, the others were written")
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ def main(argv):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from webapp import browser
-    from webapp.app import create_app
+    from cardiac_web import browser
+    from cardiac_web.app import create_app
 
     out = pathlib.Path(FLAGS.out)
     web = create_app(perfusion_dir=FLAGS.perfusion_model, tavr_workdir=FLAGS.tavr_workdir)

@@ -370,11 +370,13 @@ LATENCY = [
     (
         "md",
         """
-# Latency of the compiled keypoint engine
+# Latency of the keypoint engine
 
-Runs the latency harness of `experiments/bench_latency.py` (`experiments/benchmarks/latency.py`) on this
-runtime: for each backbone, dtype and batch size, one ahead-of-time compiled uint8-in /
-keypoints-out executable, a warm-up, then timed runs with the results fetched to the host.
+Runs the latency harness of `experiments/bench_latency.py`
+(`experiments/benchmarks/latency.py`) on this runtime: for each backbone, dtype, batch size
+and backend, one uint8-in / keypoints-out engine (`xla`: an ahead-of-time compiled
+executable; `onnxruntime`: the same network exported to ONNX), a warm-up, then timed runs
+with the results fetched to the host.
 *Model only* starts from frames already on the device; *end to end* starts from decoded
 uint8 frames on the host and ends with gated keypoints on the host. Random weights of the
 real architecture are enough for timing. The dotted line is the paper's 18 ms per frame (GPU).
@@ -383,10 +385,20 @@ On a CPU runtime the settings are small (resnet18, 128 px); on a GPU runtime the
 512 px input. The same from the command line:
 
     python experiments/bench_latency.py --backbones=resnet18,resnet34 --image_size=512 \\
-        --batch_sizes=1,8,32,128 --dtypes=float32,bfloat16 --out=bench.json --plot=latency.png
+        --batch_sizes=1,8,32,128 --dtypes=float32,bfloat16 --backend=xla,onnxruntime \\
+        --onnxruntime_peer --out=bench.json --plot=latency.png
 """,
     ),
     ("code", INSTALL),
+    (
+        "code",
+        """
+# The onnxruntime backend and peer need the project's `onnx` extra (onnx, onnxruntime).
+if "google.colab" in sys.modules:
+    pip = [sys.executable, "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, "onnx", "onnxruntime"], check=True)
+""",
+    ),
     (
         "code",
         """
@@ -418,12 +430,17 @@ TIMING = {"min_time_s": 1.0, "min_runs": 10}  # timed runs per measurement, afte
 if ON_GPU:
     BACKBONES, IMAGE_SIZE = ["resnet18", "resnet34"], 512
     BATCHES, DTYPES = [1, 8, 32, 128], ["float32", "bfloat16"]
-# Eager PyTorch of the same architecture as a baseline, when torch is installed (it is on Colab).
+# Eager PyTorch of the same architecture as a baseline, when torch is installed (it is on Colab);
+# onnxruntime as a second backend, and running torch's own ONNX export as the peer to match.
 TORCH_EAGER = importlib.util.find_spec("torch") is not None
+HAVE_ORT = importlib.util.find_spec("onnxruntime") is not None
+BACKENDS = ["xla", "onnxruntime"] if HAVE_ORT else ["xla"]
+ORT_PEER = HAVE_ORT and TORCH_EAGER
 if SMOKE:
     BACKBONES, IMAGE_SIZE, BATCHES, DTYPES = ["resnet_tiny"], 64, [1, 8], ["float32"]
-    TIMING, TORCH_EAGER = {"min_time_s": 0.2, "min_runs": 5}, False
-print(dict(backbones=BACKBONES, image_size=IMAGE_SIZE, batches=BATCHES, dtypes=DTYPES))
+    TIMING, TORCH_EAGER, ORT_PEER = {"min_time_s": 0.2, "min_runs": 5}, False, False
+print(dict(backbones=BACKBONES, image_size=IMAGE_SIZE, batches=BATCHES, dtypes=DTYPES,
+           backends=BACKENDS))  # fmt: skip
 """,
     ),
     ("md", "## Run the harness"),
@@ -437,43 +454,50 @@ result = bench.run_benchmark(
     dtypes=DTYPES,
     torch_eager=TORCH_EAGER,
     timing=TIMING,
+    backends=BACKENDS,
+    onnxruntime_peer=ORT_PEER,
+    out=WORK / "bench.json",  # rewritten after every row
 )
-(WORK / "bench.json").write_text(json.dumps(result, indent=1))
 print("device:", result["device"], "| jax", result["jax"], "|", result["date"])
 for row in result["rows"]:
+    line = f"{row['backbone']} {row['backend']} b={row['batch']}:"
     if "fraction_of_peak" in row:  # CPU: achieved vs a matmul's FLOP/s timed alongside
-        print(
-            f"{row['backbone']} b={row['batch']}: {row['gflops_per_s']:.1f} GFLOP/s, "
-            f"{100 * row['fraction_of_peak']:.0f}% of the measured fp32 peak"
-        )
+        line += f" {row['gflops_per_s']:.1f} GFLOP/s, {100 * row['fraction_of_peak']:.0f}% of peak"
+    if "ratio_vs_onnxruntime" in row:  # below 1: faster than onnxruntime on torch's export
+        line += f", time / onnxruntime peer {row['ratio_vs_onnxruntime']:.2f}"
+    print(line)
 """,
     ),
     (
         "code",
         """
 # Per-frame latency (p50, with p90 and p99 as the bar) and throughput against the batch size.
-# One colour per (backbone, dtype); solid: end to end, dotted: model only, dashed: PyTorch.
+# One colour per (backbone, backend, dtype); solid: end to end, dotted: model only, dashed: peers.
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
 PCTS = ("p50", "p90", "p99")
 lines = {}
 for row in result["rows"]:
-    lines.setdefault((row["backbone"], row["dtype"]), []).append(row)
-for n, ((backbone, dtype), rows) in enumerate(sorted(lines.items())):
+    lines.setdefault((row["backbone"], row["backend"], row["dtype"]), []).append(row)
+for n, ((backbone, backend, dtype), rows) in enumerate(sorted(lines.items())):
     rows, color = sorted(rows, key=lambda r: r["batch"]), f"C{n}"
     b = np.array([r["batch"] for r in rows])
     for kind, style in (("end_to_end", "o-"), ("model", "s:")):
         p50, p90, p99 = (np.array([r[kind][f"{p}_ms"] for r in rows]) / b for p in PCTS)
-        label = f"{backbone} {dtype} {kind.replace('_', ' ')}"
+        label = f"{backbone} {backend} {dtype} {kind.replace('_', ' ')}"
         ax1.errorbar(b, p50, yerr=[np.zeros_like(p50), p99 - p50], fmt=style, color=color,
                      capsize=3, label=label)  # fmt: skip
         ax1.plot(b, p90, "_", color=color, markersize=10)
         ax2.plot(b, 1e3 / p50, style, color=color, label=label)
-    torch_rows = [r for r in rows if r.get("torch_eager")]
-    if torch_rows:
-        tb = np.array([r["batch"] for r in torch_rows])
-        t50 = np.array([r["torch_eager"]["p50_ms"] for r in torch_rows])
-        ax1.plot(tb, t50 / tb, "x--", color=color, label=f"{backbone} eager PyTorch")
-        ax2.plot(tb, tb * 1e3 / t50, "x--", color=color, label=f"{backbone} eager PyTorch")
+    # The peers were timed beside every backend; draw them once, beside the xla rows.
+    peers = (("torch_eager", "eager PyTorch", "x--"),
+             ("onnxruntime_peer", "onnxruntime (torch export)", "^--"))  # fmt: skip
+    for peer, name, style in peers:
+        peer_rows = [r for r in rows if r.get(peer) and backend == "xla"]
+        if peer_rows:
+            tb = np.array([r["batch"] for r in peer_rows])
+            t50 = np.array([r[peer]["p50_ms"] for r in peer_rows])
+            ax1.plot(tb, t50 / tb, style, color=color, label=f"{backbone} {name}")
+            ax2.plot(tb, tb * 1e3 / t50, style, color=color, label=f"{backbone} {name}")
 # Plain numbers at 2x and 5x each power of ten as well: the axes often span one decade.
 minor_labels = FuncFormatter(
     lambda v, _: f"{v:g}" if v > 0 and round(v / 10 ** np.floor(np.log10(v))) in (2, 5) else ""

@@ -13,20 +13,40 @@ from collections.abc import Callable
 from typing import Any
 
 
+class AtomicFile:
+    """A file written in pieces (a stream of records, a video) that appears at `path` whole.
+
+    Write to `tmp` (beside `path`, same suffix, so writers that pick a format by suffix
+    work), then `commit()` renames it into place; `abort()` deletes it.
+    """
+
+    def __init__(self, path: os.PathLike):
+        self.path = pathlib.Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(
+            dir=self.path.parent, prefix=f".{self.path.stem}.", suffix=self.path.suffix
+        )
+        os.close(fd)
+        self.tmp = pathlib.Path(tmp)
+
+    def commit(self) -> pathlib.Path:
+        os.chmod(self.tmp, 0o644)  # mkstemp makes 0600 files; outputs are meant to be shared
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self.tmp.unlink(missing_ok=True)
+
+
 def atomic_write_with(path: os.PathLike, write: Callable[[str], Any]) -> pathlib.Path:
     """Calls `write(tmp_path)` (e.g. cv2.imwrite, np.savez) and renames the result to `path`."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
+    f = AtomicFile(path)
     try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; outputs are meant to be shared
-        os.replace(tmp, path)
+        write(str(f.tmp))
+        return f.commit()
     except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
+        f.abort()
         raise
-    return path
 
 
 def atomic_write_bytes(path: os.PathLike, data: bytes) -> pathlib.Path:

@@ -21,7 +21,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
@@ -31,15 +30,15 @@ from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from tavr_jax.checkpoint import CheckpointStore
+from tavr_jax.config import Config
 from tavr_jax.data.augment import augment_batch
-from tavr_jax.data.pipeline import make_loader
+from tavr_jax.data.pipeline import make_loader, open_frames
 from tavr_jax.losses import total_loss
 from tavr_jax.metrics import keypoint_metrics, visibility_f1
 from tavr_jax.models import predictions
 from tavr_jax.models.convert import load_backbone_weights
 from tavr_jax.schema import KeypointSchema, get_schema
 from tavr_jax.workdir import build_model, write_config
-from tavr_jax.xla import compiled_flops
 
 State = dict[str, Any]
 # Keys of a host batch that the device step needs (orig_size/pixel_spacing stay on the host).
@@ -73,7 +72,7 @@ def make_mesh(devices=None) -> jax.sharding.Mesh:
 
 
 def make_optimizer(
-    config: ml_collections.ConfigDict,
+    config: Config,
 ) -> tuple[optax.GradientTransformation, Callable]:
     """(optax transformation, learning_rate(opt_state, step) -> scalar) for the config."""
     o = config.optimizer
@@ -106,7 +105,7 @@ def make_optimizer(
 
 
 def create_train_state(
-    config: ml_collections.ConfigDict,
+    config: Config,
     model,
     tx: optax.GradientTransformation,
     mesh: jax.sharding.Mesh,
@@ -173,7 +172,7 @@ def train_step(
     tx: optax.GradientTransformation,
     learning_rate_fn: Callable,
     schema: KeypointSchema,
-    config: ml_collections.ConfigDict,
+    config: Config,
 ) -> tuple[State, dict]:
     """One optimisation step on a global batch: augment, forward, loss, update, EMA."""
     step = state["step"]
@@ -262,7 +261,7 @@ def make_step_fns(model, tx, learning_rate_fn, schema, config, mesh, state_shard
     return train_fn, eval_fn, batch_sharding
 
 
-def build_training(config: ml_collections.ConfigDict) -> Training:
+def build_training(config: Config) -> Training:
     """Model, optimizer and sharded state on a mesh of all devices, with the jitted steps."""
     mesh = make_mesh()
     model, schema = build_model(config)
@@ -282,19 +281,6 @@ def _fetch(x) -> np.ndarray:
     if jax.process_count() == 1:
         return np.asarray(jax.device_get(x))
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def process_rows(batch: dict, global_batch_size: int) -> dict:
-    """This process's rows of a global host batch (a short last batch is zero-padded first)."""
-    n = len(batch["image"])
-    pad = global_batch_size - n
-    batch = {k: _pad(np.asarray(v), pad) for k, v in batch.items()}
-    batch["valid"] = _pad(np.ones(n, bool), pad)
-    if jax.process_count() == 1:
-        return batch
-    rows = global_batch_size // jax.process_count()
-    start = jax.process_index() * rows
-    return {k: v[start : start + rows] for k, v in batch.items()}
 
 
 def _pad(x: np.ndarray, n: int) -> np.ndarray:
@@ -383,7 +369,7 @@ class _Validator:
     def __call__(self, step: int, state: State, data_state) -> dict:
         """Validates `state`; saves it as best when its F1 beats the best so far."""
         c = self.config
-        batches = (process_rows(b, c.batch_size) for b in self.loader("val", shuffle=False))
+        batches = self.loader("val", shuffle=False)
         arrays = evaluate_batches(
             self.eval_fn, state, batches, self.batch_sharding, c.batch_size // jax.process_count()
         )
@@ -397,30 +383,43 @@ class _Validator:
 
 
 def _loader_factory(config, schema, data_dir):
+    """loader(split, shuffle=...) -> this process's rows of each global batch of a split.
+
+    Each split is opened once (decoded into memory when it fits, `pipeline.open_frames`), so
+    the validation passes do not read the data again.
+    """
+    opened: dict[str, Any] = {}
+
     def loader(split, *, shuffle):
-        # Every process reads the global batch and keeps its own rows (process_rows):
-        # deterministic, and identical to one process reading it all.
+        if split not in opened:
+            opened[split] = open_frames(
+                data_dir,
+                split,
+                in_memory=None if config.data.num_workers == 0 else False,
+                image_size=config.image_size,
+                schema=schema,
+                split_seed=config.data.seed,
+                val_fraction=config.data.val_fraction,
+                test_fraction=config.data.test_fraction,
+            )
         return make_loader(
-            data_dir,
+            opened[split],
             split,
-            schema=schema,
-            image_size=config.image_size,
             batch_size=config.batch_size,
             seed=config.seed,
             shuffle=shuffle,
             num_epochs=None if shuffle else 1,
             drop_remainder=shuffle,
             num_workers=config.data.num_workers,
-            split_seed=config.data.seed,
-            val_fraction=config.data.val_fraction,
-            test_fraction=config.data.test_fraction,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
         )
 
     return loader
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str | pathlib.Path, data_dir: str | pathlib.Path
+    config: Config, workdir: str | pathlib.Path, data_dir: str | pathlib.Path
 ) -> dict:
     """Trains (resuming from W/checkpoints when present) and returns the final metrics.
 
@@ -437,28 +436,12 @@ def train_and_evaluate(
         )
     loader = _loader_factory(config, schema, data_dir)
     train_iter = loader("train", shuffle=True)  # first: bad data fails before compiling
-    try:
-        loader("val", shuffle=False)
-        has_val = True
-    except ValueError as e:  # no validation cases (e.g. val_fraction=0): no "best" checkpoint
-        logging.warning("validation disabled: %s", e)
-        has_val = False
+    has_val = _has_validation(loader)
     if jax.process_index() == 0:
         write_config(workdir, config)  # refuses a workdir trained with another config
     t = build_training(config)
-    state = t.state
     store = CheckpointStore(workdir, keep=config.keep)
-    restored = store.restore(abstract_state(t.state_sharding, state))
-    start = 0
-    if restored is None and config.get("pretrained"):
-        state = with_pretrained_backbone(state, config.pretrained, t.state_sharding)
-    if restored is not None:
-        state, data_state, start = restored
-        if data_state is not None:
-            train_iter.set_state(data_state)
-        logging.info("resumed from step %d", start)
-        tqdm.write(f"resumed from step {start}")
-
+    state, start = _initial_state(config, t, store, train_iter)
     writer = _Writer(workdir / "events")
     validate = _Validator(config, schema, loader, t.eval_fn, t.batch_sharding, store, writer)
     final: dict = {"stopped": "num_steps"}
@@ -475,7 +458,7 @@ def train_and_evaluate(
 
     try:
         for step in range(start, config.num_steps):
-            batch = process_rows(next(train_iter), config.batch_size)
+            batch = next(train_iter)  # this process's rows of the global batch
             state, metrics = t.train_fn(state, to_global(batch, t.batch_sharding))
             # Fetching the previous step's scalars keeps one step in flight on the device
             # while still naming the exact step where the loss went NaN.
@@ -508,6 +491,31 @@ def train_and_evaluate(
     final["step"] = int(jax.device_get(state["step"]))
     final["train_seconds"] = time.perf_counter() - t0
     return final
+
+
+def _has_validation(loader) -> bool:
+    try:
+        loader("val", shuffle=False)
+        return True
+    except ValueError as e:  # no validation cases (e.g. val_fraction=0): no "best" checkpoint
+        logging.warning("validation disabled: %s", e)
+        return False
+
+
+def _initial_state(config, t: Training, store: CheckpointStore, train_iter) -> tuple[State, int]:
+    """(state, first step): the latest checkpoint with its data position, or a fresh state
+    (with pretrained backbone weights when the config names a file)."""
+    restored = store.restore(abstract_state(t.state_sharding, t.state))
+    if restored is None:
+        if config.get("pretrained"):
+            return with_pretrained_backbone(t.state, config.pretrained, t.state_sharding), 0
+        return t.state, 0
+    state, data_state, start = restored
+    if data_state is not None:
+        train_iter.set_state(data_state)
+    logging.info("resumed from step %d", start)
+    tqdm.write(f"resumed from step {start}")
+    return state, start
 
 
 def _out_of_time(config, t0: float) -> bool:
@@ -543,75 +551,3 @@ class _StepLog:
             self.window.clear()
             self.writer.scalars(step + 1, means)
             self.bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{means['learning_rate']:.2e}")
-
-
-def benchmark_training(
-    config: ml_collections.ConfigDict,
-    *,
-    steps: int = 10,
-    repeats: int = 3,
-    data_dir: str | pathlib.Path | None = None,
-) -> dict:
-    """Training throughput of `config` on this machine's devices (median of `repeats`).
-
-    Measures the jitted train step (augmentation included) on a device-resident batch and,
-    when `data_dir` is given, fed by the real input pipeline (make_loader, host to device).
-
-    Returns:
-      dict with `images_per_s` (device-resident), `images_per_s_pipeline` (or None),
-      `flops_per_step` (global: per-device program FLOPs x devices), `tflops_per_s`,
-      `compile_s`, `devices`, `device_kind`.
-    """
-    schema = get_schema(config.schema)
-    state, _, train_fn, _, batch_sharding = build_training(config)
-    rng = np.random.default_rng(0)
-    b, s, k = config.batch_size, config.image_size, schema.num_points
-    host_batch = {
-        "image": rng.integers(0, 256, (b, s, s), dtype=np.uint8),
-        "visibility": (rng.random((b, k)) < 0.7).astype(np.float32),
-        "coords": rng.uniform(0, s, (b, k, 2)).astype(np.float32),
-    }
-    batch = to_global(process_rows(host_batch, b), batch_sharding)
-    t0 = time.perf_counter()
-    compiled = train_fn.lower(state, batch).compile()
-    compile_s = time.perf_counter() - t0
-    flops = compiled_flops(compiled)
-
-    def timed(next_batch) -> float:
-        nonlocal state
-        state, metrics = compiled(state, next_batch())  # warm-up
-        jax.block_until_ready(metrics)
-        rates = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            for _ in range(steps):
-                state, metrics = compiled(state, next_batch())
-            jax.block_until_ready((state, metrics))
-            rates.append(steps * b / (time.perf_counter() - t))
-        return float(np.median(rates))
-
-    images_per_s = timed(lambda: batch)
-    pipeline_rate = None
-    if data_dir is not None:
-        it = make_loader(
-            data_dir,
-            "train",
-            schema=schema,
-            image_size=s,
-            batch_size=b,
-            seed=0,
-            shuffle=True,
-            num_workers=config.data.num_workers,
-            val_fraction=0.0,
-        )
-        pipeline_rate = timed(lambda: to_global(process_rows(next(it), b), batch_sharding))
-    global_flops = flops * jax.device_count() if flops is not None else None
-    return {
-        "images_per_s": images_per_s,
-        "images_per_s_pipeline": pipeline_rate,
-        "flops_per_step": global_flops,
-        "tflops_per_s": global_flops * images_per_s / b / 1e12 if global_flops else None,
-        "compile_s": compile_s,
-        "devices": jax.device_count(),
-        "device_kind": jax.devices()[0].device_kind,
-    }

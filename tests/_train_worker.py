@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -78,6 +79,46 @@ def _train(args) -> None:
     print(f"finished at step {metrics['step']}", flush=True)
 
 
+class RecordingFrames(Sequence):
+    """A random-access source that records which frames were read, in order."""
+
+    def __init__(self, frames):
+        self.frames = frames
+        self.read: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __getitem__(self, index: int) -> dict:
+        self.read.append(int(index))
+        return self.frames[index]
+
+
+def recording_loader(project, config, *, process_index=0, process_count=1):
+    """(source, loader) over the training split, reading synchronously (no read-ahead), so
+    `source.read` holds exactly the frames of the batches taken so far."""
+    from tavr_jax.data import pipeline
+
+    frames = pipeline.open_frames(
+        project,
+        "train",
+        in_memory=False,
+        image_size=config.image_size,
+        val_fraction=config.data.val_fraction,
+    )
+    source = RecordingFrames(frames)
+    loader = pipeline.make_loader(
+        source,
+        "train",
+        batch_size=config.batch_size,
+        seed=config.seed,
+        num_threads=0,
+        process_index=process_index,
+        process_count=process_count,
+    )
+    return source, loader
+
+
 def _multihost(args) -> None:
     import jax
 
@@ -90,17 +131,22 @@ def _multihost(args) -> None:
     from tavr_jax import train
 
     config = tiny_config(augment=None)
-    schema = train.get_schema(config.schema)
     state, _, train_fn, _, batch_sharding = train.build_training(config)
-    batch = synthetic_batch(config.batch_size, config.image_size, schema.num_points)
-    local = train.process_rows(batch, config.batch_size)
-    for _ in range(2):
-        state, _ = train_fn(state, train.to_global(local, batch_sharding))
+    source, loader = recording_loader(
+        args.data,
+        config,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    for _ in range(args.steps):
+        batch = next(loader)  # only this process's rows of the global batch
+        state, _ = train_fn(state, train.to_global(batch, batch_sharding))
     params = jax.device_get(state["params"])
     np.savez(
         args.out,
         device_count=jax.device_count(),
         process_count=jax.process_count(),
+        read=np.asarray(source.read),
         **flat_params(params),
     )
 

@@ -87,3 +87,24 @@ def test_empty_split_is_a_clear_error(tmp_path):
     root = supervisely.write_project(tmp_path / "p", SCHEMA, [_frame("a", "0000.png", ["PT"])])
     with pytest.raises(ValueError, match="no frames"):
         stats.write_stats(root, tmp_path / "s.json", schema=SCHEMA, split="val", seed=0)
+
+
+def test_a_sheet_of_every_frame_stays_small_and_copies_are_listed(tmp_path):
+    none, zeros = np.zeros(SCHEMA.num_points, bool), np.zeros((SCHEMA.num_points, 2), np.float32)
+    frames = [
+        supervisely.AnnotatedFrame(
+            f"p{c}", f"{i:04d}.png", np.full((1024, 1024), 3 * i + c, np.uint8), none, zeros
+        )
+        for c in range(3) for i in range(23)
+    ]  # fmt: skip
+    frames.append(supervisely.AnnotatedFrame("p9", "0000.png", frames[0].image, none, zeros))
+    root = supervisely.write_project(tmp_path / "proj", SCHEMA, frames)
+    json_path, png_path = stats.write_stats(root, tmp_path / "s.json", schema=SCHEMA,
+                                            sheet_frames=100_000)  # fmt: skip
+    sheet = cv2.imread(str(png_path))
+    side = stats.TILE_SIDE + 2
+    assert sheet.shape[0] <= 8 * side and sheet.shape[1] <= 8 * side  # 64 tiles, 8 x 8
+    got = json.loads(json_path.read_text())
+    assert got["duplicate_frames"] == [["p0/0000.png", "p9/0000.png"]]
+    with pytest.raises(ValueError, match="is a folder"):
+        stats.write_stats(root, tmp_path, schema=SCHEMA)

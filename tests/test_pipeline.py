@@ -1,6 +1,7 @@
 """TFDS array_record builder (no TensorFlow) and grain loader, on a tiny written project."""
 
 import json
+import shutil
 import sys
 
 import cv2
@@ -9,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 
-from tavr_jax.data import pipeline, supervisely
+from tavr_jax.data import pipeline, records, supervisely
 from tavr_jax.schema import get_schema
 
 SCHEMA = get_schema("paper11")
@@ -55,7 +56,7 @@ def project(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tfds_dir(project, tmp_path_factory):
     out = tmp_path_factory.mktemp("tfds") / "frames"
-    return pipeline.build_tfds(project, out, image_size=S, schema=SCHEMA, seed=0, val_fraction=0.3)
+    return records.build_tfds(project, out, image_size=S, schema=SCHEMA, seed=0, val_fraction=0.3)
 
 
 def _annotations(project):
@@ -103,21 +104,21 @@ def test_build_without_tensorflow_and_examples_match_annotations(project, tfds_d
                 np.testing.assert_array_equal(ex["coords"], r["xy"].astype(np.float32))
             np.testing.assert_array_equal(ex["orig_size"], [r["h"], r["w"]])
             assert ex["pixel_spacing"] == pytest.approx(r["spacing"])
-            back = pipeline.to_original_pixels(ex["coords"], ex["orig_size"], S)
+            back = records.to_original_pixels(ex["coords"], ex["orig_size"], S)
             np.testing.assert_allclose(back, r["xy"], atol=1e-3)
     assert seen == set(ref)
-    meta = pipeline.read_tfds_meta(tfds_dir)
+    meta = records.read_tfds_meta(tfds_dir)
     assert meta["image_size"] == S and meta["schema"]["name"] == "paper11"
     assert meta["split"]["cases"]["validation"] == cases["val"]
 
 
 def test_fast_decoder_matches_tfds_decoder(tfds_dir):
     reference = tfds.builder_from_directory(str(tfds_dir)).as_data_source("train")
-    ours = pipeline.open_source(tfds_dir, "train")
+    ours = pipeline.open_split(tfds_dir, "train")
     assert len(ours) == len(reference)
     for i in range(len(ours)):
         a, b = ours[i], reference[i]
-        for key, dtype in pipeline.TRAINING_DTYPES.items():
+        for key, dtype in records.TRAINING_DTYPES.items():
             assert a[key].dtype == dtype
             np.testing.assert_array_equal(a[key], np.asarray(b[key], dtype))
         assert a["case_id"] == b["case_id"].decode() and a["stage"] == "aortogram"
@@ -144,14 +145,14 @@ def test_tfds_and_project_loaders_agree_and_cover_each_frame_once(project, tfds_
     assert sum(len(b["image"]) for b in from_tfds) == n
     assert [len(b["image"]) for b in from_tfds] == [4] * (n // 4) + [n % 4]
     for b in from_tfds:
-        assert set(b) == set(pipeline.TRAINING_DTYPES)
-        for key, dtype in pipeline.TRAINING_DTYPES.items():
+        assert set(b) == set(records.TRAINING_DTYPES)
+        for key, dtype in records.TRAINING_DTYPES.items():
             assert b[key].dtype == dtype
         assert b["coords"].shape[1:] == (K, 2) and b["image"].shape[1:] == (S, S)
     a, b = _by_image(from_tfds), _by_image(from_project)
     assert len(a) == n and a.keys() == b.keys()
     for key in a:
-        for field in pipeline.TRAINING_DTYPES:
+        for field in records.TRAINING_DTYPES:
             np.testing.assert_array_equal(a[key][field], b[key][field])
 
 
@@ -209,9 +210,9 @@ def _writer_options(tfds_dir):
 
 def test_rebuild_replaces_the_output_folder(project, tmp_path):
     out = tmp_path / "ds"
-    pipeline.build_tfds(project, out, image_size=16, val_fraction=0.0, compress=True)
+    records.build_tfds(project, out, image_size=16, val_fraction=0.0, compress=True)
     assert "zstd" in _writer_options(out)
-    pipeline.build_tfds(project, out, image_size=S, val_fraction=0.3)
+    records.build_tfds(project, out, image_size=S, val_fraction=0.3)
     assert "uncompressed" in _writer_options(out)
     builder = tfds.builder_from_directory(str(out))
     assert builder.info.features["image"].shape == (S, S)
@@ -228,7 +229,7 @@ def test_build_refuses_an_output_that_overlaps_the_project(project, where):
     before = _files(project)
     out = {"same": project, "parent": project.parent, "inside": project / "tfds"}[where]
     with pytest.raises(ValueError, match="--out .*(is or contains|inside) the source project"):
-        pipeline.build_tfds(project, out, image_size=16, val_fraction=0.0)
+        records.build_tfds(project, out, image_size=16, val_fraction=0.0)
     assert _files(project) == before  # nothing of the project was touched
 
 
@@ -237,14 +238,101 @@ def test_build_refuses_a_foreign_non_empty_output_unless_overwrite(project, tmp_
     out.mkdir()
     (out / "notes.txt").write_text("a user's own file")
     with pytest.raises(ValueError, match="not a dataset written by build_tfds.*--overwrite"):
-        pipeline.build_tfds(project, out, image_size=16, val_fraction=0.0)
+        records.build_tfds(project, out, image_size=16, val_fraction=0.0)
     assert (out / "notes.txt").read_text() == "a user's own file"
-    pipeline.build_tfds(project, out, image_size=16, val_fraction=0.0, overwrite=True)
-    assert pipeline.is_tfds_dir(out) and not (out / "notes.txt").exists()
+    records.build_tfds(project, out, image_size=16, val_fraction=0.0, overwrite=True)
+    assert records.is_tfds_dir(out) and not (out / "notes.txt").exists()
     file_out = tmp_path / "a_file"
     file_out.write_text("x")
     with pytest.raises(ValueError, match="not a folder"):
-        pipeline.build_tfds(project, file_out, image_size=16, val_fraction=0.0)
+        records.build_tfds(project, file_out, image_size=16, val_fraction=0.0)
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert pipeline.is_tfds_dir(pipeline.build_tfds(project, empty, image_size=16, val_fraction=0))
+    assert records.is_tfds_dir(records.build_tfds(project, empty, image_size=16, val_fraction=0))
+
+
+def test_build_warns_about_frames_copied_across_splits(project, tmp_path, caplog):
+    copy = tmp_path / "with_copy"
+    shutil.copytree(project, copy)
+    shutil.copytree(copy / "case0", copy / "case0_copy")
+    cases = sorted(p.name for p in copy.iterdir() if p.is_dir())
+
+    def apart(seed):
+        split = supervisely.split_cases(cases, seed=seed, val_fraction=0.5)
+        return ("case0" in split["train"]) != ("case0_copy" in split["train"])
+
+    seed = next(s for s in range(50) if apart(s))
+    out = records.build_tfds(copy, tmp_path / "ds", image_size=16, val_fraction=0.5, seed=seed)
+    leaks = records.read_tfds_meta(out)["frames_in_several_splits"]
+    assert leaks == [[f"case0/{i:04d}.png", f"case0_copy/{i:04d}.png"] for i in range(3)]
+    assert any("appear in more than one split" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("kind", ["tfds", "project"])
+def test_in_memory_loader_serves_the_same_batches_as_reading_on_demand(project, tfds_dir, kind):
+    # The project split as the TFDS folder was built: 12 training frames.
+    kw = {} if kind == "tfds" else {"image_size": S, "val_fraction": 0.3}
+    source = tfds_dir if kind == "tfds" else project
+    decoded = pipeline.open_frames(source, "train", in_memory=True, decode_threads=3, **kw)
+    assert isinstance(decoded, pipeline.DecodedFrames)
+    on_demand = pipeline.open_frames(source, "train", in_memory=False, **kw)
+    assert len(decoded) == len(on_demand) == 12
+    for i in range(len(decoded)):  # the decoded arrays hold exactly each example
+        for key, dtype in records.TRAINING_DTYPES.items():
+            assert decoded[i][key].dtype == dtype
+            np.testing.assert_array_equal(decoded[i][key], on_demand[i][key])
+    assert decoded.nbytes == pipeline.decoded_size(on_demand)
+    loaders = [
+        pipeline.make_loader(source, "train", batch_size=5, seed=2, in_memory=m, **kw)
+        for m in (True, False)
+    ]
+    for _ in range(6):  # past two epoch boundaries
+        a, b = (next(it) for it in loaders)
+        assert set(a) == set(b) == set(records.TRAINING_DTYPES)
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_each_process_reads_its_rows_of_the_global_batch(tfds_dir, in_memory):
+    # 18 frames in batches of 4: the last global batch has 2 frames, so process 1 of 2 gets
+    # only padding there, and process 0 of 4 a single padded row.
+    kw = dict(batch_size=4, seed=5, num_epochs=1, drop_remainder=False, in_memory=in_memory)
+    whole = _collect(pipeline.make_loader(tfds_dir, "all", **kw))
+    for count in (2, 4):
+        parts = [
+            _collect(
+                pipeline.make_loader(tfds_dir, "all", process_index=i, process_count=count, **kw)
+            )
+            for i in range(count)
+        ]
+        assert all(len(p) == len(whole) for p in parts)
+        for step, want in enumerate(whole):
+            rows = [p[step] for p in parts]
+            assert all(len(r["image"]) == 4 // count for r in rows)
+            valid = np.concatenate([r["valid"] for r in rows])
+            assert valid.sum() == len(want["image"]) and valid[: len(want["image"])].all()
+            for key in records.TRAINING_DTYPES:
+                got = np.concatenate([r[key] for r in rows])
+                np.testing.assert_array_equal(got[valid], want[key])
+                assert not got[~valid].any()  # padding is zeros
+
+
+def test_process_options_are_checked(tfds_dir):
+    with pytest.raises(ValueError, match="not divisible by the 3 processes"):
+        pipeline.make_loader(tfds_dir, "train", batch_size=4, seed=0, process_count=3)
+    with pytest.raises(ValueError, match=r"process_index 2 is not in \[0, 2\)"):
+        pipeline.make_loader(
+            tfds_dir, "train", batch_size=4, seed=0, process_index=2, process_count=2
+        )
+
+
+def test_batches_run_through_epochs_in_their_seeded_orders(tfds_dir):
+    # 12 training frames, batches of 5 over 2 epochs: 24 positions, the last batch short.
+    it = pipeline.make_loader(
+        tfds_dir, "train", batch_size=5, seed=7, num_epochs=2, drop_remainder=False
+    )
+    frames = pipeline.open_split(tfds_dir, "train", with_ids=False)
+    images = np.concatenate([b["image"] for b in it])
+    order = np.concatenate([np.random.default_rng([7, e]).permutation(12) for e in range(2)])
+    np.testing.assert_array_equal(images, np.stack([frames[i]["image"] for i in order]))

@@ -1,5 +1,6 @@
 import dataclasses
 import filecmp
+import hashlib
 import math
 import pathlib
 
@@ -33,13 +34,13 @@ def _at(img, q):
     return img[y, x]
 
 
-def test_project_is_deterministic_for_a_seed(tmp_path):
-    kw = dict(cases=2, frames=3, size=64, seed=5, progress=False)
+def test_project_is_deterministic_for_a_seed_whatever_the_worker_count(tmp_path):
+    kw = dict(cases=3, frames=3, size=64, seed=5, progress=False)
     a = simulate.simulate_project(tmp_path / "a", SCHEMA, **kw)
-    b = simulate.simulate_project(tmp_path / "b", SCHEMA, **kw)
+    b = simulate.simulate_project(tmp_path / "b", SCHEMA, **kw, workers=2)
     files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
-    assert files_a == files_b and len(files_a) == 1 + 2 * 3 * 2
+    assert files_a == files_b and len(files_a) == 1 + 3 * 3 * 2
     _, mismatch, errors = filecmp.cmpfiles(a, b, [str(f) for f in files_a], shallow=False)
     assert mismatch == [] and errors == []
     c = simulate.simulate_project(tmp_path / "c", SCHEMA, **{**kw, "seed": 6})
@@ -47,7 +48,7 @@ def test_project_is_deterministic_for_a_seed(tmp_path):
     assert first_image(a) != first_image(c)
     # The reader gets back what was written, with stage and pixel spacing tags.
     project = supervisely.read_project(a, SCHEMA)
-    assert len(project.frames) == 6 and project.counts["dropped_points"] == 0
+    assert len(project.frames) == 9 and project.counts["dropped_points"] == 0
     assert all(f.stage in simulate.STAGES and f.pixel_spacing_mm > 0 for f in project.frames)
 
 
@@ -75,7 +76,7 @@ def test_annulus_and_stj_points_sit_on_the_rendered_contrast():
     # Annulus diameter in pixels is the anatomy's (similarity transform, motion scale ~1%).
     assert np.linalg.norm(aa2 - aa1) == pytest.approx(2 * p.r_annulus * mm, rel=0.03)
     assert np.linalg.norm(stj2 - stj1) == pytest.approx(2 * p.r_stj * mm, rel=0.03)
-    # SPEC: the lower hinge point is the left one, AA1, in the standard view.
+    # In the standard view the lower hinge point, AA1, is also the left one.
     assert aa1[0] < aa2[0] and aa1[1] > aa2[1]
 
 
@@ -218,6 +219,39 @@ def test_schedule_runs_are_in_procedure_order_and_smooth():
 def test_cli_rejects_bad_values(tmp_path):
     with pytest.raises(ValueError, match="cases"):
         simulate.simulate_project(tmp_path, SCHEMA, cases=0, frames=2, size=64, seed=0)
+    with pytest.raises(ValueError, match="workers"):
+        simulate.simulate_project(tmp_path, SCHEMA, cases=1, frames=2, size=64, seed=0, workers=0)
     with pytest.raises(ValueError, match="size"):
         simulate.simulate_case(np.random.default_rng(0), SCHEMA, frames=1, size=8)
     assert not any(pathlib.Path(tmp_path).iterdir())
+
+
+def _digest(frames) -> str:
+    h = hashlib.sha256()
+    for image, visibility, coords, stage in frames:
+        for a in (image, visibility, coords):
+            h.update(np.ascontiguousarray(a).tobytes())
+        h.update(stage.encode())
+    return h.hexdigest()[:16]
+
+
+# (seed, case, size, frames) -> digest of `simulate_case`'s output, recorded with the
+# single-module simulator before it became a package: every stage, a mirrored view (7, 4),
+# a size that is not a power of two and the paper's 512 px.
+_REFERENCE_DIGESTS = {
+    (7, 0, 96, 41): "8fee71c4ca703ddd",
+    (7, 1, 96, 41): "9595ed4024b3de62",
+    (7, 2, 96, 41): "151f63938b606f0f",
+    (7, 3, 96, 41): "3dd7e623fd81d04c",
+    (7, 4, 96, 41): "50cef1cd908fd66d",
+    (7, 5, 96, 41): "7afc1cc12cc7dd6f",
+    (1, 0, 512, 3): "6a9605176106c076",
+    (1, 1, 200, 25): "f1f20cbb0685a568",
+}
+
+
+def test_frames_are_bit_identical_to_the_recorded_reference():
+    for (seed, case, size, frames), want in _REFERENCE_DIGESTS.items():
+        rng = np.random.default_rng([seed, case])
+        got = _digest(simulate.simulate_case(rng, SCHEMA, frames=frames, size=size))
+        assert got == want, (seed, case, size, frames)

@@ -179,8 +179,8 @@ def test_unreadable_video_names_the_file(tmp_path):
 
 def test_folder_natural_order_and_16bit_png(tmp_path):
     for i in (10, 2, 1):
-        cv2.imwrite(str(tmp_path / f"f{i}.png"), np.full((8, 8), i, np.uint8))
-    deep = (np.arange(64).reshape(8, 8) * 60).astype(np.uint16)
+        cv2.imwrite(str(tmp_path / f"f{i}.png"), np.full((32, 32), i, np.uint8))
+    deep = (np.arange(32 * 32).reshape(32, 32) * 60).astype(np.uint16)
     cv2.imwrite(str(tmp_path / "f11.png"), deep)
     src = streams.open_source(tmp_path)
     assert [p.name for p in src.files] == ["f1.png", "f2.png", "f10.png", "f11.png"]
@@ -312,3 +312,72 @@ def test_run_inference_on_folder_and_video(tmp_path):
     assert int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)) == 64
     cap.release()
     assert not list((tmp_path / "o2").glob(".*tmp*"))  # atomic writes left no temporaries
+
+
+def test_a_folder_keeps_its_good_frames_and_reports_the_bad_ones(tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.png"), np.full((40, 40), 10, np.uint8))
+    (folder / "b.png").write_bytes(cv2.imencode(".png", np.zeros((40, 40), np.uint8))[1][:30])
+    cv2.imwrite(str(folder / "c.png"), np.full((1, 1), 7, np.uint8))  # a 1x1 "frame"
+    raw = np.random.default_rng(0).integers(0, 255, (3, 36, 36)).astype(np.uint8)
+    dicom.write_test_cine(folder / "d.dcm", raw)  # multi-frame: all three frames count
+    src = streams.open_source(folder)
+    frames = list(src)
+    assert [f.name for f in frames] == ["a.png", "d.dcm#0", "d.dcm#1", "d.dcm#2"]
+    assert [f.index for f in frames] == [0, 1, 2, 3]
+    np.testing.assert_array_equal(frames[2].image, raw[1])
+    reasons = dict(src.skipped)
+    assert set(reasons) == {"b.png", "c.png"}
+    assert "not a readable image" in reasons["b.png"]
+    assert "1x1, smaller than the 16 px minimum" in reasons["c.png"]
+    with pytest.raises(ValueError, match="smaller than the 16 px minimum"):
+        streams.open_source(folder / "c.png")  # a single tiny image is refused outright
+
+
+def test_truncated_video_and_cine_keep_the_decodable_frames(tmp_path):
+    frames = np.stack([np.full((48, 64), 15 * i, np.uint8) for i in range(16)])
+    video = tmp_path / "clip.avi"
+    _write_video(video, frames)
+    data = video.read_bytes()
+    video.write_bytes(data[: len(data) * 4 // 5])  # the header survives, the tail is lost
+    src = streams.open_source(video)
+    got = list(src)
+    assert 0 < len(got) < 16
+    ((name, reason),) = src.skipped
+    assert f"video ended after {len(got)} of the 16 frames" in reason and "clip.avi" in reason
+    cine = dicom.write_test_cine(tmp_path / "cine.dcm", np.stack([frames[0]] * 6))
+    data = cine.read_bytes()
+    cine.write_bytes(data[: len(data) - 2 * 48 * 64 - 100])  # the last frames lose their pixels
+    src = streams.open_source(cine)
+    got = list(src)
+    assert 0 < len(got) < 6 and len(got) + len(src.skipped) == 6
+    assert all("cine.dcm" in reason for _, reason in src.skipped)
+
+
+def test_run_inference_writes_the_good_frames_and_distinct_overlays(tmp_path):
+    engine = KeypointEngine.random_init("paper11", "resnet_tiny", 32, batch_size=2)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "c.jpg"), np.full((40, 40), 50, np.uint8))
+    cv2.imwrite(str(folder / "c.png"), np.full((40, 40), 90, np.uint8))
+    (folder / "z.png").write_bytes(b"broken")
+    out = tmp_path / "out"
+    res = outputs.run_inference(engine, folder, out, overlay=True, progress=False)
+    assert res["frames"] == 2 and [n for n, _ in res["skipped"]] == ["z.png"]
+    lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["file"] for r in lines] == ["c.jpg", "c.png"]
+    assert sorted(p.name for p in (out / "overlay").iterdir()) == ["c.png", "c_png.png"]
+    a, b = (cv2.imread(str(out / "overlay" / n)) for n in ("c.png", "c_png.png"))
+    assert a.mean() != b.mean()  # both overlays survived
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match="exists and is not a folder"):
+        outputs.run_inference(engine, folder, tmp_path / "a_file", progress=False)
+    # The launcher writes the good frames, lists what it skipped and exits non-zero.
+    cmd = [sys.executable, "experiments/tavr_infer.py", f"--workdir={_tiny_workdir(tmp_path)}",
+           f"--input={folder}", f"--out={tmp_path / 'cli'}"]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert run.returncode == 1 and "skipped z.png" in run.stderr
+    assert "1 item(s) skipped, the others were written" in run.stderr
+    assert len((tmp_path / "cli" / "predictions.jsonl").read_text().splitlines()) == 2

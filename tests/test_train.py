@@ -190,7 +190,8 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_see_all_devices_and_agree(tmp_path, cache_dir):
+def test_two_processes_read_their_own_rows_and_agree(tmp_path, project, cache_dir):
+    steps = 2
     address = f"127.0.0.1:{_free_port()}"
     env = _env(cache_dir, devices=2)
     procs = [
@@ -202,6 +203,8 @@ def test_two_processes_see_all_devices_and_agree(tmp_path, cache_dir):
                 f"--coordinator={address}",
                 "--num_processes=2",
                 f"--process_id={i}",
+                f"--data={project}",
+                f"--steps={steps}",
                 f"--out={tmp_path / f'p{i}.npz'}",
             ],
             env=env,
@@ -217,6 +220,16 @@ def test_two_processes_see_all_devices_and_agree(tmp_path, cache_dir):
     results = [np.load(tmp_path / f"p{i}.npz") for i in range(2)]
     for r in results:
         assert int(r["device_count"]) == 4 and int(r["process_count"]) == 2
+    # Each process read exactly its half of every global batch that one process reads.
+    config = worker.tiny_config(augment=None)
+    source, loader = worker.recording_loader(project, config)
+    for _ in range(steps):
+        next(loader)
+    half = config.batch_size // 2
+    global_batches = np.asarray(source.read).reshape(steps, config.batch_size)
+    for i, r in enumerate(results):
+        read = r["read"].reshape(steps, half)
+        np.testing.assert_array_equal(read, global_batches[:, i * half : (i + 1) * half])
     names = [k for k in results[0].files if k.startswith("[")]
     assert len(names) > 10 and sorted(names) == sorted(
         k for k in results[1].files if k.startswith("[")

@@ -1,7 +1,13 @@
-"""Latency and throughput of the compiled engine, a CPU profile, and an eager PyTorch baseline.
+"""Latency and throughput of the keypoint engine per backend, beside the peers it must match.
 
-Every timing is a warm-up followed by timed runs whose results are fetched to the host
-(`jax.device_get`), so asynchronous dispatch never hides work. Percentiles are over runs.
+Backends: `xla` (the AOT-compiled `KeypointEngine`) and `onnxruntime` (`OnnxKeypointEngine`,
+the same network exported by `tavr_jax.infer.onnx_export`). Peers: onnxruntime running the
+same architecture as exported by torch's own ONNX exporter (what a team shipping a PyTorch
+model would deploy) and eager PyTorch. Every contender of one (backbone, dtype, batch) runs in
+alternation with the others, so the ratios are of paired runs under the same machine load.
+
+Every timing is a warm-up followed by timed runs whose results are on the host, so
+asynchronous dispatch never hides work. Percentiles are over runs.
 """
 
 from __future__ import annotations
@@ -21,114 +27,220 @@ from benchmarks.timing import (
     time_interleaved,
     time_runs,
 )
+from tavr_jax.fileio import write_json_atomic
+from tavr_jax.infer import onnx_export, onnx_runtime
 from tavr_jax.infer.engine import KeypointEngine, keypoint_forward
 from tavr_jax.infer.postprocess import Gate
 from tavr_jax.schema import get_schema
 from tavr_jax.xla import compile_lowered, cost_analysis
 
 PAPER_MS_PER_FRAME = 18.0  # the paper's GPU figure (section 5)
+BACKENDS = ("xla", "onnxruntime")
 
 
-def _flops(engine, h, w, b) -> float | None:
-    flops = engine.cost_analysis(h, w, b).get("flops")
+def flops_per_batch(engine: KeypointEngine, frame_size: int) -> float | None:
+    """FLOPs of one batch of the network, from XLA's analysis of the lowered function."""
+    spec = jax.ShapeDtypeStruct((engine.batch_size, frame_size, frame_size), jnp.uint8)
+    fn = jax.jit(lambda v, f: keypoint_forward(engine.model, v, f, image_size=engine.image_size,
+                                               dtype=engine.dtype))  # fmt: skip
+    flops = cost_analysis(fn.lower(engine.variables, spec)).get("flops")
     return float(flops) if flops else None
 
 
-def bench_engine(engine: KeypointEngine, frame_size: int, *, peak_fn=None, baseline=None,
-                 **timing) -> dict:  # fmt: skip
-    """Model-only and end-to-end latency of one engine at its batch size.
+def onnxruntime_peak_kernels(n: int = 2048, *, provider: str = "auto") -> dict:
+    """{name: (fn, flops)}: onnxruntime's own float32 kernels at full tilt, for measuring the
+    peak FLOP/s of this machine as onnxruntime reaches it: an n x n x n MatMul (2 n^3 flops)
+    and a 3x3 convolution of n // 8 channels on a 64 x 64 map (the network's bread and butter)."""
+    import onnx
 
-    peak_fn: optional (fn, flops) of a peak-FLOP/s kernel timed in alternation with the model.
-    baseline: optional callable(frames) (eager PyTorch) timed in alternation with end-to-end.
-    """
-    b = engine.batch_size
-    rng = np.random.default_rng(0)
-    frames = rng.integers(0, 256, (b, frame_size, frame_size), dtype=np.uint8)
-    exe = engine.compiled(frame_size, frame_size)
-    x_dev = engine.put(frames)
-    gate = Gate.from_meta(engine.meta, engine.schema)
-
-    def model_only():  # frames already on the device, outputs fetched
-        return jax.device_get(exe(engine.variables, x_dev))
-
-    def end_to_end():  # host uint8 frames -> host keypoints, gated
-        out = engine.fetch(engine.dispatch(frames), b)
-        return gate(out["visibility"], out["group"])
-
-    flops = _flops(engine, frame_size, frame_size, b)
-    if peak_fn is not None and flops:
-        t_model, t_mm = time_interleaved([model_only, peak_fn[0]], **timing)
-        row = {"model": percentiles_ms(t_model)}
-        # Achieved / peak FLOP/s of paired runs (each pair saw about the same machine load).
-        frac = (flops / t_model) / (peak_fn[1] / t_mm)
-        row["fraction_of_peak"] = float(np.median(frac))
-        row["gflops_per_s"] = float(flops / np.median(t_model) / 1e9)
-        row["peak_gflops_per_s"] = float(peak_fn[1] / np.median(t_mm) / 1e9)
-    else:
-        row = {"model": percentiles_ms(time_runs(model_only, **timing))}
-    if baseline is not None:
-        t_e2e, t_base = time_interleaved([end_to_end, lambda: baseline(frames)], **timing)
-        row["end_to_end"] = percentiles_ms(t_e2e)
-        row["torch_eager"] = percentiles_ms(t_base)
-        row["speedup_vs_torch"] = float(np.median(t_base / t_e2e))  # paired runs
-    else:
-        row["end_to_end"] = percentiles_ms(time_runs(end_to_end, **timing))
-    for k in ("model", "end_to_end"):
-        row[k]["frames_per_s"] = b * 1e3 / row[k]["p50_ms"]
-        row[k]["ms_per_frame"] = row[k]["p50_ms"] / b
-    row["speedup_vs_paper_18ms"] = PAPER_MS_PER_FRAME / row["end_to_end"]["ms_per_frame"]
-    row["flops_per_batch"] = flops
-    assert engine.trace_count == 1, "the benchmark must not retrace"
-    return row
+    c = max(n // 8, 8)
+    shapes = {
+        "onnxruntime_matmul": ("MatMul", [n, n], np.full((n, n), 0.5), {}, 2.0 * n**3),
+        "onnxruntime_conv3x3": (
+            "Conv", [1, c, 64, 64], np.full((c, c, 3, 3), 0.01), {"pads": [1, 1, 1, 1]},
+            2.0 * c * c * 9 * 64 * 64,
+        ),
+    }  # fmt: skip
+    kernels = {}
+    for name, (op, shape, weight, attrs, flops) in shapes.items():
+        g = onnx_export.Graph()
+        out = g.op(op, "x", g.const(weight), **attrs)
+        tensor = onnx.helper.make_tensor_value_info
+        graph = onnx.helper.make_graph(
+            g.nodes, name, [tensor("x", onnx.TensorProto.FLOAT, shape)],
+            [tensor(out, onnx.TensorProto.FLOAT, None)], g.initializers,
+        )  # fmt: skip
+        model = onnx.helper.make_model(
+            graph, opset_imports=[onnx.helper.make_opsetid("", onnx_export.OPSET)]
+        )
+        model.ir_version = 8
+        session = onnx_runtime.make_session(model, provider=provider)
+        x = np.ones(shape, np.float32)
+        kernels[name] = (lambda s=session, x=x: s.run(None, {"x": x})), flops
+    return kernels
 
 
-def _torch_model(backbone: str, schema, image_size: int):
-    """Plain eager PyTorch network of the same architecture (random weights) and its forward."""
-    import torch
-    from torch import nn
+def peak_kernels(provider: str = "auto", n: int = 2048, **timing) -> dict:
+    """The fp32 peak as each library reaches it: an n^3 matmul in XLA, onnxruntime (MLAS) and
+    torch (its BLAS), and onnxruntime's 3x3 convolution, timed in alternation.
+    Returns {name: (fn, flops, GFLOP/s)}."""
+    fns = {"xla_matmul": peak_matmul(n)}
+    try:
+        fns.update(onnxruntime_peak_kernels(n, provider=provider))
+    except ValueError as e:  # no onnxruntime, or not this provider
+        print(f"peak: onnxruntime kernels skipped ({e})")
+    try:
+        import torch
 
-    from benchmarks.torch_reference import TORCH_MODELS
+        a, b = torch.ones(n, n), torch.full((n, n), 0.5)
+        fns["torch_matmul"] = (lambda: torch.mm(a, b)), 2.0 * n**3
+    except ImportError:
+        pass
+    times = time_interleaved([f for f, _ in fns.values()], **timing)
+    return {
+        name: (fn, flops, flops / float(np.median(t)) / 1e9)
+        for (name, (fn, flops)), t in zip(fns.items(), times, strict=True)
+    }
 
-    net = TORCH_MODELS[backbone](in_channels=1)
-    feat = net.fc.in_features
-    g, m = schema.num_groups, schema.max_group_size
-    shared = nn.Sequential(nn.Linear(feat, 512), nn.LayerNorm(512), nn.ReLU())
-    group_cls = nn.Linear(512, g)
-    heads = nn.ModuleList(
-        nn.Sequential(nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 3 * m)) for _ in range(g)
-    )
-    for mod in (net, shared, group_cls, heads):
-        mod.eval()
-    index, valid = schema.padded_index
-    flat = torch.as_tensor(np.flatnonzero(valid.ravel()))
 
-    def forward(frames_u8: np.ndarray):
-        with torch.inference_mode():
-            x = torch.from_numpy(frames_u8).float().unsqueeze(1)
-            x = (x / 255.0 - 0.449) / 0.226
-            if x.shape[-1] != image_size or x.shape[-2] != image_size:
-                x = nn.functional.interpolate(
-                    x, size=(image_size, image_size), mode="bilinear", antialias=True
-                )
-            h = shared(torch.flatten(net.avgpool(net.forward_features(x)), 1))
-            out = torch.stack([hd(h) for hd in heads], 1).reshape(x.shape[0], g * m, 3)[:, flat]
-            vis = torch.sigmoid(out[..., 0])
-            xy = torch.sigmoid(out[..., 1:]) * torch.tensor(
-                [frames_u8.shape[2], frames_u8.shape[1]]
-            )
-            return vis.numpy(), torch.sigmoid(group_cls(h)).numpy(), xy.numpy()
+def ort_peer(backbone: str, schema, image_size: int, frame_size: int, provider: str = "auto"):
+    """onnxruntime running torch's ONNX export of the same network; (run(frames), why-not)."""
+    try:
+        from benchmarks.torch_reference import export_onnx_bytes, keypoint_net
 
-    return forward
+        net = keypoint_net(backbone, schema, image_size)
+        session = onnx_runtime.make_session(
+            export_onnx_bytes(net, (1, frame_size, frame_size)), provider=provider
+        )
+    except Exception as e:  # torch's exporter has many error types; the peer is optional
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return (lambda frames: session.run(None, {"frames": frames})), None
 
 
 def torch_baseline(backbone, schema, image_size, threads: int | None = None):
-    """Eager PyTorch forward of the same architecture, or None when torch is not installed."""
+    """Eager PyTorch of the same network on CUDA when jax runs on a GPU and torch has CUDA,
+    on the CPU when jax does; (forward(frames), why-not)."""
     try:
         import torch
-    except ImportError:
-        return None
-    torch.set_num_threads(threads or os.cpu_count() or 1)
-    return _torch_model(backbone, schema, image_size)
+
+        from benchmarks.torch_reference import keypoint_net
+    except ImportError as e:
+        return None, f"torch not installed ({e})"
+    on_gpu = jax.devices()[0].platform != "cpu"
+    if on_gpu and not torch.cuda.is_available():
+        return (
+            None,
+            f"jax runs on {jax.devices()[0].platform} but torch {torch.__version__} has no CUDA",
+        )
+    device = "cuda" if on_gpu else "cpu"
+    if not on_gpu:
+        torch.set_num_threads(threads or os.cpu_count() or 1)
+    net = keypoint_net(backbone, schema, image_size).to(device)
+
+    def forward(frames_u8: np.ndarray):
+        with torch.inference_mode():
+            out = net(torch.from_numpy(frames_u8).to(device))
+            return [o.cpu().numpy() for o in out]
+
+    return forward, None
+
+
+def bench_cell(engines: dict, frame_size: int, *, peak=None, peers=None, flops=None,
+               **timing) -> list[dict]:  # fmt: skip
+    """One row per backend for engines of one network and batch size.
+
+    engines: {backend: engine}; peak: (fn, flops) of the peak-FLOP/s kernel, timed in
+    alternation with each backend's model-only run; peers: {name: fn(frames)} timed in
+    alternation with every backend's end-to-end run.
+    """
+    peers = peers or {}
+    b = next(iter(engines.values())).batch_size
+    frames = np.random.default_rng(0).integers(0, 256, (b, frame_size, frame_size), np.uint8)
+    model_only, end_to_end = {}, {}
+    for backend, engine in engines.items():
+        gate = Gate.from_meta(engine.meta, engine.schema)
+        if backend == "xla":
+            exe = engine.compiled(frame_size, frame_size)
+            x_dev = engine.put(frames)
+            model_only[backend] = lambda exe=exe, e=engine, x=x_dev: jax.device_get(
+                exe(e.variables, x)
+            )
+        else:
+            session = engine.session(frame_size, frame_size)
+            model_only[backend] = lambda s=session: s.run(None, {"frames": frames})
+
+        def e2e(engine=engine, gate=gate):  # host uint8 frames -> host keypoints, gated
+            out = engine.fetch(engine.dispatch(frames), b)
+            return gate(out["visibility"], out["group"])
+
+        end_to_end[backend] = e2e
+    times = time_shuffled(
+        [*end_to_end.values(), *(lambda f=f: f(frames) for f in peers.values())], **timing
+    )
+    t_e2e = dict(zip(end_to_end, times, strict=False))
+    t_peer = dict(zip(peers, times[len(end_to_end) :], strict=True))
+    rows = []
+    for backend, engine in engines.items():
+        row = {"backend": backend}
+        if peak is not None and flops:
+            t_model, t_peak = time_interleaved([model_only[backend], peak[0]], **timing)
+            row["model"] = percentiles_ms(t_model)
+            # Achieved / peak FLOP/s of paired runs (each pair saw about the same machine load).
+            row["fraction_of_peak"] = float(np.median((flops / t_model) / (peak[1] / t_peak)))
+            row["gflops_per_s"] = float(flops / np.median(t_model) / 1e9)
+            row["peak_gflops_per_s"] = float(peak[1] / np.median(t_peak) / 1e9)
+        else:
+            row["model"] = percentiles_ms(time_runs(model_only[backend], **timing))
+        row["end_to_end"] = percentiles_ms(t_e2e[backend])
+        if "onnxruntime_peer" in t_peer:
+            row["onnxruntime_peer"] = percentiles_ms(t_peer["onnxruntime_peer"])
+            row["ratio_vs_onnxruntime"] = float(
+                np.median(t_e2e[backend] / t_peer["onnxruntime_peer"])
+            )
+        if "torch_eager" in t_peer:
+            row["torch_eager"] = percentiles_ms(t_peer["torch_eager"])
+            row["speedup_vs_torch"] = float(np.median(t_peer["torch_eager"] / t_e2e[backend]))
+        for k in ("model", "end_to_end"):
+            row[k]["frames_per_s"] = b * 1e3 / row[k]["p50_ms"]
+            row[k]["ms_per_frame"] = row[k]["p50_ms"] / b
+        row["speedup_vs_paper_18ms"] = PAPER_MS_PER_FRAME / row["end_to_end"]["ms_per_frame"]
+        row["flops_per_batch"] = flops
+        if backend == "xla":
+            assert engine.trace_count == 1, "the benchmark must not retrace"
+        rows.append(row)
+    return rows
+
+
+def time_shuffled(fns, *, warmup: int = 2, min_runs: int = 5, min_time_s: float = 2.0,
+                  max_runs: int = 200, seed: int = 0) -> list[np.ndarray]:  # fmt: skip
+    """Like `timing.time_interleaved`, but each round runs the contenders in a new random order.
+
+    Thread pools linger after a call (onnxruntime's and OpenMP's threads spin for a while), so
+    in a fixed order each contender would always start in the wake of the same neighbour.
+    """
+    rng = np.random.default_rng(seed)
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
+    start = time.perf_counter()
+    while len(times[0]) < max_runs and (
+        len(times[0]) < min_runs or time.perf_counter() - start < min_time_s * len(fns)
+    ):
+        for i in rng.permutation(len(fns)):
+            t0 = time.perf_counter()
+            fns[i]()
+            times[i].append(time.perf_counter() - t0)
+    return [np.asarray(t) for t in times]
+
+
+def make_backend(backend: str, engine: KeypointEngine, provider: str = "auto"):
+    """The engine of `backend` for a KeypointEngine's network (the engine itself for xla)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+    if backend == "xla":
+        return engine
+    return onnx_runtime.OnnxKeypointEngine.from_engine(engine, provider=provider)
 
 
 def profile_split(engine: KeypointEngine, frame_size: int, **timing) -> dict:
@@ -187,75 +299,149 @@ def run_benchmark(
     profile: bool = True,
     timing: dict | None = None,
     torch_threads: int | None = None,
+    backends=("xla",),
+    onnxruntime_peer: bool = False,
+    provider: str = "auto",
+    out=None,
+    peak_size: int = 2048,
     progress=print,
 ) -> dict:
-    """The full table: one row per (backbone, dtype, batch); see docs/latency.md."""
+    """The full table: one row per (backbone, dtype, batch, backend); see docs/latency.md.
+
+    With `out`, the results JSON is rewritten after every row, so a run stopped by a time
+    limit keeps what it measured. A backend or peer that cannot run here (no onnxruntime, no
+    GPU provider, no torch) is skipped with its reason printed and kept in `skipped`.
+    """
     timing = timing or {}
     frame_size = frame_size or image_size
     schema = get_schema("paper11")
-    peak_fn = peak_matmul() if jax.devices()[0].platform == "cpu" else None
-    rows, profiles = [], {}
-    for backbone in backbones:
-        torch_fn = (
-            torch_baseline(backbone, schema, image_size, torch_threads) if torch_eager else None
-        )
-        for dtype in dtypes:
-            for b in batch_sizes:
-                if workdir:
-                    engine = KeypointEngine.from_workdir(
-                        workdir, backbone=backbone, batch_size=b, dtype=dtype
-                    )
-                else:
-                    engine = KeypointEngine.random_init(
-                        schema, backbone, image_size, batch_size=b, dtype=dtype
-                    )
-                row = {"backbone": backbone, "dtype": dtype, "batch": b,
-                       "image_size": image_size, "frame_size": frame_size}  # fmt: skip
-                use_torch = torch_fn is not None and dtype == "float32" and b <= 8
-                row.update(
-                    bench_engine(
-                        engine, frame_size, peak_fn=peak_fn if dtype == "float32" else None,
-                        baseline=torch_fn if use_torch else None, **timing,
-                    )
-                )  # fmt: skip
-                if profile and dtype == "float32" and b == max(batch_sizes):
-                    profiles[f"{backbone}/b{b}"] = profile_split(engine, frame_size, **timing)
-                rows.append(row)
-                progress(format_row(row))
-    return {
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise ValueError(f"unknown backend(s) {', '.join(unknown)}; known: {', '.join(BACKENDS)}")
+    on_cpu = jax.devices()[0].platform == "cpu"
+    result = {
         "device": device_description(),
         "jax": jax.__version__,
         "date": datetime.date.today().isoformat(),
-        "peak_method": "jitted 2048x2048x2048 float32 matmul (2n^3 flops) timed in alternation "
-        "with the model; fraction = median over paired runs of achieved/peak FLOP/s",
-        "torch": _torch_version() if torch_eager else None,
+        "torch": _version("torch") if torch_eager else None,
+        "onnxruntime": _version("onnxruntime"),
         "threads": {
             "cpu_count": os.cpu_count(),
             "torch": torch_threads or os.cpu_count(),
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
         },  # fmt: skip
-        "rows": rows,
-        "profile": profiles,
+        "rows": [],
+        "profile": {},
+        "skipped": [],
     }
 
+    def skip(what, why):
+        progress(f"skipping {what}: {why}")
+        result["skipped"].append({"what": what, "why": why})
 
-def _torch_version():
+    backends = list(backends)
+    if "onnxruntime" in backends or onnxruntime_peer:
+        why = _onnxruntime_problem(provider, on_cpu)
+        if why:
+            if "onnxruntime" in backends:
+                backends.remove("onnxruntime")
+                skip("backend onnxruntime", why)
+            if onnxruntime_peer:
+                onnxruntime_peer = False
+                skip("onnxruntime peer", why)
+    peak = None
+    if on_cpu:
+        kernels = peak_kernels(provider, peak_size, **timing)
+        name = max(kernels, key=lambda k: kernels[k][2])
+        peak = kernels[name][:2]
+        result["peak"] = {k: {"gflops_per_s": v[2]} for k, v in kernels.items()}
+        result["peak_method"] = (
+            f"{name} (the fastest of the float32 kernels in `peak`) timed in alternation "
+            "with each backend's model-only run; fraction = median over paired runs of "
+            "achieved/peak FLOP/s"
+        )
+    for backbone in backbones:
+        # Weights once per backbone: every batch size and dtype runs the same network.
+        if workdir:
+            base = KeypointEngine.from_workdir(workdir, backbone=backbone)
+        else:
+            base = KeypointEngine.random_init(schema, backbone, image_size)
+        peers = {}
+        if onnxruntime_peer:
+            fn, why = ort_peer(backbone, schema, image_size, frame_size, provider)
+            peers.update({"onnxruntime_peer": fn} if fn else {})
+            if why:
+                skip(f"onnxruntime peer for {backbone}", why)
+        torch_fn = None
+        if torch_eager:
+            torch_fn, why = torch_baseline(backbone, schema, image_size, torch_threads)
+            if why:
+                skip(f"eager torch for {backbone}", why)
+        for dtype in dtypes:
+            for b in batch_sizes:
+                xla = KeypointEngine(
+                    base.model, base.variables, base.meta, batch_size=b, dtype=dtype
+                )
+                engines = {}
+                for backend in backends:
+                    if backend != "xla" and dtype != "float32":
+                        continue  # the ONNX graph is float32
+                    engines[backend] = make_backend(backend, xla, provider)
+                if not engines:
+                    continue
+                cell_peers = dict(peers) if dtype == "float32" else {}
+                if torch_fn is not None and dtype == "float32" and b <= 8:
+                    cell_peers["torch_eager"] = torch_fn
+                flops = flops_per_batch(xla, frame_size)
+                rows = bench_cell(
+                    engines, frame_size, peak=peak if dtype == "float32" else None,
+                    peers=cell_peers, flops=flops, **timing,
+                )  # fmt: skip
+                for row in rows:
+                    row = {"backbone": backbone, "dtype": dtype, "batch": b,
+                           "image_size": image_size, "frame_size": frame_size, **row}  # fmt: skip
+                    result["rows"].append(row)
+                    progress(format_row(row))
+                    if out:
+                        write_json_atomic(out, result)
+                if profile and "xla" in engines and dtype == "float32" and b == max(batch_sizes):
+                    result["profile"][f"{backbone}/b{b}"] = profile_split(xla, frame_size, **timing)
+    if out:
+        write_json_atomic(out, result)
+    return result
+
+
+def _onnxruntime_problem(provider: str, on_cpu: bool) -> str | None:
+    """Why onnxruntime cannot be compared here (None when it can)."""
     try:
-        import torch
+        chosen = onnx_runtime.select_providers(provider)[0]
+    except ValueError as e:
+        return str(e)
+    if not on_cpu and chosen == "CPUExecutionProvider":
+        return "jax runs on a GPU but this onnxruntime has only the CPU provider (onnxruntime-gpu)"
+    return None
+
+
+def _version(module: str):
+    try:
+        return __import__(module).__version__
     except ImportError:
         return None
-    return torch.__version__
 
 
 def format_row(r: dict) -> str:
     m, e = r["model"], r["end_to_end"]
     s = (
-        f"{r['backbone']:>9} {r['dtype']:>8} b={r['batch']:<3} model p50 {m['p50_ms']:8.2f} ms "
-        f"e2e p50/p90/p99 {e['p50_ms']:.2f}/{e['p90_ms']:.2f}/{e['p99_ms']:.2f} ms "
+        f"{r['backbone']:>9} {r['dtype']:>8} {r.get('backend', 'xla'):>11} b={r['batch']:<3} "
+        f"model p50 {m['p50_ms']:8.2f} ms e2e p50/p90/p99 "
+        f"{e['p50_ms']:.2f}/{e['p90_ms']:.2f}/{e['p99_ms']:.2f} ms "
         f"{e['frames_per_s']:7.1f} frames/s"
     )
     if "fraction_of_peak" in r:
         s += f" {100 * r['fraction_of_peak']:.0f}% of peak"
+    if r.get("onnxruntime_peer"):
+        peer, ratio = r["onnxruntime_peer"]["p50_ms"], r["ratio_vs_onnxruntime"]
+        s += f" ORT {peer:.1f} ms (ours/ORT {ratio:.3f})"
     if r.get("torch_eager"):
         s += f" torch {r['torch_eager']['p50_ms']:.1f} ms (x{r['speedup_vs_torch']:.2f})"
     return s
@@ -316,12 +502,13 @@ def plot_latency(results, path) -> None:
     lines: dict[tuple, list] = {}
     for res in results:
         for r in res["rows"]:
-            lines.setdefault((r["backbone"], r["dtype"], r["image_size"]), []).append(r)
+            key = (r["backbone"], r.get("backend", "xla"), r["dtype"], r["image_size"])
+            lines.setdefault(key, []).append(r)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for (bb, dt, size), rows in sorted(lines.items()):
+    for (bb, backend, dt, size), rows in sorted(lines.items()):
         rows = sorted(rows, key=lambda r: r["batch"])
         b = [r["batch"] for r in rows]
-        label = f"{bb} {dt} {size}px"
+        label = f"{bb} {backend} {dt} {size}px"
         line = ax1.plot(b, [r["end_to_end"]["ms_per_frame"] for r in rows], "o-", label=label)[0]
         ax2.plot(b, [r["end_to_end"]["frames_per_s"] for r in rows], "o-", color=line.get_color())
         t = [(r["batch"], r["torch_eager"]["p50_ms"] / r["batch"]) for r in rows
@@ -348,25 +535,27 @@ def plot_latency(results, path) -> None:
 
 def markdown_table(result: dict) -> str:
     """The rows of one benchmark result as a Markdown table (the one in docs/latency.md)."""
-    head = (
-        "| backbone | dtype | input | batch | model p50 ms | end-to-end p50 / p90 / p99 ms "
-        "| frames/s | ms/frame | vs paper 18 ms | % of peak FLOP/s | eager torch p50 ms "
-        "| torch / ours |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
-    )
-    lines = [head]
+    lines = [
+        "| backbone | backend | dtype | input | batch | model p50 ms "
+        "| end-to-end p50 / p90 / p99 ms | frames/s | % of fp32 peak "
+        "| ORT (torch export) p50 ms | ours / ORT | eager torch p50 ms | ours / torch |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
-        m, e, t = r["model"], r["end_to_end"], r.get("torch_eager")
+        m, e = r["model"], r["end_to_end"]
         frac = f"{100 * r['fraction_of_peak']:.0f}%" if "fraction_of_peak" in r else "-"
+        peer = r.get("onnxruntime_peer")
+        torch = r.get("torch_eager")
         lines.append(
-            f"| {r['backbone']} | {r['dtype']} | {r['image_size']} | {r['batch']} "
-            f"| {m['p50_ms']:.1f} | {e['p50_ms']:.1f} / {e['p90_ms']:.1f} / {e['p99_ms']:.1f} "
-            f"| {e['frames_per_s']:.1f} | {e['ms_per_frame']:.1f} "
-            f"| x{r['speedup_vs_paper_18ms']:.3f} | {frac} "
-            f"| {t['p50_ms']:.1f} | x{r['speedup_vs_torch']:.2f} |"
-            if t
-            else f"| {r['backbone']} | {r['dtype']} | {r['image_size']} | {r['batch']} "
-            f"| {m['p50_ms']:.1f} | {e['p50_ms']:.1f} / {e['p90_ms']:.1f} / {e['p99_ms']:.1f} "
-            f"| {e['frames_per_s']:.1f} | {e['ms_per_frame']:.1f} "
-            f"| x{r['speedup_vs_paper_18ms']:.3f} | {frac} | - | - |"
+            f"| {r['backbone']} | {r.get('backend', 'xla')} | {r['dtype']} | {r['image_size']} "
+            f"| {r['batch']} | {m['p50_ms']:.1f} "
+            f"| {e['p50_ms']:.1f} / {e['p90_ms']:.1f} / {e['p99_ms']:.1f} "
+            f"| {e['frames_per_s']:.1f} | {frac} "
+            + (f"| {peer['p50_ms']:.1f} | {r['ratio_vs_onnxruntime']:.3f} " if peer else "| - | - ")
+            + (
+                f"| {torch['p50_ms']:.1f} | {1 / r['speedup_vs_torch']:.3f} |"
+                if torch
+                else "| - | - |"
+            )
         )
     return "\n".join(lines)

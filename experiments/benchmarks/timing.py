@@ -13,6 +13,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import psutil
 
 from tavr_jax.xla import compile_lowered
 
@@ -49,6 +50,35 @@ def time_interleaved(fns, *, warmup: int = 2, min_runs: int = 5, min_time_s: flo
             fn()
             t.append(time.perf_counter() - t0)
     return [np.asarray(t) for t in times]
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process (all threads) and its live children (e.g. grain workers)."""
+    total = time.process_time()  # finer than psutil's 10 ms ticks
+    for child in psutil.Process().children(recursive=True):
+        try:
+            t = child.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def time_runs_cpu(fn, *, warmup: int = 1, runs: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """(wall seconds, CPU seconds) of each of `runs` calls of `fn()` after `warmup` calls.
+
+    On a shared machine the wall clock measures the neighbours too; CPU seconds (this process
+    and its children) say what a dedicated core would do.
+    """
+    for _ in range(warmup):
+        fn()
+    wall, cpu = [], []
+    for _ in range(runs):
+        t0, c0 = time.perf_counter(), cpu_seconds()
+        fn()
+        wall.append(time.perf_counter() - t0)
+        cpu.append(cpu_seconds() - c0)
+    return np.asarray(wall), np.asarray(cpu)
 
 
 def percentiles_ms(times) -> dict:

@@ -1,14 +1,18 @@
 """Plain-PyTorch ResNet and VGG with torchvision's state-dict key names.
 
-A numerical reference for the weight converter's test and an eager PyTorch baseline for the
-latency benchmark. torch is imported lazily and is not a runtime dependency of the project.
-`forward_features` returns the last feature map (NCHW), the counterpart of our backbones.
+A numerical reference for the weight converter's test, and for the latency benchmark the whole
+keypoint network in PyTorch (`keypoint_net`): run eagerly, and exported by torch's own ONNX
+exporter for the onnxruntime peer. torch is imported lazily and is not a runtime dependency of
+the project. `forward_features` returns the last feature map (NCHW), the counterpart of our
+backbones.
 """
 
 from __future__ import annotations
 
 import functools
 from types import SimpleNamespace
+
+import numpy as np
 
 VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
@@ -144,7 +148,48 @@ def _classes() -> SimpleNamespace:
             x = torch.flatten(self.avgpool(self.features(x)), 1)
             return x if self.classifier is None else self.classifier(x)
 
-    return SimpleNamespace(BasicBlock=BasicBlock, Bottleneck=Bottleneck, ResNet=ResNet, VGG=VGG)
+    class KeypointNet(nn.Module):
+        """uint8 frames (B, H, W) -> (visibility (B, K), group (B, G), coords (B, K, 2) in frame
+        pixels): our grouped regression network, written the way a PyTorch team would."""
+
+        def __init__(self, backbone, schema, image_size):
+            super().__init__()
+            self.backbone, self.image_size = backbone, image_size
+            feat = backbone.fc.in_features if hasattr(backbone, "fc") else 512
+            g, m = schema.num_groups, schema.max_group_size
+            self.groups, self.max_size = g, m
+            self.shared = nn.Sequential(nn.Linear(feat, 512), nn.LayerNorm(512), nn.ReLU())
+            self.group_classifier = nn.Linear(512, g)
+            self.heads = nn.ModuleList(
+                nn.Sequential(nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 3 * m))
+                for _ in range(g)
+            )
+            _, valid = schema.padded_index
+            self.register_buffer("flat", torch.as_tensor(np.flatnonzero(valid.ravel())))
+
+        def forward(self, frames):
+            x = frames.float().unsqueeze(1)
+            if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
+                x = nn.functional.interpolate(
+                    x, size=(self.image_size,) * 2, mode="bilinear", antialias=True
+                )
+            x = (x / 255.0 - 0.449) / 0.226
+            h = self.shared(self.backbone.forward_features(x).mean((2, 3)))
+            out = torch.stack([head(h) for head in self.heads], 1)
+            out = out.reshape(x.shape[0], self.groups * self.max_size, 3)[:, self.flat]
+            size = torch.tensor(
+                [frames.shape[2], frames.shape[1]], dtype=torch.float32, device=frames.device
+            )
+            coords = torch.sigmoid(out[..., 1:]) * size
+            return torch.sigmoid(out[..., 0]), torch.sigmoid(self.group_classifier(h)), coords
+
+    return SimpleNamespace(
+        BasicBlock=BasicBlock,
+        Bottleneck=Bottleneck,
+        ResNet=ResNet,
+        VGG=VGG,
+        KeypointNet=KeypointNet,
+    )
 
 
 def resnet(layers, *, bottleneck: bool = False, width: int = 64, in_channels: int = 3, **kw):
@@ -188,3 +233,33 @@ TORCH_MODELS = {
     "vgg16": vgg16,
     "vgg16_bn": lambda **kw: vgg16(batch_norm=True, **kw),
 }
+
+
+def keypoint_net(backbone: str, schema, image_size: int):
+    """The whole keypoint network (grouped regression head) in eval mode, random weights."""
+    kw = {"classifier": False} if backbone.startswith("vgg") else {}
+    net = _classes().KeypointNet(TORCH_MODELS[backbone](in_channels=1, **kw), schema, image_size)
+    return net.eval()
+
+
+def export_onnx_bytes(net, frame_shape) -> bytes:
+    """`net` (uint8 (B, H, W) in) through torch's TorchScript ONNX exporter, symbolic batch."""
+    import io
+    import warnings
+
+    import torch
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings():  # the exporter's deprecation notices
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            net,
+            torch.zeros(frame_shape, dtype=torch.uint8),
+            buf,
+            dynamo=False,
+            opset_version=17,
+            input_names=["frames"],
+            output_names=["visibility", "group", "coords"],
+            dynamic_axes={"frames": {0: "batch"}},
+        )
+    return buf.getvalue()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import time
 from collections.abc import Mapping
 
 import jax
@@ -222,34 +221,3 @@ def augment_batch(
     # Only the augmented arrays enter the computation; ids or sizes pass through untouched.
     arrays = {key: batch[key] for key in _AUGMENTED}
     return {**batch, **_augment_batch(rng, arrays, flip_perm=flip_perm, config=config)}
-
-
-def benchmark_augment(
-    schema: KeypointSchema,
-    *,
-    image_size: int = 512,
-    batch_size: int = 32,
-    repeats: int = 10,
-    config: AugmentConfig | None = None,
-) -> dict:
-    """Frames/s of `augment_batch` on the default device: median of repeats after warm-up."""
-    rng = np.random.default_rng(0)
-    k = schema.num_points
-    batch = {
-        "image": rng.integers(0, 256, (batch_size, image_size, image_size), np.uint8),
-        "visibility": np.ones((batch_size, k), np.float32),
-        "coords": rng.uniform(0, image_size, (batch_size, k, 2)).astype(np.float32),
-    }
-    batch = jax.device_put(batch)  # time the augmentation, not the host-to-device copy
-    key = jax.random.key(0)
-    jax.block_until_ready(augment_batch(key, batch, schema, config))  # compile
-    rates = []
-    for i in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(augment_batch(jax.random.fold_in(key, i), batch, schema, config))
-        rates.append(batch_size / (time.perf_counter() - start))
-    return {
-        "frames_per_s": float(np.median(rates)),
-        "runs": rates,
-        "device": str(batch["image"].device),
-    }

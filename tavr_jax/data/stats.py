@@ -15,6 +15,11 @@ from tavr_jax.data import supervisely
 from tavr_jax.fileio import atomic_write_bytes
 from tavr_jax.schema import KeypointSchema
 
+# A contact sheet is for looking at: beyond 64 tiles of at most 384 px nobody sees more, and
+# a sheet of every full-size frame of a project would take gigabytes of memory.
+MAX_SHEET_FRAMES = 64
+TILE_SIDE = 384
+
 
 def presence_pattern(visibility: np.ndarray, schema: KeypointSchema) -> str:
     """'anatomical+contour'-style name of the groups present in one frame ('none' if empty)."""
@@ -51,6 +56,8 @@ def project_stats(project: supervisely.Project) -> dict:
         "ignored_points": counts["ignored_points"],
         "dropped_per_name": counts["dropped_per_name"],
         "ignored_per_class": counts["ignored_per_class"],
+        "unannotated_cases": list(project.unannotated_cases),
+        "duplicate_frames": supervisely.duplicate_frames(project),
     }
 
 
@@ -82,14 +89,23 @@ def sample_frames(project: supervisely.Project, n: int, *, seed: int = 0) -> lis
 def contact_sheet_image(
     project: supervisely.Project, indices: list[int], *, ncols: int = 4
 ) -> np.ndarray:
-    """RGB grid of frames with their keypoints coloured by group and a group legend."""
+    """RGB grid of frames with their keypoints coloured by group and a group legend.
+
+    Each frame is drawn at full size, then shrunk to at most `TILE_SIDE` pixels a side, so
+    the memory it takes is bounded by the sheet, not by the frames.
+    """
     tiles, titles = [], []
     for i in indices:
         f = project.frames[i]
         tile = visualize.draw_keypoints(
             project.load_image(i), f.coords, f.visibility, project.schema
         )
-        tiles.append(visualize.draw_legend(tile, project.schema))
+        tile = visualize.draw_legend(tile, project.schema)
+        scale = TILE_SIDE / max(tile.shape[:2])
+        if scale < 1:
+            size = (max(1, round(tile.shape[1] * scale)), max(1, round(tile.shape[0] * scale)))
+            tile = cv2.resize(tile, size, interpolation=cv2.INTER_AREA)
+        tiles.append(tile)
         titles.append(f"{f.case_id}/{f.frame_name}" + (f" {f.stage}" if f.stage else ""))
     return visualize.contact_sheet(tiles, ncols, titles=titles)
 
@@ -106,9 +122,13 @@ def write_png(path: os.PathLike, rgb: np.ndarray) -> pathlib.Path:
 def write_contact_sheet(
     project: supervisely.Project, path: os.PathLike, *, n: int = 8, ncols: int = 4, seed: int = 0
 ) -> pathlib.Path:
-    """Writes a contact sheet of `n` sample frames of the project as a PNG."""
+    """Writes a contact sheet of `n` (at most `MAX_SHEET_FRAMES`) sample frames as a PNG."""
     if not project.frames:
         raise ValueError(f"{project.root}: no frames in split {project.split!r}")
+    if n < 1:
+        raise ValueError(f"the contact sheet needs at least 1 frame, got {n}")
+    n = min(n, MAX_SHEET_FRAMES)
+    ncols = max(ncols, round(n**0.5))  # a large sheet stays roughly square
     return write_png(
         path, contact_sheet_image(project, sample_frames(project, n, seed=seed), ncols=ncols)
     )
@@ -124,10 +144,12 @@ def write_stats(
     sheet_frames: int = 8,
 ) -> tuple[pathlib.Path, pathlib.Path]:
     """Reads a project, writes its stats JSON at `out` and a contact sheet PNG beside it."""
+    out = pathlib.Path(out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give the path of the JSON file to write")
     project = supervisely.read_project(data, schema, split=split, seed=seed)
     if not project.frames:
         raise ValueError(f"{data}: split {split!r} has no frames")
-    out = pathlib.Path(out)
     stats = project_stats(project)
     atomic_write_bytes(out, (json.dumps(stats, indent=1) + "\n").encode())
     png = write_contact_sheet(project, out.with_suffix(".png"), n=sheet_frames, seed=seed)

@@ -59,6 +59,8 @@ class AnnotatedFrame:
     coords: np.ndarray  # (K, 2) pixels (x, y)
     pixel_spacing_mm: float | None = None
     stage: str | None = None
+    point_tags: dict | None = None  # point name -> extra tags [{"name", "value"}] of its object
+    frame_tags: list | None = None  # extra tags of the frame
 
 
 @dataclasses.dataclass
@@ -316,7 +318,26 @@ def duplicate_frames(project: Project) -> list[list[str]]:
     return sorted(groups)
 
 
-def meta_json(schema: KeypointSchema) -> dict:
+def warn_about_copies(project: Project, split_of_case: dict[str, str]) -> list[list[str]]:
+    """Logs (and returns) the groups of identical frames that fall in different splits."""
+    leaks = [
+        group
+        for group in duplicate_frames(project)
+        if len({split_of_case.get(name.split("/")[0]) for name in group}) > 1
+    ]
+    if leaks:
+        logging.warning(
+            "%s: %d frame(s) appear in more than one split (copied case folders?), e.g. %s; "
+            "validation and test figures would count frames seen in training",
+            project.root,
+            len(leaks),
+            " = ".join(leaks[0]),
+        )
+    return leaks
+
+
+def meta_json(schema: KeypointSchema, number_tags: Sequence[str] = ()) -> dict:
+    """meta.json: the schema's point classes, the stage and spacing tags and `number_tags`."""
     colors = [_META_COLORS[g % len(_META_COLORS)] for g in schema.point_group]
     return {
         "classes": [
@@ -326,6 +347,7 @@ def meta_json(schema: KeypointSchema) -> dict:
         "tags": [
             {"name": "stage", "value_type": "any_string"},
             {"name": "pixel_spacing_mm", "value_type": "any_number"},
+            *({"name": name, "value_type": "any_number"} for name in number_tags),
         ],
         "projectType": "images",
     }
@@ -334,13 +356,12 @@ def meta_json(schema: KeypointSchema) -> dict:
 class ProjectWriter:
     """Writes frames into a Supervisely project one at a time (atomic per file)."""
 
-    def __init__(self, root: os.PathLike, schema: KeypointSchema):
+    def __init__(self, root: os.PathLike, schema: KeypointSchema, number_tags: Sequence[str] = ()):
         self.root = pathlib.Path(root)
         self.schema = schema
         self.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(
-            self.root / "meta.json", json.dumps(meta_json(schema), indent=1).encode()
-        )
+        meta = meta_json(schema, number_tags)
+        atomic_write_bytes(self.root / "meta.json", json.dumps(meta, indent=1).encode())
 
     def add(self, frame: AnnotatedFrame) -> None:
         image = np.asarray(frame.image)
@@ -358,16 +379,18 @@ class ProjectWriter:
         atomic_write_bytes(case / "img" / frame.frame_name, png.tobytes())
         visibility = np.asarray(frame.visibility, bool)
         coords = np.asarray(frame.coords, np.float64)
+        point_tags = frame.point_tags or {}
         objects = [
             {
                 "classTitle": name,
                 "geometryType": "point",
                 "points": {"exterior": [[float(x), float(y)]], "interior": []},
+                **({"tags": point_tags[name]} if name in point_tags else {}),
             }
             for name, vis, (x, y) in zip(self.schema.point_names, visibility, coords, strict=True)
             if vis
         ]
-        tags = []
+        tags = list(frame.frame_tags or [])
         if frame.stage is not None:
             tags.append({"name": "stage", "value": frame.stage})
         if frame.pixel_spacing_mm is not None:

@@ -21,12 +21,12 @@ import numpy as np
 from tavr_jax.fileio import atomic_write_bytes
 from tavr_jax.models import create_model, predictions
 from tavr_jax.schema import KeypointSchema, get_schema
-from tavr_jax.workdir import load_for_inference, read_config
+from tavr_jax.workdir import config_hash, load_for_inference, read_config
 from tavr_jax.xla import compile_lowered, cost_analysis
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
-_EXPORT_MAGIC = b"TAVRJAX-EXPORT-1\n"
+EXPORT_MAGIC = b"TAVRJAX-EXPORT-1\n"
 
 
 def compute_dtype(name: str):
@@ -37,7 +37,7 @@ def compute_dtype(name: str):
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {name!r}") from None
 
 
-def _image_hw(image_size) -> tuple[int, int]:
+def image_hw(image_size) -> tuple[int, int]:
     if isinstance(image_size, int | np.integer):
         return int(image_size), int(image_size)
     h, w = image_size
@@ -53,7 +53,7 @@ def keypoint_forward(model, variables, frames, *, image_size, dtype=jnp.float32)
     if frames.ndim == 4 and frames.shape[-1] == 1:
         frames = frames[..., 0]
     b, h, w = frames.shape
-    sh, sw = _image_hw(image_size)
+    sh, sw = image_hw(image_size)
     x = frames.astype(jnp.float32)
     if (h, w) != (sh, sw):
         # Antialiased linear resize: downscaling 1024 -> 512 must average, not alias.
@@ -99,7 +99,7 @@ class KeypointEngine:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.meta = dict(meta)
         self.schema = _as_schema(meta["schema"])
-        self.image_size = _image_hw(meta["image_size"])
+        self.image_size = image_hw(meta["image_size"])
         self.batch_size = int(batch_size)
         self.dtype_name = str(dtype)
         self.dtype = compute_dtype(dtype)
@@ -150,7 +150,7 @@ class KeypointEngine:
         """Randomly initialised weights of the real architecture (enough for timing)."""
         schema = _as_schema(schema)
         model = create_model(schema, backbone=backbone, head=head, grouped=grouped)
-        sh, sw = _image_hw(image_size)
+        sh, sw = image_hw(image_size)
         init = jax.jit(model.init)
         variables = init(jax.random.key(seed), jnp.zeros((1, sh, sw), jnp.uint8))
         meta = {
@@ -192,7 +192,7 @@ class KeypointEngine:
         return jax.device_put(self._pad(frames), self.device)
 
     def _pad(self, frames) -> np.ndarray:
-        frames = _check_frames(frames)
+        frames = check_frames(frames)
         n = frames.shape[0]
         if n > self.batch_size:
             raise ValueError(f"batch of {n} frames exceeds the engine batch size {self.batch_size}")
@@ -215,7 +215,7 @@ class KeypointEngine:
         return {k: np.asarray(v)[:n] for k, v in host.items()}
 
     def __call__(self, frames) -> dict[str, np.ndarray]:
-        frames = _check_frames(frames)
+        frames = check_frames(frames)
         chunks = range(0, frames.shape[0], self.batch_size)
         # Dispatch every chunk before fetching any: the device never waits for the host.
         pending = [
@@ -272,6 +272,7 @@ class KeypointEngine:
             b = int(batch)
         spec = jax.ShapeDtypeStruct((b, int(height), int(width)), jnp.uint8)
         exported = jax.export.export(jax.jit(fn), platforms=platforms)(spec)
+        config = self.meta.get("config")
         header = json.dumps(
             {
                 "schema": self.schema.to_json(),
@@ -281,9 +282,12 @@ class KeypointEngine:
                 "batch": batch,
                 "dtype": self.dtype_name,
                 "thresholds": _jsonable(self.meta.get("thresholds")),
+                # Additions: the group gate, and the training config the weights came from.
+                "group_thresholds": _jsonable(self.meta.get("group_thresholds")),
+                "config_hash": None if config is None else config_hash(config),
             }
         ).encode()
-        payload = _EXPORT_MAGIC + struct.pack("<Q", len(header)) + header + exported.serialize()
+        payload = EXPORT_MAGIC + struct.pack("<Q", len(header)) + header + exported.serialize()
         path = pathlib.Path(path)
         atomic_write_bytes(path, payload)
         return path
@@ -297,26 +301,67 @@ class ExportedEngine:
         self.schema = KeypointSchema.from_json(meta["schema"])
         self.exported = exported
         self._call = jax.jit(exported.call)
+        # What frame sources and `outputs.run_inference` need of an engine.
+        self.batch_size = int(meta.get("batch") or 1)
+        self.device = jax.devices()[0]
 
     def __call__(self, frames) -> dict[str, np.ndarray]:
-        frames = jnp.asarray(_check_frames(frames))
+        frames = jnp.asarray(check_frames(frames))
         return {k: np.asarray(v) for k, v in self._call(frames).items()}
 
+    def run_batches(self, batches: Iterable) -> Iterator[tuple[Any, dict[str, np.ndarray]]]:
+        """Runs `(tag, frames)` batches (padded to `batch_size`) in order, as KeypointEngine."""
+        for tag, frames in batches:
+            n = len(tag) if isinstance(tag, list | tuple) else frames.shape[0]
+            yield tag, {k: v[:n] for k, v in self(frames).items()}
 
-def load_exported(path) -> ExportedEngine:
-    """Loads a file written by `KeypointEngine.export`."""
+
+def load_exported(path, *, workdir=None, schema=None) -> ExportedEngine:
+    """Loads a file written by `KeypointEngine.export`.
+
+    With `workdir` and/or `schema`, refuses (one line) a file exported for another schema or
+    from another training run (its config hash differs from `workdir`/config.json's).
+    """
     path = pathlib.Path(path)
     try:
         data = path.read_bytes()
     except OSError as e:
         raise FileNotFoundError(f"cannot read exported engine {path}: {e.strerror}") from None
-    if not data.startswith(_EXPORT_MAGIC):
+    if not data.startswith(EXPORT_MAGIC):
         raise ValueError(f"{path} is not an exported keypoint engine (bad header)")
-    (n,) = struct.unpack("<Q", data[len(_EXPORT_MAGIC) : len(_EXPORT_MAGIC) + 8])
-    start = len(_EXPORT_MAGIC) + 8
+    (n,) = struct.unpack("<Q", data[len(EXPORT_MAGIC) : len(EXPORT_MAGIC) + 8])
+    start = len(EXPORT_MAGIC) + 8
     meta = json.loads(data[start : start + n])
+    if workdir is not None or schema is not None:
+        check_artifact(meta, path, workdir=workdir, schema=schema)
     exported = jax.export.deserialize(bytearray(data[start + n :]))
     return ExportedEngine(meta, exported)
+
+
+def check_artifact(info: dict, source, *, workdir=None, schema=None) -> None:
+    """One-line ValueError when an artifact was made for another schema or training config.
+
+    info: the artifact's metadata (ONNX `tavr_keypoints` or the jax.export header); workdir:
+    the training workdir it is used with (its config.json hash must match); schema: the
+    schema the caller expects.
+    """
+    have = KeypointSchema.from_json(info["schema"])
+    if schema is not None:
+        want = _as_schema(schema)
+        if (want.point_names, want.group_names) != (have.point_names, have.group_names):
+            raise ValueError(
+                f"{source} was exported for schema {have.name!r} ({have.num_points} points), "
+                f"not {want.name!r} ({want.num_points} points)"
+            )
+    if workdir is not None:
+        want_hash = config_hash(read_config(workdir))
+        have_hash = info.get("config_hash")
+        if have_hash != want_hash:
+            have_text = f"config hash {have_hash[:12]}" if have_hash else "no config hash"
+            raise ValueError(
+                f"{source} has {have_text}, but {workdir}/config.json hashes to "
+                f"{want_hash[:12]}: it was exported from another training run"
+            )
 
 
 def check_meta(meta: dict, workdir, *, schema=None, backbone: str | None = None) -> None:
@@ -335,7 +380,7 @@ def check_meta(meta: dict, workdir, *, schema=None, backbone: str | None = None)
         )
 
 
-def _check_frames(frames) -> np.ndarray:
+def check_frames(frames) -> np.ndarray:
     if isinstance(frames, jax.Array):
         frames = np.asarray(frames)
     frames = np.asarray(frames)

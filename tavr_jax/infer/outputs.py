@@ -1,4 +1,5 @@
-"""Inference outputs: predictions.jsonl, COCO keypoints, overlays; and the stream-to-files run.
+"""Inference outputs: predictions.jsonl, COCO keypoints, overlays, a Supervisely project for
+pre-annotation; and the stream-to-files run.
 
 All files are written atomically: to a temporary name in the output folder, renamed at the end.
 """
@@ -6,27 +7,44 @@ All files are written atomically: to a temporary name in the output folder, rena
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import tempfile
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
-from tavr_jax.fileio import write_json_atomic
+from tavr_jax.data import supervisely
+from tavr_jax.fileio import AtomicFile, atomic_write_bytes, write_json_atomic
 from tavr_jax.infer import streams
 from tavr_jax.infer.postprocess import Gate
 from tavr_jax.infer.tracking import PointTracker
 from tavr_jax.schema import KeypointSchema
+from tavr_jax.visualize import draw_keypoints, draw_legend
 
 PREDICTIONS_FILE = "predictions.jsonl"
 COCO_FILE = "coco_keypoints.json"
+FORMATS = ("jsonl", "supervisely")
+VISIBILITY_TAG = "visibility"  # on each predicted point: its probability
+GROUP_TAG_PREFIX = "group_"  # on each frame: "group_<name>" = that group's probability
 
 
-def _tmp_beside(path: pathlib.Path) -> pathlib.Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    return pathlib.Path(tmp)
+def output_stem(name: str | None, index: int, used: set[str]) -> str:
+    """A file stem for a frame's outputs, unique within a run (`used` collects them).
+
+    The input's stem (`img7` for img7.png), unless an earlier input of the run had it (c.jpg
+    and c.png): then the whole name with its dots made underscores. Frame k of a multi-frame
+    file (`cine.dcm#k`) becomes `cine.dcm_frame<k>`.
+    """
+    if not name:
+        stem = f"{index:06d}"
+    elif "#" in name:
+        stem = name.replace("#", "_frame")
+    else:
+        stem = pathlib.Path(name).stem
+        if stem in used:
+            stem = name.replace(".", "_")
+    used.add(stem)
+    return stem
 
 
 def frame_record(
@@ -116,6 +134,56 @@ def coco_keypoints(records: list[dict], schema: KeypointSchema) -> dict:
     return {"images": images, "annotations": annotations, "categories": [category]}
 
 
+class SuperviselyPredictions:
+    """Predictions as a Supervisely project to correct and retrain on (pre-annotation).
+
+    One case folder per input (the video/DICOM/image file's stem, or the folder's name), the
+    original frames as PNG, the reported points as point objects, each tagged with its
+    probability (`visibility`), and the group probabilities as frame tags (`group_<name>`).
+    `supervisely.read_project` reads the points back exactly: coordinates are clipped into the
+    frame, where the reader keeps them.
+    """
+
+    def __init__(self, root, schema: KeypointSchema, case_id: str, pixel_spacing_mm=None):
+        self.root, self.schema, self.case_id = pathlib.Path(root), schema, case_id
+        self.pixel_spacing_mm = pixel_spacing_mm
+        group_tags = [GROUP_TAG_PREFIX + g for g in schema.group_names]
+        self.writer = supervisely.ProjectWriter(self.root, schema, [VISIBILITY_TAG, *group_tags])
+        self._stems: set[str] = set()
+
+    def add(self, frame: streams.Frame, name, visibility, group, coords, reported) -> None:
+        """One frame; `name` is its name in a folder input (None: the frame index)."""
+        h, w = frame.image.shape
+        # Continuous pixel coordinates of the frame lie in [0, w) x [0, h).
+        upper = np.nextafter(np.array([w, h], np.float32), np.float32(0))
+        coords = np.clip(np.asarray(coords, np.float32), np.float32(0), upper)
+        probability = np.asarray(visibility, np.float64)
+        self.writer.add(
+            supervisely.AnnotatedFrame(
+                case_id=self.case_id,
+                frame_name=f"{output_stem(name, frame.index, self._stems)}.png",
+                image=frame.image,
+                visibility=np.asarray(reported, bool),
+                coords=coords,
+                pixel_spacing_mm=self.pixel_spacing_mm,
+                point_tags={
+                    p: [{"name": VISIBILITY_TAG, "value": round(float(v), 5)}]
+                    for p, v in zip(self.schema.point_names, probability, strict=True)
+                },
+                frame_tags=[
+                    {"name": GROUP_TAG_PREFIX + g, "value": round(float(v), 5)}
+                    for g, v in zip(self.schema.group_names, np.asarray(group), strict=True)
+                ],
+            )
+        )
+
+    def close(self) -> None:  # every frame is complete on disk once added
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
 class OverlayWriter:
     """Annotated frames: a video (MJPG .avi) for video/DICOM input, PNGs otherwise."""
 
@@ -123,39 +191,61 @@ class OverlayWriter:
         self.out_dir, self.schema, self.fps = out_dir, schema, fps or 15.0
         self.video = video
         self._writer = None
-        self._tmp = None
+        self._file: AtomicFile | None = None
+        self._stems: set[str] = set()
         if not video:
             (out_dir / "overlay").mkdir(parents=True, exist_ok=True)
 
     def write(self, frame: streams.Frame, coords, reported, visibility, name: str | None = None):
-        from tavr_jax.visualize import draw_keypoints, draw_legend
-
         rgb = draw_keypoints(
             frame.image, coords, reported, self.schema, marker="cross", probabilities=visibility
         )
         draw_legend(rgb, self.schema)
         bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
         if not self.video:
-            path = (
-                self.out_dir / "overlay" / f"{pathlib.Path(name or f'{frame.index:06d}').stem}.png"
-            )
+            stem = output_stem(name, frame.index, self._stems)
             ok, buf = cv2.imencode(".png", bgr)
-            tmp = _tmp_beside(path)
-            tmp.write_bytes(buf.tobytes())
-            os.replace(tmp, path)
+            if not ok:
+                raise ValueError(f"cannot encode the overlay of {name or frame.index}")
+            atomic_write_bytes(self.out_dir / "overlay" / f"{stem}.png", buf.tobytes())
             return
         if self._writer is None:
-            self._tmp = self.out_dir / ".overlay.tmp.avi"
+            self._file = AtomicFile(self.out_dir / "overlay.avi")
             h, w = bgr.shape[:2]
             fourcc = cv2.VideoWriter_fourcc(*"MJPG")
-            self._writer = cv2.VideoWriter(str(self._tmp), fourcc, float(self.fps), (w, h))
+            self._writer = cv2.VideoWriter(str(self._file.tmp), fourcc, float(self.fps), (w, h))
         self._writer.write(bgr)
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.release()
-            os.replace(self._tmp, self.out_dir / "overlay.avi")
+            self._file.commit()
             self._writer = None
+
+
+class JsonlPredictions:
+    """OUT/predictions.jsonl (one line per frame) and, on `close`, OUT/coco_keypoints.json."""
+
+    def __init__(self, out_dir: pathlib.Path, schema: KeypointSchema, source):
+        self.path, self.schema, self.source = out_dir / PREDICTIONS_FILE, schema, source
+        self.atomic = AtomicFile(self.path)
+        self.file = open(self.atomic.tmp, "w")  # noqa: SIM115 - closed in close() / abort()
+        self.records: list[dict] = []
+
+    def add(self, frame, name, visibility, group, coords, reported) -> None:
+        rec = frame_record(frame, visibility, group, coords, reported, self.schema,
+                           spacing_rc=self.source.pixel_spacing_rc, file=name)  # fmt: skip
+        self.file.write(json.dumps(rec) + "\n")
+        self.records.append(rec)
+
+    def close(self) -> None:
+        self.file.close()
+        self.atomic.commit()
+        write_json_atomic(self.path.parent / COCO_FILE, coco_keypoints(self.records, self.schema))
+
+    def abort(self) -> None:
+        self.file.close()
+        self.atomic.abort()
 
 
 def run_inference(
@@ -167,14 +257,19 @@ def run_inference(
     track: str = "kalman",
     expect=None,
     progress: bool = True,
+    format: str = "jsonl",
 ) -> dict:
-    """Runs a `KeypointEngine` over an image, folder, video or DICOM and writes the outputs.
+    """Runs an engine over an image, folder, video or DICOM and writes the outputs.
 
-    Writes OUT/predictions.jsonl, OUT/coco_keypoints.json and, with `overlay`, OUT/overlay.avi
-    (video/DICOM input) or OUT/overlay/*.png. Returns a small summary dict.
+    format "jsonl": OUT/predictions.jsonl and OUT/coco_keypoints.json; "supervisely": OUT is
+    a Supervisely project of the reported points (see `SuperviselyPredictions`). With
+    `overlay`, also OUT/overlay.avi (video/DICOM input) or OUT/overlay/*.png. The engine is a
+    `KeypointEngine` or anything with its call API (`schema`, `meta`, `batch_size`, `device`,
+    `run_batches`). Frames the source cannot read are skipped and the others still written.
+    Returns a small summary dict; its `skipped` lists `(name, reason)`.
     """
-    from tqdm import tqdm
-
+    if format not in FORMATS:
+        raise ValueError(f"unknown output format {format!r}; expected one of {', '.join(FORMATS)}")
     source = streams.open_source(input_path)
     schema = engine.schema
     gate = Gate.from_meta(engine.meta, schema, expect=expect)
@@ -182,6 +277,8 @@ def run_inference(
     if track != "none" and source.kind != "image":
         tracker = PointTracker(schema, gate, method=track, fps=source.fps)
     out_dir = pathlib.Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} exists and is not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     files = getattr(source, "files", None)
     overlays = None
@@ -189,43 +286,45 @@ def run_inference(
         overlays = OverlayWriter(
             out_dir, schema, video=source.kind in ("video", "dicom"), fps=source.fps
         )
-    jsonl = out_dir / PREDICTIONS_FILE
-    tmp = _tmp_beside(jsonl)
-    records = []
+    if format == "supervisely":
+        case_id = source.path.name if source.path.is_dir() else source.path.stem
+        sink = SuperviselyPredictions(out_dir, schema, case_id, source.pixel_spacing_mm)
+        written = out_dir
+    else:
+        sink = JsonlPredictions(out_dir, schema, source)
+        written = sink.path
+    n_frames = 0
     try:
         batches = streams.prefetch_to_device(
             iter(source), batch_size=engine.batch_size, device=engine.device
         )
         bar = tqdm(total=len(source) or None, desc="infer", unit="frame", disable=not progress)
-        with open(tmp, "w") as f:
-            for frames, out in engine.run_batches(batches):
-                for j, fr in enumerate(frames):
-                    vis, grp, xy = out["visibility"][j], out["group"][j], out["coords"][j]
-                    if tracker is not None:
-                        xy, reported = tracker.update(vis, grp, xy, fr.time_s)
-                    else:
-                        reported = gate(vis, grp)
-                    name = None if files is None else files[fr.index].name
-                    rec = frame_record(
-                        fr, vis, grp, xy, reported, schema, spacing_rc=source.pixel_spacing_rc,
-                        file=name,
-                    )  # fmt: skip
-                    f.write(json.dumps(rec) + "\n")
-                    records.append(rec)
-                    if overlays is not None:
-                        overlays.write(fr, xy, reported, vis, name)
-                bar.update(len(frames))
+        for frames, out in engine.run_batches(batches):
+            for j, fr in enumerate(frames):
+                vis, grp, xy = out["visibility"][j], out["group"][j], out["coords"][j]
+                if tracker is not None:
+                    xy, reported = tracker.update(vis, grp, xy, fr.time_s)
+                else:
+                    reported = gate(vis, grp)
+                name = None if files is None else fr.name
+                sink.add(fr, name, vis, grp, xy, reported)
+                if overlays is not None:
+                    overlays.write(fr, xy, reported, vis, name)
+            n_frames += len(frames)
+            bar.update(len(frames))
         bar.close()
-        os.replace(tmp, jsonl)
+        sink.close()
+    except BaseException:
+        sink.abort()
+        raise
     finally:
-        tmp.unlink(missing_ok=True)
         if overlays is not None:
             overlays.close()
-    write_json_atomic(out_dir / COCO_FILE, coco_keypoints(records, schema))
     return {
-        "frames": len(records),
+        "frames": n_frames,
+        "skipped": list(source.skipped),
         "source": source.kind,
-        "predictions": str(jsonl),
+        "predictions": str(written),
         "pixel_spacing_mm": source.pixel_spacing_rc,
         "fps": source.fps,
     }

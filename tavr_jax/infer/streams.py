@@ -1,8 +1,15 @@
 """Frame sources (image, folder of images, video, DICOM cine) and device prefetching.
 
-Every source iterates `Frame(index, time_s, image uint8 (H,W), pixel_spacing_mm)`; the time is
-None when the source does not know it, the spacing is the column (x) spacing in mm per pixel
-or None. `source.pixel_spacing_rc` gives (row, column) spacing for anisotropic pixels.
+Every source iterates `Frame(index, time_s, image uint8 (H,W), pixel_spacing_mm, name)`; the
+time is None when the source does not know it, the spacing is the column (x) spacing in mm
+per pixel or None, the name says where the frame came from (a file of a folder, with `#k` for
+frame k of a multi-frame DICOM). `source.pixel_spacing_rc` gives (row, column) spacing for
+anisotropic pixels.
+
+A batch never dies of one bad item: a folder's unreadable file, a frame of a cine that cannot
+be decoded, a video that ends before its header's frame count, or a frame smaller than
+`MIN_FRAME_SIDE` are skipped, and `source.skipped` lists `(name, reason)` for each, so the
+caller can write what was good and report the rest.
 """
 
 from __future__ import annotations
@@ -22,6 +29,9 @@ from tavr_jax import dicom, images
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".pgm", ".webp")
 DICOM_SUFFIXES = (".dcm", ".dicom")
+# Below this many pixels a side a frame holds no anatomy to find: the network would still
+# "report" points on a 1x1 image, so such frames are refused instead.
+MIN_FRAME_SIDE = 16
 
 
 class Frame(NamedTuple):
@@ -29,14 +39,26 @@ class Frame(NamedTuple):
     time_s: float | None
     image: np.ndarray  # (H, W) uint8
     pixel_spacing_mm: float | None
+    name: str | None = None
+
+
+def check_frame_size(image: np.ndarray | tuple[int, int], what) -> np.ndarray:
+    """The frame (or its (height, width)), or a one-line ValueError when a side is too small."""
+    h, w = image if isinstance(image, tuple) else image.shape[:2]
+    if min(h, w) < MIN_FRAME_SIDE:
+        raise ValueError(
+            f"{what}: frame is {w}x{h}, smaller than the {MIN_FRAME_SIDE} px minimum side"
+        )
+    return image
 
 
 def read_image(path) -> np.ndarray:
     """One image file (PNG/JPEG/TIFF..., or a single-frame DICOM) as (H,W) uint8."""
     path = pathlib.Path(path)
     if path.suffix.lower() in DICOM_SUFFIXES or dicom.is_dicom(path):
-        return dicom.DicomCine(path).frame(0)
-    return images.read_gray(path)
+        cine = dicom.DicomCine(path)
+        return check_frame_size(cine.frame(0), path)
+    return check_frame_size(images.read_gray(path), path)
 
 
 def _natural_key(p: pathlib.Path):
@@ -53,6 +75,7 @@ class FrameSource:
 
     def __init__(self, path):
         self.path = pathlib.Path(path)
+        self.skipped: list[tuple[str, str]] = []  # (name, reason), filled while iterating
 
     @property
     def pixel_spacing_mm(self) -> float | None:
@@ -66,7 +89,10 @@ class FrameSource:
 
 
 class ImageSource(FrameSource):
-    """One image file, or a folder of images (natural sort order); no timing."""
+    """One image file, or a folder of images and DICOM files (natural sort order); no timing.
+
+    A multi-frame DICOM in a folder contributes all its frames, named `file#k`.
+    """
 
     def __init__(self, path):
         super().__init__(path)
@@ -93,8 +119,31 @@ class ImageSource(FrameSource):
         return len(self.files)
 
     def __iter__(self) -> Iterator[Frame]:
-        for i, f in enumerate(self.files):
-            yield Frame(i, None, read_image(f), None)
+        self.skipped = []
+        index = 0
+        for f in self.files:
+            try:
+                if f.suffix.lower() in DICOM_SUFFIXES or dicom.is_dicom(f):
+                    cine = dicom.DicomCine(f)
+                    n = len(cine)
+                    for k in range(n):
+                        name = f.name if n == 1 else f"{f.name}#{k}"
+                        try:
+                            image = check_frame_size(cine.frame(k), name)
+                        except ValueError as e:
+                            self.skipped.append((name, str(e)))
+                            continue
+                        yield Frame(index, None, image, None, name)
+                        index += 1
+                    continue
+                image = read_image(f)
+            except (ValueError, FileNotFoundError) as e:
+                if self.kind == "image":
+                    raise
+                self.skipped.append((f.name, str(e)))
+                continue
+            yield Frame(index, None, image, None, f.name)
+            index += 1
 
 
 class VideoSource(FrameSource):
@@ -108,10 +157,11 @@ class VideoSource(FrameSource):
         fps = cap.get(cv2.CAP_PROP_FPS)
         self.fps = float(fps) if fps and np.isfinite(fps) and fps > 0 else None
         self._count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
-        ok, _ = cap.read()
+        ok, first = cap.read()
         cap.release()
         if not ok:
             raise ValueError(f"cannot read video {self.path}: no decodable frame")
+        check_frame_size(first, self.path)
 
     def _open(self):
         if not self.path.is_file():
@@ -125,18 +175,29 @@ class VideoSource(FrameSource):
         return self._count
 
     def __iter__(self) -> Iterator[Frame]:
+        self.skipped = []
         cap = self._open()
         try:
             i = 0
             while True:
                 ok, image = cap.read()
                 if not ok:
-                    return
+                    break
                 t = i / self.fps if self.fps else None
-                yield Frame(i, t, images.to_gray_uint8(image, self.path), None)
+                name = f"{self.path.name}#{i}"
+                image = check_frame_size(images.to_gray_uint8(image, self.path), self.path)
+                yield Frame(i, t, image, None, name)
                 i += 1
         finally:
             cap.release()
+        if self._count and i < self._count:  # a truncated file: keep what decoded, say so
+            self.skipped.append(
+                (
+                    f"{self.path.name}#{i}-{self._count - 1}",
+                    f"{self.path}: video ended after {i} of the {self._count} frames its "
+                    "header announces (truncated file?)",
+                )
+            )
 
 
 class DicomSource(FrameSource):
@@ -147,6 +208,7 @@ class DicomSource(FrameSource):
     def __init__(self, path):
         super().__init__(path)
         self.cine = dicom.DicomCine(self.path)
+        check_frame_size((self.cine.height, self.cine.width), self.path)
         self.pixel_spacing_rc = self.cine.pixel_spacing_rc
         self.fps = self.cine.fps
 
@@ -154,10 +216,17 @@ class DicomSource(FrameSource):
         return len(self.cine)
 
     def __iter__(self) -> Iterator[Frame]:
+        self.skipped = []
         times = self.cine.times_s
         for i in range(len(self.cine)):
             t = None if times is None else float(times[i])
-            yield Frame(i, t, self.cine.frame(i), self.pixel_spacing_mm)
+            name = f"{self.path.name}#{i}"
+            try:
+                image = self.cine.frame(i)
+            except ValueError as e:  # a truncated cine: its decodable frames still count
+                self.skipped.append((name, str(e)))
+                continue
+            yield Frame(i, t, image, self.pixel_spacing_mm, name)
 
 
 def open_source(path) -> FrameSource:

@@ -1,15 +1,16 @@
 """End to end in headless Chromium: upload a simulated frame and study, read the page."""
 
+import _web
 import cv2
 import numpy as np
 import pytest
 
+from cardiac_web import browser
+from cardiac_web.app import create_app
 from perfusion import analyze, simulate, studies
 from tavr_jax import get_schema
 from tavr_jax.data.simulate import simulate_case
 from tavr_jax.infer.engine import KeypointEngine
-from webapp import browser
-from webapp.app import create_app
 
 pytestmark = pytest.mark.skipif(
     browser.missing_browser() is not None, reason=f"browser test: {browser.missing_browser()}"
@@ -77,7 +78,7 @@ def test_aortography_view_shows_points_and_reacts_to_stage_prior(tmp_path):
         assert d.execute_script("return document.getElementById('tavr-canvas').width") == 96
 
 
-def test_polar_map_view_shows_class_scores_and_overlay(tmp_path):
+def test_polar_map_view_shows_class_scores_overlay_and_uncertainty(tmp_path, monkeypatch):
     from selenium.webdriver.common.by import By
 
     simulate.simulate_dataset(tmp_path / "data", 15, seed=7, size=32, disk_px=64)
@@ -103,3 +104,13 @@ def test_polar_map_view_shows_class_scores_and_overlay(tmp_path):
         ]
         loaded = "return document.getElementById('perf-overlay').naturalWidth"
         assert d.execute_script(loaded) > 0
+        assert not d.find_element(By.ID, "perf-uncertain").is_displayed()
+
+        # A report flagged uncertain shows the badge with its reason.
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        _web.report_uncertain(monkeypatch, "disk colours match no known colormap")
+        d.find_element(By.ID, "perf-submit").click()
+        badge = d.find_element(By.ID, "perf-uncertain")
+        WebDriverWait(d, 60).until(lambda d: badge.is_displayed())
+        assert badge.text == "Uncertain — review: disk colours match no known colormap"

@@ -51,6 +51,10 @@ function fillPerfusion(data) {
   $("perf-rest").src = data.images.rest;
   $("perf-overlay").src = data.images.overlay;
   $("perf-label").textContent = r.label;
+  // Reports of newer models say when the reading of the image itself is doubtful.
+  $("perf-uncertain").hidden = !r.uncertain;
+  $("perf-uncertain").textContent = r.uncertain
+    ? "Uncertain — review" + (r.uncertain_reason ? `: ${r.uncertain_reason}` : "") : "";
   $("perf-probs").tBodies[0].innerHTML = Object.entries(r.probabilities)
     .map(([k, v]) => `<tr><td>${k}</td><td>${(100 * v).toFixed(1)}%</td></tr>`).join("");
   $("perf-sss").textContent = r.SSS;
@@ -94,14 +98,16 @@ function drawFrame() {
   const ctx = canvas.getContext("2d");
   ctx.drawImage(img, 0, 0);
   const r = Math.max(3, canvas.width / 100);
+  // Points are in frame pixels; a long or large sequence is shown downscaled.
+  const sx = canvas.width / tavr.raw.width, sy = canvas.height / tavr.raw.height;
   const groupIndex = Object.fromEntries(schema.groups.map((g, i) => [g.name, i]));
   ctx.font = `${Math.round(r * 3)}px sans-serif`;
   for (const p of f.points) {
     if (!p.reported) continue;
     ctx.strokeStyle = ctx.fillStyle = GROUP_COLORS[groupIndex[p.group] % 7];
     ctx.lineWidth = Math.max(1.5, r / 2.5);
-    ctx.beginPath(); ctx.arc(p.x, p.y, r, 0, 2 * Math.PI); ctx.stroke();
-    ctx.fillText(p.name, p.x + r * 1.3, p.y - r * 1.3);
+    ctx.beginPath(); ctx.arc(p.x * sx, p.y * sy, r, 0, 2 * Math.PI); ctx.stroke();
+    ctx.fillText(p.name, p.x * sx + r * 1.3, p.y * sy - r * 1.3);
   }
   $("tavr-frame-index").textContent = f.index;
   $("tavr-frame-label").textContent = `${tavr.index + 1} / ${tavr.frames.length}` + (f.time_s != null ? ` · ${f.time_s.toFixed(2)} s` : "");
@@ -118,6 +124,8 @@ function showTavr(data) {
   tavr = { id: data.result_id, frames: data.frames, images, index: 0, fps: data.fps || 10, raw: data };
   $("tavr-slider").max = data.frames.length - 1;
   $("tavr-result").hidden = false;
+  $("tavr-warning").hidden = !data.warning;
+  $("tavr-warning").textContent = data.warning ? `${data.n_frames} of ${data.total_frames} frames: ${data.warning}` : "";
   images[0].decode().then(drawFrame);
   const strip = JSON.parse(JSON.stringify(data));
   strip.frames.forEach((f) => delete f.image);

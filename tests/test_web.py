@@ -1,31 +1,27 @@
 """Web API: good and bad inputs through FastAPI's test client; the server survives them all."""
 
+import _web
 import cv2
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from perfusion import analyze, simulate, studies
+from cardiac_web.app import Limits, create_app
+from perfusion import analyze, studies
 from tavr_jax import get_schema
 from tavr_jax.dicom import write_test_cine
-from tavr_jax.infer.engine import KeypointEngine
-from webapp.app import Limits, create_app
 
 SCHEMA = get_schema("paper11")
 
 
 @pytest.fixture(scope="module")
 def engine():
-    return KeypointEngine.random_init(SCHEMA, "resnet_tiny", 32, batch_size=4)
+    return _web.tiny_engine()
 
 
 @pytest.fixture(scope="module")
 def perfusion_data(tmp_path_factory):
-    """A small simulated study folder and a model fitted on it at 32 px."""
-    root = tmp_path_factory.mktemp("perfusion")
-    simulate.simulate_dataset(root / "data", 15, seed=5, size=32, disk_px=64)
-    analyze.fit(root / "data", root / "model", size=32)
-    return root / "data", analyze.load_model(root / "model")
+    return _web.fitted_perfusion(tmp_path_factory.mktemp("perfusion"))
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +54,7 @@ def test_perfusion_study_report_matches_library(perfusion_data):
     for files, status, message in [
         ({"study": ("a.png", _png(np.zeros((64, 128, 3), np.uint8)))}, 422, "no disk found"),
         ({"study": ("a.png", _png(image[:, :half]))}, 422, "one disk where 2"),
-        ({"study": ("a.png", b"GIF89a not really")}, 415, "not an image"),
+        ({"study": ("a.png", b"GIF89a not really")}, 415, "not a readable image"),
         ({"stress": ("a.png", png)}, 400, "missing form file 'rest'"),
     ]:
         bad = web.post("/api/perfusion/analyze", files=files)

@@ -1,0 +1,654 @@
+"""The GPU campaign: train, evaluate and benchmark everything in one device call (docs/gpu/).
+
+Stages, in order of value, each a few launcher runs under its own time limit:
+  a. preflight: install the carried wheels, record versions and the device, import every entry
+     module (a failure here stops the campaign: nothing after it could run);
+  b. simulate a TAVR project on every core;
+  c. inference latency and throughput of the compiled engine;
+  d. training throughput (device-resident and real input pipeline) and the input loader;
+  e. the paper-scale training run for the remaining budget, threshold tuning on validation
+     patients and evaluation of held-out test patients;
+  f. perfusion features (maps/s), then the perfusion CNN cross-validation if time is left;
+  g. `campaign.json`, the machine-readable summary.
+A failed or timed-out stage does not stop the next. After every stage the results so far are
+collected from the work folder (partial JSON included) into the output folder, and
+`campaign.json` is rewritten, so a campaign cut short still leaves its summary.
+
+This module imports only the standard library and `tavr_jax.fileio`, so it runs before the
+carried wheels are installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import glob
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from tavr_jax.fileio import write_json_atomic
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+EXPERIMENTS = ROOT / "experiments"
+STAGES = ("preflight", "simulate", "latency", "train_throughput", "training", "perfusion")
+SITE = "/tmp/campaign_site"  # where the carried wheels are installed
+_CAMPAIGN = "from benchmarks import campaign"  # child processes call this module's helpers
+
+# What preflight imports: the library modules every stage runs on, and the outside packages
+# they need (the GPU image lacks some; they travel as wheels, see `make gpu-wheels`).
+ENTRY_MODULES = (
+    "tavr_jax.train", "tavr_jax.evaluate", "tavr_jax.data.pipeline", "tavr_jax.data.simulate",
+    "tavr_jax.infer.engine", "perfusion.features", "perfusion.classifiers", "perfusion.cnn",
+    "benchmarks.latency", "benchmarks.training", "benchmarks.input",
+)  # fmt: skip
+PACKAGES = (
+    "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "opencv-python-headless",
+    "scikit-learn", "xgboost", "xgboost-cpu", "grain", "tensorflow-datasets", "array-record",
+    "ml-collections", "pydicom", "tensorboardX", "absl-py", "matplotlib", "tqdm", "torch",
+    "onnxruntime", "protobuf",
+)  # fmt: skip
+LAUNCHERS = (
+    "make_tavr_data", "bench_latency", "bench_train", "bench_input", "tavr_train", "tavr_eval",
+    "bench_features", "make_perfusion_data", "perfusion_cv",
+)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Sizes and time limits of one campaign (the GPU run, or the CPU smoke run)."""
+
+    smoke: bool
+    budget_s: float  # wall-clock for all stages
+    limits: dict  # stage -> seconds (training: what is left, see `Campaign._training`)
+    sim: dict  # make_tavr_data flags
+    latency_runs: tuple  # (backbone, dtype) pairs, one bench_latency run each, in this order
+    latency: dict  # bench_latency flags shared by the runs
+    throughput: dict  # bench_train flags
+    input: dict  # bench_input flags
+    train_config: str  # --config of tavr_train
+    train: dict  # --config.* overrides of the training run
+    eval_batch: int
+    features: tuple  # (size, batch) per bench_features run: 256 then 512
+    cv: dict  # make_perfusion_data and perfusion_cv flags
+    reserve_s: dict  # seconds kept for what follows the training run
+    train_min_s: float  # training time the stages before it may not eat into
+
+
+def gpu_plan() -> Plan:
+    """One H100/H200 with 16 CPU cores, at most 9 minutes."""
+    return Plan(
+        smoke=False,
+        budget_s=540.0,
+        limits=dict(preflight=90, simulate=60, latency=150, train_throughput=120, perfusion=45),
+        sim=dict(cases=150, frames=40, size=512, seed=0, workers=0),  # 6,000 frames
+        latency_runs=(
+            ("resnet34", "bfloat16"),
+            ("resnet34", "float32"),
+            ("resnet18", "bfloat16"),
+            ("resnet18", "float32"),
+        ),  # fmt: skip
+        latency=dict(image_size=512, batch_sizes="1,8,32,128", min_time=0.3),
+        throughput=dict(
+            backbones="resnet34",
+            dtypes="bfloat16,float32",
+            image_size=512,
+            batch_size=64,
+            steps=10,
+            repeats=3,
+        ),  # fmt: skip
+        input=dict(image_size=512, batch_size=64, variants="memory,0:2", batches=20, repeats=3),
+        train_config="experiments/configs/tavr.py",
+        train={"data.test_fraction": 0.15, "checkpoint_every": 4000, "eval_every": 2000},
+        eval_batch=32,  # the latency stage compiled this batch: the cache serves evaluation
+        features=((256, 256), (512, 64)),
+        cv=dict(n=300, model="resnet50", task="abnormal", folds=5, min_s=120),
+        reserve_s=dict(startup=60, evaluation=60, perfusion=30),
+        train_min_s=120,
+    )
+
+
+def smoke_plan() -> Plan:
+    """The same stages at tiny sizes on the CPU, for `make test` (about a minute)."""
+    return Plan(
+        smoke=True,
+        budget_s=420.0,
+        limits=dict(preflight=60, simulate=60, latency=90, train_throughput=120, perfusion=60),
+        sim=dict(cases=4, frames=6, size=64, seed=0, workers=2),
+        latency_runs=(("resnet_tiny", "float32"),),
+        latency=dict(image_size=32, batch_sizes="1,2", min_time=0.05),
+        throughput=dict(
+            backbones="resnet_tiny",
+            dtypes="float32",
+            image_size=32,
+            batch_size=8,
+            steps=2,
+            repeats=1,
+        ),  # fmt: skip
+        input=dict(image_size=32, batch_size=8, variants="memory", batches=2, repeats=1),
+        train_config="experiments/configs/tavr.py:runlocal,noaug",
+        train={
+            "backbone": "resnet_tiny",
+            "image_size": 32,
+            "batch_size": 8,
+            "num_steps": 3,
+            "eval_every": 3,
+            "checkpoint_every": 3,
+            "log_every": 1,
+            "data.val_fraction": 0.25,
+            "data.test_fraction": 0.25,
+        },  # fmt: skip
+        eval_batch=8,
+        features=((256, 2), (512, 1)),
+        cv=dict(n=12, model="rf", task="abnormal", folds=2, min_s=0),
+        reserve_s=dict(startup=0, evaluation=60, perfusion=0),
+        train_min_s=0,
+    )
+
+
+# ----------------------------------------------------------------------------- the summary
+
+
+def latency_rows(results: list[dict]) -> list[dict]:
+    """campaign.json `latency` rows from bench_latency JSON files (end-to-end timings)."""
+    return [
+        {**{k: r[k] for k in ("backbone", "image_size", "batch", "dtype")},
+         "end_to_end_p50_ms": r["end_to_end"]["p50_ms"],
+         "end_to_end_p99_ms": r["end_to_end"]["p99_ms"],
+         "frames_per_s": r["end_to_end"]["frames_per_s"]}
+        for result in results
+        for r in result.get("rows", [])
+    ]  # fmt: skip
+
+
+def throughput_rows(result: dict | None) -> list[dict]:
+    """campaign.json `train_throughput` rows from a bench_train JSON (device-resident rate)."""
+    return [
+        {**{k: r[k] for k in ("backbone", "image_size", "dtype", "images_per_s", "mfu")},
+         "batch": r["batch_size"]}
+        for r in (result or {}).get("results", [])
+    ]  # fmt: skip
+
+
+def training_summary(train: dict | None, test: dict | None, config: dict | None) -> dict:
+    """campaign.json `training` from the run's final metrics, its test metrics and config."""
+    train, test, config = train or {}, test or {}, config or {}
+    err, width = test.get("mean_error_px"), test.get("frame_width_px")
+    return {
+        "backbone": test.get("backbone", config.get("backbone")),
+        "head": test.get("head", config.get("head")),
+        "image_size": test.get("image_size", config.get("image_size")),
+        "steps": train.get("step"),
+        "wall_s": train.get("train_seconds"),
+        "precision": test.get("precision"),
+        "recall": test.get("recall"),
+        "f1": test.get("f1"),
+        # the paper's Table 1 reports errors on 1024-pixel-wide frames
+        "mean_error_px_at_1024": err * 1024.0 / width if err is not None and width else None,
+        "loc_accuracy_20px": test.get("loc_accuracy_20px"),
+    }
+
+
+def maps_per_s(text: str | None) -> float | None:
+    """The jnp rate printed by bench_features ("... jnp 12,345 maps/s, ...")."""
+    match = re.search(r"jnp ([\d,.]+) maps/s", text or "")
+    return float(match.group(1).replace(",", "")) if match else None
+
+
+def summary(preflight, latency, throughput, training, features) -> dict:
+    """campaign.json: exactly the fields of the campaign's contract (docs/gpu/README.md)."""
+    preflight = preflight or {}
+    return {
+        "device": preflight.get("device"),
+        "jax": preflight.get("versions", {}).get("jax"),
+        "date": datetime.date.today().isoformat(),
+        "latency": latency,
+        "train_throughput": throughput,
+        "training": training,
+        "features": features,
+    }
+
+
+def parse_final_json(text: str) -> dict | None:
+    """The last top-level JSON object a launcher printed (tavr_train prints its metrics)."""
+    starts = [m.start() for m in re.finditer(r"^\{", text, flags=re.M)]
+    for start in reversed(starts):
+        try:
+            return json.loads(text[start : text.index("\n}", start) + 2])
+        except ValueError:
+            continue
+    return None
+
+
+def _read_json(path) -> dict | None:
+    try:
+        return json.loads(pathlib.Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _read_text(path) -> str | None:
+    try:
+        return pathlib.Path(path).read_text()
+    except OSError:
+        return None
+
+
+def _flags(values: dict) -> list[str]:
+    return [f"--{k}={v}" for k, v in values.items()]
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class Campaign:
+    """Runs the stages of a plan; results go to `out` (at most 8 files), scratch to `work`."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        out,
+        work,
+        *,
+        wheels=None,
+        head=None,
+        overrides=(),
+        fail_stage=None,
+        python=sys.executable,
+    ):
+        self.plan, self.python = plan, python
+        self.out, self.work = pathlib.Path(out), pathlib.Path(work)
+        self.wheels = pathlib.Path(wheels) if wheels else None
+        self.head, self.overrides, self.fail_stage = head, list(overrides), fail_stage
+        self.stages: dict[str, dict] = {}
+        self.start = time.monotonic()
+        self.env = dict(os.environ)
+        path = [str(ROOT), str(EXPERIMENTS)]
+        self.env.update(
+            PYTHONPATH=os.pathsep.join(path + [p for p in [self.env.get("PYTHONPATH")] if p]),
+            PYTHONUNBUFFERED="1",
+            TF_CPP_MIN_LOG_LEVEL="2",
+            # One cache for every stage: evaluation reuses what the benchmarks compiled.
+            JAX_COMPILATION_CACHE_DIR=self.env.get(
+                "JAX_COMPILATION_CACHE_DIR", str(self.work / "jax_cache")
+            ),
+        )
+        if plan.smoke:
+            self.env.setdefault("JAX_PLATFORMS", "cpu")
+            self.env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"  # compile time dominates there
+
+    # ---- helpers
+    def left(self) -> float:
+        return self.plan.budget_s - (time.monotonic() - self.start)
+
+    def protected_s(self) -> float:
+        """Seconds the stages before training leave: its minimum and what follows it."""
+        return self.plan.train_min_s + sum(self.plan.reserve_s.values())
+
+    def _exec(self, cmd: list[str], limit_s: float, *, capture: str | None = None) -> str:
+        """Runs one command in its own process group: "ok", "failed (exit N)" or "timeout".
+
+        Output goes to this process's stdout (the campaign log), and also to `work/capture`.
+        """
+        limit_s = min(limit_s, self.left())
+        if limit_s <= 1:
+            return "skipped (no time left)"
+        print(f"$ {' '.join(cmd)}   [limit {limit_s:.0f} s]", flush=True)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        sink = open(self.work / capture, "wb") if capture else None  # noqa: SIM115
+
+        def pump():
+            for line in proc.stdout:
+                sys.stdout.buffer.write(line)
+                sys.stdout.flush()
+                if sink:
+                    sink.write(line)
+                    sink.flush()
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            code = proc.wait(timeout=limit_s)
+            status = "ok" if code == 0 else f"failed (exit {code})"
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            status = "timeout"
+        reader.join(timeout=10)
+        if sink:
+            sink.close()
+        return status
+
+    def _launcher(self, name: str, *args: str, **flags) -> list[str]:
+        """argv of experiments/NAME.py: `args` as given, then `--key=value` per flag."""
+        return [self.python, str(EXPERIMENTS / f"{name}.py"), *args, *_flags(flags)]
+
+    def _stage(self, name: str, commands, limit_s: float, *, stop_on_failure=False) -> None:
+        """Runs a stage's commands (callables returning a status, or argv lists) in order."""
+        if STAGES.index(name) < STAGES.index("training"):
+            limit_s = max(min(limit_s, self.left() - self.protected_s()), 0.0)
+        t0 = time.monotonic()
+        deadline = t0 + limit_s
+        statuses = []
+        if self.fail_stage == name:  # tests: a stage that fails must not stop the next
+            injected = [self.python, "-c", "raise SystemExit('injected failure')"]
+            statuses.append(self._exec(injected, limit_s))
+        else:
+            for command in commands:
+                remaining = deadline - time.monotonic()
+                if callable(command):
+                    statuses.append(command(remaining))
+                else:
+                    statuses.append(self._exec(command, remaining))
+                if stop_on_failure and statuses[-1] != "ok":
+                    break
+        bad = [s for s in statuses if s != "ok"]
+        self.stages[name] = {
+            "status": bad[0] if bad else "ok",
+            "seconds": round(time.monotonic() - t0, 1),
+            "limit_s": round(limit_s, 1),
+            "commands": statuses,
+        }
+        print(
+            f"== stage {name}: {self.stages[name]['status']} "
+            f"({self.stages[name]['seconds']} s, {self.left():.0f} s left)",
+            flush=True,
+        )
+        self.collect()
+
+    # ---- stages
+    def _preflight(self) -> None:
+        def install(limit_s):
+            if self.plan.smoke:  # wheels are for the GPU image's Python, not this one
+                print("preflight: smoke run, carried wheels not installed", flush=True)
+                return "ok"
+            wheels = sorted(glob.glob(str(self.wheels / "*.whl"))) if self.wheels else []
+            if not wheels:
+                print("preflight: no carried wheels to install", flush=True)
+                return "ok"
+            pip = [self.python, "-m", "pip", "install", "-q", "--no-index", "--no-deps"]
+            cmd = [*pip, "--no-compile", "--no-cache-dir", "--upgrade", "--target", SITE, *wheels]
+            status = self._exec(cmd, limit_s)
+            if status == "ok":
+                self.env["PYTHONPATH"] = os.pathsep.join([SITE, self.env["PYTHONPATH"]])
+            return status
+
+        def imports(limit_s):
+            path = str(self.work / "preflight.json")
+            code = f"campaign.write_preflight({path!r}, require_gpu={not self.plan.smoke})"
+            return self._exec([self.python, "-c", f"{_CAMPAIGN}; {code}"], limit_s)
+
+        def launchers(limit_s):
+            if self.plan.smoke:  # on 2 cores this costs more than it saves: later stages run them
+                return "ok"
+            procs = {n: subprocess.Popen(self._launcher(n, "--help"), cwd=ROOT, env=self.env,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                     for n in LAUNCHERS}  # fmt: skip
+            deadline = time.monotonic() + limit_s
+            failed = []
+            for name, p in procs.items():
+                try:
+                    out, err = p.communicate(timeout=max(deadline - time.monotonic(), 1))
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    out, err = p.communicate()
+                # absl prints the flags and exits 1 after --help; an import error prints a
+                # traceback instead.
+                if b"Traceback" in err or b"flags:" not in out:
+                    failed.append(name)
+                    print(f"preflight: {name}.py --help failed:\n{err.decode()[-2000:]}")
+            return f"failed ({', '.join(failed)})" if failed else "ok"
+
+        commands = [install, imports, launchers]
+        self._stage("preflight", commands, self.plan.limits["preflight"], stop_on_failure=True)
+
+    def _simulate(self) -> None:
+        cmd = self._launcher("make_tavr_data", out=self.work / "sim", **self.plan.sim)
+        self._stage("simulate", [cmd], self.plan.limits["simulate"])
+
+    def _latency(self) -> None:
+        commands = [
+            self._launcher("bench_latency", "--noprofile", "--notorch_eager", backbones=backbone,
+                           dtypes=dtype, out=self.work / f"latency_{backbone}_{dtype}.json",
+                           **self.plan.latency)
+            for backbone, dtype in self.plan.latency_runs
+        ]  # fmt: skip
+        plot = f"campaign.plot_latency({str(self.work)!r}, {str(self.out)!r})"
+        commands += [self._onnxruntime_row, [self.python, "-c", f"{_CAMPAIGN}; {plot}"]]
+        self._stage("latency", commands, self.plan.limits["latency"])
+
+    def _onnxruntime_row(self, limit_s) -> str:
+        """ONNX Runtime, when the latency launcher offers a backend flag (another engineer's)."""
+        launcher = self._launcher("bench_latency", "--help")
+        text = subprocess.run(launcher, cwd=ROOT, env=self.env, capture_output=True, text=True)
+        if "--backend" not in text.stdout:
+            print("latency: bench_latency.py has no --backend flag; no ONNX Runtime row")
+            return "ok"
+        flags = {**self.plan.latency, "batch_sizes": 1, "dtypes": "float32"}
+        cmd = self._launcher("bench_latency", "--backend=onnxruntime", "--noprofile",
+                             "--notorch_eager", backbones=self.plan.latency_runs[0][0],
+                             out=self.work / "onnxruntime_latency.json", **flags)  # fmt: skip
+        return self._exec(cmd, limit_s)
+
+    def _train_throughput(self) -> None:
+        data, config, w = self.work / "sim", ROOT / self.plan.train_config, self.work
+        train = self._launcher("bench_train", config=config, data=data,
+                               out=w / "bench_train.json", **self.plan.throughput)  # fmt: skip
+        loader = self._launcher("bench_input", "--nobuild_tfds", data=data,
+                                out=w / "bench_input.json", **self.plan.input)  # fmt: skip
+        self._stage("train_throughput", [train, loader], self.plan.limits["train_throughput"])
+
+    def _training(self) -> None:
+        reserve = self.plan.reserve_s
+        limit = self.left() - reserve["perfusion"]
+        budget = max(limit - reserve["evaluation"] - reserve["startup"], 10.0)
+        overrides = dict(self.plan.train)
+        if not self.plan.smoke:
+            overrides["time_budget_s"] = round(budget)
+            steps = self._steps_in(budget)
+            if steps:
+                overrides["num_steps"] = steps  # the schedule decays within the budget
+        if self.head:
+            overrides["head"] = self.head
+        workdir, data = self.work / "run", self.work / "sim"
+        train = self._launcher(
+            "tavr_train", f"--config={ROOT / self.plan.train_config}",  # before its overrides
+            *[f"--config.{k}={v}" for k, v in overrides.items()], *self.overrides,
+            workdir=workdir, data=data,
+        )  # fmt: skip
+        evaluate = self._launcher("tavr_eval", "--tune_thresholds", workdir=workdir, data=data,
+                                  split="test", batch_size=self.plan.eval_batch,
+                                  out=self.work / "test_metrics.json")  # fmt: skip
+
+        def run_train(limit_s):
+            return self._exec(train, limit_s - reserve["evaluation"], capture="train_stdout.txt")
+
+        self._stage("training", [run_train, evaluate], limit)
+
+    def _steps_in(self, budget_s: float) -> int | None:
+        """Steps that fit the budget at the measured rate of the config's backbone and dtype."""
+        measured = _read_json(self.work / "bench_train.json") or {}
+        rates = [
+            r.get("images_per_s_pipeline") or r["images_per_s"]
+            for r in measured.get("results", [])
+            if r["backbone"] == "resnet34" and r["dtype"] == "float32"
+        ]
+        if not rates:
+            return None
+        # 0.6: compilation, validation passes and the smaller batch eat into the rate
+        return int(min(max(0.6 * budget_s * rates[0] / 32, 500), 20_000))
+
+    def _perfusion(self) -> None:
+        commands = [self._features(size, batch) for size, batch in self.plan.features]
+        cv, data = self.plan.cv, self.work / "perf"
+
+        def cross_validate(limit_s):
+            if limit_s < cv["min_s"]:
+                print(f"perfusion: {limit_s:.0f} s left, under the {cv['min_s']} s the CV needs")
+                return "ok"
+            status = self._exec(self._launcher("make_perfusion_data", out=data, n=cv["n"]), limit_s)
+            if status != "ok":
+                return status
+            out = self.work / "perfusion_cv.json"
+            cmd = self._launcher("perfusion_cv", data=data, task=cv["task"], model=cv["model"],
+                                 folds=cv["folds"], out=out)  # fmt: skip
+            return self._exec(cmd, limit_s)
+
+        commands.append(cross_validate)
+        self._stage("perfusion", commands, max(self.plan.limits["perfusion"], self.left()))
+
+    def _features(self, size: int, batch: int):
+        def run(limit_s):
+            cmd = self._launcher("bench_features", size=size, batch=batch, repeats=3,
+                                 loop_maps=1, loop_repeats=1)  # fmt: skip
+            return self._exec(cmd, limit_s, capture=f"features_{size}.txt")
+
+        return run
+
+    # ---- results
+    def collect(self) -> dict:
+        """Rewrites the output folder from what the work folder holds now."""
+        w, o = self.work, self.out
+        preflight = _read_json(w / "preflight.json")
+        latency_files = sorted(w.glob("latency_*.json"))
+        latency_results = [r for r in map(_read_json, latency_files) if r]
+        bench_train = _read_json(w / "bench_train.json")
+        train_metrics = parse_final_json(_read_text(w / "train_stdout.txt") or "")
+        test = _read_json(w / "test_metrics.json")
+        config = _read_json(w / "run" / "config.json")
+        features = {
+            "maps_per_s_256": maps_per_s(_read_text(w / "features_256.txt")),
+            "maps_per_s_512": maps_per_s(_read_text(w / "features_512.txt")),
+        }
+        write_json_atomic(
+            o / "stages.json",
+            {
+                "mode": "smoke" if self.plan.smoke else "gpu",
+                "budget_s": self.plan.budget_s,
+                "elapsed_s": round(time.monotonic() - self.start, 1),
+                "stages": self.stages,
+                "preflight": preflight,
+            },
+        )
+        onnxruntime = _read_json(w / "onnxruntime_latency.json")
+        if latency_results or onnxruntime:
+            write_json_atomic(
+                o / "latency.json", {"runs": latency_results, "onnxruntime": onnxruntime}
+            )
+        if bench_train or (w / "bench_input.json").exists():
+            write_json_atomic(
+                o / "train_throughput.json",
+                {"train": bench_train, "input": _read_json(w / "bench_input.json")},
+            )
+        if train_metrics or test:
+            write_json_atomic(
+                o / "training.json", {"train": train_metrics, "test": test, "config": config}
+            )
+        cv = _read_json(w / "perfusion_cv.json")
+        if any(v is not None for v in features.values()) or cv:
+            write_json_atomic(o / "perfusion.json", {"features": features, "cv": cv})
+        result = summary(
+            preflight,
+            latency_rows(latency_results),
+            throughput_rows(bench_train),
+            training_summary(train_metrics, test, config),
+            features,
+        )
+        write_json_atomic(o / "campaign.json", result)
+        return result
+
+    def run(self) -> int:
+        """All stages, then the summary; exit code 0 when every stage ran to completion."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.work.mkdir(parents=True, exist_ok=True)
+        for old in self.work.iterdir():  # a rerun starts afresh, but keeps the compilations
+            if old.is_dir() and old.name != "jax_cache":
+                shutil.rmtree(old)
+            elif not old.is_dir():
+                old.unlink()
+        print(
+            f"campaign ({'smoke' if self.plan.smoke else 'gpu'}): {self.plan.budget_s:.0f} s "
+            f"budget, results in {self.out}",
+            flush=True,
+        )
+        for name in STAGES:
+            if name != "preflight" and self.stages["preflight"]["status"] != "ok":
+                self.stages[name] = {"status": "skipped (preflight failed)", "seconds": 0}
+                continue
+            getattr(self, f"_{name}")()
+        result = self.collect()
+        print(json.dumps(result, indent=1), flush=True)
+        return 0 if all(s["status"] == "ok" for s in self.stages.values()) else 1
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the command's process group, SIGKILL if it has not ended in 10 s."""
+    for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+# ----------------------------------------------------------------------------- child processes
+
+
+def write_preflight(path: str, *, require_gpu: bool) -> None:
+    """Imports every entry module and writes versions and the device; raises on failure."""
+    import importlib
+    import importlib.metadata
+
+    import jax
+
+    for name in ENTRY_MODULES:
+        importlib.import_module(name)
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    devices = jax.devices()
+    try:
+        smi = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+        gpus = smi.stdout.strip().splitlines()
+    except (OSError, subprocess.SubprocessError):
+        gpus = []
+    report = {
+        "device": f"{len(devices)} x {devices[0].device_kind}",
+        "platform": devices[0].platform,
+        "gpus": gpus,
+        "versions": {**versions, "jax": jax.__version__, "python": sys.version.split()[0]},
+        "cpu_count": os.cpu_count(),
+    }
+    write_json_atomic(path, report)
+    print(json.dumps(report, indent=1))
+    if require_gpu and devices[0].platform != "gpu":
+        raise SystemExit(f"preflight: JAX sees {devices[0].platform}, not a GPU; stopping")
+
+
+def plot_latency(work: str, out: str) -> None:
+    """latency.png from every bench_latency result in the work folder."""
+    from benchmarks import latency
+
+    results = [r for r in map(_read_json, sorted(pathlib.Path(work).glob("latency_*.json"))) if r]
+    if results:
+        latency.plot_latency(results, str(pathlib.Path(out) / "latency.png"))

@@ -1,0 +1,54 @@
+"""Exports a trained workdir as one deployable file: ONNX, or jax.export (see docs/deploy.md).
+
+    python experiments/tavr_export.py --workdir=W --format=onnx --out=model.onnx \
+        --batch=dynamic --frame_size=1024x1024
+    python experiments/tavr_export.py --workdir=W --format=jax --out=engine.bin --batch=8
+Writes OUT and OUT.json (its sha256, size, config hash and library versions).
+"""
+
+import json
+import sys
+
+from absl import app, flags
+
+from tavr_jax.fileio import write_json_atomic
+from tavr_jax.infer.backends import export_workdir
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "training workdir (config.json, checkpoints/)")
+_FORMAT = flags.DEFINE_enum("format", "onnx", ["onnx", "jax"], "artifact format")
+_OUT = flags.DEFINE_string("out", None, "output file")
+_BATCH = flags.DEFINE_string("batch", "dynamic", "fixed batch size, or 'dynamic'")
+_FRAME = flags.DEFINE_string("frame_size", None, "HxW of the input frames (default: network input)")
+_WHICH = flags.DEFINE_enum("which", "best", ["best", "latest"], "checkpoint to export")
+
+
+def _parse(batch: str, frame_size: str | None):
+    b = None if batch == "dynamic" else int(batch) if batch.isdigit() else 0
+    if b is not None and b < 1:
+        raise ValueError(f"--batch={batch}: expected a positive integer or 'dynamic'")
+    if frame_size is None:
+        return b, None
+    hw = frame_size.lower().split("x")
+    if len(hw) != 2 or not all(v.isdigit() and int(v) > 0 for v in hw):
+        raise ValueError(f"--frame_size={frame_size}: expected HxW, e.g. 1024x1024")
+    return b, (int(hw[0]), int(hw[1]))
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    for flag in (_WORKDIR, _OUT):
+        if not flag.value:
+            raise app.UsageError(f"--{flag.name} is required")
+    try:
+        batch, frame_size = _parse(_BATCH.value, _FRAME.value)
+        record = export_workdir(_WORKDIR.value, _OUT.value, format=_FORMAT.value,
+                                which=_WHICH.value, batch=batch, frame_size=frame_size)  # fmt: skip
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    write_json_atomic(f"{_OUT.value}.json", record)
+    print(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    app.run(main)

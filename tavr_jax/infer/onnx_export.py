@@ -1,0 +1,445 @@
+"""ONNX export of the whole keypoint engine (the one module that imports onnx, lazily).
+
+The rest of the project runs without onnx; `onnx_runtime` runs the graphs written here. The
+graph is written from the trained parameters with `onnx.helper`, layer by layer in the order
+the Flax modules apply them, so every operation is one we chose:
+
+- uint8 frames (B, H, W) in; the antialiased linear resize to the network input as two
+  MatMuls with the exact resampling matrices of `jax.image.resize` (ONNX's Resize has no
+  antialiasing before opset 18, and its kernel support differs); the normalisation;
+- the backbone in NCHW with every batch norm folded into its convolution;
+- the head; sigmoids; coordinates scaled to frame pixels; the same outputs as
+  `KeypointEngine`: visibility (B, K), group (B, G), coords (B, K, 2).
+
+Backbones: the ResNet and VGG families. Heads: regression and integral, grouped or not. Any
+other backbone or head is refused with a one-line error naming it.
+
+The file's metadata (key `tavr_keypoints`, JSON) records the format, opset, inputs and outputs,
+schema, thresholds, frame size and the hash of the training config; `check_artifact` refuses
+an artifact made for another schema or another training run (`engine.check_artifact`).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+
+from tavr_jax.fileio import atomic_write_bytes
+from tavr_jax.schema import KeypointSchema
+from tavr_jax.workdir import config_hash
+
+OPSET = 17  # the first opset with LayerNormalization
+FORMAT = "tavr-keypoints-onnx/1"
+METADATA_KEY = "tavr_keypoints"
+INPUT_NAME = "frames"
+OUTPUT_NAMES = ("visibility", "group", "coords")
+SUPPORTED_HEADS = ("regression", "integral")
+
+
+def library_versions() -> dict:
+    """Versions of what made (and what runs) an artifact: to record beside it."""
+    import importlib.metadata
+
+    versions = {}
+    for dist in ("cardiac-jax", "jax", "jaxlib", "flax", "numpy", "onnx", "onnxruntime"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = None
+    return versions
+
+
+def _import_onnx():
+    try:
+        import onnx
+    except ImportError:
+        raise ValueError(
+            "ONNX export needs the onnx package: pip install 'cardiac-jax[onnx]'"
+        ) from None
+    return onnx
+
+
+# -- the graph ----------------------------------------------------------------------------------
+
+
+class Graph:
+    """Nodes and float32 initializers of one ONNX graph; `op` returns its output's name."""
+
+    def __init__(self):
+        self.onnx = _import_onnx()
+        self.nodes, self.initializers = [], []
+        self._n = 0
+
+    def _name(self, hint: str) -> str:
+        self._n += 1
+        return f"{hint}_{self._n}"
+
+    def const(self, value, hint: str = "c") -> str:
+        value = np.asarray(value)
+        if value.dtype.kind == "f":
+            value = value.astype(np.float32)
+        name = self._name(hint)
+        self.initializers.append(self.onnx.numpy_helper.from_array(value, name))
+        return name
+
+    def op(self, op_type: str, *inputs: str, name: str | None = None, **attrs) -> str:
+        out = name or self._name(op_type.lower())
+        self.nodes.append(self.onnx.helper.make_node(op_type, list(inputs), [out], **attrs))
+        return out
+
+    def dense(self, x: str, p: dict) -> str:
+        """Flax Dense: x @ kernel + bias."""
+        return self.op("Add", self.op("MatMul", x, self.const(p["kernel"], "kernel")),
+                       self.const(p["bias"], "bias"))  # fmt: skip
+
+    def conv(self, x: str, p: dict, *, stride=1, pad=0, bn: dict | None = None, eps=1e-5) -> str:
+        """Flax Conv (HWIO kernel, optional bias), then an optional inference batch norm,
+        as one ONNX Conv: the norm's scale goes into the kernel and its shift into the bias."""
+        kernel = np.asarray(p["kernel"], np.float64).transpose(3, 2, 0, 1)  # HWIO -> OIHW
+        bias = np.asarray(p.get("bias", np.zeros(kernel.shape[0])), np.float64)
+        if bn is not None:
+            scale = np.asarray(bn["scale"], np.float64) / np.sqrt(np.asarray(bn["var"]) + eps)
+            kernel = kernel * scale[:, None, None, None]
+            bias = (bias - np.asarray(bn["mean"])) * scale + np.asarray(bn["bias"])
+        return self.op(
+            "Conv", x, self.const(kernel, "conv_w"), self.const(bias, "conv_b"),
+            kernel_shape=list(kernel.shape[2:]), strides=[stride, stride], pads=[pad] * 4,
+        )  # fmt: skip
+
+    def matmul_left(self, matrix: np.ndarray, x: str) -> str:
+        return self.op("MatMul", self.const(matrix, "resample"), x)
+
+
+def resize_matrix(n_in: int, n_out: int, *, antialias: bool = True) -> np.ndarray:
+    """(n_out, n_in) float32: the linear map of `jax.image.resize(..., "linear")` along one axis.
+
+    The resize is linear and separable, so resizing the identity gives its exact weights.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    eye = jnp.eye(n_in, dtype=jnp.float32)
+    return np.asarray(jax.image.resize(eye, (n_out, n_in), "linear", antialias=antialias))
+
+
+def _resize_hw(g: Graph, x: str, in_hw, out_hw, *, antialias=True) -> str:
+    """Resizes the last two axes of x by rows (left MatMul) then columns (right MatMul)."""
+    (h, w), (oh, ow) = in_hw, out_hw
+    if oh != h:
+        x = g.matmul_left(resize_matrix(h, oh, antialias=antialias), x)
+    if ow != w:
+        x = g.op("MatMul", x, g.const(resize_matrix(w, ow, antialias=antialias).T, "resample"))
+    return x
+
+
+def _backbone_spec(name: str):
+    """(kind, keywords) of a backbone preset: 'resnet' or 'vgg'; else a one-line error."""
+    from tavr_jax.models.backbones import BACKBONES, VGG, ResNet
+
+    factory = BACKBONES.get(name)
+    kind = {ResNet: "resnet", VGG: "vgg"}.get(getattr(factory, "func", None))
+    if kind is None:
+        supported = ", ".join(n for n, f in BACKBONES.items() if getattr(f, "func", None) in
+                              (ResNet, VGG))  # fmt: skip
+        raise ValueError(f"backbone {name!r} has no ONNX export (supported: {supported})")
+    return kind, factory.keywords
+
+
+def _resnet(g: Graph, x: str, params: dict, stats: dict, keywords: dict) -> str:
+    from tavr_jax.models.backbones import Bottleneck
+
+    def conv_bn(x, block_p, block_s, conv, bn, *, stride=1, pad=0):
+        return g.conv(x, block_p[conv], stride=stride, pad=pad,
+                      bn={**block_p[bn], **block_s[bn]})  # fmt: skip
+
+    x = g.op("Relu", conv_bn(x, params, stats, "conv1", "bn1", stride=2, pad=3))
+    x = g.op("MaxPool", x, kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    bottleneck = keywords["block_cls"] is Bottleneck
+    for i, n_blocks in enumerate(keywords["stage_sizes"]):
+        for j in range(n_blocks):
+            name = f"layer{i + 1}_{j}"
+            p, s = params[name], stats[name]
+            stride = 2 if i > 0 and j == 0 else 1
+            if bottleneck:  # stride on the 3x3 convolution, as torchvision
+                y = g.op("Relu", conv_bn(x, p, s, "conv1", "bn1"))
+                y = g.op("Relu", conv_bn(y, p, s, "conv2", "bn2", stride=stride, pad=1))
+                y = conv_bn(y, p, s, "conv3", "bn3")
+            else:
+                y = g.op("Relu", conv_bn(x, p, s, "conv1", "bn1", stride=stride, pad=1))
+                y = conv_bn(y, p, s, "conv2", "bn2", pad=1)
+            residual = x
+            if "downsample_0" in p:
+                residual = conv_bn(x, p, s, "downsample_0", "downsample_1", stride=stride)
+            x = g.op("Relu", g.op("Add", residual, y))
+    return x
+
+
+def _vgg(g: Graph, x: str, params: dict, stats: dict, keywords: dict) -> str:
+    idx = 0
+    for v in keywords["cfg"]:
+        if v == "M":
+            x = g.op("MaxPool", x, kernel_shape=[2, 2], strides=[2, 2])
+            idx += 1
+            continue
+        bn = None
+        if keywords.get("batch_norm"):
+            bn = {**params[f"features_{idx + 1}"], **stats[f"features_{idx + 1}"]}
+        x = g.op("Relu", g.conv(x, params[f"features_{idx}"], pad=1, bn=bn))
+        idx += 3 if bn is not None else 2
+    return x
+
+
+def _point_outputs(g: Graph, h: str, p: dict, schema: KeypointSchema, per_point: int) -> str:
+    """`PointOutputs`: (B, D) shared features -> (B, K, per_point)."""
+    from tavr_jax.models.heads import padded_to_points
+
+    if "point_head" in p:
+        out = g.dense(g.op("Relu", g.dense(h, p["point_head"]["hidden"])), p["point_head"]["out"])
+        return g.op("Reshape", out, g.const(np.array([0, schema.num_points, per_point])))
+    hidden, out = p["group_heads"]["hidden"], p["group_heads"]["out"]
+    n_groups, _, width = hidden["kernel"].shape
+    # The vmapped group heads as one wide hidden layer and one block-diagonal output layer:
+    # the zeros add nothing, so each group's numbers are exactly its own head's.
+    w_hidden = np.concatenate(list(np.asarray(hidden["kernel"])), axis=1)  # (D, G * width)
+    n_out = out["kernel"].shape[-1]
+    w_out = np.zeros((n_groups * width, n_groups * n_out), np.float32)
+    for i in range(n_groups):
+        w_out[i * width : (i + 1) * width, i * n_out : (i + 1) * n_out] = out["kernel"][i]
+    y = g.dense(h, {"kernel": w_hidden, "bias": np.ravel(hidden["bias"])})
+    y = g.dense(g.op("Relu", y), {"kernel": w_out, "bias": np.ravel(out["bias"])})
+    y = g.op("Reshape", y, g.const(np.array([0, n_groups * schema.max_group_size, per_point])))
+    return g.op("Gather", y, g.const(padded_to_points(schema).astype(np.int64)), axis=1)
+
+
+def _last(g: Graph, x: str, start: int, stop: int) -> str:
+    """x[..., start:stop]."""
+    return g.op("Slice", x, g.const(np.array([start])), g.const(np.array([stop])),
+                g.const(np.array([-1])))  # fmt: skip
+
+
+def _soft_argmax(g: Graph, heatmaps: str, hh: int, ww: int, k: int) -> str:
+    """(B, K, hh, ww) logits -> (B, K, 2) expected (x, y) of cell centres in [0, 1]."""
+    probs = g.op("Softmax", g.op("Reshape", heatmaps, g.const(np.array([0, k, hh * ww]))), axis=-1)
+    xs = (np.arange(ww) + 0.5) / ww
+    ys = (np.arange(hh) + 0.5) / hh
+    grid = np.stack(np.broadcast_arrays(xs[None, :], ys[:, None]), -1).reshape(hh * ww, 2)
+    return g.op("MatMul", probs, g.const(grid, "grid"))
+
+
+def _head(g, features, feat_hw, params, meta, schema) -> tuple[str, str, str]:
+    """The head: (B, C, h, w) features -> (group logits, visibility logits, coords in [0, 1])."""
+    kind = meta.get("head", "regression")
+    pooled = g.op("ReduceMean", features, axes=[2, 3], keepdims=0)
+    shared = params["shared"]
+    h = g.dense(pooled, shared["dense"])
+    h = g.op("LayerNormalization", h, g.const(shared["norm"]["scale"]),
+             g.const(shared["norm"]["bias"]), axis=-1, epsilon=1e-5)  # fmt: skip
+    h = g.op("Relu", h)
+    k = schema.num_points
+    if kind == "regression":
+        out = _point_outputs(g, h, params["points"], schema, 3)  # (B, K, 3)
+        vis_logits = g.op("Reshape", _last(g, out, 0, 1), g.const(np.array([0, k])))
+        coords = g.op("Sigmoid", _last(g, out, 1, 3))
+    else:
+        out = _point_outputs(g, h, params["points"], schema, 1)
+        vis_logits = g.op("Reshape", out, g.const(np.array([0, k])))
+        x = g.op("Relu", g.conv(features, params["heatmap_conv"], pad=1))
+        hh, ww = feat_hw
+        up = _integral_upsample()
+        x = _resize_hw(g, x, (hh, ww), (hh * up, ww * up), antialias=True)
+        heatmaps = g.conv(x, params["heatmap_out"])
+        coords = _soft_argmax(g, heatmaps, hh * up, ww * up, k)
+    if "group_classifier" in params:
+        group_logits = g.dense(h, params["group_classifier"])
+    else:  # ungrouped: a group's logit is the largest of its points' logits
+        member = schema.group_matrix > 0  # (G, K)
+        mask = np.where(member, 0.0, -np.inf)[None]  # (1, G, K)
+        scores = g.op("Add", g.op("Unsqueeze", vis_logits, g.const(np.array([1]))), g.const(mask))
+        group_logits = g.op("ReduceMax", scores, axes=[2], keepdims=0)
+    return group_logits, vis_logits, coords
+
+
+def check_supported(meta: dict) -> tuple[str, dict]:
+    """One-line ValueError naming a backbone or head this exporter cannot write."""
+    kind = meta.get("head", "regression")
+    if kind not in SUPPORTED_HEADS:
+        raise ValueError(
+            f"head {kind!r} has no ONNX export (supported: {', '.join(SUPPORTED_HEADS)})"
+        )
+    return _backbone_spec(meta["backbone"])
+
+
+def _integral_upsample() -> int:
+    import dataclasses
+
+    from tavr_jax.models.heads import IntegralHead
+
+    return next(f.default for f in dataclasses.fields(IntegralHead) if f.name == "upsample")
+
+
+def _feature_hw(image_hw, kind: str, keywords: dict) -> tuple[int, int]:
+    """Spatial size of the backbone's last feature map for a given input size."""
+
+    def out(n, k, s, p):
+        return (n + 2 * p - k) // s + 1
+
+    h, w = image_hw
+    if kind == "resnet":
+        h, w = (out(out(n, 7, 2, 3), 3, 2, 1) for n in (h, w))
+        for _ in keywords["stage_sizes"][1:]:
+            h, w = out(h, 3, 2, 1), out(w, 3, 2, 1)
+        return h, w
+    for v in keywords["cfg"]:
+        if v == "M":
+            h, w = h // 2, w // 2
+    return h, w
+
+
+def build_model(meta: dict, variables, *, frame_size, batch: int | None = None,
+                extra_metadata: dict | None = None):  # fmt: skip
+    """The engine function (uint8 frames -> visibility, group, coords) as an onnx.ModelProto.
+
+    meta: the engine's meta (`schema`, `backbone`, `head`, `grouped`, `image_size`);
+    variables: `{"params", "batch_stats"}` of the network (float32); frame_size: (H, W) of
+    the frames the graph takes; batch: a fixed batch size, or None for a symbolic one.
+    """
+    onnx = _import_onnx()
+    from tavr_jax.models.keypoint_net import GRAY_MEAN, GRAY_STD
+
+    schema = meta["schema"]
+    kind, keywords = check_supported(meta)
+    fh, fw = (int(v) for v in frame_size)
+    sh, sw = _pair(meta["image_size"])
+    params = _numpy_tree(variables["params"])
+    stats = _numpy_tree(variables.get("batch_stats", {}))
+    g = Graph()
+    x = g.op("Cast", INPUT_NAME, to=onnx.TensorProto.FLOAT)
+    x = _resize_hw(g, x, (fh, fw), (sh, sw))
+    # (x / 255 - mean) / std as one multiply-add.
+    x = g.op("Add", g.op("Mul", x, g.const(np.float32(1 / (255 * GRAY_STD)))),
+             g.const(np.float32(-GRAY_MEAN / GRAY_STD)))  # fmt: skip
+    x = g.op("Unsqueeze", x, g.const(np.array([1])))  # (B, 1, S, S)
+    build_backbone = {"resnet": _resnet, "vgg": _vgg}[kind]
+    features = build_backbone(g, x, params["backbone"], stats.get("backbone", {}), keywords)
+    group_logits, vis_logits, coords = _head(
+        g, features, _feature_hw((sh, sw), kind, keywords), params["head"], meta, schema
+    )
+    g.op("Sigmoid", vis_logits, name="visibility")
+    g.op("Sigmoid", group_logits, name="group")
+    g.op("Mul", coords, g.const(np.array([fw, fh], np.float32)), name="coords")
+
+    b = "batch" if batch is None else int(batch)
+    k, n_groups = schema.num_points, schema.num_groups
+    tensor = onnx.helper.make_tensor_value_info
+    graph = onnx.helper.make_graph(
+        g.nodes,
+        "tavr_keypoints",
+        [tensor(INPUT_NAME, onnx.TensorProto.UINT8, [b, fh, fw])],
+        [
+            tensor("visibility", onnx.TensorProto.FLOAT, [b, k]),
+            tensor("group", onnx.TensorProto.FLOAT, [b, n_groups]),
+            tensor("coords", onnx.TensorProto.FLOAT, [b, k, 2]),
+        ],  # fmt: skip
+        g.initializers,
+    )
+    model = onnx.helper.make_model(
+        graph,
+        opset_imports=[onnx.helper.make_opsetid("", OPSET)],
+        producer_name="cardiac-jax",
+        doc_string="uint8 frames (B, H, W) -> visibility (B, K), group (B, G), coords (B, K, 2)",
+    )
+    model.ir_version = 8  # the IR of opset 17: older runtimes read the file too
+    info = artifact_meta(meta, frame_size=(fh, fw), batch=batch, opset=OPSET)
+    info.update(extra_metadata or {})
+    onnx.helper.set_model_props(model, {METADATA_KEY: json.dumps(info)})
+    return model
+
+
+def artifact_meta(meta: dict, *, frame_size, batch, opset: int | None = None) -> dict:
+    """What an exported artifact records about itself (ONNX metadata / jax.export header)."""
+    schema = meta["schema"]
+    config = meta.get("config")
+    b = "batch" if batch is None else int(batch)
+    fh, fw = (int(v) for v in frame_size)
+    info = {
+        "format": FORMAT,
+        "schema": schema.to_json(),
+        "backbone": meta.get("backbone"),
+        "head": meta.get("head", "regression"),
+        "grouped": bool(meta.get("grouped", True)),
+        "image_size": list(_pair(meta["image_size"])),
+        "frame_size": [fh, fw],
+        "batch": batch,
+        "dtype": "float32",
+        "thresholds": _list_or_none(meta.get("thresholds")),
+        "group_thresholds": _list_or_none(meta.get("group_thresholds")),
+        "config_hash": config_hash(config) if config is not None else meta.get("config_hash"),
+        "inputs": {INPUT_NAME: {"dtype": "uint8", "shape": [b, fh, fw]}},
+        "outputs": {
+            "visibility": {"dtype": "float32", "shape": [b, schema.num_points]},
+            "group": {"dtype": "float32", "shape": [b, schema.num_groups]},
+            "coords": {
+                "dtype": "float32",
+                "shape": [b, schema.num_points, 2],
+                "unit": "frame pixels (x, y), half-pixel centres",
+            },
+        },
+    }
+    if opset is not None:
+        info["opset"] = opset
+    return info
+
+
+def export_onnx(engine, path, *, frame_size, batch: int | None = None) -> pathlib.Path:
+    """Writes a float32 `KeypointEngine`'s whole function as one ONNX file (atomically)."""
+    if engine.dtype_name != "float32":
+        raise ValueError(
+            f"ONNX export is float32 only; this engine computes in {engine.dtype_name}"
+        )
+    import jax
+
+    variables = jax.device_get(engine.variables)
+    meta = {**engine.meta, "schema": engine.schema, "image_size": engine.image_size}
+    model = build_model(meta, variables, frame_size=frame_size, batch=batch,
+                        extra_metadata={"versions": library_versions()})  # fmt: skip
+    return atomic_write_bytes(pathlib.Path(path), model.SerializeToString())
+
+
+def read_metadata(path) -> dict:
+    """The `tavr_keypoints` metadata of an ONNX file written by `export_onnx`."""
+    onnx = _import_onnx()
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ONNX file not found: {path}")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf raises its own DecodeError
+        raise ValueError(f"{path} is not an ONNX model ({type(e).__name__})") from None
+    return parse_metadata({p.key: p.value for p in model.metadata_props}, path)
+
+
+def parse_metadata(props: dict, path) -> dict:
+    """The keypoint-engine metadata among an ONNX file's metadata properties."""
+    if METADATA_KEY not in props:
+        raise ValueError(f"{path} is an ONNX model but not an exported keypoint engine")
+    return json.loads(props[METADATA_KEY])
+
+
+def _pair(size) -> tuple[int, int]:
+    if isinstance(size, int | np.integer):
+        return int(size), int(size)
+    h, w = size
+    return int(h), int(w)
+
+
+def _numpy_tree(tree) -> dict:
+    if isinstance(tree, dict) or hasattr(tree, "items"):
+        return {k: _numpy_tree(v) for k, v in tree.items()}
+    return np.asarray(tree, np.float32)
+
+
+def _list_or_none(x):
+    # Thresholds as exact Python floats: the gate compares against the same numbers.
+    return None if x is None else np.asarray(x).astype(np.float64).tolist()

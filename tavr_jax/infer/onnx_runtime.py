@@ -1,0 +1,222 @@
+"""ONNX Runtime behind the engine's call API (the one module that imports onnxruntime, lazily).
+
+`OnnxKeypointEngine` runs the graphs of `onnx_export` on onnxruntime: built from a trained
+network (one graph per frame size) or loaded from an exported file, which is refused with one
+line when it was made for another schema or training run.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pathlib
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+from tavr_jax.infer.engine import check_artifact, check_frames, image_hw
+from tavr_jax.infer.onnx_export import (
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    build_model,
+    check_supported,
+    parse_metadata,
+)
+from tavr_jax.schema import KeypointSchema
+
+# onnxruntime execution providers, most capable first; "auto" takes the first available.
+# TensorRT is left out of "auto": it builds an engine per input shape, which takes minutes.
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+_AUTO_ORDER = ("cuda", "cpu")
+
+
+class ProviderUnavailable(ValueError):
+    """The requested onnxruntime execution provider is not in this onnxruntime build."""
+
+
+def _import_ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ValueError(
+            "the onnxruntime backend needs onnxruntime: pip install 'cardiac-jax[onnx]'"
+        ) from None
+    return onnxruntime
+
+
+def select_providers(which: str = "auto") -> list[str]:
+    """onnxruntime providers for 'auto' | 'cpu' | 'cuda' | 'tensorrt' (CPU as the fallback)."""
+    ort = _import_ort()
+    available = ort.get_available_providers()
+    if which == "auto":
+        which = next(p for p in _AUTO_ORDER if PROVIDERS[p] in available)
+    if which not in PROVIDERS:
+        raise ValueError(
+            f"unknown onnxruntime provider {which!r}; known: auto, {', '.join(PROVIDERS)}"
+        )
+    if PROVIDERS[which] not in available:
+        raise ProviderUnavailable(
+            f"onnxruntime {ort.__version__} has no {PROVIDERS[which]} "
+            f"(available: {', '.join(available)})"
+        )
+    # Nodes a provider cannot run fall back along the list: TensorRT -> CUDA -> CPU.
+    fallbacks = [PROVIDERS[p] for p in ("cuda", "cpu") if PROVIDERS[p] in available]
+    chain = [PROVIDERS[which]] + (fallbacks if which == "tensorrt" else [PROVIDERS["cpu"]])
+    return list(dict.fromkeys(chain))
+
+
+def make_session(model, *, provider: str = "auto", threads: int | None = None):
+    """An onnxruntime InferenceSession of a ModelProto, serialized bytes or a path."""
+    ort = _import_ort()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # All logical cores, like XLA's CPU client (onnxruntime's default counts physical ones).
+    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    options.log_severity_level = 3
+    if hasattr(model, "SerializeToString"):
+        model = model.SerializeToString()
+    elif isinstance(model, str | os.PathLike):
+        model = str(model)
+    return ort.InferenceSession(model, options, providers=select_providers(provider))
+
+
+class OnnxKeypointEngine:
+    """`KeypointEngine`'s call API on onnxruntime: (B, H, W) uint8 frames -> numpy outputs.
+
+    Built from a network (`from_engine`: one graph per frame size, symbolic batch, made on
+    first use) or from an exported file (`load_onnx`: that file's frame size only). Frames run
+    in chunks of `batch_size`; a fixed-batch file gets its last chunk zero-padded.
+    """
+
+    backend = "onnxruntime"
+
+    def __init__(self, meta: dict, *, batch_size: int = 1, provider: str = "auto",
+                 threads: int | None = None, model_for=None, fixed=None):  # fmt: skip
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.meta = dict(meta)
+        schema = meta["schema"]
+        self.schema = (
+            schema if isinstance(schema, KeypointSchema) else KeypointSchema.from_json(schema)
+        )
+        self.image_size = image_hw(meta["image_size"])
+        self.batch_size = int(batch_size)
+        self.provider, self.threads = provider, threads
+        self.providers = select_providers(provider)
+        self._model_for = model_for  # (H, W) -> ModelProto, or None for a fixed file
+        self._fixed = fixed  # (session, frame (H, W), batch or None) of a file
+        self._sessions: dict[tuple[int, int], Any] = {}
+        self.device = _host_device()
+
+    @classmethod
+    def from_engine(cls, engine, *, provider: str = "auto", threads: int | None = None,
+                    batch_size: int | None = None) -> OnnxKeypointEngine:  # fmt: skip
+        """The same network and thresholds as a float32 `KeypointEngine`, on onnxruntime."""
+        import jax
+
+        if engine.dtype_name != "float32":
+            raise ValueError(f"the onnxruntime backend is float32 only, not {engine.dtype_name}")
+        variables = jax.device_get(engine.variables)
+        meta = {**engine.meta, "schema": engine.schema, "image_size": engine.image_size}
+        check_supported(meta)  # refuse an unsupported network before any frame
+
+        def model_for(hw):
+            return build_model(meta, variables, frame_size=hw, batch=None)
+
+        return cls(meta, batch_size=batch_size or engine.batch_size, provider=provider,
+                   threads=threads, model_for=model_for)  # fmt: skip
+
+    def session(self, height: int, width: int):
+        """The onnxruntime session for (height, width) frames (built once per size)."""
+        if self._fixed is not None:
+            session, hw, _ = self._fixed
+            if (height, width) != hw:
+                raise ValueError(
+                    f"this ONNX file takes {hw[1]}x{hw[0]} frames, got {width}x{height}; "
+                    f"export one with --frame_size={height}x{width}"
+                )
+            return session
+        key = (int(height), int(width))
+        if key not in self._sessions:
+            self._sessions[key] = make_session(
+                self._model_for(key), provider=self.provider, threads=self.threads
+            )
+        return self._sessions[key]
+
+    def dispatch(self, frames) -> dict[str, np.ndarray]:
+        """Runs one batch (<= batch_size frames, or a padded one); returns numpy outputs."""
+        frames = check_frames(frames)
+        n, h, w = frames.shape
+        if n > self.batch_size:
+            raise ValueError(f"batch of {n} frames exceeds the engine batch size {self.batch_size}")
+        fixed_batch = self._fixed[2] if self._fixed is not None else None
+        if fixed_batch is not None and n < fixed_batch:
+            frames = np.concatenate([frames, np.zeros((fixed_batch - n, h, w), np.uint8)])
+        outs = self.session(h, w).run(list(OUTPUT_NAMES), {INPUT_NAME: frames})
+        return dict(zip(OUTPUT_NAMES, outs, strict=True))
+
+    @staticmethod
+    def fetch(outputs: dict[str, np.ndarray], n: int | None = None) -> dict[str, np.ndarray]:
+        return {k: np.asarray(v)[:n] for k, v in outputs.items()}
+
+    def __call__(self, frames) -> dict[str, np.ndarray]:
+        frames = check_frames(frames)
+        chunks = [frames[i : i + self.batch_size] for i in range(0, len(frames), self.batch_size)]
+        outs = [self.fetch(self.dispatch(chunk), len(chunk)) for chunk in chunks]
+        return {k: np.concatenate([o[k] for o in outs]) for k in OUTPUT_NAMES}
+
+    def run_batches(self, batches: Iterable) -> Iterator[tuple[Any, dict[str, np.ndarray]]]:
+        """Runs `(tag, frames)` batches in order, as `KeypointEngine.run_batches`."""
+        for tag, frames in batches:
+            n = len(tag) if isinstance(tag, list | tuple) else frames.shape[0]
+            yield tag, self.fetch(self.dispatch(np.asarray(frames)[:n]), n)
+
+
+def load_onnx(
+    path,
+    *,
+    workdir=None,
+    schema=None,
+    batch_size: int | None = None,
+    provider: str = "auto",
+    threads: int | None = None,
+) -> OnnxKeypointEngine:
+    """An engine from an ONNX file written by `export_onnx`, refused (one line) when it was
+    made for another schema or another training run than `workdir`'s."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ONNX file not found: {path}")
+    select_providers(provider)  # a missing provider is its own error, before the file's
+    try:  # onnxruntime alone reads the file and its metadata: no onnx package needed here
+        session = make_session(path, provider=provider, threads=threads)
+    except Exception as e:  # onnxruntime's own error types for unreadable models
+        why = (str(e).splitlines() or [type(e).__name__])[0][:100]
+        raise ValueError(f"{path} is not an ONNX model onnxruntime can load ({why})") from None
+    info = parse_metadata(session.get_modelmeta().custom_metadata_map, path)
+    check_artifact(info, path, workdir=workdir, schema=schema)
+    fixed_batch = info.get("batch")
+    if batch_size is not None and fixed_batch is not None and batch_size > fixed_batch:
+        raise ValueError(
+            f"{path} has a fixed batch of {fixed_batch}; --batch_size={batch_size} is larger"
+        )
+    meta = dict(info)
+    meta["schema"] = KeypointSchema.from_json(info["schema"])
+    hw = tuple(info["frame_size"])
+    return OnnxKeypointEngine(
+        meta, batch_size=batch_size or fixed_batch or 1, provider=provider, threads=threads,
+        fixed=(session, hw, fixed_batch),
+    )  # fmt: skip
+
+
+@functools.cache
+def _host_device():
+    # Frame sources (streams.prefetch_to_device) stage batches on a device; onnxruntime reads
+    # host memory, and a jax CPU array converts to numpy without a copy.
+    import jax
+
+    return jax.devices("cpu")[0]

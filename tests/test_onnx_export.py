@@ -1,0 +1,273 @@
+"""ONNX export: the graph on onnxruntime against the JAX engine, metadata, refusals, backends."""
+
+import hashlib
+import json
+
+import _train_worker as worker
+import jax
+import jax.numpy as jnp
+import numpy as np
+import onnx
+import pytest
+
+from tavr_jax.checkpoint import CheckpointStore
+from tavr_jax.data.simulate import simulate_case
+from tavr_jax.fileio import write_json_atomic
+from tavr_jax.infer import backends, onnx_export, onnx_runtime
+from tavr_jax.infer.engine import KeypointEngine
+from tavr_jax.schema import get_schema
+from tavr_jax.workdir import config_hash
+
+SCHEMA = get_schema("paper11")
+SIZE = 32  # network input
+
+
+def _perturbed(variables, seed=0):
+    """Batch statistics and norm parameters far from their initial values, so that folding
+    each batch norm into its convolution is really exercised (init: mean 0, var 1, scale 1)."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, a):
+        a = np.asarray(a)
+        leaf = path[-1].key
+        if leaf == "mean":
+            return a + rng.normal(0, 0.3, a.shape).astype(a.dtype)
+        if leaf in ("var", "scale"):
+            return a * rng.uniform(0.5, 2.0, a.shape).astype(a.dtype)
+        if leaf == "bias":
+            return a + rng.normal(0, 0.2, a.shape).astype(a.dtype)
+        return a
+
+    return jax.tree_util.tree_map_with_path(draw, jax.device_get(variables))
+
+
+def _engine(backbone="resnet_tiny", head="regression", grouped=True, batch_size=3, **meta):
+    base = KeypointEngine.random_init(SCHEMA, backbone, SIZE, head=head, grouped=grouped, seed=1)
+    return KeypointEngine(base.model, _perturbed(base.variables), {**base.meta, **meta},
+                          batch_size=batch_size)  # fmt: skip
+
+
+def _simulated_frames(n, size, seed=0):
+    case = simulate_case(np.random.default_rng(seed), SCHEMA, frames=n, size=size)
+    return np.stack([image for image, *_ in case])
+
+
+def _assert_close(got, want, frame_hw):
+    for k in ("visibility", "group"):
+        np.testing.assert_allclose(got[k], want[k], atol=1e-4, rtol=0, err_msg=k)
+    # Coordinates are frame pixels: 1e-4 of the frame size.
+    h, w = frame_hw
+    scale = np.array([w, h], np.float32)
+    np.testing.assert_allclose(got["coords"] / scale, want["coords"] / scale, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("head", ["regression", "integral"])
+@pytest.mark.parametrize("grouped", [True, False])
+@pytest.mark.parametrize("frame_hw", [(SIZE, SIZE), (56, 48)])
+def test_onnxruntime_matches_jax_engine(head, grouped, frame_hw):
+    eng = _engine(head=head, grouped=grouped)
+    frames = _simulated_frames(4, max(frame_hw))[:, : frame_hw[0], : frame_hw[1]]
+    want = eng(frames)
+    got = onnx_runtime.OnnxKeypointEngine.from_engine(eng)(frames)
+    assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in want.items()}
+    _assert_close(got, want, frame_hw)
+    # The outputs vary with the frame: a constant graph could not pass.
+    assert np.ptp(want["coords"][:, :, 0], axis=0).max() > 0.01
+
+
+@pytest.mark.parametrize("backbone", ["resnet50", "vgg16_bn"])
+def test_other_backbone_families(backbone):
+    """Bottleneck blocks (stride on the 3x3) and VGG (conv bias, then batch norm)."""
+    eng = _engine(backbone=backbone, batch_size=2)
+    frames = _simulated_frames(2, 40)
+    _assert_close(onnx_runtime.OnnxKeypointEngine.from_engine(eng)(frames), eng(frames), (40, 40))
+
+
+def test_resize_matrix_is_jax_resize():
+    image = np.random.default_rng(0).uniform(0, 255, (2, 57, 45)).astype(np.float32)
+    want = jax.image.resize(image, (2, 32, 32), "linear", antialias=True)
+    rows, cols = onnx_export.resize_matrix(57, 32), onnx_export.resize_matrix(45, 32)
+    got = rows @ image @ cols.T
+    np.testing.assert_allclose(got, want, atol=1e-3)
+    np.testing.assert_allclose(rows.sum(1), 1.0, atol=1e-6)  # a weighted average per pixel
+
+
+def test_config_hash_is_canonical_json():
+    config = {"backbone": "resnet34", "image_size": 512, "schema": "paper11"}
+    text = '{"backbone":"resnet34","image_size":512,"schema":"paper11"}'
+    assert config_hash(config) == hashlib.sha256(text.encode()).hexdigest()
+    assert config_hash(dict(reversed(config.items()))) == config_hash(config)
+    assert config_hash({**config, "image_size": 256}) != config_hash(config)
+
+
+def test_unsupported_networks_are_named():
+    with pytest.raises(ValueError, match="head 'heatmap' has no ONNX export"):
+        onnx_export.check_supported({"head": "heatmap", "backbone": "resnet34"})
+    with pytest.raises(ValueError, match="backbone 'efficientnet_b0' has no ONNX export"):
+        onnx_export.check_supported({"head": "regression", "backbone": "efficientnet_b0"})
+    eng = _engine(batch_size=1)
+    eng.meta["head"] = "heatmap"
+    with pytest.raises(ValueError, match="'heatmap'"):
+        onnx_runtime.OnnxKeypointEngine.from_engine(eng)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A training workdir: config.json, a checkpoint of random weights, tuned thresholds."""
+    root = tmp_path_factory.mktemp("workdir")
+    config = worker.tiny_config()
+    write_json_atomic(root / "config.json", config.to_dict())
+    base = KeypointEngine.random_init(SCHEMA, config.backbone, config.image_size, seed=2)
+    variables = _perturbed(base.variables, seed=2)
+    with CheckpointStore(root) as store:
+        store.save(5, {"step": jnp.int32(5), **variables})
+        store.wait()
+    (root / "thresholds.json").write_text(
+        json.dumps(
+            {
+                "points": {p: 0.3 + 0.02 * i for i, p in enumerate(SCHEMA.point_names)},
+                "groups": {g: 0.4 for g in SCHEMA.group_names},
+            }
+        )
+    )
+    return root
+
+
+def test_onnx_file_metadata_and_fixed_batch(workdir, tmp_path):
+    record = backends.export_workdir(
+        workdir, tmp_path / "m.onnx", format="onnx", batch=2, frame_size=(40, 36)
+    )
+    path = tmp_path / "m.onnx"
+    assert record["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    assert [(o.domain, o.version) for o in model.opset_import] == [("", onnx_export.OPSET)]
+    assert [i.name for i in model.graph.input] == ["frames"]
+    assert [o.name for o in model.graph.output] == ["visibility", "group", "coords"]
+    info = onnx_export.read_metadata(path)
+    config = json.loads((workdir / "config.json").read_text())
+    assert info["config_hash"] == config_hash(config) == record["config_hash"]
+    assert info["schema"] == SCHEMA.to_json() and info["opset"] == onnx_export.OPSET
+    assert info["frame_size"] == [40, 36] and info["batch"] == 2
+    assert info["inputs"]["frames"] == {"dtype": "uint8", "shape": [2, 40, 36]}
+    assert info["outputs"]["coords"]["shape"] == [2, SCHEMA.num_points, 2]
+    np.testing.assert_array_equal(
+        np.float32(info["thresholds"]), np.float32(0.3 + 0.02 * np.arange(SCHEMA.num_points))
+    )
+    assert info["group_thresholds"] == [0.4] * SCHEMA.num_groups
+
+    engine = onnx_runtime.load_onnx(path, workdir=workdir, schema="paper11")
+    assert engine.batch_size == 2
+    frames = _simulated_frames(3, 40)[:, :, :36]  # 3 frames: the last batch is padded
+    want = KeypointEngine.from_workdir(workdir, batch_size=2)(frames)
+    _assert_close(engine(frames), want, (40, 36))
+    with pytest.raises(ValueError, match="takes 36x40 frames, got 40x40"):
+        engine(_simulated_frames(1, 40))
+
+
+def test_artifacts_refused_for_another_run_or_schema(workdir, tmp_path):
+    onnx_path, jax_path = tmp_path / "m.onnx", tmp_path / "m.bin"
+    backends.export_workdir(workdir, onnx_path, format="onnx")
+    backends.export_workdir(workdir, jax_path, format="jax", batch=1)
+    other = tmp_path / "other"
+    other.mkdir()
+    config = json.loads((workdir / "config.json").read_text())
+    write_json_atomic(other / "config.json", {**config, "learning_rate": 1.0})
+    for path in (onnx_path, jax_path):
+        backends.open_engine(workdir, model_file=path)  # its own workdir: accepted
+        with pytest.raises(ValueError, match="another training run") as e:
+            backends.open_engine(other, model_file=path)
+        assert "\n" not in str(e.value) and str(path) in str(e.value)
+        with pytest.raises(ValueError, match="schema 'paper11' .* not 'reference10'"):
+            backends.open_engine(model_file=path, schema="reference10")
+    # The jax.export file runs and agrees with the ONNX file.
+    frames = _simulated_frames(1, 32)
+    a = backends.open_engine(model_file=jax_path)(frames)
+    b = backends.open_engine(model_file=onnx_path)(frames)
+    _assert_close(b, a, (32, 32))
+    with pytest.raises(ValueError, match="not an ONNX model"):
+        onnx_export.read_metadata(workdir / "config.json")
+    with pytest.raises(ValueError, match="config.json is not an ONNX model") as e:
+        backends.open_engine(model_file=workdir / "config.json")
+    assert "\n" not in str(e.value)
+
+
+def test_onnxruntime_backend_from_workdir_keeps_thresholds(workdir):
+    xla = backends.open_engine(workdir, batch_size=2)
+    ort = backends.open_engine(workdir, backend="onnxruntime", batch_size=2)
+    np.testing.assert_array_equal(ort.meta["thresholds"], xla.meta["thresholds"])
+    frames = _simulated_frames(5, 48)
+    _assert_close(ort(frames), xla(frames), (48, 48))
+    batches = [(["a", "b"], frames[:2]), (["c"], np.concatenate([frames[2:3], frames[:1] * 0]))]
+    got = list(ort.run_batches(batches))
+    assert [tag for tag, _ in got] == [["a", "b"], ["c"]]
+    assert got[1][1]["coords"].shape == (1, SCHEMA.num_points, 2)
+
+
+def test_missing_provider_is_a_clear_error():
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    with pytest.raises(onnx_runtime.ProviderUnavailable, match="no CUDAExecutionProvider"):
+        onnx_runtime.select_providers("cuda")
+    assert onnx_runtime.select_providers("auto")[0] == "CPUExecutionProvider"
+
+
+def test_latency_benchmark_rows_per_backend(tmp_path, monkeypatch):
+    from benchmarks import latency
+
+    written = []
+    real_write = latency.write_json_atomic
+    monkeypatch.setattr(
+        latency,
+        "write_json_atomic",
+        lambda p, r: written.append(len(r["rows"])) or real_write(p, r),
+    )
+    out = tmp_path / "bench.json"
+    result = latency.run_benchmark(
+        backbones=["resnet_tiny"], image_size=32, batch_sizes=[1, 2], dtypes=["float32"],
+        backends=["xla", "onnxruntime"], onnxruntime_peer=True, torch_eager=False,
+        profile=False, timing={"warmup": 1, "min_runs": 2, "min_time_s": 0.0}, out=out,
+        peak_size=256, progress=lambda s: None,
+    )  # fmt: skip
+    assert [(r["backend"], r["batch"]) for r in result["rows"]] == [
+        ("xla", 1), ("onnxruntime", 1), ("xla", 2), ("onnxruntime", 2),
+    ]  # fmt: skip
+    assert written[:4] == [1, 2, 3, 4]  # the JSON is rewritten after every row
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(result["rows"]))
+    for row in result["rows"]:
+        assert row["ratio_vs_onnxruntime"] > 0 and 0 < row["fraction_of_peak"]
+        assert row["flops_per_batch"] > 0
+    assert set(result["peak"]) >= {"xla_matmul", "onnxruntime_matmul"}
+    assert "| resnet_tiny | onnxruntime | float32 | 32 | 2 |" in latency.markdown_table(result)
+
+
+def test_deploy_doc_client_runs_without_jax(workdir, tmp_path):
+    """The numpy + onnxruntime client of docs/deploy.md, run as written with jax unimportable,
+    reports the points the engine's gate reports."""
+    import pathlib
+    import re
+    import subprocess
+    import sys
+
+    from tavr_jax.infer.postprocess import Gate
+
+    doc = (pathlib.Path(__file__).parents[1] / "docs" / "deploy.md").read_text()
+    (client,) = re.findall(r"```python\n(.*?)```", doc, re.S)
+    backends.export_workdir(workdir, tmp_path / "model.onnx", format="onnx")
+    frames = _simulated_frames(1, 32)
+    np.save(tmp_path / "frames.npy", frames)
+    client = client.replace('np.zeros((1, *info["frame_size"]), np.uint8)', 'np.load("frames.npy")')
+    assert 'np.load("frames.npy")' in client
+    script = 'import sys\nsys.modules["jax"] = None  # any import of jax now fails\n' + client
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    engine = onnx_runtime.load_onnx(tmp_path / "model.onnx")
+    out = engine(frames)
+    reported = Gate.from_meta(engine.meta, SCHEMA)(out["visibility"], out["group"])[0]
+    assert reported.any() and not reported.all()
+    assert [line.split(":")[0] for line in lines] == list(SCHEMA.point_names)
+    assert [": reported" in line for line in lines] == reported.tolist()
