@@ -1,4 +1,5 @@
-"""The paper's losses (section 3.2): group BCE, focal visibility loss, masked Wing loss.
+"""The paper's losses (section 3.2): group BCE, focal visibility loss, masked Wing loss; and
+the heatmap loss of the dense head.
 
 Per-element functions in the optax style: pure, hyperparameters keyword-only, an optional
 boolean `where=` mask (masked elements give 0 and zero gradient); the caller reduces. The
@@ -11,20 +12,26 @@ from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.typing import ArrayLike
 
 from tavr_jax.schema import KeypointSchema
 
 # The paper's loss: weights of (group BCE, visibility focal, coordinate Wing), focal and Wing
-# hyperparameters. `total_loss(config=...)` takes a mapping of the same shape (config.loss).
+# hyperparameters. `total_loss(config=...)` takes a mapping of the same shape (config.loss);
+# the heatmap term (`weights.heatmap`, `heatmap_sigma_px`) applies to heads that output
+# `heatmap_logits`, and `visibility_loss` picks "focal" (the paper) or "bce".
 PAPER_LOSS = {
-    "weights": {"group": 1.0, "visibility": 1.0, "coords": 1.0},
+    "weights": {"group": 1.0, "visibility": 1.0, "coords": 1.0, "heatmap": 1.0},
+    "visibility_loss": "focal",
     "focal_alpha": 0.25,
     "focal_gamma": 2.0,
     "wing_w": 10.0,
     "wing_eps": 2.0,
+    "heatmap_sigma_px": 4.0,
 }
+VISIBILITY_LOSSES = ("focal", "bce")
 
 
 def _masked(loss: jax.Array, where: ArrayLike | None) -> jax.Array:
@@ -74,6 +81,57 @@ def wing_loss(
     return _masked(loss, where)
 
 
+def gaussian_heatmap(
+    coords: ArrayLike, *, shape: Sequence[int], image_size: Sequence[int], sigma: float
+) -> jax.Array:
+    """(..., 2) pixel (x, y) -> (..., h, w): a Gaussian of `sigma` pixels over the map's cells.
+
+    Cell (i, j) of an h x w map over an H x W input sits at ((j + 0.5) W / w, (i + 0.5) H / h)
+    pixels; the result is normalised over the cells (a distribution, even near the border).
+    """
+    h, w = shape
+    height, width = image_size
+    xy = jnp.asarray(coords, jnp.float32)
+    xs = (jnp.arange(w, dtype=jnp.float32) + 0.5) * (width / w)
+    ys = (jnp.arange(h, dtype=jnp.float32) + 0.5) * (height / h)
+    lead = (1,) * (xy.ndim - 1)
+    log_x = -jnp.square(xs.reshape(*lead, w) - xy[..., 0:1]) / (2.0 * sigma**2)  # (..., w)
+    log_y = -jnp.square(ys.reshape(*lead, h) - xy[..., 1:2]) / (2.0 * sigma**2)  # (..., h)
+    logits = log_y[..., :, None] + log_x[..., None, :]
+    flat = jax.nn.softmax(logits.reshape(*logits.shape[:-2], h * w), axis=-1)
+    return flat.reshape(logits.shape)
+
+
+def heatmap_loss(
+    heatmaps: ArrayLike,
+    coords: ArrayLike,
+    *,
+    image_size: Sequence[int],
+    sigma: float = 4.0,
+    where: ArrayLike | None = None,
+) -> jax.Array:
+    """KL(Gaussian target || spatial softmax of the heatmap), per point.
+
+    Args:
+      heatmaps: (B, h, w, K) logits.
+      coords: (B, K, 2) target pixel (x, y) in the (height, width) = `image_size` input.
+      sigma: target width in input pixels.
+      where: (B, K) bool; masked points (invisible, arbitrary coords) give 0 and no gradient.
+    Returns:
+      (B, K) losses in nats, 0 when the softmax equals the target.
+    """
+    logits = jnp.moveaxis(jnp.asarray(heatmaps, jnp.float32), -1, 1)  # (B, K, h, w)
+    b, k, h, w = logits.shape
+    xy = jnp.asarray(coords, jnp.float32)
+    if where is not None:
+        xy = jnp.where(jnp.asarray(where)[..., None], xy, 0.0)
+    target = gaussian_heatmap(xy, shape=(h, w), image_size=image_size, sigma=sigma)
+    target = target.reshape(b, k, h * w)
+    log_q = jax.nn.log_softmax(logits.reshape(b, k, h * w), axis=-1)
+    kl = jnp.sum(jax.scipy.special.xlogy(target, target) - target * log_q, axis=-1)
+    return _masked(kl, where)
+
+
 def total_loss(
     outputs: dict[str, jax.Array],
     batch: dict[str, ArrayLike],
@@ -83,21 +141,24 @@ def total_loss(
     grouped: bool = True,
     config: Mapping | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """L = l1 L_group + l2 L_keypoint + l3 L_reg for one batch.
+    """L = l1 L_group + l2 L_keypoint + l3 L_reg (+ l4 L_heatmap) for one batch.
 
     Args:
       outputs: the model's dict: group_logits (B, G), visibility_logits (B, K), coords (B, K, 2)
-        normalised to [0, 1].
+        normalised to [0, 1]; with heatmap_logits (B, h, w, K), the heatmap term is added.
       batch: visibility (B, K) in {0, 1} and coords (B, K, 2) in pixels of the network input.
       image_size: the network input size S (or (height, width)); coords are scaled by it.
       grouped: False drops L_group (the ablation has no group classifier).
-      config: `weights` {group, visibility, coords}, `focal_alpha`, `focal_gamma`, `wing_w`,
-        `wing_eps` (config.loss); None is the paper's (`PAPER_LOSS`).
+      config: `weights` {group, visibility, coords, heatmap}, `visibility_loss`,
+        `focal_alpha`, `focal_gamma`, `wing_w`, `wing_eps`, `heatmap_sigma_px` (config.loss);
+        None is the paper's (`PAPER_LOSS`); missing keys take `PAPER_LOSS`'s values.
     Returns:
-      (total, {"group", "keypoint", "reg", "total"}) scalars; L_group is 0 when not grouped.
+      (total, {"group", "keypoint", "reg", ["heatmap"], "total"}) scalars; L_group is 0 when not
+      grouped; "heatmap" only for heads that output heatmaps.
     """
     c = PAPER_LOSS if config is None else config
-    w = c["weights"]
+    get = lambda key: c.get(key, PAPER_LOSS[key])  # noqa: E731
+    w = {**PAPER_LOSS["weights"], **dict(c["weights"])}
     visibility = jnp.asarray(batch["visibility"], jnp.float32)  # (B, K)
     target = jnp.asarray(batch["coords"], jnp.float32)  # (B, K, 2)
     size = jnp.broadcast_to(jnp.asarray(image_size, jnp.float32), (2,))  # (height, width)
@@ -108,18 +169,35 @@ def total_loss(
         loss_group = jnp.mean(group_bce(outputs["group_logits"], presence))
     else:
         loss_group = jnp.zeros((), jnp.float32)
-    loss_keypoint = jnp.mean(
-        sigmoid_focal_loss(
+    kind = get("visibility_loss")
+    if kind == "focal":
+        per_point = sigmoid_focal_loss(
             outputs["visibility_logits"],
             visibility,
-            alpha=c["focal_alpha"],
-            gamma=c["focal_gamma"],
+            alpha=get("focal_alpha"),
+            gamma=get("focal_gamma"),
         )
-    )
+    elif kind == "bce":
+        per_point = group_bce(outputs["visibility_logits"], visibility)
+    else:
+        raise ValueError(f"unknown visibility_loss {kind!r}; known: {', '.join(VISIBILITY_LOSSES)}")
+    loss_keypoint = jnp.mean(per_point)
 
     visible = jnp.broadcast_to((visibility > 0)[..., None], target.shape)  # (B, K, 2)
-    wing = wing_loss(pred_px, target, w=c["wing_w"], eps=c["wing_eps"], where=visible)
-    loss_reg = jnp.sum(wing) / jnp.maximum(jnp.sum(visible), 1)
+    wing = wing_loss(pred_px, target, w=get("wing_w"), eps=get("wing_eps"), where=visible)
+    n_visible = jnp.maximum(jnp.sum(visibility > 0), 1)
+    loss_reg = jnp.sum(wing) / (2 * n_visible)
 
     total = w["group"] * loss_group + w["visibility"] * loss_keypoint + w["coords"] * loss_reg
-    return total, {"group": loss_group, "keypoint": loss_keypoint, "reg": loss_reg, "total": total}
+    parts = {"group": loss_group, "keypoint": loss_keypoint, "reg": loss_reg}
+    if "heatmap_logits" in outputs:
+        per_heatmap = heatmap_loss(
+            outputs["heatmap_logits"],
+            target,
+            image_size=np.broadcast_to(np.asarray(image_size, np.float64), (2,)).tolist(),
+            sigma=get("heatmap_sigma_px"),
+            where=visibility > 0,
+        )
+        parts["heatmap"] = jnp.sum(per_heatmap) / n_visible
+        total = total + w["heatmap"] * parts["heatmap"]
+    return total, {**parts, "total": total}

@@ -11,6 +11,11 @@ the annotated visibility this gives TP / FP / FN per (image, point); then
 - mean_error_mm: the same distances times each frame's pixel spacing, over frames whose
   spacing is known (> 0); None when no frame has one.
 
+Calibration of the visibility probabilities (`calibration`): the (image, point) pairs are put
+in equal-width probability bins; a bin's confidence is its mean probability, its accuracy the
+share of annotated-visible points in it; ECE = sum over bins of (bin size / N) |accuracy -
+confidence|. Calibrated probabilities make one threshold (0.5) close to the best one.
+
 "Pooled" values sum the counts over all (image, point) pairs. `per_image_mean` is the public
 reference's protocol: each image gets its own five values, then they are averaged over images.
 A value whose denominator is zero is undefined (None when pooled) and such images are left out
@@ -51,6 +56,44 @@ def visibility_f1(pred: np.ndarray, truth: np.ndarray, axis=None):
     fp = (pred & ~truth).sum(axis=axis)
     fn = (~pred & truth).sum(axis=axis)
     return np.nan_to_num(_div(2 * tp, 2 * tp + fp + fn), nan=1.0)
+
+
+def calibration(prob: np.ndarray, truth: np.ndarray, *, bins: int = 10) -> dict:
+    """Expected calibration error and reliability bins of binary probabilities.
+
+    Bin b of `bins` equal-width bins holds probabilities in [b / bins, (b + 1) / bins), the
+    last bin including 1. Empty bins have count 0 and None for their means.
+
+    Returns:
+      {"ece": float or None (no pairs), "n": pairs, "bins": [{"lo", "hi", "count",
+      "confidence", "accuracy"}]}, JSON-serialisable.
+    """
+    if bins < 1:
+        raise ValueError(f"calibration needs at least one bin, got {bins}")
+    p = np.asarray(prob, np.float64).ravel()
+    y = np.asarray(truth).astype(bool).ravel()
+    if p.shape != y.shape:
+        raise ValueError(f"prob and truth must have the same size, got {p.size} and {y.size}")
+    index = np.clip(np.floor(p * bins).astype(np.int64), 0, bins - 1)
+    count = np.bincount(index, minlength=bins)
+    confidence = _div(np.bincount(index, weights=p, minlength=bins), count)
+    accuracy = _div(np.bincount(index, weights=y.astype(np.float64), minlength=bins), count)
+    gaps = np.where(count > 0, np.abs(accuracy - confidence), 0.0)
+    ece = float(np.sum(count * gaps) / p.size) if p.size else None
+    return {
+        "ece": ece,
+        "n": int(p.size),
+        "bins": [
+            {
+                "lo": b / bins,
+                "hi": (b + 1) / bins,
+                "count": int(count[b]),
+                "confidence": _to_json_value(confidence[b]),
+                "accuracy": _to_json_value(accuracy[b]),
+            }
+            for b in range(bins)
+        ],
+    }
 
 
 def _summaries(counts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -101,7 +144,9 @@ def keypoint_metrics(
     Returns:
       A JSON-serialisable dict (floats, ints, None): the five metrics pooled, `mean_error_mm`,
       `per_image_mean`, `per_image_defined`, `per_group`, `per_point`, `counts`, `threshold`,
-      `group_threshold`, `dist_px`, `n_images`. See the module docstring for the definitions.
+      `group_threshold`, `dist_px`, `n_images`, and `visibility_calibration` (`calibration`
+      of the visibility probabilities against the annotations, before any threshold or
+      gating). See the module docstring for the definitions.
     """
     k = schema.num_points
     prob = np.asarray(visibility, np.float64)
@@ -178,6 +223,7 @@ def keypoint_metrics(
         else _as_json_thresholds(group_threshold, schema.group_names),
         dist_px=float(dist_px),
         n_images=int(n),
+        visibility_calibration=calibration(prob, vis),
     )
     return out
 
@@ -266,4 +312,44 @@ def tune_thresholds(
             "points": dict(zip(schema.point_names, p_f1.tolist(), strict=True)),
             "groups": group_f1,
         },
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Comparing two models over patients
+
+
+def paired_bootstrap_f1(
+    counts_a: dict, counts_b: dict, *, n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> dict:
+    """F1(a) - F1(b), pooled over cases, with a percentile interval from resampling patients.
+
+    Both arms are scored on the same resampled cases in each replicate (a paired bootstrap),
+    so the interval reflects how much the difference depends on which patients were tested.
+    """
+    cases = sorted(counts_a)
+    if sorted(counts_b) != cases or not cases:
+        raise ValueError("both arms must be scored on the same, non-empty set of cases")
+    a = np.array([counts_a[c] for c in cases], np.float64)  # (cases, 3)
+    b = np.array([counts_b[c] for c in cases], np.float64)
+
+    def f1(counts):  # (..., 3) summed counts -> F1
+        tp, fp, fn = counts[..., 0], counts[..., 1], counts[..., 2]
+        return 2 * tp / np.maximum(2 * tp + fp + fn, 1)
+
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(cases), (n_boot, len(cases)))
+    boot_a, boot_b = f1(a[draws].sum(1)), f1(b[draws].sum(1))
+    q = [50 * (1 - level), 50 * (1 + level)]
+    f1_a, f1_b = float(f1(a.sum(0))), float(f1(b.sum(0)))
+    return {
+        "f1_a": f1_a,
+        "f1_b": f1_b,
+        "diff": f1_a - f1_b,
+        "ci": np.percentile(boot_a - boot_b, q).tolist(),
+        "relative": (f1_a - f1_b) / f1_b if f1_b > 0 else None,
+        "relative_ci": np.percentile((boot_a - boot_b) / np.maximum(boot_b, 1e-12), q).tolist(),
+        "level": level,
+        "n_cases": len(cases),
+        "n_boot": n_boot,
     }

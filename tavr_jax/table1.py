@@ -16,10 +16,17 @@ import time
 from collections.abc import Sequence
 
 import jax
+import numpy as np
 
-from tavr_jax.evaluate import evaluate_project, fmt_metric, tune_project
+from tavr_jax.config import HEAD_RECIPES, apply_overrides
+from tavr_jax.data.supervisely import read_project
+from tavr_jax.evaluate import evaluate_project, fmt_metric, predict_project, tune_project
 from tavr_jax.fileio import atomic_write_bytes, write_json_atomic
+from tavr_jax.infer.engine import KeypointEngine
+from tavr_jax.infer.postprocess import reported_points
+from tavr_jax.metrics import paired_bootstrap_f1
 from tavr_jax.train import train_and_evaluate
+from tavr_jax.workdir import data_split, load_thresholds
 
 # (precision, recall, F1, mean error px, localisation accuracy) of the paper's Table 1.
 PAPER_TABLE1 = {
@@ -52,13 +59,62 @@ class Variant:
         return f"{self.backbone}-{self.head}" + ("" if self.grouped else "-ungrouped")
 
 
-def table1_variants(backbones: Sequence[str], ablation_backbone: str = "resnet34") -> list[Variant]:
-    """Every backbone with the paper's head, then `ablation_backbone` with the paper's head,
-    the integral head and without groups."""
+def table1_variants(
+    backbones: Sequence[str],
+    ablation_backbone: str = "resnet34",
+    *,
+    heads: Sequence[str] = ("integral", "heatmap"),
+    ablation_head: str = "regression",
+) -> list[Variant]:
+    """Every backbone with the paper's head; then `ablation_backbone` with each of `heads`;
+    then the grouping ablation: `ablation_head` on `ablation_backbone`, grouped and not."""
     variants = [Variant(b) for b in (*backbones, ablation_backbone)]
-    variants += [Variant(ablation_backbone, head="integral")]
-    variants += [Variant(ablation_backbone, grouped=False)]
+    variants += [Variant(ablation_backbone, head=h) for h in heads]
+    variants += [Variant(ablation_backbone, head=ablation_head)]
+    variants += [Variant(ablation_backbone, head=ablation_head, grouped=False)]
     return list(dict.fromkeys(variants))  # unique, in order
+
+
+def case_counts(
+    workdir,
+    data_dir,
+    *,
+    split: str = "test",
+    threshold: float | None = None,
+    which: str = "best",
+    batch_size: int = 16,
+) -> dict:
+    """{case: [TP, FP, FN]} of the points a workdir reports on one split of its case split.
+
+    The same rule as `evaluate_project` (with `threshold=None`, the tuned thresholds and group
+    gating of W/thresholds.json; else one threshold, no gating), kept per case (patient) for
+    the bootstrap over patients (`metrics.paired_bootstrap_f1`).
+    """
+    engine = KeypointEngine.from_workdir(workdir, which=which, batch_size=batch_size)
+    meta, schema = engine.meta, engine.schema
+    project = read_project(data_dir, schema, split=split, **data_split(meta["config"]))
+    if not project.frames:
+        raise ValueError(f"{data_dir}: split {split!r} has no frames")
+    pred = predict_project(engine, project, desc=f"counts {split}")
+    if threshold is None:
+        point_thr, group_thr = load_thresholds(workdir, schema)
+    else:
+        point_thr, group_thr = float(threshold), None
+    shown = reported_points(
+        pred["visibility"],
+        None if group_thr is None else pred["group"],
+        schema,
+        point_thresholds=point_thr,
+        group_thresholds=group_thr,
+    )
+    truth = np.stack([f.visibility for f in project.frames]).astype(bool)
+    out: dict[str, list[int]] = {}
+    for f, p, t in zip(project.frames, shown, truth, strict=True):
+        c = out.setdefault(f.case_id, [0, 0, 0])
+        c[0] += int(np.sum(p & t))
+        c[1] += int(np.sum(p & ~t))
+        c[2] += int(np.sum(~p & t))
+    return out
 
 
 def _row(cells) -> str:
@@ -74,8 +130,10 @@ def table1_markdown(
     device: str,
     date: str,
     data: str = "",
+    ablation_head: str = "regression",
 ) -> str:
-    """The markdown report: our rows beside the paper's, then the grouping ablation."""
+    """The markdown report: our rows beside the paper's, then the grouping ablation (with a
+    bootstrap interval over patients when both arms carry `case_counts`)."""
     cols = (
         "backbone|head|groups|source|precision|recall|F1|mean error px|loc. acc. 20 px|"
         "error @1024 px|per-image F1|train s"
@@ -141,40 +199,60 @@ def table1_markdown(
                 )
             )
     by_variant = dict(results)
-    grouped = by_variant.get(Variant(ablation_backbone))
-    ungrouped = by_variant.get(Variant(ablation_backbone, grouped=False))
+    grouped = by_variant.get(Variant(ablation_backbone, head=ablation_head))
+    ungrouped = by_variant.get(Variant(ablation_backbone, head=ablation_head, grouped=False))
     lines += ["", "## Grouped vs not grouped", ""]
     if grouped is None or ungrouped is None or None in (grouped["f1"], ungrouped["f1"]):
-        lines.append(f"Not available: both {ablation_backbone} runs are needed.")
+        lines.append(f"Not available: both {ablation_backbone} {ablation_head} runs are needed.")
     else:
-        diff = grouped["f1"] - ungrouped["f1"]
-        rel = diff / ungrouped["f1"] if ungrouped["f1"] > 0 else None
-        points = "holds" if diff > PAPER_GROUPING_GAIN else "does not hold"
-        relative = "holds" if rel is not None and rel > PAPER_GROUPING_GAIN else "does not hold"
+        arm = f"{ablation_backbone} {ablation_head}"
         lines += [
             _row(["network", "F1", "per-image F1"]),
             _row(["---"] * 3),
-            _row(
-                [
-                    f"{ablation_backbone}, grouped",
-                    fmt_metric(grouped["f1"]),
-                    fmt_metric(grouped["per_image_mean"]["f1"]),
-                ]
-            ),
-            _row(
-                [
-                    f"{ablation_backbone}, not grouped",
-                    fmt_metric(ungrouped["f1"]),
-                    fmt_metric(ungrouped["per_image_mean"]["f1"]),
-                ]
-            ),
+            _row([f"{arm}, grouped", fmt_metric(grouped["f1"]),
+                  fmt_metric(grouped["per_image_mean"]["f1"])]),
+            _row([f"{arm}, not grouped", fmt_metric(ungrouped["f1"]),
+                  fmt_metric(ungrouped["per_image_mean"]["f1"])]),
             "",
-            f"F1 difference (grouped - not grouped): {diff:+.4f} "
-            f"({'-' if rel is None else f'{100 * rel:+.1f}%'} relative). The paper's claim of more "
-            f"than 8% F1 from grouping, read as {PAPER_GROUPING_GAIN:.2f} F1 points, {points}; "
-            f"read as 8% relative, {relative} at this budget.",
-        ]
+        ]  # fmt: skip
+        lines.append(_grouping_verdict(grouped, ungrouped))
     return "\n".join(lines) + "\n"
+
+
+def _grouping_verdict(grouped: dict, ungrouped: dict) -> str:
+    """The paper's +8% claim read against the difference (and its interval, when known)."""
+    diff = grouped["f1"] - ungrouped["f1"]
+    rel = diff / ungrouped["f1"] if ungrouped["f1"] > 0 else None
+    text = (
+        f"F1 difference (grouped - not grouped): {diff:+.4f} "
+        f"({'-' if rel is None else f'{100 * rel:+.1f}%'} relative)."
+    )
+    if "case_counts" not in grouped or "case_counts" not in ungrouped:
+        points = "holds" if diff > PAPER_GROUPING_GAIN else "does not hold"
+        relative = "holds" if rel is not None and rel > PAPER_GROUPING_GAIN else "does not hold"
+        return (
+            f"{text} The paper's claim of more than 8% F1 from grouping, read as "
+            f"{PAPER_GROUPING_GAIN:.2f} F1 points, {points}; read as 8% relative, {relative} at "
+            "this budget (no interval: the per-patient counts are missing)."
+        )
+    boot = paired_bootstrap_f1(grouped["case_counts"], ungrouped["case_counts"])
+    lo, hi = boot["ci"]
+    rlo, rhi = boot["relative_ci"]
+
+    def verdict(low, high):
+        if low > PAPER_GROUPING_GAIN:
+            return "confirmed"
+        if high < PAPER_GROUPING_GAIN:
+            return "refuted"
+        return "neither confirmed nor refuted"
+
+    return (
+        f"{text} {100 * boot['level']:.0f}% interval over patients (paired bootstrap, "
+        f"{boot['n_cases']} test patients, {boot['n_boot']} resamples): [{lo:+.4f}, {hi:+.4f}] "
+        f"F1 points, [{100 * rlo:+.1f}%, {100 * rhi:+.1f}%] relative. The paper's claim of more "
+        f"than 8% F1 from grouping is {verdict(lo, hi)} read as {PAPER_GROUPING_GAIN:.2f} F1 "
+        f"points, and {verdict(rlo, rhi)} read as 8% relative."
+    )
 
 
 def run_table1(
@@ -187,6 +265,8 @@ def run_table1(
     image_size: int,
     workdir_root,
     ablation_backbone: str = "resnet34",
+    heads: Sequence[str] = ("integral", "heatmap"),
+    ablation_head: str = "regression",
     command: str = "",
     train_fn=None,
     eval_batch_size: int = 16,
@@ -197,13 +277,16 @@ def run_table1(
     on the validation cases and is evaluated on the test cases (a test fraction of 0.2 is set
     when the config has none, so val can pick checkpoints and thresholds). A variant whose
     metrics_test.json records the same budget is reused, so an interrupted table resumes.
-    `train_fn` defaults to `tavr_jax.train.train_and_evaluate`.
+    Each variant's metrics keep its per-patient counts (`case_counts`) for the bootstrap of
+    the grouping ablation. `train_fn` defaults to `tavr_jax.train.train_and_evaluate`.
     """
     train_fn = train_fn or train_and_evaluate
     if steps < 1 or image_size < 8:
         raise ValueError(f"steps must be >= 1 and image_size >= 8, got {steps}, {image_size}")
     results = []
-    variants = table1_variants(backbones, ablation_backbone)
+    variants = table1_variants(
+        backbones, ablation_backbone, heads=heads, ablation_head=ablation_head
+    )
     dev = jax.devices()[0]
     device = (
         f"{len(jax.devices())} x {dev.platform} ({dev.device_kind}), {os.cpu_count()} CPU cores"
@@ -213,8 +296,8 @@ def run_table1(
         f"(optimizer {base_config.optimizer.name}, lr {base_config.optimizer.learning_rate})"
     )
     for v in variants:
-        config = base_config.copy_and_resolve_references()
-        config.backbone, config.head, config.grouped = v.backbone, v.head, v.grouped
+        config = apply_overrides(base_config, HEAD_RECIPES.get(v.head, {"head": v.head}))
+        config.backbone, config.grouped = v.backbone, v.grouped
         config.num_steps, config.image_size = int(steps), int(image_size)
         config.eval_every = config.checkpoint_every = max(1, steps // 2)
         config.optimizer.warmup_steps = min(config.optimizer.warmup_steps, max(1, steps // 10))
@@ -230,12 +313,14 @@ def run_table1(
             train_s = time.perf_counter() - t0
             tune_project(workdir, data_dir, batch_size=eval_batch_size)
             metrics = evaluate_project(workdir, data_dir, split="test", batch_size=eval_batch_size)
-            metrics.update(train_seconds=train_s, **budget_key)
+            counts = case_counts(workdir, data_dir, split="test", batch_size=eval_batch_size)
+            metrics.update(train_seconds=train_s, case_counts=counts, **budget_key)
             write_json_atomic(done, metrics)
         results.append((v, metrics))
         text = table1_markdown(
             results,
             ablation_backbone=ablation_backbone,
+            ablation_head=ablation_head,
             command=command,
             budget=budget,
             device=device,

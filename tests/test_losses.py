@@ -211,3 +211,53 @@ def test_total_loss_all_invisible_is_finite_with_zero_regression():
     assert float(parts["reg"]) == 0.0
     np.testing.assert_array_equal(grads["coords"], 0.0)
     assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
+
+
+def test_bce_visibility_loss_against_numpy():
+    vis = np.zeros((2, SCHEMA.num_points), bool)
+    vis[0, [0, 1]] = True
+    batch, out = _batch_and_outputs(vis)
+    config = {**losses.PAPER_LOSS, "visibility_loss": "bce"}
+    _, parts = losses.total_loss(out, batch, SCHEMA, image_size=64, config=config)
+    z = np.asarray(out["visibility_logits"], np.float64)
+    p = 1 / (1 + np.exp(-z))
+    y = vis.astype(np.float64)
+    np.testing.assert_allclose(
+        parts["keypoint"], np.mean(-(y * np.log(p) + (1 - y) * np.log(1 - p))), rtol=1e-5
+    )
+    with pytest.raises(ValueError, match="unknown visibility_loss 'hinge'"):
+        losses.total_loss(
+            out, batch, SCHEMA, image_size=64, config={**config, "visibility_loss": "hinge"}
+        )
+
+
+def test_total_loss_adds_the_heatmap_term_when_the_head_has_heatmaps():
+    vis = np.zeros((2, SCHEMA.num_points), bool)
+    vis[0, [0, 2, 5]] = True
+    vis[1, [8]] = True
+    batch, out = _batch_and_outputs(vis)
+    heatmaps = jnp.asarray(
+        np.random.RandomState(4).randn(2, 16, 16, SCHEMA.num_points), jnp.float32
+    )
+    config = {**losses.PAPER_LOSS, "weights": {**losses.PAPER_LOSS["weights"], "heatmap": 0.5}}
+    base, parts = losses.total_loss(out, batch, SCHEMA, image_size=64, config=config)
+    assert "heatmap" not in parts
+    total, parts_hm = losses.total_loss(
+        {**out, "heatmap_logits": heatmaps}, batch, SCHEMA, image_size=64, config=config
+    )
+    per_point = losses.heatmap_loss(heatmaps, batch["coords"], image_size=(64, 64), sigma=4.0,
+                                    where=vis)  # fmt: skip
+    np.testing.assert_allclose(parts_hm["heatmap"], np.asarray(per_point)[vis].mean(), rtol=1e-5)
+    np.testing.assert_allclose(total, base + 0.5 * parts_hm["heatmap"], rtol=1e-5)
+    # Older configs without the new keys get the defaults.
+    old = {
+        k: v
+        for k, v in losses.PAPER_LOSS.items()
+        if k not in ("heatmap_sigma_px", "visibility_loss")
+    }
+    old["weights"] = {"group": 1.0, "visibility": 1.0, "coords": 1.0}
+    t_old, _ = losses.total_loss(
+        {**out, "heatmap_logits": heatmaps}, batch, SCHEMA, image_size=64, config=old
+    )
+    t_new, _ = losses.total_loss({**out, "heatmap_logits": heatmaps}, batch, SCHEMA, image_size=64)
+    np.testing.assert_allclose(t_old, t_new, rtol=1e-6)

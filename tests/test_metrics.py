@@ -336,3 +336,71 @@ def test_load_thresholds_defaults_and_errors(tmp_path):
     (tmp_path / "thresholds.json").write_text('{"points": {"P": 0.5}}')
     with pytest.raises(ValueError, match="thresholds.json"):
         workdir.load_thresholds(tmp_path, TINY)
+
+
+def test_calibration_hand_computed():
+    # Bins of width 0.25. [0, .25): 0.1 (no), 0.2 (yes) -> confidence 0.15, accuracy 0.5;
+    # [.5, .75): 0.6 (yes) -> 0.6 vs 1; [.75, 1]: 0.9 (yes), 1.0 (yes), 0.8 (no) -> 0.9 vs 2/3.
+    # ECE = (2 * 0.35 + 1 * 0.4 + 3 * (0.9 - 2/3)) / 6.
+    prob = np.array([[0.1, 0.2, 0.6], [0.9, 1.0, 0.8]])
+    truth = np.array([[0, 1, 1], [1, 1, 0]], bool)
+    cal = metrics.calibration(prob, truth, bins=4)
+    assert cal["n"] == 6
+    assert cal["ece"] == pytest.approx((2 * 0.35 + 0.4 + 3 * (0.9 - 2 / 3)) / 6)
+    counts = [b["count"] for b in cal["bins"]]
+    assert counts == [2, 0, 1, 3]
+    assert cal["bins"][1]["confidence"] is None and cal["bins"][1]["accuracy"] is None
+    assert cal["bins"][0]["confidence"] == pytest.approx(0.15)
+    assert cal["bins"][3]["accuracy"] == pytest.approx(2 / 3)
+    assert cal["bins"][3]["hi"] == 1.0
+    json.dumps(cal)  # serialisable as it is
+
+
+def test_calibration_of_calibrated_and_overconfident_probabilities():
+    rng = np.random.default_rng(0)
+    p = rng.uniform(size=200_000)
+    truth = rng.uniform(size=p.shape) < p  # events happen with their stated probability
+    assert metrics.calibration(p, truth)["ece"] < 0.01
+    # Saying 0 or 1 where the truth is a coin flip is off by 0.5 everywhere.
+    coin = rng.uniform(size=p.shape) < 0.5
+    assert metrics.calibration(p > 0.5, coin)["ece"] == pytest.approx(0.5, abs=0.01)
+    with pytest.raises(ValueError, match="same size"):
+        metrics.calibration(p[:3], truth[:4])
+
+
+def test_keypoint_metrics_report_visibility_calibration():
+    prob, pxy, vis, txy, _, _ = _random_case(5)
+    m = metrics.keypoint_metrics(prob, pxy, vis, txy, SCHEMA)
+    assert m["visibility_calibration"] == metrics.calibration(prob, vis)
+
+
+def _loop_bootstrap(a, b, n_boot, seed):
+    """Plain loop over replicates with the same draws: pooled F1 of each arm per replicate."""
+    cases = sorted(a)
+    draws = np.random.default_rng(seed).integers(0, len(cases), (n_boot, len(cases)))
+    diffs = []
+    for row in draws:
+        f1 = []
+        for counts in (a, b):
+            tp = sum(counts[cases[i]][0] for i in row)
+            fp = sum(counts[cases[i]][1] for i in row)
+            fn = sum(counts[cases[i]][2] for i in row)
+            f1.append(2 * tp / (2 * tp + fp + fn))
+        diffs.append(f1[0] - f1[1])
+    return np.percentile(diffs, [2.5, 97.5])
+
+
+def test_paired_bootstrap_f1_matches_a_loop_and_hand_values():
+    a = {"p1": [8, 1, 1], "p2": [5, 0, 5], "p3": [9, 3, 0]}
+    b = {"p1": [6, 2, 3], "p2": [5, 1, 5], "p3": [7, 5, 2]}
+    boot = metrics.paired_bootstrap_f1(a, b, n_boot=300, seed=3)
+    # Pooled: a = 2*22 / (44 + 4 + 6) = 44/54; b = 36 / (36 + 8 + 10) = 36/54.
+    assert boot["f1_a"] == pytest.approx(44 / 54) and boot["f1_b"] == pytest.approx(36 / 54)
+    assert boot["diff"] == pytest.approx(8 / 54) and boot["relative"] == pytest.approx(8 / 36)
+    np.testing.assert_allclose(boot["ci"], _loop_bootstrap(a, b, 300, 3), rtol=1e-12)
+    assert boot["ci"][0] <= boot["diff"] <= boot["ci"][1]
+    # One patient: every replicate is that patient, the interval has no width.
+    one = metrics.paired_bootstrap_f1({"p": [4, 1, 0]}, {"p": [2, 1, 2]}, n_boot=50)
+    assert one["ci"][0] == pytest.approx(one["ci"][1]) == pytest.approx(one["diff"])
+    with pytest.raises(ValueError, match="same, non-empty set of cases"):
+        metrics.paired_bootstrap_f1(a, {"p1": [1, 0, 0]})

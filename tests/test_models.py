@@ -44,6 +44,32 @@ def test_backbone_shapes(name, channels):
     assert stem["kernel"].shape[2] == channels
 
 
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_backbone_stages(name):
+    # Strides 4, 8, 16, 32 (fine to coarse; the tiny test net stops at 8); the last stage is
+    # the default output, so the heads that pool it see the same features either way.
+    x = jnp.zeros((1, S, S, 1))
+    net = get_backbone(name)
+    staged = get_backbone(name, return_stages=True)
+    last, variables = jax.eval_shape(lambda: net.init_with_output(jax.random.key(0), x))
+    stages, staged_vars = jax.eval_shape(lambda: staged.init_with_output(jax.random.key(0), x))
+    strides = [S // s.shape[1] for s in stages]
+    assert strides == ([4, 8] if name == "resnet_tiny" else [4, 8, 16, 32])
+    assert stages[-1].shape == last.shape
+    # The same parameters: a checkpoint of one loads into the other.
+    assert jax.tree.map(lambda a: a.shape, staged_vars) == jax.tree.map(
+        lambda a: a.shape, variables
+    )
+
+
+def test_backbone_stages_end_with_the_default_output():
+    net = get_backbone("resnet_tiny")
+    x = jnp.asarray(_images()[..., None], jnp.float32)
+    variables = net.init(jax.random.key(0), x)
+    stages = get_backbone("resnet_tiny", return_stages=True).apply(variables, x)
+    np.testing.assert_array_equal(stages[-1], net.apply(variables, x))
+
+
 def test_unknown_names_raise():
     with pytest.raises(ValueError, match="unknown backbone 'resnet99'"):
         get_backbone("resnet99")
@@ -53,7 +79,12 @@ def test_unknown_names_raise():
 
 @pytest.mark.parametrize(
     "backbone,head",
-    [("resnet_tiny", "regression"), ("resnet_tiny", "integral"), ("resnet18", "regression")],
+    [
+        ("resnet_tiny", "regression"),
+        ("resnet_tiny", "integral"),
+        ("resnet_tiny", "heatmap"),
+        ("resnet18", "regression"),
+    ],
 )
 def test_forward_outputs(backbone, head):
     model = create_model(SCHEMA, backbone=backbone, head=head)
@@ -63,7 +94,8 @@ def test_forward_outputs(backbone, head):
     assert set(variables["params"]) == {"backbone", "head"}
     # Eager apply: compiling every variant would dominate the test time on a small CPU.
     out = model.apply(variables, images)
-    assert set(out) == {"group_logits", "visibility_logits", "coords"}
+    extra = {"heatmap_logits"} if head == "heatmap" else set()
+    assert set(out) == {"group_logits", "visibility_logits", "coords"} | extra
     assert out["group_logits"].shape == (B, SCHEMA.num_groups)
     assert out["visibility_logits"].shape == (B, SCHEMA.num_points)
     assert out["coords"].shape == (B, SCHEMA.num_points, 2)

@@ -61,7 +61,7 @@ def _assert_close(got, want, frame_hw):
     np.testing.assert_allclose(got["coords"] / scale, want["coords"] / scale, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("head", ["regression", "integral"])
+@pytest.mark.parametrize("head", ["regression", "integral", "heatmap"])
 @pytest.mark.parametrize("grouped", [True, False])
 @pytest.mark.parametrize("frame_hw", [(SIZE, SIZE), (56, 48)])
 def test_onnxruntime_matches_jax_engine(head, grouped, frame_hw):
@@ -101,13 +101,13 @@ def test_config_hash_is_canonical_json():
 
 
 def test_unsupported_networks_are_named():
-    with pytest.raises(ValueError, match="head 'heatmap' has no ONNX export"):
-        onnx_export.check_supported({"head": "heatmap", "backbone": "resnet34"})
+    with pytest.raises(ValueError, match="head 'simcc' has no ONNX export"):
+        onnx_export.check_supported({"head": "simcc", "backbone": "resnet34"})
     with pytest.raises(ValueError, match="backbone 'efficientnet_b0' has no ONNX export"):
         onnx_export.check_supported({"head": "regression", "backbone": "efficientnet_b0"})
     eng = _engine(batch_size=1)
-    eng.meta["head"] = "heatmap"
-    with pytest.raises(ValueError, match="'heatmap'"):
+    eng.meta["head"] = "simcc"
+    with pytest.raises(ValueError, match="'simcc'"):
         onnx_runtime.OnnxKeypointEngine.from_engine(eng)
 
 
@@ -117,7 +117,9 @@ def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("workdir")
     config = worker.tiny_config()
     write_json_atomic(root / "config.json", config.to_dict())
-    base = KeypointEngine.random_init(SCHEMA, config.backbone, config.image_size, seed=2)
+    base = KeypointEngine.random_init(
+        SCHEMA, config.backbone, config.image_size, head=config.head, seed=2
+    )
     variables = _perturbed(base.variables, seed=2)
     with CheckpointStore(root) as store:
         store.save(5, {"step": jnp.int32(5), **variables})

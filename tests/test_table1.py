@@ -19,10 +19,15 @@ def _metrics(f1, precision=0.9, recall=0.8, err=12.5, acc=0.75, pim_f1=None, wid
 def test_table1_variants():
     V = table1.Variant
     assert table1.table1_variants(["resnet18", "resnet34"]) == [
-        V("resnet18"), V("resnet34"), V("resnet34", head="integral"), V("resnet34", grouped=False)
+        V("resnet18"), V("resnet34"), V("resnet34", head="integral"), V("resnet34", head="heatmap"),
+        V("resnet34", grouped=False),
     ]  # fmt: skip
-    assert table1.table1_variants(["vgg16"], "resnet_tiny")[1:] == [
+    assert table1.table1_variants(["vgg16"], "resnet_tiny", heads=["integral"])[1:] == [
         V("resnet_tiny"), V("resnet_tiny", head="integral"), V("resnet_tiny", grouped=False)
+    ]  # fmt: skip
+    # The grouping ablation with another head brings its grouped arm along.
+    assert table1.table1_variants(["resnet18"], "resnet18", heads=[], ablation_head="heatmap") == [
+        V("resnet18"), V("resnet18", head="heatmap"), V("resnet18", head="heatmap", grouped=False)
     ]  # fmt: skip
     assert V("resnet34", grouped=False).name == "resnet34-regression-ungrouped"
 
@@ -65,7 +70,8 @@ def test_run_table1_trains_each_variant_and_writes_table(tmp_path):
     def fake_train(config, workdir, data_dir):
         assert data_dir == data
         seen.append((config.backbone, config.head, config.grouped, config.num_steps,
-                     config.image_size, config.data.test_fraction))  # fmt: skip
+                     config.image_size, config.data.test_fraction,
+                     config.loss.visibility_loss, config.loss.weights.coords))  # fmt: skip
         write_tiny_checkpoint(workdir, config.to_dict())
 
     base = get_config("runlocal")
@@ -76,18 +82,25 @@ def test_run_table1_trains_each_variant_and_writes_table(tmp_path):
         workdir_root=tmp_path / "runs", ablation_backbone="resnet_tiny", train_fn=fake_train,
         eval_batch_size=2,
     )  # fmt: skip
+    # The regression rows (the paper's) train with the paper's loss, the others with the
+    # default, except that the integral head (no heatmap term) keeps the Wing weight 1.
     assert seen == [
-        ("resnet_tiny", "regression", True, 4, 32, 0.2),
-        ("resnet_tiny", "integral", True, 4, 32, 0.2),
-        ("resnet_tiny", "regression", False, 4, 32, 0.2),
+        ("resnet_tiny", "regression", True, 4, 32, 0.2, "focal", 1.0),
+        ("resnet_tiny", "integral", True, 4, 32, 0.2, "bce", 1.0),
+        ("resnet_tiny", "heatmap", True, 4, 32, 0.2, "bce", 0.1),
+        ("resnet_tiny", "regression", False, 4, 32, 0.2, "focal", 1.0),
     ]
-    assert base.num_steps == 300  # the caller's config is not modified
+    assert base.num_steps == get_config("runlocal").num_steps  # the caller's is not modified
     for variant, m in results:
         saved = json.loads((tmp_path / "runs" / variant.name / "metrics_test.json").read_text())
         assert saved["split"] == "test" and saved["f1"] == m["f1"]
+        # Per-patient counts add up to the pooled ones.
+        tp, fp, fn = (sum(c[i] for c in m["case_counts"].values()) for i in range(3))
+        assert (tp, fp, fn) == (m["counts"]["tp"], m["counts"]["fp"], m["counts"]["fn"])
         assert (tmp_path / "runs" / variant.name / "thresholds.json").exists()
     text = out.read_text()
-    assert text.count(" | ours | ") == 3 and "## Grouped vs not grouped" in text
+    assert text.count(" | ours | ") == 4 and "## Grouped vs not grouped" in text
+    assert "paired bootstrap, 1 test patients" in text
     assert "test split 2 frames of 1 cases, 32 px wide" in text
     # A finished variant is reused (resume); another budget retrains.
     seen.clear()
@@ -96,3 +109,16 @@ def test_run_table1_trains_each_variant_and_writes_table(tmp_path):
         workdir_root=tmp_path / "runs", ablation_backbone="resnet_tiny", train_fn=fake_train,
     )  # fmt: skip
     assert seen == [] and out.read_text() == text
+
+
+def test_grouping_verdict_reads_the_interval():
+    def arm(f1, counts):
+        return {"f1": f1, "case_counts": counts}
+
+    wide_gain = {f"p{i}": [20, 0, 0] for i in range(6)}  # F1 1.0 everywhere
+    poor = {f"p{i}": [10, 10, 10] for i in range(6)}  # F1 0.5 everywhere
+    text = table1._grouping_verdict(arm(1.0, wide_gain), arm(0.5, poor))
+    assert "[+0.5000, +0.5000] F1 points" in text
+    assert "is confirmed read as 0.08 F1 points, and confirmed read as 8% relative" in text
+    text = table1._grouping_verdict(arm(0.5, poor), arm(0.5, poor))
+    assert "is refuted read as 0.08 F1 points, and refuted read as 8% relative" in text

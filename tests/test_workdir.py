@@ -21,7 +21,7 @@ def test_load_for_inference(tmp_path):
     config = worker.tiny_config(ema_decay=0.9)
     write_json_atomic(tmp_path / "config.json", config.to_dict())
     schema = get_schema(config.schema)
-    model = create_model(schema, backbone=config.backbone)
+    model = create_model(schema, backbone=config.backbone, head=config.head)
     images = jnp.zeros((1, config.image_size, config.image_size), jnp.uint8)
     # Random values of the right shapes: no need to run (compile) the initialisers.
     rng = np.random.default_rng(0)
@@ -82,10 +82,10 @@ def test_training_refuses_another_config_before_writing_anything(tmp_path):
     with pytest.raises(workdir.ConfigMismatch) as err:
         train_and_evaluate(other, w, project)
     message = str(err.value)
-    assert "\n" not in message and "head ('regression' -> 'integral')" in message
+    assert "\n" not in message and "head ('heatmap' -> 'integral')" in message
     assert "optimizer.learning_rate" in message and "new --workdir" in message
     assert (w / "config.json").read_bytes() == stored  # the trained model stays loadable
-    assert workdir.load_for_inference(w)[2]["head"] == "regression"
+    assert workdir.load_for_inference(w)[2]["head"] == "heatmap"
     # Run control may change on resume: more steps continue the same run.
     more = worker.tiny_config(num_steps=3, checkpoint_every=3)
     assert train_and_evaluate(more, w, project)["step"] == 3

@@ -35,7 +35,7 @@ FORMAT = "tavr-keypoints-onnx/1"
 METADATA_KEY = "tavr_keypoints"
 INPUT_NAME = "frames"
 OUTPUT_NAMES = ("visibility", "group", "coords")
-SUPPORTED_HEADS = ("regression", "integral")
+SUPPORTED_HEADS = ("regression", "integral", "heatmap")
 
 
 def library_versions() -> dict:
@@ -157,6 +157,7 @@ def _resnet(g: Graph, x: str, params: dict, stats: dict, keywords: dict) -> str:
     x = g.op("Relu", conv_bn(x, params, stats, "conv1", "bn1", stride=2, pad=3))
     x = g.op("MaxPool", x, kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
     bottleneck = keywords["block_cls"] is Bottleneck
+    stages = []
     for i, n_blocks in enumerate(keywords["stage_sizes"]):
         for j in range(n_blocks):
             name = f"layer{i + 1}_{j}"
@@ -173,14 +174,16 @@ def _resnet(g: Graph, x: str, params: dict, stats: dict, keywords: dict) -> str:
             if "downsample_0" in p:
                 residual = conv_bn(x, p, s, "downsample_0", "downsample_1", stride=stride)
             x = g.op("Relu", g.op("Add", residual, y))
-    return x
+        stages.append(x)  # strides 4, 8, 16, 32
+    return stages
 
 
-def _vgg(g: Graph, x: str, params: dict, stats: dict, keywords: dict) -> str:
-    idx = 0
+def _vgg(g: Graph, x: str, params: dict, stats: dict, keywords: dict) -> list[str]:
+    idx, stages = 0, []
     for v in keywords["cfg"]:
         if v == "M":
             x = g.op("MaxPool", x, kernel_shape=[2, 2], strides=[2, 2])
+            stages.append(x)  # strides 2, 4, ..., 32, as `VGG(return_stages=True)` minus the first
             idx += 1
             continue
         bn = None
@@ -188,7 +191,7 @@ def _vgg(g: Graph, x: str, params: dict, stats: dict, keywords: dict) -> str:
             bn = {**params[f"features_{idx + 1}"], **stats[f"features_{idx + 1}"]}
         x = g.op("Relu", g.conv(x, params[f"features_{idx}"], pad=1, bn=bn))
         idx += 3 if bn is not None else 2
-    return x
+    return stages[1:]
 
 
 def _point_outputs(g: Graph, h: str, p: dict, schema: KeypointSchema, per_point: int) -> str:
@@ -228,9 +231,42 @@ def _soft_argmax(g: Graph, heatmaps: str, hh: int, ww: int, k: int) -> str:
     return g.op("MatMul", probs, g.const(grid, "grid"))
 
 
-def _head(g, features, feat_hw, params, meta, schema) -> tuple[str, str, str]:
-    """The head: (B, C, h, w) features -> (group logits, visibility logits, coords in [0, 1])."""
+def _local_soft_argmax(g: Graph, heatmaps: str, hh: int, ww: int, k: int, radius: int) -> str:
+    """`models.dense.local_soft_argmax`: the soft-argmax over the cells near each map's peak."""
+    flat = g.op("Reshape", heatmaps, g.const(np.array([0, k, hh * ww])))
+    # The peak's row and column as float32 (exact for these map sizes), (B, K, 1) each.
+    peak = g.op("Cast", g.op("ArgMax", flat, axis=-1, keepdims=1), to=g.onnx.TensorProto.FLOAT)
+    row = g.op("Floor", g.op("Div", peak, g.const(np.float32(ww))))
+    col = g.op("Sub", peak, g.op("Mul", row, g.const(np.float32(ww))))
+
+    def near(centre, n):  # (B, K, n): |index - centre| <= radius
+        offset = g.op("Abs", g.op("Sub", g.const(np.arange(n, dtype=np.float32)), centre))
+        return g.op("LessOrEqual", offset, g.const(np.float32(radius)))
+
+    rows = g.op("Unsqueeze", near(row, hh), g.const(np.array([-1])))  # (B, K, h, 1)
+    cols = g.op("Unsqueeze", near(col, ww), g.const(np.array([-2])))  # (B, K, 1, w)
+    masked = g.op("Where", g.op("And", rows, cols), heatmaps, g.const(np.float32(-np.inf)))
+    return _soft_argmax(g, masked, hh, ww, k)
+
+
+def _neck(g: Graph, stages: list[str], stage_hw: list, p: dict) -> tuple[str, tuple]:
+    """`models.dense.FeaturePyramidNeck` over as many of the last stages as it has laterals:
+    (its output map, that map's (h, w))."""
+    levels = sum(name.startswith("lateral_") for name in p)
+    stages, stage_hw = stages[-levels:], stage_hw[-levels:]
+    x = g.conv(stages[-1], p[f"lateral_{levels - 1}"])
+    for i in range(levels - 2, -1, -1):
+        x = _resize_hw(g, x, stage_hw[i + 1], stage_hw[i])
+        x = g.op("Add", x, g.conv(stages[i], p[f"lateral_{i}"]))
+        x = g.op("Relu", g.conv(x, p[f"smooth_{i}"], pad=1))
+    return x, stage_hw[0]
+
+
+def _head(g, stages, stage_hw, params, meta, schema) -> tuple[str, str, str]:
+    """The head: the backbone's stages ((B, C, h, w) each, fine to coarse) -> (group logits,
+    visibility logits, coords in [0, 1])."""
     kind = meta.get("head", "regression")
+    features, feat_hw = stages[-1], stage_hw[-1]
     pooled = g.op("ReduceMean", features, axes=[2, 3], keepdims=0)
     shared = params["shared"]
     h = g.dense(pooled, shared["dense"])
@@ -242,12 +278,18 @@ def _head(g, features, feat_hw, params, meta, schema) -> tuple[str, str, str]:
         out = _point_outputs(g, h, params["points"], schema, 3)  # (B, K, 3)
         vis_logits = g.op("Reshape", _last(g, out, 0, 1), g.const(np.array([0, k])))
         coords = g.op("Sigmoid", _last(g, out, 1, 3))
+    elif kind == "heatmap":
+        out = _point_outputs(g, h, params["points"], schema, 1)
+        vis_logits = g.op("Reshape", out, g.const(np.array([0, k])))
+        x, (hh, ww) = _neck(g, stages, stage_hw, params["neck"])
+        heatmaps = g.conv(x, params["heatmap_out"])
+        coords = _local_soft_argmax(g, heatmaps, hh, ww, k, _head_default("heatmap", "radius"))
     else:
         out = _point_outputs(g, h, params["points"], schema, 1)
         vis_logits = g.op("Reshape", out, g.const(np.array([0, k])))
         x = g.op("Relu", g.conv(features, params["heatmap_conv"], pad=1))
         hh, ww = feat_hw
-        up = _integral_upsample()
+        up = _head_default("integral", "upsample")
         x = _resize_hw(g, x, (hh, ww), (hh * up, ww * up), antialias=True)
         heatmaps = g.conv(x, params["heatmap_out"])
         coords = _soft_argmax(g, heatmaps, hh * up, ww * up, k)
@@ -271,30 +313,35 @@ def check_supported(meta: dict) -> tuple[str, dict]:
     return _backbone_spec(meta["backbone"])
 
 
-def _integral_upsample() -> int:
+def _head_default(head: str, field: str):
+    """A head's architecture constant (the exporter writes the network the defaults build)."""
     import dataclasses
 
-    from tavr_jax.models.heads import IntegralHead
+    from tavr_jax.models.heads import HEADS
 
-    return next(f.default for f in dataclasses.fields(IntegralHead) if f.name == "upsample")
+    return next(f.default for f in dataclasses.fields(HEADS[head]) if f.name == field)
 
 
-def _feature_hw(image_hw, kind: str, keywords: dict) -> tuple[int, int]:
-    """Spatial size of the backbone's last feature map for a given input size."""
+def _stage_hw(image_hw, kind: str, keywords: dict) -> list[tuple[int, int]]:
+    """Spatial sizes of the stages `_resnet` / `_vgg` return, for an input size."""
 
     def out(n, k, s, p):
         return (n + 2 * p - k) // s + 1
 
     h, w = image_hw
+    sizes = []
     if kind == "resnet":
         h, w = (out(out(n, 7, 2, 3), 3, 2, 1) for n in (h, w))
+        sizes.append((h, w))
         for _ in keywords["stage_sizes"][1:]:
             h, w = out(h, 3, 2, 1), out(w, 3, 2, 1)
-        return h, w
+            sizes.append((h, w))
+        return sizes
     for v in keywords["cfg"]:
         if v == "M":
             h, w = h // 2, w // 2
-    return h, w
+            sizes.append((h, w))
+    return sizes[1:]
 
 
 def build_model(meta: dict, variables, *, frame_size, batch: int | None = None,
@@ -322,9 +369,9 @@ def build_model(meta: dict, variables, *, frame_size, batch: int | None = None,
              g.const(np.float32(-GRAY_MEAN / GRAY_STD)))  # fmt: skip
     x = g.op("Unsqueeze", x, g.const(np.array([1])))  # (B, 1, S, S)
     build_backbone = {"resnet": _resnet, "vgg": _vgg}[kind]
-    features = build_backbone(g, x, params["backbone"], stats.get("backbone", {}), keywords)
+    stages = build_backbone(g, x, params["backbone"], stats.get("backbone", {}), keywords)
     group_logits, vis_logits, coords = _head(
-        g, features, _feature_hw((sh, sw), kind, keywords), params["head"], meta, schema
+        g, stages, _stage_hw((sh, sw), kind, keywords), params["head"], meta, schema
     )
     g.op("Sigmoid", vis_logits, name="visibility")
     g.op("Sigmoid", group_logits, name="group")

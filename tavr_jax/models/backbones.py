@@ -1,8 +1,10 @@
 """ImageNet-style CNN backbones (paper Table 1) as Flax Linen modules, classifier removed.
 
 Every backbone maps `(B, H, W, C) float -> (B, h, w, C_out)` feature map; the caller pools.
-The input channel count comes from the input, so the same module serves grayscale
-aortography (1 channel) and colour polar maps (3 channels).
+With `return_stages=True` it returns instead the feature maps at strides 4, 8, 16 and 32 (as
+many as it has, fine to coarse; the last is the default output), for heads that decode at a
+finer stride than the last map. The input channel count comes from the input, so the same
+module serves grayscale aortography (1 channel) and colour polar maps (3 channels).
 
 Layer names mirror torchvision's state-dict keys with "." between a module and its index
 replaced by "_" (`layer1.0.downsample.0` -> `layer1_0/downsample_0`, `features.28` ->
@@ -89,6 +91,7 @@ class ResNet(nn.Module):
     block_cls: ModuleDef
     num_filters: int = 64
     dtype: Any = jnp.float32
+    return_stages: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -103,6 +106,7 @@ class ResNet(nn.Module):
         x = conv(self.num_filters, (7, 7), (2, 2), padding=_pad(7), name="conv1")(x)
         x = nn.relu(norm(name="bn1")(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))
+        stages = []
         for i, n_blocks in enumerate(self.stage_sizes):
             for j in range(n_blocks):
                 x = self.block_cls(
@@ -112,7 +116,8 @@ class ResNet(nn.Module):
                     norm=norm,
                     name=f"layer{i + 1}_{j}",
                 )(x)
-        return x
+            stages.append(x)  # strides 4, 8, 16, 32
+        return tuple(stages) if self.return_stages else x
 
 
 ResNet18 = partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock)
@@ -134,13 +139,16 @@ class VGG(nn.Module):
     cfg: Sequence[int | str] = VGG16_CFG
     batch_norm: bool = False
     dtype: Any = jnp.float32
+    return_stages: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         idx = 0
+        stages = []  # after each pooling: strides 2, 4, ..., 32
         for v in self.cfg:
             if v == "M":
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                stages.append(x)
                 idx += 1
                 continue
             x = nn.Conv(
@@ -163,7 +171,7 @@ class VGG(nn.Module):
                 idx += 1
             x = nn.relu(x)
             idx += 1
-        return x
+        return tuple(stages[1:]) if self.return_stages else x
 
 
 VGG16 = partial(VGG, cfg=VGG16_CFG, batch_norm=False)
@@ -238,6 +246,7 @@ class EfficientNet(nn.Module):
     width: float = 1.0
     depth: float = 1.0
     dtype: Any = jnp.float32
+    return_stages: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -254,7 +263,10 @@ class EfficientNet(nn.Module):
         )
         x = nn.swish(norm(name="stem_bn")(x))
         b = 0
+        by_stride = {}  # the last feature map at each stride (4, 8, 16; 32 is the head's)
         for expand, kernel, stride, channels, repeats in _EFFNET_B0_STAGES:
+            if stride == 2:
+                by_stride[x.shape[1]] = x
             for j in range(int(math.ceil(repeats * self.depth))):
                 x = MBConv(
                     out_channels=_round_filters(channels, self.width),
@@ -267,7 +279,11 @@ class EfficientNet(nn.Module):
                 )(x)
                 b += 1
         x = conv(_round_filters(1280, self.width), (1, 1), name="head_conv")(x)
-        return nn.swish(norm(name="head_bn")(x))
+        x = nn.swish(norm(name="head_bn")(x))
+        if not self.return_stages:
+            return x
+        finer = [f for h, f in sorted(by_stride.items(), reverse=True)][1:]  # drop stride 2
+        return (*finer, x)
 
 
 EfficientNetB0 = partial(EfficientNet, width=1.0, depth=1.0)
@@ -285,10 +301,10 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def get_backbone(name: str, *, dtype: Any = jnp.float32) -> nn.Module:
+def get_backbone(name: str, *, dtype: Any = jnp.float32, return_stages: bool = False) -> nn.Module:
     """A backbone by name (see `BACKBONES`), computing in `dtype` with float32 parameters."""
     try:
         factory = BACKBONES[name]
     except KeyError:
         raise ValueError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}") from None
-    return factory(dtype=dtype)
+    return factory(dtype=dtype, return_stages=return_stages)

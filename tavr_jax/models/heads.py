@@ -1,7 +1,10 @@
-"""Keypoint heads: the paper's grouped regression head and a DSNT-style integral head.
+"""Keypoint heads: the paper's grouped regression head, a DSNT-style integral head and a
+dense stride-4 heatmap head.
 
-Both return the model's output dict (see docs/architecture.md):
-`group_logits (B, G)`, `visibility_logits (B, K)`, `coords (B, K, 2)` in [0, 1].
+All return the model's output dict (see docs/architecture.md):
+`group_logits (B, G)`, `visibility_logits (B, K)`, `coords (B, K, 2)` in [0, 1]; the heatmap
+head adds `heatmap_logits (B, h, w, K)` for its loss. Heads with `multiscale = True` take the
+backbone's stages (fine to coarse) instead of its last feature map.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tavr_jax.models.dense import FeaturePyramidNeck, local_soft_argmax
 from tavr_jax.schema import KeypointSchema
 
 SHARED_WIDTH = 512
@@ -103,6 +107,7 @@ class PointOutputs(nn.Module):
 class RegressionHead(nn.Module):
     """The paper's head: (visibility logit, x, y) per point regressed from the pooled vector."""
 
+    multiscale = False
     schema: KeypointSchema
     grouped: bool = True
     dtype: Any = jnp.float32
@@ -145,6 +150,7 @@ class IntegralHead(nn.Module):
     one 2x bilinear upsampling (finer grid than the backbone's stride) and a 1x1 conv to K maps.
     """
 
+    multiscale = False
     schema: KeypointSchema
     grouped: bool = True
     hidden: int = 128
@@ -170,6 +176,41 @@ class IntegralHead(nn.Module):
         return _outputs(h, visibility, coords, self.schema, self.grouped, self.dtype)
 
 
+class HeatmapHead(nn.Module):
+    """Stride-4 heatmaps from a feature-pyramid neck over the backbone's stages.
+
+    Group and visibility logits come from the pooled last stage exactly as in
+    `RegressionHead` (shared block, group classifier, one head per group). Coordinates are
+    decoded inside the model by a soft-argmax over the (2 radius + 1)^2 cells around each
+    heatmap's peak, so they are finer than the stride; `heatmap_logits` goes to the loss,
+    which asks for a spatial softmax shaped like a Gaussian around each visible point.
+    """
+
+    multiscale = True
+    schema: KeypointSchema
+    grouped: bool = True
+    width: int = 64  # neck channels
+    levels: int = 4  # the coarsest stages fused: four ResNet stages give stride 4
+    radius: int = 2  # decoding window half-width, in cells
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, stages, train: bool = False):
+        if not isinstance(stages, tuple | list):
+            raise ValueError("the heatmap head takes the backbone's stages (return_stages=True)")
+        pooled = jnp.mean(stages[-1], axis=(1, 2))
+        h = SharedBlock(self.dtype, name="shared")(pooled, train)
+        visibility = PointOutputs(self.schema, 1, self.grouped, self.dtype, name="points")(h)
+        visibility = visibility[..., 0].astype(jnp.float32)
+
+        x = FeaturePyramidNeck(self.width, self.dtype, name="neck")(stages[-self.levels :])
+        heatmaps = nn.Conv(self.schema.num_points, (1, 1), dtype=self.dtype, name="heatmap_out")(x)
+        heatmaps = heatmaps.astype(jnp.float32)
+        coords = local_soft_argmax(heatmaps, radius=self.radius)
+        out = _outputs(h, visibility, coords, self.schema, self.grouped, self.dtype)
+        return {**out, "heatmap_logits": heatmaps}
+
+
 def _outputs(h, visibility, coords, schema, grouped, dtype) -> dict[str, jax.Array]:
     if grouped:
         group_logits = nn.Dense(schema.num_groups, dtype=dtype, name="group_classifier")(h)
@@ -185,4 +226,4 @@ def _outputs(h, visibility, coords, schema, grouped, dtype) -> dict[str, jax.Arr
     }
 
 
-HEADS = {"regression": RegressionHead, "integral": IntegralHead}
+HEADS = {"regression": RegressionHead, "integral": IntegralHead, "heatmap": HeatmapHead}

@@ -43,10 +43,12 @@ class KeypointNet(nn.Module):
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
-        features = BACKBONES[self.backbone](dtype=self.dtype, name="backbone")(
-            normalize_images(images, self.dtype), train=train
+        head_cls = HEADS[self.head]
+        backbone = BACKBONES[self.backbone](
+            dtype=self.dtype, return_stages=head_cls.multiscale, name="backbone"
         )
-        head = HEADS[self.head](self.schema, grouped=self.grouped, dtype=self.dtype, name="head")
+        features = backbone(normalize_images(images, self.dtype), train=train)
+        head = head_cls(self.schema, grouped=self.grouped, dtype=self.dtype, name="head")
         return head(features, train=train)
 
 
