@@ -108,7 +108,7 @@ def test_smoke_run_goes_past_a_failed_stage_and_writes_the_contract(tmp_path):
     assert set(t) == TRAINING
     assert (t["backbone"], t["head"], t["image_size"], t["steps"]) == (
         "resnet_tiny",
-        "regression",
+        "heatmap",  # the default config's head
         32,
         3,
     )
