@@ -81,6 +81,25 @@ def tune_project(workdir, data_dir, *, batch_size: int = 16, which: str = "best"
     return tuned
 
 
+def reporting_thresholds(workdir, schema, threshold: float | None):
+    """(point thresholds, group thresholds or None): W/thresholds.json's tuned ones (with
+    group gating when tuning kept it) when `threshold` is None, else that one, no gating."""
+    if threshold is None:
+        return load_thresholds(workdir, schema)  # float64, as tuned
+    return float(threshold), None
+
+
+def shown_points(pred: dict, schema, point_thr, group_thr) -> np.ndarray:
+    """(N, K) bool: the points reported for predictions `pred` under these thresholds."""
+    return reported_points(
+        pred["visibility"],
+        None if group_thr is None else pred["group"],
+        schema,
+        point_thresholds=point_thr,
+        group_thresholds=group_thr,
+    )
+
+
 def evaluate_project(
     workdir,
     data_dir,
@@ -111,10 +130,7 @@ def evaluate_project(
     schema = meta["schema"]
     pred = predict_project(engine, project, desc=f"evaluate {split}")
     vis, xy, spacing = _frame_arrays(project)
-    if threshold is None:
-        point_thr, group_thr = load_thresholds(workdir, schema)  # float64, as tuned
-    else:
-        point_thr, group_thr = float(threshold), None
+    point_thr, group_thr = reporting_thresholds(workdir, schema, threshold)
     metrics = keypoint_metrics(
         pred["visibility"],
         pred["coords"],
@@ -137,13 +153,7 @@ def evaluate_project(
         frame_width_px=float(np.mean([f.width for f in project.frames])),
     )
     if overlays_dir is not None:
-        shown = reported_points(
-            pred["visibility"],
-            None if group_thr is None else pred["group"],
-            schema,
-            point_thresholds=point_thr,
-            group_thresholds=group_thr,
-        )
+        shown = shown_points(pred, schema, point_thr, group_thr)
         write_overlays(overlays_dir, project, pred["coords"], shown, pred["visibility"])
     return metrics
 

@@ -20,13 +20,19 @@ import numpy as np
 
 from tavr_jax.config import HEAD_RECIPES, apply_overrides
 from tavr_jax.data.supervisely import read_project
-from tavr_jax.evaluate import evaluate_project, fmt_metric, predict_project, tune_project
+from tavr_jax.evaluate import (
+    evaluate_project,
+    fmt_metric,
+    predict_project,
+    reporting_thresholds,
+    shown_points,
+    tune_project,
+)
 from tavr_jax.fileio import atomic_write_bytes, write_json_atomic
 from tavr_jax.infer.engine import KeypointEngine
-from tavr_jax.infer.postprocess import reported_points
 from tavr_jax.metrics import paired_bootstrap_f1
 from tavr_jax.train import train_and_evaluate
-from tavr_jax.workdir import data_split, load_thresholds
+from tavr_jax.workdir import data_split
 
 # (precision, recall, F1, mean error px, localisation accuracy) of the paper's Table 1.
 PAPER_TABLE1 = {
@@ -96,17 +102,7 @@ def case_counts(
     if not project.frames:
         raise ValueError(f"{data_dir}: split {split!r} has no frames")
     pred = predict_project(engine, project, desc=f"counts {split}")
-    if threshold is None:
-        point_thr, group_thr = load_thresholds(workdir, schema)
-    else:
-        point_thr, group_thr = float(threshold), None
-    shown = reported_points(
-        pred["visibility"],
-        None if group_thr is None else pred["group"],
-        schema,
-        point_thresholds=point_thr,
-        group_thresholds=group_thr,
-    )
+    shown = shown_points(pred, schema, *reporting_thresholds(workdir, schema, threshold))
     truth = np.stack([f.visibility for f in project.frames]).astype(bool)
     out: dict[str, list[int]] = {}
     for f, p, t in zip(project.frames, shown, truth, strict=True):
