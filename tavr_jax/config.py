@@ -18,12 +18,11 @@ from __future__ import annotations
 import ml_collections
 
 Config = ml_collections.ConfigDict  # what the rest of the library annotates with
-PRESETS = ("runlocal", "noaug")
+PRESETS = ("runlocal", "paper", "noaug")
 
 # The paper's head and loss (section 3.2), which the default replaces: the `paper` preset;
 # Table 1's regression rows train with it.
 PAPER_RECIPE = {"head": "regression", "loss.visibility_loss": "focal", "loss.weights.coords": 1.0}
-PRESETS += ("paper",)
 # What Table 1 trains each head with: the paper's rows with the paper's loss; the integral
 # head has no heatmap term, so its Wing term (its only localisation signal) keeps weight 1.
 HEAD_RECIPES = {
