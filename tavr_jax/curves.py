@@ -15,7 +15,6 @@ import dataclasses
 import functools
 import json
 import pathlib
-import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -26,6 +25,7 @@ from tavr_jax.evaluate import evaluate_project, tune_project
 from tavr_jax.fileio import atomic_write_with, write_json_atomic
 from tavr_jax.metrics import paired_bootstrap_f1
 from tavr_jax.table1 import case_counts
+from tavr_jax.train import read_scalars
 
 CURVE_TAGS = ("val_f1", "val_precision", "val_recall", "val_mean_error_px", "val_loc_accuracy_20px")
 SUMMARY_KEYS = ("precision", "recall", "f1", "mean_error_px", "loc_accuracy_20px")
@@ -37,91 +37,6 @@ class Variant:
 
     name: str
     overrides: Mapping[str, object] = dataclasses.field(default_factory=dict)
-
-
-def _records(path: pathlib.Path):
-    """The payloads of a TFRecord file (length, crc, payload, crc), stopping at a torn tail."""
-    data = path.read_bytes()
-    pos = 0
-    while pos + 12 <= len(data):
-        (length,) = struct.unpack_from("<Q", data, pos)
-        end = pos + 12 + length + 4
-        if end > len(data):
-            return
-        yield data[pos + 12 : pos + 12 + length]
-        pos = end
-
-
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
-
-
-def _fields(buf: bytes):
-    """(field number, value) of each field of a protobuf message: an int for a varint, the raw
-    bytes for a fixed-width or length-delimited field (a string, a nested message)."""
-    pos = 0
-    while pos < len(buf):
-        key, pos = _varint(buf, pos)
-        wire = key & 7
-        if wire == 0:
-            value, pos = _varint(buf, pos)
-        elif wire in (1, 5):  # 64-bit, 32-bit
-            size = 8 if wire == 1 else 4
-            value, pos = buf[pos : pos + size], pos + size
-        elif wire == 2:
-            size, pos = _varint(buf, pos)
-            value, pos = buf[pos : pos + size], pos + size
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire} in a TensorBoard event")
-        yield key >> 3, value
-
-
-def _event_scalars(record: bytes) -> tuple[float, int, list[tuple[str, float]]]:
-    """(wall_time, step, [(tag, simple_value)]) of one tensorflow.Event message.
-
-    Event: wall_time = 1 (double), step = 2 (int64), summary = 5 (Summary: value = 1, repeated
-    Value: tag = 1 (string), simple_value = 2 (float)). Read here rather than through
-    tensorboardX's generated classes, which belong to the training loop's module.
-    """
-    wall_time, step, scalars = 0.0, 0, []
-    for field, value in _fields(record):
-        if field == 1:
-            (wall_time,) = struct.unpack("<d", value)
-        elif field == 2:
-            step = value
-        elif field == 5:
-            for _, item in ((f, v) for f, v in _fields(value) if f == 1):
-                parts = dict(_fields(item))
-                if 1 in parts and 2 in parts:
-                    scalars.append((parts[1].decode(), struct.unpack("<f", parts[2])[0]))
-    return wall_time, step, scalars
-
-
-def read_scalars(workdir) -> dict[str, list[tuple[int, float, float]]]:
-    """TensorBoard scalars of a workdir: tag -> [(step, seconds since the run began, value)].
-
-    Seconds count from the first event of the run's first events file (the writer opens
-    before compilation), so they include compilation and validation passes.
-    """
-    files = sorted(pathlib.Path(workdir, "events").glob("events.out.tfevents.*"))
-    if not files:
-        raise FileNotFoundError(f"{workdir}/events: no TensorBoard events")
-    out: dict[str, list[tuple[int, float, float]]] = {}
-    start = None
-    for path in files:
-        for record in _records(path):
-            wall_time, step, scalars = _event_scalars(record)
-            start = wall_time if start is None else start
-            for tag, value in scalars:
-                out.setdefault(tag, []).append((step, wall_time - start, value))
-    return out
 
 
 def _summary(metrics: dict) -> dict:

@@ -15,6 +15,7 @@ import functools
 import logging
 import math
 import pathlib
+import struct
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -27,6 +28,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tensorboardX import SummaryWriter
+from tensorboardX.proto import event_pb2
 from tqdm import tqdm
 
 from tavr_jax.checkpoint import CheckpointStore
@@ -329,6 +331,40 @@ def validation_metrics(arrays: dict, schema: KeypointSchema, image_size: int) ->
         if full.get(k) is not None:
             metrics[f"val_{k}"] = float(full[k])
     return metrics
+
+
+def _event_records(path: pathlib.Path):
+    """The payloads of a TFRecord file (length, length crc, payload, payload crc), stopping at
+    a torn tail (a run killed mid-write)."""
+    data, pos = path.read_bytes(), 0
+    while pos + 12 <= len(data):
+        (length,) = struct.unpack_from("<Q", data, pos)
+        if pos + 12 + length + 4 > len(data):
+            return
+        yield data[pos + 12 : pos + 12 + length]
+        pos += 12 + length + 4
+
+
+def read_scalars(workdir) -> dict[str, list[tuple[int, float, float]]]:
+    """The TensorBoard scalars a run wrote: tag -> [(step, seconds since the run began, value)].
+
+    Seconds count from the first event of the run's first events file (the writer opens
+    before compilation), so they include compilation and validation passes.
+    """
+    files = sorted(pathlib.Path(workdir, "events").glob("events.out.tfevents.*"))
+    if not files:
+        raise FileNotFoundError(f"{workdir}/events: no TensorBoard events")
+    out: dict[str, list[tuple[int, float, float]]] = {}
+    start = None
+    for path in files:
+        for record in _event_records(path):
+            event = event_pb2.Event.FromString(record)
+            start = event.wall_time if start is None else start
+            for value in event.summary.value:
+                out.setdefault(value.tag, []).append(
+                    (event.step, event.wall_time - start, value.simple_value)
+                )
+    return out
 
 
 class _Writer:
