@@ -2,7 +2,7 @@
 
 python experiments/bench_ort_ops.py --backbone=resnet34 --image_size=512 --runs=25
 
-Both sessions run the same uint8 frame in alternation (the order flips every round), with
+Both sessions run the same uint8 frame in alternation (in a new random order every round), with
 onnxruntime's profiler on; prints each one's median latency and its kernel time per op type.
 """
 
@@ -10,11 +10,11 @@ import collections
 import json
 import pathlib
 import tempfile
-import time
 
 import numpy as np
 from absl import app, flags
 
+from benchmarks.timing import time_interleaved
 from benchmarks.torch_reference import export_onnx_bytes, keypoint_net
 from tavr_jax.infer import onnx_export, onnx_runtime
 from tavr_jax.infer.engine import KeypointEngine
@@ -23,7 +23,8 @@ from tavr_jax.schema import get_schema
 _BACKBONE = flags.DEFINE_string("backbone", "resnet34", "backbone")
 _HEAD = flags.DEFINE_string("head", "regression", "head of our graph (the peer has the paper's)")
 _SIZE = flags.DEFINE_integer("image_size", 512, "network input and frame size")
-_RUNS = flags.DEFINE_integer("runs", 25, "timed runs of each graph (3 more to warm up)")
+_RUNS = flags.DEFINE_integer("runs", 25, "timed runs of each graph (after 2 to warm up)")
+WARMUP = 2
 _TOP = flags.DEFINE_integer("top", 8, "op types listed per graph")
 
 
@@ -50,19 +51,18 @@ def main(argv):
     with tempfile.TemporaryDirectory() as tmp:
         sessions = {name: onnx_runtime.make_session(g, profile_prefix=f"{tmp}/{i}")
                     for i, (name, g) in enumerate(graphs.items())}  # fmt: skip
-        times = collections.defaultdict(list)
-        for r in range(runs + 3):
-            for name in list(sessions)[:: 1 if r % 2 else -1]:
-                t0 = time.perf_counter()
-                sessions[name].run(None, {"frames": frames})
-                times[name].append(time.perf_counter() - t0)
+        timed = time_interleaved(
+            [lambda s=s: s.run(None, {"frames": frames}) for s in sessions.values()],
+            warmup=WARMUP, min_runs=runs, max_runs=runs, min_time_s=0.0, shuffle_seed=0,
+        )  # fmt: skip
+        times = dict(zip(sessions, timed, strict=True))
         for name, session in sessions.items():
-            per_op = op_times(session.end_profiling(), runs + 3)
-            print(f"{name}: median {1e3 * np.median(times[name][3:]):.1f} ms, "
+            per_op = op_times(session.end_profiling(), WARMUP + runs)
+            print(f"{name}: median {1e3 * np.median(times[name]):.1f} ms, "
                   f"kernels {sum(per_op.values()):.1f} ms per run")  # fmt: skip
             for op, ms in per_op.most_common(_TOP.value):
                 print(f"  {op:24s} {ms:8.2f} ms")
-    ratio = np.median(np.array(times["ours"][3:]) / np.array(times["torch export"][3:]))
+    ratio = np.median(times["ours"] / times["torch export"])
     print(f"ours / torch export: {ratio:.3f} (median of paired runs)")
 
 

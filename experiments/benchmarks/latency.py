@@ -174,8 +174,10 @@ def bench_cell(engines: dict, frame_size: int, *, peak=None, peers=None, flops=N
             return gate(out["visibility"], out["group"])
 
         end_to_end[backend] = e2e
-    times = time_shuffled(
-        [*end_to_end.values(), *(lambda f=f: f(frames) for f in peers.values())], **timing
+    times = time_interleaved(
+        [*end_to_end.values(), *(lambda f=f: f(frames) for f in peers.values())],
+        shuffle_seed=0,
+        **timing,
     )
     t_e2e = dict(zip(end_to_end, times, strict=False))
     t_peer = dict(zip(peers, times[len(end_to_end) :], strict=True))
@@ -209,29 +211,6 @@ def bench_cell(engines: dict, frame_size: int, *, peak=None, peers=None, flops=N
             assert engine.trace_count == 1, "the benchmark must not retrace"
         rows.append(row)
     return rows
-
-
-def time_shuffled(fns, *, warmup: int = 2, min_runs: int = 5, min_time_s: float = 2.0,
-                  max_runs: int = 200, seed: int = 0) -> list[np.ndarray]:  # fmt: skip
-    """Like `timing.time_interleaved`, but each round runs the contenders in a new random order.
-
-    Thread pools linger after a call (onnxruntime's and OpenMP's threads spin for a while), so
-    in a fixed order each contender would always start in the wake of the same neighbour.
-    """
-    rng = np.random.default_rng(seed)
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    times = [[] for _ in fns]
-    start = time.perf_counter()
-    while len(times[0]) < max_runs and (
-        len(times[0]) < min_runs or time.perf_counter() - start < min_time_s * len(fns)
-    ):
-        for i in rng.permutation(len(fns)):
-            t0 = time.perf_counter()
-            fns[i]()
-            times[i].append(time.perf_counter() - t0)
-    return [np.asarray(t) for t in times]
 
 
 def make_backend(backend: str, engine: KeypointEngine, provider: str = "auto"):

@@ -34,9 +34,15 @@ def time_runs(fn, *, warmup: int = 2, min_runs: int = 5, min_time_s: float = 2.0
 
 
 def time_interleaved(fns, *, warmup: int = 2, min_runs: int = 5, min_time_s: float = 2.0,
-                     max_runs=200) -> list[np.ndarray]:  # fmt: skip
+                     max_runs=200, shuffle_seed=None) -> list[np.ndarray]:  # fmt: skip
     """Seconds per call of each of `fns`, run in alternation so that load from other processes
-    on a shared machine falls on all of them alike; ratios of paired runs are robust."""
+    on a shared machine falls on all of them alike; ratios of paired runs are robust.
+
+    shuffle_seed: run each round's contenders in a new random order. Thread pools linger after
+    a call (onnxruntime's and OpenMP's threads spin for a while), so in a fixed order each
+    contender would always start in the wake of the same neighbour.
+    """
+    rng = None if shuffle_seed is None else np.random.default_rng(shuffle_seed)
     for _ in range(warmup):
         for fn in fns:
             fn()
@@ -45,10 +51,10 @@ def time_interleaved(fns, *, warmup: int = 2, min_runs: int = 5, min_time_s: flo
     while len(times[0]) < max_runs and (
         len(times[0]) < min_runs or time.perf_counter() - start < min_time_s * len(fns)
     ):
-        for fn, t in zip(fns, times, strict=True):
+        for i in range(len(fns)) if rng is None else rng.permutation(len(fns)):
             t0 = time.perf_counter()
-            fn()
-            t.append(time.perf_counter() - t0)
+            fns[i]()
+            times[i].append(time.perf_counter() - t0)
     return [np.asarray(t) for t in times]
 
 
