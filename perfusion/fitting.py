@@ -32,7 +32,7 @@ from perfusion.scores import ScoreConfig
 from tavr_jax.fileio import atomic_write_bytes
 
 LABELS = studies.LABELS
-MODEL_VERSION = 2
+MODEL_VERSION = 3  # 3: the defect-persistence features
 TASK_MODELS = ("abnormal", "ischemia_vs_infarction")
 DEFAULT_BAND = (0.25, 0.75)  # abstain when a probability lies in here
 # model="auto": per task, the candidate with the lowest out-of-fold log loss on the training

@@ -21,7 +21,8 @@ Definitions (all documented in docs/perfusion_clinical.md):
 
 Learned models read the deviations from the normal limits as features: `polar_features` per
 study (per-segment z, extent and relative deficit at stress and rest, their change, territory
-and global sums) and `segment_features` per (study, segment).
+and global sums, and how much of the stress defect persists at rest) and `segment_features`
+per (study, segment).
 """
 
 from __future__ import annotations
@@ -377,7 +378,9 @@ POLAR_FEATURE_NAMES = tuple(
     + [f"territory_z_{p}_{t}" for p in PHASES for t in TERRITORY_NAMES]
     + [f"{g}_{p}" for g in ("tpd", "extent", "z_sum", "z_max") for p in PHASES]
     + ["z_sum_change", "rest_over_stress"]
+    + [f"persistence_{u}{c}" for u in ("deficit", "z") for c in ("", "_core")]
 )
+PERSISTENCE_CORE = 0.97  # the stress defect's core: LV pixels above this quantile of its deficit
 SEGMENT_FEATURE_NAMES = tuple(
     ["z_stress", "z_rest", "z_change", "deficit_stress", "deficit_rest"]
     + ["extent_stress_1.5", "extent_stress_2.5", "extent_stress_3.5", "extent_rest_2.5"]
@@ -420,8 +423,34 @@ def polar_features(stress, rest, mean, sd, segments) -> np.ndarray:
         territory.reshape(b, -1), np.concatenate(glob, axis=1),
         np.maximum(z[:, 0] - z[:, 1], 0.0).sum(-1, keepdims=True),
         ((z_sum[:, 1] + 1.0) / (z_sum[:, 0] + 1.0))[:, None],
+        defect_persistence(stress, rest, mean, sd, segments),
     ]  # fmt: skip
     return np.concatenate(cols, axis=1).astype(np.float32)
+
+
+def defect_persistence(stress, rest, mean, sd, segments) -> np.ndarray:
+    """(B, 4) float32: how much of the stress defect is still there at rest, pixel by pixel.
+
+    Infarcted muscle stays hypoperfused at rest, ischemic muscle recovers. The per-segment
+    features compare segment means, which mixes a defect with its normal neighbours and with
+    artefacts elsewhere; these compare the rest deficit with the stress deficit where the
+    stress deficit is, about 1 for a fixed defect and about 0 for a reversible one. For the
+    deficit below the normal mean (uptake units), then for the z-deficit:
+      persistence     sum(s * r) / sum(s * s) over the LV (s, r: positive stress, rest deficits)
+      persistence_core  sum(r) / sum(s) over the core of the stress defect (PERSISTENCE_CORE)
+    """
+    lv = np.asarray(segments) > 0
+    u = np.stack([np.asarray(stress, np.float32), np.asarray(rest, np.float32)], axis=1)
+    mean = np.broadcast_to(np.asarray(mean, np.float32), u.shape)
+    sd = np.broadcast_to(np.asarray(sd, np.float32), u.shape)
+    deficit = np.maximum(mean - u, 0.0)[..., lv]  # (B, 2, n_lv)
+    out = []
+    for d in (deficit, deficit / sd[..., lv]):
+        s, r = d[:, 0], d[:, 1]
+        out.append((s * r).sum(-1) / ((s * s).sum(-1) + 1e-6))
+        core = s >= np.maximum(np.quantile(s, PERSISTENCE_CORE, axis=-1, keepdims=True), 1e-6)
+        out.append((r * core).sum(-1) / ((s * core).sum(-1) + 1e-6))
+    return np.stack(out, axis=1).astype(np.float32)
 
 
 def segment_features(stress, rest, mean, sd, segments) -> np.ndarray:

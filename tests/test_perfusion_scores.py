@@ -226,3 +226,36 @@ def test_polar_and_segment_features_against_a_loop():
             assert row[pn["territory_z_stress"]] == pytest.approx(want, rel=1e-4)
             onehot = row[pn["is_segment_1"] :]
             assert onehot[s - 1] == 1 and onehot.sum() == 1
+
+
+def test_defect_persistence_against_a_pixel_loop_and_its_meaning():
+    rng = np.random.default_rng(3)
+    size = 24
+    seg = geometry.segment_map(size)
+    lv_pixels = [(y, x) for y in range(size) for x in range(size) if seg[y, x] > 0]
+    mean = rng.uniform(0.7, 0.9, (2, 2, size, size))
+    sd = rng.uniform(0.03, 0.08, (2, 2, size, size))
+    stress = rng.uniform(0.3, 1.0, (2, size, size))
+    rest = rng.uniform(0.3, 1.0, (2, size, size))
+    got = scores.defect_persistence(stress, rest, mean, sd, seg)
+    names = scores.POLAR_FEATURE_NAMES
+    polar = scores.polar_features(stress, rest, mean, sd, seg)
+    np.testing.assert_array_equal(polar[:, names.index("persistence_deficit") :], got)
+    for i in range(2):
+        for j, scale in enumerate((np.ones_like(sd[i]), sd[i])):
+            s = [max(mean[i, 0, y, x] - stress[i, y, x], 0) / scale[0, y, x] for y, x in lv_pixels]
+            r = [max(mean[i, 1, y, x] - rest[i, y, x], 0) / scale[1, y, x] for y, x in lv_pixels]
+            whole = sum(a * b for a, b in zip(s, r)) / (sum(a * a for a in s) + 1e-6)
+            cut = np.quantile(s, scores.PERSISTENCE_CORE)
+            core = [k for k, a in enumerate(s) if a >= cut]
+            in_core = sum(r[k] for k in core) / (sum(s[k] for k in core) + 1e-6)
+            assert got[i, 2 * j] == pytest.approx(whole, rel=1e-4)
+            assert got[i, 2 * j + 1] == pytest.approx(in_core, rel=1e-4)
+    # One stress defect: still there at rest (infarction) -> 1; gone at rest (ischemia) -> 0.
+    normal = np.full((size, size), 0.8)
+    defect = np.where(seg == 5, 0.4, 0.8)
+    limits_mean, limits_sd = np.full((2, size, size), 0.8), np.full((2, size, size), 0.05)
+    fixed = scores.defect_persistence(defect[None], defect[None], limits_mean, limits_sd, seg)
+    reversible = scores.defect_persistence(defect[None], normal[None], limits_mean, limits_sd, seg)
+    np.testing.assert_allclose(fixed, 1.0, atol=1e-4)
+    np.testing.assert_allclose(reversible, 0.0, atol=1e-6)
