@@ -2,7 +2,7 @@ r"""Table 1 of the paper: each backbone, both heads and the grouping ablation, o
 
     python experiments/tavr_table1.py --data=DIR --out=docs/table1.md --steps=300 \
         --image_size=128 --backbones=resnet18,resnet34,resnet50,vgg16,efficientnet_b7 \
-        --workdir_root=runs/table1
+        --workdir_root=runs/table1 [--heads=integral,heatmap --ablation_head=regression]
 The base config is experiments/configs/tavr.py:runlocal (override with --config and
 --config.field=value); every variant trains in WORKDIR_ROOT/<variant> (resumed if present),
 gets thresholds tuned on val cases, and is evaluated on held-out test cases.
@@ -27,6 +27,10 @@ _BACKBONES = flags.DEFINE_list(
     "backbones", "resnet18,resnet34,resnet50,vgg16,efficientnet_b7", "backbones to compare"
 )
 _ABLATION = flags.DEFINE_string("ablation_backbone", "resnet34", "backbone of head/group rows")
+_HEADS = flags.DEFINE_list("heads", "integral,heatmap", "heads compared on the ablation backbone")
+_ABLATION_HEAD = flags.DEFINE_string(
+    "ablation_head", "regression", "head of the grouped / not grouped pair (the paper's: regression)"
+)
 _ROOT = flags.DEFINE_string("workdir_root", "runs/table1", "one training workdir per variant")
 
 
@@ -46,6 +50,8 @@ def main(argv):
             image_size=_SIZE.value,
             workdir_root=_ROOT.value,
             ablation_backbone=_ABLATION.value,
+            heads=_HEADS.value,
+            ablation_head=_ABLATION_HEAD.value,
             command="python " + " ".join(shlex.quote(a) for a in sys.argv),
         )
     except (ValueError, FileNotFoundError) as e:
