@@ -29,7 +29,7 @@ _BACKBONES = flags.DEFINE_list(
 _ABLATION = flags.DEFINE_string("ablation_backbone", "resnet34", "backbone of head/group rows")
 _HEADS = flags.DEFINE_list("heads", "integral,heatmap", "heads compared on the ablation backbone")
 _ABLATION_HEAD = flags.DEFINE_string(
-    "ablation_head", "regression", "head of the grouped / not grouped pair (the paper's: regression)"
+    "ablation_head", "regression", "head of the grouped / not grouped pair (paper: regression)"
 )
 _ROOT = flags.DEFINE_string("workdir_root", "runs/table1", "one training workdir per variant")
 

@@ -245,7 +245,7 @@ def test_defect_persistence_against_a_pixel_loop_and_its_meaning():
         for j, scale in enumerate((np.ones_like(sd[i]), sd[i])):
             s = [max(mean[i, 0, y, x] - stress[i, y, x], 0) / scale[0, y, x] for y, x in lv_pixels]
             r = [max(mean[i, 1, y, x] - rest[i, y, x], 0) / scale[1, y, x] for y, x in lv_pixels]
-            whole = sum(a * b for a, b in zip(s, r)) / (sum(a * a for a in s) + 1e-6)
+            whole = sum(a * b for a, b in zip(s, r, strict=True)) / (sum(a * a for a in s) + 1e-6)
             cut = np.quantile(s, scores.PERSISTENCE_CORE)
             core = [k for k, a in enumerate(s) if a >= cut]
             in_core = sum(r[k] for k in core) / (sum(s[k] for k in core) + 1e-6)

@@ -282,7 +282,7 @@ def test_chunked_body_is_cut_off_at_the_limit(engine, monkeypatch):
 
 
 def _read_http_reply(sock):
-    """One HTTP reply: headers and body may arrive in separate segments, so read to Content-Length."""
+    """One HTTP reply, read to its Content-Length: headers and body may come in two segments."""
     reply = b""
     while b"\r\n\r\n" not in reply:
         chunk = sock.recv(65536)
