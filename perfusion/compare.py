@@ -7,8 +7,9 @@ Methods (each a binary classifier for the tasks "abnormal" and "ischemia_vs_infa
                         stress TPD), a one-feature logistic fit that places the threshold
   summed_scores         the summed scores alone (abnormal: SSS; ischemia vs infarction: SDS
                         over SSS)
-  polar_logistic        per-segment deviations from sex-specific normal limits
-  polar_xgb             (scores.polar_features), logistic regression or XGBoost
+  polar_logistic        the fitted pipeline's label features (fitting.label_features):
+  polar_xgb             per-segment deviations from sex-specific normal limits and the
+                        uptake's own strip/ring features; logistic regression or XGBoost
   cnn                   a small CNN trained from scratch on the stress and rest uptake maps
 
 Normal limits are fitted inside each fold, on the normal studies outside the test fold
@@ -24,7 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from perfusion import classifiers, features, figures, geometry, scores, studies
+from perfusion import classifiers, features, figures, fitting, geometry, scores, studies
 from tavr_jax.fileio import atomic_write_bytes
 
 METHODS = (
@@ -138,7 +139,7 @@ class FoldFeatures:
             own = np.isin(idx, train)  # training studies: their cross-fitted limits
             where = np.searchsorted(train, idx[own])
             mean[own], sd[own] = mean_tr[where], sd_tr[where]
-            polar.append(scores.polar_features(d.stress[idx], d.rest[idx], mean, sd, seg))
+            polar.append(fitting.label_features(d.stress[idx], d.rest[idx], mean, sd, seg))
             out = scores.score_studies(d.stress[idx], d.rest[idx], mean, sd, seg)
             clinical.append(
                 np.stack([out["tpd"][:, 0], out["tpd"][:, 1], out["sss"], out["sds"]], 1)

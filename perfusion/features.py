@@ -266,6 +266,27 @@ def strip_ring_features_loop(maps, mask=None) -> np.ndarray:
     return out
 
 
+UPTAKE_FEATURE_NAMES = tuple(
+    f"uptake_{c}_{p}_{s}" for c in ("stress", "rest", "change") for p in PART_NAMES
+    for s in ("mean", "std")
+)  # fmt: skip
+
+
+def uptake_features(stress, rest) -> np.ndarray:
+    """(B, 84) float32: the strip/ring features of the uptake itself, over the LV disk.
+
+    The channels are stress, rest and stress minus rest uptake in place of R, G and B. Unlike
+    the colour features they do not depend on the colour table a map was drawn in, and unlike
+    the features against normal limits they need no normal studies, so they hold when the
+    limits are noisy (a folder with few normals) or a normal heart sits off them everywhere.
+    """
+    stress = np.asarray(stress, np.float32)
+    maps = np.stack([stress, np.asarray(rest, np.float32)], axis=-1)
+    maps = np.concatenate([maps, maps[..., :1] - maps[..., 1:]], axis=-1)
+    disk = ring_index(stress.shape[-1]) >= 0
+    return np.asarray(strip_ring_features(maps, disk), np.float32)
+
+
 def study_feature_matrix(studies, *, batch: int = 64) -> np.ndarray:
     """(N, 252) float32 stress / rest / stress-minus-rest features of perfusion.studies.Study."""
     out = []

@@ -6,7 +6,7 @@ directory without it is incomplete). Nothing in it can run code when loaded: pla
   model.json                   version, grid size, colormap, score thresholds, feature names,
                                calibration, segment threshold, abstention band, fit summary
   normal_limits.npz            perfusion.scores.NormalLimits (per sex when enough normals)
-  abnormal.npz                 normal vs abnormal on scores.polar_features (PortableModel)
+  abnormal.npz                 normal vs abnormal on label_features (PortableModel)
   ischemia_vs_infarction.npz   ischemia vs infarction, the same features
   segments.npz                 per-segment defect model on scores.segment_features (when the
                                training labels list segments)
@@ -26,13 +26,13 @@ from collections.abc import Callable
 
 import numpy as np
 
-from perfusion import classifiers, evaluation, geometry, reliability, scores, studies
+from perfusion import classifiers, evaluation, features, geometry, reliability, scores, studies
 from perfusion.evaluation import segments_bool, territories_bool, territories_of
 from perfusion.scores import ScoreConfig
 from tavr_jax.fileio import atomic_write_bytes
 
 LABELS = studies.LABELS
-MODEL_VERSION = 3  # 3: the defect-persistence features
+MODEL_VERSION = 4  # 3: the defect-persistence features; 4: the uptake strip/ring features
 TASK_MODELS = ("abnormal", "ischemia_vs_infarction")
 DEFAULT_BAND = (0.25, 0.75)  # abstain when a probability lies in here
 # model="auto": per task, the candidate with the lowest out-of-fold log loss on the training
@@ -83,11 +83,31 @@ def stack_uptake(studies_list, size: int) -> tuple[np.ndarray, np.ndarray]:
     return stress, rest
 
 
+LABEL_FEATURE_NAMES = scores.POLAR_FEATURE_NAMES + features.UPTAKE_FEATURE_NAMES
+
+
+def label_features(stress, rest, mean, sd, segments) -> np.ndarray:
+    """(B, len(LABEL_FEATURE_NAMES)) float32: what the label models read.
+
+    A study's deviations from its normal limits (scores.polar_features) and the strip/ring
+    features of its uptake (features.uptake_features), which need no limits. With the second
+    set, normal vs abnormal held out went from 0.985 to 0.993 on clinical-difficulty studies
+    and from 0.987 to 0.995 on easy ones (docs/perfusion_clinical.md).
+    """
+    return np.concatenate(
+        [
+            scores.polar_features(stress, rest, mean, sd, segments),
+            features.uptake_features(stress, rest),
+        ],
+        axis=1,
+    )
+
+
 def learned_features(stress, rest, mean, sd):
-    """(polar (B, F) per study, segment (B, 17, G) per segment) against the given limits."""
+    """(label (B, F) per study, segment (B, 17, G) per segment) against the given limits."""
     seg = geometry.segment_map(stress.shape[-1])
     return (
-        scores.polar_features(stress, rest, mean, sd, seg),
+        label_features(stress, rest, mean, sd, seg),
         scores.segment_features(stress, rest, mean, sd, seg),
     )
 
@@ -226,7 +246,7 @@ def fit(
         "size": size,
         "colormap": colormap,
         "classifier": model,
-        "features": list(scores.POLAR_FEATURE_NAMES),
+        "features": list(LABEL_FEATURE_NAMES),
         "segment_features": list(scores.SEGMENT_FEATURE_NAMES),
         "score_config": config.to_dict(),
         "calibration": {t: list(ab) for t, ab in calibration.items()},
@@ -315,7 +335,7 @@ def load_model(model_dir) -> AnalysisModel:
     size = field("size", int)
     if size < 8:
         raise ValueError(f"{path}: size {size} is not a polar grid size")
-    if list(meta.get("features", [])) != list(scores.POLAR_FEATURE_NAMES):
+    if list(meta.get("features", [])) != list(LABEL_FEATURE_NAMES):
         raise ValueError(f"{path}: features of another version of the code; re-fit the model")
     limits = scores.NormalLimits.load(d / "normal_limits.npz")
     if limits.size != size:

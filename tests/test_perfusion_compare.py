@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from perfusion import cnn, compare, geometry, scores, simulate, studies
+from perfusion import cnn, compare, fitting, geometry, scores, simulate, studies
 
 SIZE = 32
 
@@ -92,7 +92,7 @@ def test_fold_features_never_see_the_test_studies(data):
         data.stress[normals], data.rest[normals], sex=[data.sexes[i] for i in normals]
     )
     mean, sd = limits.stack_for([data.sexes[i] for i in range(30, 40)])
-    want = scores.polar_features(
+    want = fitting.label_features(
         data.stress[30:], data.rest[30:], mean, sd, geometry.segment_map(SIZE)
     )
     np.testing.assert_allclose(before[30:], want, rtol=1e-6)

@@ -106,3 +106,26 @@ def test_study_features_concatenates_difference():
     np.testing.assert_allclose(f[:, 168:], f[:, :84] - f[:, 84:168], atol=1e-4)
     with pytest.raises(ValueError, match="expected maps"):
         features.strip_ring_features(np.zeros((2, 16, 15, 3)))
+
+
+def test_uptake_features_over_the_disk_against_the_loop():
+    rng = np.random.default_rng(4)
+    size = 32
+    stress = rng.uniform(0.0, 1.0, (3, size, size)).astype(np.float32)
+    rest = rng.uniform(0.0, 1.0, (3, size, size)).astype(np.float32)
+    stress[0, 10:20, 10:20] = 0.0  # a full-depth defect is still LV, not background
+    outside = features.ring_index(size) < 0
+    got = features.uptake_features(stress, rest)
+    assert got.shape == (3, 84) and len(features.UPTAKE_FEATURE_NAMES) == 84
+    maps = np.stack([stress, rest, stress - rest], -1).astype(np.float64)
+    np.testing.assert_allclose(
+        got, features.strip_ring_features_loop(maps, ~outside), rtol=1e-5, atol=1e-6
+    )
+    # by hand: the mean stress uptake of the inner ring (radius under a quarter)
+    c = (np.arange(size) + 0.5 - size / 2) / (size / 2)
+    inner = np.hypot(c[None, :], c[:, None]) < 0.25
+    i = features.UPTAKE_FEATURE_NAMES.index("uptake_stress_ring0_mean")
+    np.testing.assert_allclose(got[0, i], stress[0][inner].mean(), rtol=1e-5)
+    # what lies outside the disk never counts
+    stress[:, outside] = 7.0
+    np.testing.assert_allclose(features.uptake_features(stress, rest), got, rtol=1e-5, atol=1e-6)
