@@ -1,7 +1,7 @@
 """The paper's metrics of a trained TAVR workdir on one split of a Supervisely project.
 
     python experiments/tavr_eval.py --workdir=W --data=DIR --split=test --out=metrics.json \
-        [--threshold=0.5] [--tune_thresholds] [--overlays=DIR]
+        [--threshold=0.5] [--tune_thresholds] [--overlays=DIR] [--refine]
 --tune_thresholds first tunes per-point (and per-group) thresholds on the validation cases
 and writes W/thresholds.json; without --threshold the evaluation uses that file.
 """
@@ -22,6 +22,7 @@ _TUNE = flags.DEFINE_bool("tune_thresholds", False, "tune thresholds on val firs
 _OVERLAYS = flags.DEFINE_string("overlays", None, "folder for truth/prediction PNGs")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "frames per compiled call")
 _WHICH = flags.DEFINE_enum("which", "best", ["best", "latest"], "checkpoint to load")
+_REFINE = flags.DEFINE_bool("refine", False, "add the second stage trained into W/refiner")
 
 
 def main(argv):
@@ -45,6 +46,7 @@ def main(argv):
             batch_size=_BATCH.value,
             overlays_dir=_OVERLAYS.value,
             which=_WHICH.value,
+            refine=_REFINE.value,
         )
         if _OUT.value:
             write_json_atomic(_OUT.value, metrics)

@@ -9,6 +9,7 @@ Writes OUT/predictions.jsonl (one line per frame), OUT/coco_keypoints.json and, 
 writes OUT as a Supervisely project of the reported points instead (pre-annotation).
 --backend=onnxruntime runs the workdir's network on onnxruntime; --model_file runs an exported
 file (tavr_export.py), checked against --workdir and --schema when they are given.
+--refine adds the second stage trained into W/refiner (experiments/tavr_refine.py).
 """
 
 import sys
@@ -30,6 +31,7 @@ _WHICH = flags.DEFINE_enum("which", "best", ["best", "latest"], "checkpoint to l
 _SCHEMA = flags.DEFINE_string("schema", None, "refuse a checkpoint of another schema")
 _BACKBONE = flags.DEFINE_string("backbone", None, "refuse a checkpoint of another backbone")
 _BACKEND = flags.DEFINE_enum("backend", "xla", ["xla", "onnxruntime"], "engine backend")
+_REFINE = flags.DEFINE_bool("refine", False, "add the second stage trained into W/refiner")
 _MODEL_FILE = flags.DEFINE_string("model_file", None, "exported .onnx or jax.export file")
 _PROVIDER = flags.DEFINE_enum(
     "provider", "auto", ["auto", "cpu", "cuda", "tensorrt"], "onnxruntime execution provider"
@@ -56,6 +58,7 @@ def main(argv):
             batch_size=_BATCH.value,
             dtype=_DTYPE.value,
             provider=_PROVIDER.value,
+            refine=_REFINE.value,
         )
         summary = run_inference(
             engine,

@@ -18,6 +18,7 @@ from tavr_jax.fileio import atomic_write_bytes
 from tavr_jax.infer.engine import KeypointEngine
 from tavr_jax.infer.postprocess import reported_points
 from tavr_jax.metrics import keypoint_metrics, tune_thresholds
+from tavr_jax.train_refiner import load_refiner
 from tavr_jax.visualize import draw_keypoints, draw_legend
 from tavr_jax.workdir import data_split, load_for_inference, load_thresholds, save_thresholds
 
@@ -58,13 +59,20 @@ def _frame_arrays(project) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return vis, xy, spacing
 
 
-def _load(workdir, data_dir, split: str, batch_size: int, which: str):
+def _load(workdir, data_dir, split: str, batch_size: int, which: str, refine: bool = False):
     model, variables, meta = load_for_inference(workdir, which=which)
     # The training run's own case split, so "val"/"test" are cases it never trained on.
     project = read_project(data_dir, meta["schema"], split=split, **data_split(meta["config"]))
     if not project.frames:
         raise ValueError(f"{data_dir}: split {split!r} has no frames (cases: {project.cases})")
-    engine = KeypointEngine(model, variables, meta, batch_size=batch_size, dtype=meta["dtype"])
+    refiner = None
+    if refine:
+        model_r, params_r, config_r = load_refiner(
+            pathlib.Path(workdir) / "refiner", meta["schema"].point_names
+        )
+        refiner = (model_r, params_r, config_r.patch)
+    engine = KeypointEngine(model, variables, meta, batch_size=batch_size, dtype=meta["dtype"],
+                            refiner=refiner)  # fmt: skip
     return engine, meta, project
 
 
@@ -109,6 +117,7 @@ def evaluate_project(
     batch_size: int = 16,
     overlays_dir=None,
     which: str = "best",
+    refine: bool = False,
 ) -> dict:
     """The paper's metrics of a trained workdir on one split of a Supervisely project.
 
@@ -121,12 +130,13 @@ def evaluate_project(
       batch_size: frames per compiled batch.
       overlays_dir: when given, one PNG per frame: truth as circles, prediction as crosses.
       which: "best" or "latest" checkpoint.
+      refine: add the second stage trained into W/refiner.
 
     Returns:
       `keypoint_metrics` of the split, plus `split`, `n_cases`, `step`, `backbone`, `head`,
       `grouped`, `image_size`. Errors are in pixels of the original frames.
     """
-    engine, meta, project = _load(workdir, data_dir, split, batch_size, which)
+    engine, meta, project = _load(workdir, data_dir, split, batch_size, which, refine)
     schema = meta["schema"]
     pred = predict_project(engine, project, desc=f"evaluate {split}")
     vis, xy, spacing = _frame_arrays(project)
@@ -151,6 +161,7 @@ def evaluate_project(
         grouped=bool(meta["grouped"]),
         image_size=int(meta["image_size"]),
         frame_width_px=float(np.mean([f.width for f in project.frames])),
+        refined=bool(refine),
     )
     if overlays_dir is not None:
         shown = shown_points(pred, schema, point_thr, group_thr)

@@ -17,7 +17,8 @@ LATENCY = {"backbone", "image_size", "batch", "dtype", "end_to_end_p50_ms", "end
            "frames_per_s"}  # fmt: skip
 THROUGHPUT = {"backbone", "image_size", "batch", "dtype", "images_per_s", "mfu"}
 TRAINING = {"backbone", "head", "image_size", "steps", "wall_s", "precision", "recall", "f1",
-            "mean_error_px_at_1024", "loc_accuracy_20px"}  # fmt: skip
+            "mean_error_px_at_1024", "loc_accuracy_20px", "mean_error_px_at_1024_refined",
+            "loc_accuracy_20px_refined"}  # fmt: skip
 
 
 def test_latency_and_throughput_rows_keep_the_contract_fields():
@@ -89,7 +90,10 @@ def test_smoke_run_goes_past_a_failed_stage_and_writes_the_contract(tmp_path):
     files = {p.name for p in out.iterdir()}
     assert {"campaign.json", "campaign.log", "stages.json", "latency.json", "latency.png",
             "training.json", "perfusion.json"} == files  # fmt: skip
-    assert _load(out, "training.json")["test"]["n_images"] > 0
+    training = _load(out, "training.json")
+    assert training["test"]["n_images"] > 0
+    # the second stage was trained and the test patients evaluated again with it
+    assert training["test_refined"]["refined"] is True and not training["test"]["refined"]
 
     c = _load(out, "campaign.json")
     assert set(c) == TOP_LEVEL
@@ -113,6 +117,7 @@ def test_smoke_run_goes_past_a_failed_stage_and_writes_the_contract(tmp_path):
         3,
     )
     assert t["wall_s"] > 0
+    assert isinstance(t["mean_error_px_at_1024_refined"], float)
     for k in ("precision", "recall", "f1", "mean_error_px_at_1024", "loc_accuracy_20px"):
         assert t[k] is None or isinstance(t[k], float), k  # None: nothing reported or found
     assert set(c["features"]) == {"maps_per_s_256", "maps_per_s_512"}
@@ -124,7 +129,7 @@ def test_gpu_plan_fits_its_budget_and_sizes_the_run_from_the_measured_rate(tmp_p
     assert plan.budget_s <= 540 and plan.sim["cases"] * plan.sim["frames"] == 6000
     run = campaign.Campaign(plan, tmp_path / "out", tmp_path / "work")
     # The stages before training may take at most what leaves it its minimum, whatever
-    # their own limits: 540 - (120 + 60 + 60 + 30) = 270 s for preflight to throughput.
+    # their own limits: 540 - (60 + 60 + 60 + 60 + 30) = 270 s for preflight to throughput.
     assert run.protected_s() == 270 and plan.budget_s - run.protected_s() == 270
     assert plan.limits["preflight"] + plan.limits["simulate"] < 270
     run.work.mkdir()

@@ -7,7 +7,8 @@ Stages, in order of value, each a few launcher runs under its own time limit:
   c. inference latency and throughput of the compiled engine;
   d. training throughput (device-resident and real input pipeline) and the input loader;
   e. the paper-scale training run for the remaining budget, threshold tuning on validation
-     patients and evaluation of held-out test patients;
+     patients and evaluation of held-out test patients; then the second-stage refiner trained
+     on the run's training cases and the test patients evaluated again with it;
   f. perfusion features (maps/s), then the perfusion CNN cross-validation if time is left;
   g. `campaign.json`, the machine-readable summary.
 A failed or timed-out stage does not stop the next. After every stage the results so far are
@@ -57,7 +58,7 @@ PACKAGES = (
 )  # fmt: skip
 LAUNCHERS = (
     "make_tavr_data", "bench_latency", "bench_train", "bench_input", "tavr_train", "tavr_eval",
-    "bench_features", "make_perfusion_data", "perfusion_cv",
+    "tavr_refine", "bench_features", "make_perfusion_data", "perfusion_cv",
 )  # fmt: skip
 
 
@@ -78,6 +79,7 @@ class Plan:
     eval_batch: int
     features: tuple  # (size, batch) per bench_features run: 256 then 512
     cv: dict  # make_perfusion_data and perfusion_cv flags
+    refine: dict  # tavr_refine flags: the second stage after the training run
     reserve_s: dict  # seconds kept for what follows the training run
     train_min_s: float  # training time the stages before it may not eat into
 
@@ -110,8 +112,10 @@ def gpu_plan() -> Plan:
         eval_batch=32,  # the latency stage compiled this batch: the cache serves evaluation
         features=((256, 256), (512, 64)),
         cv=dict(n=300, model="resnet50", task="abnormal", folds=5, min_s=120),
-        reserve_s=dict(startup=60, evaluation=60, perfusion=30),
-        train_min_s=120,
+        refine=dict(steps=2000, max_frames=1500),
+        # the refiner (about 25 s on a GPU) and its evaluation take a minute of the training
+        reserve_s=dict(startup=60, evaluation=60, refine=60, perfusion=30),
+        train_min_s=60,
     )
 
 
@@ -148,7 +152,8 @@ def smoke_plan() -> Plan:
         eval_batch=8,
         features=((256, 2), (512, 1)),
         cv=dict(n=12, model="rf", task="abnormal", folds=2, min_s=0),
-        reserve_s=dict(startup=0, evaluation=60, perfusion=0),
+        refine=dict(steps=3, max_frames=8, batch=8),
+        reserve_s=dict(startup=0, evaluation=60, refine=60, perfusion=0),
         train_min_s=0,
     )
 
@@ -177,10 +182,16 @@ def throughput_rows(result: dict | None) -> list[dict]:
     ]  # fmt: skip
 
 
-def training_summary(train: dict | None, test: dict | None, config: dict | None) -> dict:
-    """campaign.json `training` from the run's final metrics, its test metrics and config."""
-    train, test, config = train or {}, test or {}, config or {}
-    err, width = test.get("mean_error_px"), test.get("frame_width_px")
+def _at_1024(metrics: dict) -> float | None:
+    err, width = metrics.get("mean_error_px"), metrics.get("frame_width_px")
+    return err * 1024.0 / width if err is not None and width else None
+
+
+def training_summary(train: dict | None, test: dict | None, config: dict | None,
+                     refined: dict | None = None) -> dict:  # fmt: skip
+    """campaign.json `training` from the run's final metrics, its test metrics (without and
+    with the second-stage refiner) and config."""
+    train, test, config, refined = train or {}, test or {}, config or {}, refined or {}
     return {
         "backbone": test.get("backbone", config.get("backbone")),
         "head": test.get("head", config.get("head")),
@@ -191,8 +202,10 @@ def training_summary(train: dict | None, test: dict | None, config: dict | None)
         "recall": test.get("recall"),
         "f1": test.get("f1"),
         # the paper's Table 1 reports errors on 1024-pixel-wide frames
-        "mean_error_px_at_1024": err * 1024.0 / width if err is not None and width else None,
+        "mean_error_px_at_1024": _at_1024(test),
         "loc_accuracy_20px": test.get("loc_accuracy_20px"),
+        "mean_error_px_at_1024_refined": _at_1024(refined),
+        "loc_accuracy_20px_refined": refined.get("loc_accuracy_20px"),
     }
 
 
@@ -454,7 +467,8 @@ class Campaign:
     def _training(self) -> None:
         reserve = self.plan.reserve_s
         limit = self.left() - reserve["perfusion"]
-        budget = max(limit - reserve["evaluation"] - reserve["startup"], 10.0)
+        after = reserve["evaluation"] + reserve["refine"]  # kept for what follows training
+        budget = max(limit - after - reserve["startup"], 10.0)
         overrides = dict(self.plan.train)
         if not self.plan.smoke:
             overrides["time_budget_s"] = round(budget)
@@ -472,11 +486,18 @@ class Campaign:
         evaluate = self._launcher("tavr_eval", "--tune_thresholds", workdir=workdir, data=data,
                                   split="test", batch_size=self.plan.eval_batch,
                                   out=self.work / "test_metrics.json")  # fmt: skip
+        # the second stage learns on the run's own training cases, at the frames' resolution
+        refine = self._launcher("tavr_refine", workdir=workdir, data=data, split="train",
+                                **self.plan.refine)  # fmt: skip
+        evaluate_refined = self._launcher(
+            "tavr_eval", "--refine", workdir=workdir, data=data, split="test",
+            batch_size=self.plan.eval_batch, out=self.work / "test_metrics_refined.json",
+        )  # fmt: skip
 
         def run_train(limit_s):
-            return self._exec(train, limit_s - reserve["evaluation"], capture="train_stdout.txt")
+            return self._exec(train, limit_s - after, capture="train_stdout.txt")
 
-        self._stage("training", [run_train, evaluate], limit)
+        self._stage("training", [run_train, evaluate, refine, evaluate_refined], limit)
 
     def _steps_in(self, budget_s: float) -> int | None:
         """Steps that fit the budget at the measured rate of the config's backbone and dtype."""
@@ -528,6 +549,7 @@ class Campaign:
         bench_train = _read_json(w / "bench_train.json")
         train_metrics = parse_final_json(_read_text(w / "train_stdout.txt") or "")
         test = _read_json(w / "test_metrics.json")
+        refined = _read_json(w / "test_metrics_refined.json")
         config = _read_json(w / "run" / "config.json")
         features = {
             "maps_per_s_256": maps_per_s(_read_text(w / "features_256.txt")),
@@ -555,7 +577,8 @@ class Campaign:
             )
         if train_metrics or test:
             write_json_atomic(
-                o / "training.json", {"train": train_metrics, "test": test, "config": config}
+                o / "training.json",
+                {"train": train_metrics, "test": test, "test_refined": refined, "config": config},
             )
         cv = _read_json(w / "perfusion_cv.json")
         if any(v is not None for v in features.values()) or cv:
@@ -564,7 +587,7 @@ class Campaign:
             preflight,
             latency_rows(latency_results),
             throughput_rows(bench_train),
-            training_summary(train_metrics, test, config),
+            training_summary(train_metrics, test, config, refined),
             features,
         )
         write_json_atomic(o / "campaign.json", result)

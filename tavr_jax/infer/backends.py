@@ -32,6 +32,7 @@ def open_engine(
     batch_size: int = 1,
     dtype: str = "float32",
     provider: str = "auto",
+    refine: bool = False,
 ):
     """The engine a launcher asks for, all with the same call API.
 
@@ -39,6 +40,8 @@ def open_engine(
     "onnxruntime": the same network as an ONNX graph on onnxruntime). With `model_file`: an
     exported artifact (a `jax.export` file runs on XLA, an .onnx file on onnxruntime), refused
     when it was made for another schema or, given `workdir`, another training run.
+    refine: add the second stage trained into W/refiner (XLA only; an exported file has it
+    when its engine had it).
     """
     if backend not in ("xla", "onnxruntime"):
         raise ValueError(f"unknown backend {backend!r}; expected xla or onnxruntime")
@@ -46,6 +49,8 @@ def open_engine(
         path = pathlib.Path(model_file)
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {path}")
+        if refine:
+            raise ValueError("--refine applies to a workdir's checkpoint, not to an exported file")
         if is_jax_export(path):
             exported = load_exported(path, workdir=workdir, schema=schema)
             if exported.meta.get("batch") is None:  # a symbolic batch takes any chunk size
@@ -56,7 +61,8 @@ def open_engine(
     if workdir is None:
         raise ValueError("give a training workdir or an exported model file")
     engine = KeypointEngine.from_workdir(workdir, which=which, schema=schema, backbone=backbone,
-                                         batch_size=batch_size, dtype=dtype)  # fmt: skip
+                                         batch_size=batch_size, dtype=dtype,
+                                         refine=refine)  # fmt: skip
     if backend == "onnxruntime":
         return OnnxKeypointEngine.from_engine(engine, provider=provider)
     return engine

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tavr_jax.fileio import atomic_write_bytes
-from tavr_jax.models import create_model, predictions
+from tavr_jax.models import create_model, predictions, refine
 from tavr_jax.schema import KeypointSchema, get_schema
 from tavr_jax.workdir import config_hash, load_for_inference, read_config
 from tavr_jax.xla import compile_lowered, cost_analysis
@@ -94,7 +94,10 @@ class KeypointEngine:
         batch_size: int = 1,
         dtype: str = "float32",
         device: jax.Device | None = None,
+        refiner: tuple | None = None,
     ):
+        """refiner: optional second stage, (PatchRefiner, params, patch size) as
+        `train_refiner.load_refiner` gives; it runs in the same executable, after the network."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.meta = dict(meta)
@@ -111,6 +114,11 @@ class KeypointEngine:
         if self.dtype != jnp.float32:
             variables = _cast_floats(variables, self.dtype)
         self.variables = jax.device_put(variables, self.device)  # resident for the engine's life
+        self.refiner = None
+        if refiner is not None:
+            model_r, params_r, patch = refiner
+            self.refiner = (model_r, jax.device_put(params_r, self.device), int(patch))
+            self.meta["refiner"] = True
         self.trace_count = 0  # incremented each time the forward pass is traced
         self._compiled: dict[tuple[int, int, int], Any] = {}
         self._jitted = jax.jit(self._traced_forward)
@@ -125,14 +133,22 @@ class KeypointEngine:
         which: str = "best",
         schema=None,
         backbone: str | None = None,
+        refine: bool = False,
         **kwargs,
     ) -> KeypointEngine:
-        """Loads a trained checkpoint; `schema`/`backbone`, when given, must match it."""
+        """Loads a trained checkpoint; `schema`/`backbone`, when given, must match it.
+        refine: add the second stage trained into W/refiner (experiments/tavr_refine.py)."""
         # Refuse a mismatched checkpoint from its config before restoring any weights.
         config = read_config(workdir)
         check_meta(config, workdir, schema=schema, backbone=backbone)
         model, variables, meta = load_for_inference(workdir, which=which)
         check_meta(meta, workdir, schema=schema, backbone=backbone)
+        if refine:
+            from tavr_jax.train_refiner import load_refiner
+
+            names = _as_schema(meta["schema"]).point_names
+            model_r, params_r, config_r = load_refiner(pathlib.Path(workdir) / "refiner", names)
+            kwargs["refiner"] = (model_r, params_r, config_r.patch)
         return cls(model, variables, meta, **kwargs)
 
     @classmethod
@@ -167,9 +183,16 @@ class KeypointEngine:
 
     def _traced_forward(self, variables, frames):
         self.trace_count += 1  # Python side effect: runs at trace time only
-        return keypoint_forward(
+        out = keypoint_forward(
             self.model, variables, frames, image_size=self.image_size, dtype=self.dtype
         )
+        if self.refiner is not None:
+            model_r, params_r, patch = self.refiner
+            if frames.ndim == 4:
+                frames = frames[..., 0]
+            out["coords"] = refine.refine_points(model_r, params_r, frames, out["coords"],
+                                                 size=patch)  # fmt: skip
+        return out
 
     def compiled(self, height: int, width: int, batch: int | None = None):
         """The AOT-compiled executable for (batch, height, width) uint8 input (cached)."""

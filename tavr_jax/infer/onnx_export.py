@@ -305,6 +305,11 @@ def _head(g, stages, stage_hw, params, meta, schema) -> tuple[str, str, str]:
 
 def check_supported(meta: dict) -> tuple[str, dict]:
     """One-line ValueError naming a backbone or head this exporter cannot write."""
+    if meta.get("refiner"):
+        raise ValueError(
+            "the ONNX graph has no second stage: build the engine without the refiner "
+            "(no --refine) to export it or to run it on onnxruntime"
+        )
     kind = meta.get("head", "regression")
     if kind not in SUPPORTED_HEADS:
         raise ValueError(
