@@ -117,7 +117,9 @@ class Models:
             try:
                 from tavr_jax.infer.engine import KeypointEngine
 
-                self.tavr = KeypointEngine.from_workdir(tavr_workdir, batch_size=8)
+                # the second stage, when one was trained into the workdir, halves the error
+                refine = (pathlib.Path(tavr_workdir) / "refiner" / "refiner.json").is_file()
+                self.tavr = KeypointEngine.from_workdir(tavr_workdir, batch_size=8, refine=refine)
             except (OSError, ValueError) as e:
                 self.errors["tavr"] = str(e)
         if self.perfusion is None:
@@ -206,6 +208,7 @@ def create_app(
                 "schema": schema.to_json() if schema else None,
                 "backbone": models.tavr.meta.get("backbone") if models.tavr else None,
                 "image_size": models.tavr.meta.get("image_size") if models.tavr else None,
+                "refiner": bool(models.tavr.meta.get("refiner")) if models.tavr else None,
             },
             "limits": dataclasses.asdict(limits),
         }  # fmt: skip

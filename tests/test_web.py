@@ -73,6 +73,7 @@ def test_page_and_status_say_which_model_is_missing(client):
     assert "cdn" not in page.text.lower() and "http" not in page.text.split("<body")[1][:4000]
     status = client.get("/api/status").json()
     assert status["tavr"]["loaded"] and status["tavr"]["schema"]["name"] == "paper11"
+    assert status["tavr"]["refiner"] is False  # an engine without the second stage
     assert not status["perfusion"]["loaded"]
     assert "--perfusion_model" in status["perfusion"]["error"]
     r = client.post("/api/perfusion/analyze", files={"study": ("s.png", _png(np.zeros((8, 8))))})
