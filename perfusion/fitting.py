@@ -92,7 +92,7 @@ def label_features(stress, rest, mean, sd, segments) -> np.ndarray:
     A study's deviations from its normal limits (scores.polar_features) and the strip/ring
     features of its uptake (features.uptake_features), which need no limits. With the second
     set, normal vs abnormal held out went from 0.985 to 0.993 on clinical-difficulty studies
-    and from 0.987 to 0.995 on easy ones (docs/perfusion_clinical.md).
+    and from 0.987 to 0.997 on easy ones (docs/perfusion_clinical.md).
     """
     return np.concatenate(
         [

@@ -18,7 +18,7 @@ from tavr_jax.fileio import atomic_write_bytes
 from tavr_jax.infer.engine import KeypointEngine
 from tavr_jax.infer.postprocess import reported_points
 from tavr_jax.metrics import keypoint_metrics, tune_thresholds
-from tavr_jax.train_refiner import load_refiner
+from tavr_jax.train_refiner import workdir_refiner
 from tavr_jax.visualize import draw_keypoints, draw_legend
 from tavr_jax.workdir import data_split, load_for_inference, load_thresholds, save_thresholds
 
@@ -65,12 +65,7 @@ def _load(workdir, data_dir, split: str, batch_size: int, which: str, refine: bo
     project = read_project(data_dir, meta["schema"], split=split, **data_split(meta["config"]))
     if not project.frames:
         raise ValueError(f"{data_dir}: split {split!r} has no frames (cases: {project.cases})")
-    refiner = None
-    if refine:
-        model_r, params_r, config_r = load_refiner(
-            pathlib.Path(workdir) / "refiner", meta["schema"].point_names
-        )
-        refiner = (model_r, params_r, config_r.patch)
+    refiner = workdir_refiner(workdir, meta["schema"].point_names) if refine else None
     engine = KeypointEngine(model, variables, meta, batch_size=batch_size, dtype=meta["dtype"],
                             refiner=refiner)  # fmt: skip
     return engine, meta, project
@@ -134,7 +129,8 @@ def evaluate_project(
 
     Returns:
       `keypoint_metrics` of the split, plus `split`, `n_cases`, `step`, `backbone`, `head`,
-      `grouped`, `image_size`. Errors are in pixels of the original frames.
+      `grouped`, `image_size`, `frame_width_px`, `refined`. Errors are in pixels of the
+      original frames.
     """
     engine, meta, project = _load(workdir, data_dir, split, batch_size, which, refine)
     schema = meta["schema"]

@@ -133,3 +133,9 @@ def load_refiner(directory, point_names=None):
     template = model.init(jax.random.PRNGKey(0), dummy, jnp.zeros((1,), jnp.int32))
     params = serialization.from_bytes(template, (d / "params.msgpack").read_bytes())
     return model, params, config
+
+
+def workdir_refiner(workdir, point_names) -> tuple:
+    """(PatchRefiner, params, patch size) of W/refiner, as `KeypointEngine(refiner=...)` takes."""
+    model, params, config = load_refiner(pathlib.Path(workdir) / "refiner", point_names)
+    return model, params, config.patch

@@ -144,11 +144,9 @@ class KeypointEngine:
         model, variables, meta = load_for_inference(workdir, which=which)
         check_meta(meta, workdir, schema=schema, backbone=backbone)
         if refine:
-            from tavr_jax.train_refiner import load_refiner
+            from tavr_jax.train_refiner import workdir_refiner
 
-            names = _as_schema(meta["schema"]).point_names
-            model_r, params_r, config_r = load_refiner(pathlib.Path(workdir) / "refiner", names)
-            kwargs["refiner"] = (model_r, params_r, config_r.patch)
+            kwargs["refiner"] = workdir_refiner(workdir, _as_schema(meta["schema"]).point_names)
         return cls(model, variables, meta, **kwargs)
 
     @classmethod
