@@ -15,6 +15,7 @@ and those reported at 0.5), with the refiner's time per frame beside the first s
 with and without the refiner, in alternation on a 1024 x 1024 frame, with XLA's GFLOP.
 """
 
+import dataclasses
 import sys
 import time
 
@@ -122,7 +123,7 @@ def main(argv):
                 "frames": len(frames),
                 "wall_s": time.perf_counter() - t,
                 "final_loss": float(np.mean(losses[-50:])),
-                "config": config.__dict__,
+                "config": dataclasses.asdict(config),
             }
             train_refiner.save_refiner(directory, params, config, schema.point_names)
             wall = result["train"]["wall_s"]

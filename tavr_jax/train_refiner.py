@@ -124,14 +124,22 @@ def load_refiner(directory, point_names=None):
     d = pathlib.Path(directory)
     if not (d / "refiner.json").is_file():
         raise FileNotFoundError(f"{d}: no refiner.json (not a refiner folder, or incomplete)")
-    meta = json.loads((d / "refiner.json").read_text())
-    config = RefinerConfig(**meta["config"])
+    try:
+        meta = json.loads((d / "refiner.json").read_text())
+        config = RefinerConfig(**meta["config"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{d / 'refiner.json'}: unreadable ({e}); retrain the refiner") from None
     if point_names is not None and list(point_names) != meta["points"]:
         raise ValueError(f"{d}: refiner trained for points {meta['points']}, not {point_names}")
     model = refine.PatchRefiner(len(meta["points"]), width=config.width)
     dummy = jnp.zeros((1, config.patch, config.patch), jnp.float32)
     template = model.init(jax.random.PRNGKey(0), dummy, jnp.zeros((1,), jnp.int32))
-    params = serialization.from_bytes(template, (d / "params.msgpack").read_bytes())
+    try:
+        params = serialization.from_bytes(template, (d / "params.msgpack").read_bytes())
+    except OSError:
+        raise
+    except Exception as e:  # msgpack and flax raise their own types for a broken file
+        raise ValueError(f"{d / 'params.msgpack'}: unreadable ({e}); retrain the refiner") from None
     return model, params, config
 
 

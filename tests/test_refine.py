@@ -79,6 +79,9 @@ def test_refiner_learns_to_move_points_onto_the_structure(tmp_path):
         train_refiner.load_refiner(tmp_path / "refiner", ["Q"])
     with pytest.raises(FileNotFoundError, match="no refiner.json"):
         train_refiner.load_refiner(tmp_path)
+    (tmp_path / "refiner" / "params.msgpack").write_bytes(b"\x00broken")
+    with pytest.raises(ValueError, match="params.msgpack: unreadable"):
+        train_refiner.load_refiner(tmp_path / "refiner")
 
 
 def test_training_frames_must_share_one_size():
