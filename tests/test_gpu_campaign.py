@@ -133,11 +133,17 @@ def test_gpu_plan_fits_its_budget_and_sizes_the_run_from_the_measured_rate(tmp_p
     assert run.protected_s() == 270 and plan.budget_s - run.protected_s() == 270
     assert plan.limits["preflight"] + plan.limits["simulate"] < 270
     run.work.mkdir()
-    assert run._steps_in(100.0) is None  # no throughput measured: the config's num_steps
-    rows = [{"backbone": "resnet34", "dtype": "bfloat16", "images_per_s": 9000.0},
-            {"backbone": "resnet34", "dtype": "float32", "images_per_s": 3000.0,
-             "images_per_s_pipeline": 2400.0}]  # fmt: skip
+    assert run._train_dtype() == "bfloat16"  # the paper-scale recipe
+    assert run._steps_in(100.0, "bfloat16") is None  # nothing measured: the config's num_steps
+    rows = [{"backbone": "resnet34", "dtype": "bfloat16", "images_per_s": 9000.0,
+             "images_per_s_pipeline": 4000.0},
+            {"backbone": "resnet34", "dtype": "float32", "images_per_s": 3000.0}]  # fmt: skip
     (run.work / "bench_train.json").write_text(json.dumps({"results": rows}))
-    # 0.6 x 100 s x 2,400 images/s (the config's fp32, fed by the pipeline) / batch 32
-    assert run._steps_in(100.0) == 4500
-    assert run._steps_in(1.0) == 500 and run._steps_in(10_000.0) == 20_000  # clamped
+    # 0.6 x 100 s x 4,000 images/s (bf16, fed by the real pipeline) / batch 32
+    assert run._steps_in(100.0, "bfloat16") == 7500
+    assert run._steps_in(100.0, "float32") == 5625  # no pipeline rate: the device-resident one
+    assert run._steps_in(1.0, "bfloat16") == 500
+    assert run._steps_in(10_000.0, "bfloat16") == 20_000  # clamped
+    fp32 = campaign.Campaign(plan, tmp_path / "o", tmp_path / "w",
+                             overrides=["--config.dtype=float32"])  # fmt: skip
+    assert fp32._train_dtype() == "float32"  # a --config_overrides flag wins
