@@ -136,12 +136,13 @@ def test_gpu_plan_fits_its_budget_and_sizes_the_run_from_the_measured_rate(tmp_p
     assert run._train_dtype() == "bfloat16"  # the paper-scale recipe
     assert run._steps_in(100.0, "bfloat16") is None  # nothing measured: the config's num_steps
     rows = [{"backbone": "resnet34", "dtype": "bfloat16", "images_per_s": 9000.0,
-             "images_per_s_pipeline": 4000.0},
+             "images_per_s_pipeline": 4000.0, "compile_s": 40.0},
             {"backbone": "resnet34", "dtype": "float32", "images_per_s": 3000.0}]  # fmt: skip
     (run.work / "bench_train.json").write_text(json.dumps({"results": rows}))
-    # 0.6 x 100 s x 4,000 images/s (bf16, fed by the real pipeline) / batch 32
-    assert run._steps_in(100.0, "bfloat16") == 7500
-    assert run._steps_in(100.0, "float32") == 5625  # no pipeline rate: the device-resident one
+    # 0.8 x (100 s - 40 s compiling) x 4,000 images/s (bf16, the real pipeline) / batch 32
+    assert run._steps_in(100.0, "bfloat16") == 6000
+    assert run._steps_in(100.0, "float32") == 7500  # no pipeline rate or compile time known
+    assert run._steps_in(48.0, "bfloat16") == 1200  # a quarter of the budget at least: 12 s
     assert run._steps_in(1.0, "bfloat16") == 500
     assert run._steps_in(10_000.0, "bfloat16") == 20_000  # clamped
     fp32 = campaign.Campaign(plan, tmp_path / "o", tmp_path / "w",

@@ -89,13 +89,14 @@ def gpu_plan() -> Plan:
     return Plan(
         smoke=False,
         budget_s=540.0,
-        limits=dict(preflight=90, simulate=60, latency=150, train_throughput=120, perfusion=45),
+        # measured on an H200 (2026-11-28): preflight 22 s, simulate 9 s, a latency run 25 s,
+        # one bench_train dtype ~60 s (47 s of it compiling)
+        limits=dict(preflight=90, simulate=60, latency=100, train_throughput=150, perfusion=45),
         sim=dict(cases=150, frames=40, size=512, seed=0, workers=0),  # 6,000 frames
         latency_runs=(
             ("resnet34", "bfloat16"),
             ("resnet34", "float32"),
             ("resnet18", "bfloat16"),
-            ("resnet18", "float32"),
         ),  # fmt: skip
         latency=dict(image_size=512, batch_sizes="1,8,32,128", min_time=0.3),
         throughput=dict(
@@ -468,7 +469,8 @@ class Campaign:
                                out=w / "bench_train.json", **self.plan.throughput)  # fmt: skip
         loader = self._launcher("bench_input", "--nobuild_tfds", data=data,
                                 out=w / "bench_input.json", **self.plan.input)  # fmt: skip
-        self._stage("train_throughput", [train, loader], self.plan.limits["train_throughput"])
+        # the loader first: a few seconds, where bench_train compiles for ~50 s per dtype
+        self._stage("train_throughput", [loader, train], self.plan.limits["train_throughput"])
 
     def _training(self) -> None:
         reserve = self.plan.reserve_s
@@ -516,15 +518,18 @@ class Campaign:
     def _steps_in(self, budget_s: float, dtype: str) -> int | None:
         """Steps that fit the budget at the measured rate of the config's backbone and dtype."""
         measured = _read_json(self.work / "bench_train.json") or {}
-        rates = [
-            r.get("images_per_s_pipeline") or r["images_per_s"]
+        rows = [
+            r
             for r in measured.get("results", [])
             if r["backbone"] == "resnet34" and r["dtype"] == dtype
         ]
-        if not rates:
+        if not rows:
             return None
-        # 0.6: compilation, validation passes and the smaller batch eat into the rate
-        return int(min(max(0.6 * budget_s * rates[0] / 32, 500), 20_000))
+        rate = rows[0].get("images_per_s_pipeline") or rows[0]["images_per_s"]
+        # The budget includes compiling the step (bench_train's compile_s, 40-57 s for the
+        # H200's first run); 0.8: validation passes and the smaller batch eat into the rate.
+        stepping_s = max(budget_s - rows[0].get("compile_s", 0.0), 0.25 * budget_s)
+        return int(min(max(0.8 * stepping_s * rate / 32, 500), 20_000))
 
     def _perfusion(self) -> None:
         commands = [self._features(size, batch) for size, batch in self.plan.features]

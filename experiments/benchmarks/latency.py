@@ -32,19 +32,18 @@ from tavr_jax.infer import onnx_export, onnx_runtime
 from tavr_jax.infer.engine import KeypointEngine, keypoint_forward
 from tavr_jax.infer.postprocess import Gate
 from tavr_jax.schema import get_schema
-from tavr_jax.xla import compile_lowered, cost_analysis
+from tavr_jax.xla import compile_lowered, model_flops
 
 PAPER_MS_PER_FRAME = 18.0  # the paper's GPU figure (section 5)
 BACKENDS = ("xla", "onnxruntime")
 
 
 def flops_per_batch(engine: KeypointEngine, frame_size: int) -> float | None:
-    """FLOPs of one batch of the network, from XLA's analysis of the lowered function."""
+    """FLOPs of one batch of the network (its convolutions and products, on any backend)."""
     spec = jax.ShapeDtypeStruct((engine.batch_size, frame_size, frame_size), jnp.uint8)
-    fn = jax.jit(lambda v, f: keypoint_forward(engine.model, v, f, image_size=engine.image_size,
-                                               dtype=engine.dtype))  # fmt: skip
-    flops = cost_analysis(fn.lower(engine.variables, spec)).get("flops")
-    return float(flops) if flops else None
+    fn = lambda v, f: keypoint_forward(engine.model, v, f, image_size=engine.image_size,  # noqa: E731
+                                       dtype=engine.dtype)  # fmt: skip
+    return model_flops(fn, engine.variables, spec)
 
 
 def onnxruntime_peak_kernels(n: int = 2048, *, provider: str = "auto") -> dict:
@@ -254,9 +253,8 @@ def profile_split(engine: KeypointEngine, frame_size: int, **timing) -> dict:
     out = {}
     for name, (fn, args) in parts.items():
         exe = compile_lowered(fn.lower(*args), engine.device.platform)
-        cost = cost_analysis(exe)
         t = time_runs(lambda exe=exe, args=args: jax.block_until_ready(exe(*args)), **timing)
-        out[name] = {"p50_ms": float(np.median(t) * 1e3), "gflops": cost.get("flops", 0) / 1e9}
+        out[name] = {"p50_ms": float(np.median(t) * 1e3), "gflops": model_flops(fn, *args) / 1e9}
     whole = jax.jit(
         lambda f: keypoint_forward(engine.model, v, f, image_size=engine.image_size, dtype=dtype)
     )

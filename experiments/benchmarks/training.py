@@ -14,7 +14,7 @@ from benchmarks.timing import time_runs
 from tavr_jax import train
 from tavr_jax.data.pipeline import make_loader
 from tavr_jax.workdir import build_model
-from tavr_jax.xla import compile_lowered, compiled_flops
+from tavr_jax.xla import compile_lowered, model_flops
 
 
 def training_rate(
@@ -35,8 +35,8 @@ def training_rate(
 
     Returns:
       (result, state to pass on). result has `images_per_s` (device-resident),
-      `images_per_s_pipeline` (or None), `flops_per_step` (global: per-device program FLOPs
-      x devices), `tflops_per_s`, `compile_s`, `devices`, `device_kind`.
+      `images_per_s_pipeline` (or None), `flops_per_step` (the global batch's convolutions and
+      products, `tavr_jax.xla.model_flops`), `tflops_per_s`, `compile_s`, `devices`, `device_kind`.
     """
     mesh = train.make_mesh()
     model, schema = build_model(config)
@@ -59,7 +59,7 @@ def training_rate(
     t0 = time.perf_counter()
     compiled = compile_lowered(train_fn.lower(state, batch), jax.devices()[0].platform)
     compile_s = time.perf_counter() - t0
-    flops = compiled_flops(compiled)
+    flops = model_flops(train_fn, state, batch)  # the global batch's, on any backend
 
     def images_per_s(next_batch) -> float:
         def run():
@@ -86,12 +86,11 @@ def training_rate(
             val_fraction=0.0,
         )
         pipeline_rate = images_per_s(lambda: train.to_global(next(it), batch_sharding))
-    global_flops = flops * jax.device_count() if flops is not None else None
     result = {
         "images_per_s": device_rate,
         "images_per_s_pipeline": pipeline_rate,
-        "flops_per_step": global_flops,
-        "tflops_per_s": global_flops * device_rate / b / 1e12 if global_flops else None,
+        "flops_per_step": flops,
+        "tflops_per_s": flops * device_rate / b / 1e12,
         "compile_s": compile_s,
         "devices": jax.device_count(),
         "device_kind": jax.devices()[0].device_kind,

@@ -1,0 +1,72 @@
+"""Model FLOPs counted from the jaxpr, against hand counts and XLA's CPU cost analysis."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tavr_jax.models import create_model
+from tavr_jax.schema import get_schema
+from tavr_jax.xla import cost_analysis, model_flops
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv(x, w, stride=1, padding="VALID", groups=1):
+    return jax.lax.conv_general_dilated(
+        x, w, (stride, stride), padding, dimension_numbers=DN, feature_group_count=groups
+    )
+
+
+def _xla_cpu_flops(fn, *args) -> float:
+    return cost_analysis(jax.jit(fn).lower(*args).compile())["flops"]
+
+
+def test_hand_counts():
+    a, b = jnp.ones((3, 8, 16)), jnp.ones((3, 16, 4))
+    assert model_flops(jnp.matmul, a, b) == 2 * 3 * 8 * 16 * 4  # batched product
+    x, w = jnp.ones((2, 10, 12, 6)), jnp.ones((3, 3, 6, 5))
+    assert model_flops(_conv, x, w) == 2 * (2 * 8 * 10 * 5) * 6 * 9  # VALID: 8x10 outputs
+    assert model_flops(lambda x, w: _conv(x, w, 2, "SAME"), x, w) == 2 * (2 * 5 * 6 * 5) * 6 * 9
+    wg = jnp.ones((3, 3, 2, 6))  # 3 groups of 2 input channels
+    assert model_flops(lambda x, w: _conv(x, w, groups=3), x, wg) == 2 * (2 * 8 * 10 * 6) * 2 * 9
+
+
+def test_control_flow_and_nesting():
+    a = jnp.ones((4, 4))
+    one = 2 * 4**3
+
+    def scanned(a):
+        return jax.lax.scan(lambda c, _: (c @ a, None), a, None, length=5)[0]
+
+    assert model_flops(scanned, a) == 5 * one
+    assert model_flops(jax.jit(lambda a: jax.jit(jnp.matmul)(a, a) @ a), a) == 2 * one
+    branches = (lambda a: a @ a @ a, lambda a: a)
+    assert model_flops(lambda i, a: jax.lax.switch(i, branches, a), 0, a) == 2 * one  # the max
+
+
+def test_gradient_of_a_strided_convolution_costs_three_forward_passes():
+    """Backward = input gradient (a convolution over a dilated input, whose holes are not
+    work) + weight gradient, each as costly as the forward one."""
+    x, w = jnp.ones((2, 16, 16, 4)), jnp.ones((3, 3, 4, 8))
+
+    def loss(x, w):
+        return _conv(x, w, 2, "SAME").sum()
+
+    forward = model_flops(loss, x, w)
+    assert model_flops(jax.grad(loss, argnums=(0, 1)), x, w) == 3 * forward
+
+
+def test_matches_xla_cpu_analysis():
+    """VALID convolutions and products: exactly XLA's count of multiply-adds. A network with
+    SAME padding: a little above XLA's, which leaves out the taps on the padding."""
+    x, w = jnp.ones((2, 10, 12, 6)), jnp.ones((3, 3, 6, 5))
+    m = jnp.ones((5, 7))
+    fn = lambda x, w, m: _conv(x, w).reshape(-1, 5) @ m  # noqa: E731
+    np.testing.assert_allclose(model_flops(fn, x, w, m), _xla_cpu_flops(fn, x, w, m), rtol=0.02)
+
+    model = create_model(get_schema("paper11"), backbone="resnet_tiny", head="heatmap")
+    images = jnp.ones((2, 64, 64, 1))
+    variables = model.init(jax.random.key(0), images, train=False)
+    net = lambda v, x: model.apply(v, x, train=False)  # noqa: E731
+    ours, xla = model_flops(net, variables, images), _xla_cpu_flops(net, variables, images)
+    assert xla <= ours <= 1.25 * xla, (ours, xla)
