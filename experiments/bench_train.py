@@ -6,8 +6,8 @@ r"""Training throughput (images/s) and model FLOP utilisation per backbone and d
 FLOPs per step are the model's (convolutions and products counted from the jaxpr,
 `tavr_jax.xla.model_flops`: XLA's compiled analysis leaves out cuDNN's convolutions on a
 GPU); MFU = achieved FLOP/s over the device's peak (--peak_tflops, or a table of known GPUs).
-With --data the step is also fed by the real input pipeline (a Supervisely project or TFDS folder). The JSON is rewritten after
-every row; weights are initialised once per backbone.
+With --data the step is also fed by the real input pipeline (a Supervisely project or TFDS
+folder). The JSON is rewritten after every row; weights are initialised once per backbone.
 """
 
 import datetime

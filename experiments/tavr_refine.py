@@ -59,6 +59,10 @@ def _summary(err: np.ndarray) -> dict:
     }
 
 
+def _jit_refiner(model, params, config):
+    return jax.jit(lambda f, c: refine.refine_points(model, params, f, c, size=config.patch))
+
+
 def _median_ms(fn, *args, runs: int = 20) -> float:
     jax.block_until_ready(fn(*args))
     times = []
@@ -67,6 +71,35 @@ def _median_ms(fn, *args, runs: int = 20) -> float:
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t)
     return 1000.0 * float(np.median(times))
+
+
+def measure(engine, refined, project) -> dict:
+    """Errors at 1024 of the project's visible points before and after the refiner (all, and
+    those the first stage reports at 0.5)."""
+    pred = predict_project(engine, project)
+    before, after, shown = [], [], []
+    for i, rec in enumerate(project.frames):
+        frame = project.load_image(i)[None]
+        new = np.asarray(refined(frame, pred["coords"][i : i + 1]))[0]
+        v = np.asarray(rec.visibility, bool)
+        before.append(_errors_at_1024(pred["coords"][i][v], rec.coords[v], rec.width))
+        after.append(_errors_at_1024(new[v], rec.coords[v], rec.width))
+        shown.append(pred["visibility"][i][v] >= 0.5)
+    before, after, shown = map(np.concatenate, (before, after, shown))
+    return {
+        "before": _summary(before),
+        "after": _summary(after),
+        "before_reported": _summary(before[shown]),
+        "after_reported": _summary(after[shown]),
+    }
+
+
+def _subset(project, n: int):
+    """At most n frames of the project (a fixed random choice), in their order."""
+    if n and len(project.frames) > n:
+        keep = np.random.default_rng(0).choice(len(project.frames), n, replace=False)
+        project.frames = [project.frames[i] for i in sorted(keep)]
+    return project
 
 
 def cost_rows(refiner, specs, *, runs: int = 9) -> list[dict]:
@@ -107,12 +140,7 @@ def main(argv):
         if _DATA.value:
             split = {} if _SPLIT.value == "all" else data_split(read_config(_WORKDIR.value))
             project = read_project(_DATA.value, schema, split=_SPLIT.value, **split)
-            if _MAX_FRAMES.value and len(project.frames) > _MAX_FRAMES.value:
-                keep = np.random.default_rng(0).choice(
-                    len(project.frames), _MAX_FRAMES.value, replace=False
-                )
-                project.frames = [project.frames[i] for i in sorted(keep)]
-            frames, vis, xy = train_refiner.project_arrays(project)
+            frames, vis, xy = train_refiner.project_arrays(_subset(project, _MAX_FRAMES.value))
             config = train_refiner.RefinerConfig(
                 steps=_STEPS.value, batch=_BATCH.value, jitter=_JITTER.value
             )
@@ -125,34 +153,41 @@ def main(argv):
                 "final_loss": float(np.mean(losses[-50:])),
                 "config": dataclasses.asdict(config),
             }
-            train_refiner.save_refiner(directory, params, config, schema.point_names)
+            validation = None
+            if _SPLIT.value == "train":  # does it help this first stage? its validation cases
+                val = read_project(_DATA.value, schema, split="validation", **split)
+                check = measure(engine, _jit_refiner(model, params, config), _subset(val, 300))
+                result["validation"] = check
+                validation = {"mean_error_before": check["before"]["mean"],
+                              "mean_error_after": check["after"]["mean"]}  # fmt: skip
+                verdict = (
+                    "it helps"
+                    if validation["mean_error_after"] < validation["mean_error_before"]
+                    else "it does NOT help this first stage: leave --refine off"
+                )
+                print(
+                    f"refiner on {check['before']['n']} visible points of validation cases: "
+                    f"mean error at 1024 {validation['mean_error_before']:.1f} -> "
+                    f"{validation['mean_error_after']:.1f} px; {verdict}"
+                )
+            train_refiner.save_refiner(
+                directory, params, config, schema.point_names, validation=validation
+            )
             wall = result["train"]["wall_s"]
             print(f"refiner: {len(frames)} frames, {wall:.0f} s -> {directory}")
         model, params, config = train_refiner.load_refiner(directory, schema.point_names)
-        refined = jax.jit(lambda f, c: refine.refine_points(model, params, f, c, size=config.patch))
+        refined = _jit_refiner(model, params, config)
         for item in _TEST.value:
             name, _, path = item.partition("=")
             project = read_project(path, schema)
-            pred = predict_project(engine, project)
-            before, after, shown = [], [], []
-            for i, rec in enumerate(project.frames):
-                frame = project.load_image(i)[None]
-                new = np.asarray(refined(frame, pred["coords"][i : i + 1]))[0]
-                v = np.asarray(rec.visibility, bool)
-                before.append(_errors_at_1024(pred["coords"][i][v], rec.coords[v], rec.width))
-                after.append(_errors_at_1024(new[v], rec.coords[v], rec.width))
-                shown.append(pred["visibility"][i][v] >= 0.5)
-            before, after, shown = map(np.concatenate, (before, after, shown))
+            row = measure(engine, refined, project)
             frame = project.load_image(0)[None]
-            row = {
-                "before": _summary(before),
-                "after": _summary(after),
-                "before_reported": _summary(before[shown]),
-                "after_reported": _summary(after[shown]),
-                "frame": f"{frame.shape[2]}x{frame.shape[1]}",
-                "first_stage_ms": _median_ms(engine, frame),
-                "refiner_ms": _median_ms(refined, frame, pred["coords"][:1]),
-            }
+            centre = np.full((1, schema.num_points, 2), frame.shape[1] / 2, np.float32)
+            row.update(
+                frame=f"{frame.shape[2]}x{frame.shape[1]}",
+                first_stage_ms=_median_ms(engine, frame),
+                refiner_ms=_median_ms(refined, frame, centre),  # the time is the same anywhere
+            )
             result["tests"][name] = row
             b, a = row["before"], row["after"]
             print(

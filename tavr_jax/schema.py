@@ -25,6 +25,10 @@ class KeypointSchema:
     groups: tuple[tuple[str, tuple[str, ...]], ...]  # ((group name, (point names...)), ...)
     flip_pairs: tuple[tuple[str, str], ...] = ()
     ignore: tuple[str, ...] = ()  # annotation classes that are known but not predicted
+    # (point, next point along its curve): points that mark where a curve (the delivery
+    # catheter) enters the field of view. A zoom or rotation that pushes one out of the image
+    # does not hide it: the curve still enters, at the image's new edge (`augment`).
+    entry_points: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
         names = self.point_names
@@ -33,6 +37,11 @@ class KeypointSchema:
         for a, b in self.flip_pairs:
             if a not in names or b not in names:
                 raise ValueError(f"schema {self.name!r}: flip pair ({a}, {b}) names unknown points")
+        for a, b in self.entry_points:
+            if a not in names or b not in names or a == b:
+                raise ValueError(
+                    f"schema {self.name!r}: entry point ({a}, {b}) needs two distinct known points"
+                )
 
     @property
     def group_names(self) -> tuple[str, ...]:
@@ -96,6 +105,14 @@ class KeypointSchema:
             perm[ia], perm[ib] = ib, ia
         return perm
 
+    @property
+    def entry_partner(self) -> np.ndarray:
+        """(K,) int: for an entry point, the index of the next point along its curve; else -1."""
+        partner = np.full(self.num_points, -1)
+        for a, b in self.entry_points:
+            partner[self.index(a)] = self.index(b)
+        return partner
+
     def index(self, point_name: str) -> int:
         try:
             return self.point_names.index(point_name)
@@ -111,12 +128,15 @@ class KeypointSchema:
         return (v @ self.group_matrix.T) > 0
 
     def to_json(self) -> dict:
-        return {
+        d = {
             "name": self.name,
             "groups": [{"name": g, "points": list(p)} for g, p in self.groups],
             "flip_pairs": [list(p) for p in self.flip_pairs],
             "ignore": list(self.ignore),
         }
+        if self.entry_points:
+            d["entry_points"] = [list(p) for p in self.entry_points]
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> KeypointSchema:
@@ -126,6 +146,7 @@ class KeypointSchema:
                 groups=tuple((g["name"], tuple(g["points"])) for g in d["groups"]),
                 flip_pairs=tuple(tuple(p) for p in d.get("flip_pairs", ())),
                 ignore=tuple(d.get("ignore", ())),
+                entry_points=tuple(tuple(p) for p in d.get("entry_points", ())),
             )
         except (KeyError, TypeError) as e:
             raise ValueError(f"malformed schema JSON (missing or bad field {e})") from None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import pathlib
 
 import jax
@@ -109,12 +110,16 @@ def train_refiner(frames, visibility, coords, config: RefinerConfig = RefinerCon
     return model, params, np.asarray(losses)
 
 
-def save_refiner(directory, params, config: RefinerConfig, point_names) -> None:
+def save_refiner(directory, params, config: RefinerConfig, point_names, *, validation=None):
+    """Writes the refiner folder; `validation`: {"mean_error_before", "mean_error_after"} of
+    the first stage's validation cases (px at 1024), which `workdir_refiner` warns on."""
     d = pathlib.Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     (d / "refiner.json").unlink(missing_ok=True)
     atomic_write_bytes(d / "params.msgpack", serialization.to_bytes(params))
     meta = {"config": dataclasses.asdict(config), "points": list(point_names)}
+    if validation is not None:
+        meta["validation"] = validation
     atomic_write_bytes(d / "refiner.json", json.dumps(meta, indent=1).encode())
 
 
@@ -144,6 +149,19 @@ def load_refiner(directory, point_names=None):
 
 
 def workdir_refiner(workdir, point_names) -> tuple:
-    """(PatchRefiner, params, patch size) of W/refiner, as `KeypointEngine(refiner=...)` takes."""
-    model, params, config = load_refiner(pathlib.Path(workdir) / "refiner", point_names)
+    """(PatchRefiner, params, patch size) of W/refiner, as `KeypointEngine(refiner=...)` takes.
+
+    Warns when the refiner made the error of this workdir's first stage worse on its
+    validation cases: a first stage that is already finer than the refiner's own floor.
+    """
+    d = pathlib.Path(workdir) / "refiner"
+    model, params, config = load_refiner(d, point_names)
+    check = json.loads((d / "refiner.json").read_text()).get("validation") or {}
+    before, after = check.get("mean_error_before"), check.get("mean_error_after")
+    if before is not None and after is not None and after >= before:
+        logging.warning(
+            "%s: on the first stage's validation cases the refiner raised the mean error "
+            "(%.1f -> %.1f px at 1024); this first stage does better without --refine",
+            d, before, after,
+        )  # fmt: skip
     return model, params, config.patch

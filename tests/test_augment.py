@@ -153,6 +153,56 @@ def test_points_leaving_the_image_become_invisible():
     assert np.all(xy[vis == 0] == 0)
 
 
+def _first_inside_along(p, q, size):
+    """numpy reference: walk from p towards q in 1e5 steps, the first point inside the image."""
+    for t in np.linspace(0.0, 1.0, 100_001):
+        x = p + t * (q - p)
+        if np.all((x >= 0) & (x < size)):
+            return x
+    return None
+
+
+def test_entry_point_pushed_out_moves_along_its_curve_to_the_image_edge():
+    """CP (where the catheter enters the field) leaves the image at zoom 1.3, but the catheter
+    still enters: CP moves towards CM to the new edge, unless CM itself is gone."""
+    cp, cm = SCHEMA.index("CP"), SCHEMA.index("CM")
+    assert SCHEMA.entry_partner[cp] == cm and (np.delete(SCHEMA.entry_partner, cp) == -1).all()
+    cases = [  # (CP, CM, CM visible, expected visibility of CP)
+        ((32.0, 62.0), (32.0, 40.0), 1, 1),  # straight up from the bottom edge
+        ((60.0, 60.0), (40.0, 44.0), 1, 1),  # diagonal: crosses the bottom edge first
+        ((2.0, 30.0), (20.0, 33.0), 1, 1),  # from the left
+        ((32.0, 62.0), (32.0, 40.0), 0, 0),  # CM not visible: nothing to follow
+        ((60.0, 62.0), (62.0, 60.0), 1, 0),  # CM pushed out as well
+    ]
+    n = len(cases)
+    coords = np.zeros((n, K, 2), np.float32)
+    visibility = np.zeros((n, K), np.float32)
+    for i, (p, q, q_visible, _) in enumerate(cases):
+        coords[i, cp], coords[i, cm] = p, q
+        visibility[i, cp], visibility[i, cm] = 1, q_visible
+    coords[:, cm] *= visibility[:, cm, None]
+    batch = _batch(np.zeros((n, S, S), np.uint8), visibility, coords)
+    params = augment.sample_params(_key(0), n, (S, S), AugmentConfig.identity())
+    params["scale"] = jnp.full(n, 1.3)
+    out = augment.apply_augmentation(
+        batch, params, flip_perm=tuple(range(K)), radius=1,
+        entry_partner=tuple(SCHEMA.entry_partner.tolist()),
+    )  # fmt: skip
+    vis, xy = np.asarray(out["visibility"]), np.asarray(out["coords"])
+    for i, (p, q, _, expected) in enumerate(cases):
+        assert vis[i, cp] == expected, cases[i]
+        if expected:
+            zoomed = [S / 2 + 1.3 * (np.array(v) - S / 2) for v in (p, q)]
+            assert not np.all((zoomed[0] >= 0) & (zoomed[0] < S))  # it did leave
+            np.testing.assert_allclose(xy[i, cp], _first_inside_along(*zoomed, S), atol=2e-3)
+            np.testing.assert_allclose(xy[i, cm], zoomed[1], atol=1e-4)  # CM only zoomed
+        else:
+            np.testing.assert_array_equal(xy[i, cp], [0.0, 0.0])
+    # without the schema's entry points the same CP simply leaves (the rule of every point)
+    plain = augment.apply_augmentation(batch, params, flip_perm=tuple(range(K)), radius=1)
+    assert not np.asarray(plain["visibility"])[:, cp].any()
+
+
 def test_warp_matches_opencv_warp_affine():
     ys, xs = np.mgrid[0:S, 0:S]
     image = (120 + 60 * np.sin(xs / 6.0) * np.cos(ys / 9.0)).astype(np.float32)

@@ -240,7 +240,7 @@ def test_latency_benchmark_rows_per_backend(tmp_path, monkeypatch):
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(result["rows"]))
     for row in result["rows"]:
         assert row["ratio_vs_onnxruntime"] > 0 and 0 < row["fraction_of_peak"]
-        assert row["flops_per_batch"] > 0
+        assert row["flops_per_batch"] > 0 and row["end_to_end"]["frames_per_s_pipelined"] > 0
     assert set(result["peak"]) >= {"xla_matmul", "onnxruntime_matmul"}
     assert "| resnet_tiny | onnxruntime | float32 | 32 | 2 |" in latency.markdown_table(result)
 

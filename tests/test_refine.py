@@ -114,3 +114,22 @@ def test_engine_runs_the_refiner_inside_its_executable():
     np.testing.assert_array_equal(second["visibility"], first["visibility"])
     with pytest.raises(ValueError, match="no second stage"):
         onnx_export.check_supported(engine.meta)
+
+
+def test_workdir_refiner_warns_when_it_made_validation_worse(tmp_path, caplog):
+    import jax
+    import jax.numpy as jnp
+
+    names = ["A", "B"]
+    model = refine.PatchRefiner(len(names), width=4)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16)), jnp.zeros((1,), jnp.int32))
+    config = train_refiner.RefinerConfig(patch=16, width=4)
+    for before, after, warned in ((9.0, 4.5, False), (4.8, 6.0, True), (None, None, False)):
+        validation = None if before is None else {"mean_error_before": before,
+                                                  "mean_error_after": after}  # fmt: skip
+        train_refiner.save_refiner(tmp_path / "refiner", params, config, names,
+                                   validation=validation)  # fmt: skip
+        caplog.clear()
+        _, _, patch = train_refiner.workdir_refiner(tmp_path, names)
+        assert patch == 16
+        assert ("raised the mean error (4.8 -> 6.0 px" in caplog.text) == warned, caplog.text

@@ -8,6 +8,7 @@ import pytest
 
 from tavr_jax import get_schema
 from tavr_jax.data import supervisely as sv
+from tavr_jax.schema import KeypointSchema
 
 SCHEMA = get_schema("paper11")
 
@@ -171,6 +172,14 @@ def test_schema_properties():
     assert ref.flip_permutation[ref.index("FE1_o")] == ref.index("FE2_o")
     with pytest.raises(ValueError, match="unknown keypoint schema"):
         get_schema("nope")
+    # entry points: CP follows CM when a zoom pushes it out; a JSON round trip keeps them
+    partner = SCHEMA.entry_partner
+    assert partner[SCHEMA.index("CP")] == SCHEMA.index("CM") and (partner >= 0).sum() == 1
+    assert KeypointSchema.from_json(SCHEMA.to_json()) == SCHEMA
+    assert "entry_points" not in ref.to_json() and (ref.entry_partner == -1).all()
+    bad = {**SCHEMA.to_json(), "entry_points": [["CP", "XX"]]}
+    with pytest.raises(ValueError, match="entry point"):
+        KeypointSchema.from_json(bad)
 
 
 def test_16bit_frames_are_windowed_like_inference_inputs(tmp_path):

@@ -3,7 +3,10 @@
 Geometry: one random affine per frame (scale and rotation about the image centre, horizontal
 flip) is applied to the image by a single inverse-mapped bilinear sample and to the keypoints
 by the forward map; a flip also swaps left/right point indices with `schema.flip_permutation`.
-Points that leave the image become invisible (visibility 0, coords 0).
+Points that leave the image become invisible (visibility 0, coords 0), except the schema's
+entry points (where the catheter enters the field of view): the catheter still enters the
+zoomed or rotated image, at its edge, so the point moves there along the segment to the next
+point of the catheter, as long as that one is in the image.
 Photometric: brightness/contrast, Gaussian blur (separable), Gaussian noise.
 
 Coordinates are continuous pixels of the S x S input: pixel (row i, column j) covers
@@ -128,14 +131,36 @@ def warp_image(image: jax.Array, matrix: jax.Array) -> jax.Array:
 
 
 def warp_points(
-    coords: jax.Array, visibility: jax.Array, matrix: jax.Array, size: tuple[int, int]
+    coords: jax.Array,
+    visibility: jax.Array,
+    matrix: jax.Array,
+    size: tuple[int, int],
+    entry_partner: tuple[int, ...] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """(K, 2) coords under the same affine; points leaving [0, W) x [0, H) become invisible."""
+    """(K, 2) coords under the same affine; points leaving [0, W) x [0, H) become invisible.
+
+    entry_partner: (K,) the next point along the curve of each entry point, -1 for others
+    (`KeypointSchema.entry_partner`). An entry point that leaves while its partner stays in
+    the image moves to where the segment between them crosses the image's edge.
+    """
     h, w = size
     centre = jnp.array([[w / 2.0, h / 2.0]])  # (1, 2)
     moved = (coords - centre) @ matrix.T + centre
     inside = (moved[:, 0] >= 0) & (moved[:, 0] < w) & (moved[:, 1] >= 0) & (moved[:, 1] < h)
     visible = (visibility > 0) & inside
+    if entry_partner is not None and max(entry_partner) >= 0:
+        partner = jnp.maximum(jnp.asarray(entry_partner), 0)
+        pushed_out = (jnp.asarray(entry_partner) >= 0) & (visibility > 0) & ~inside
+        pushed_out = pushed_out & visible[partner]
+        # the smallest t in [0, 1] that puts p + t (q - p) inside, per axis, then over both
+        p, d = moved, moved[partner] - moved
+        last = jnp.array([[w, h]], moved.dtype) - 1e-3  # (1, 2): inside is < w, < h
+        step = jnp.where(d == 0, 1.0, d)  # d is not 0 on an axis where p is out and q is in
+        below, above = jnp.where(p < 0, -p / step, 0.0), jnp.where(p > last, (last - p) / step, 0.0)
+        t = jnp.maximum(below, above)
+        edge = p + jnp.clip(t.max(axis=-1), 0.0, 1.0)[:, None] * d
+        moved = jnp.where(pushed_out[:, None], edge, moved)
+        visible = visible | pushed_out
     return jnp.where(visible[:, None], moved, 0.0), visible.astype(jnp.float32)
 
 
@@ -164,11 +189,11 @@ def brightness_contrast(image: jax.Array, brightness, contrast) -> jax.Array:
     return ((image - mean) * contrast + mean) * brightness
 
 
-def _augment_one(params, image, visibility, coords, *, flip_perm, radius):
+def _augment_one(params, image, visibility, coords, *, flip_perm, entry_partner, radius):
     image = image.astype(jnp.float32)
     matrix = affine_matrix(params["scale"], params["angle"], params["flip"])
     image = warp_image(image, matrix)
-    coords, visibility = warp_points(coords, visibility, matrix, image.shape)
+    coords, visibility = warp_points(coords, visibility, matrix, image.shape, entry_partner)
     # Point i of a flipped frame is point flip_perm[i] of the original (AA1 <-> AA2 ...).
     perm = jnp.where(params["flip"], jnp.asarray(flip_perm), jnp.arange(len(flip_perm)))
     coords, visibility = coords[perm], visibility[perm]
@@ -178,20 +203,30 @@ def _augment_one(params, image, visibility, coords, *, flip_perm, radius):
     return jnp.clip(image, 0.0, 255.0), visibility, coords
 
 
-@functools.partial(jax.jit, static_argnames=("flip_perm", "radius"))
-def apply_augmentation(batch: dict, params: dict, *, flip_perm: tuple[int, ...], radius: int):
+@functools.partial(jax.jit, static_argnames=("flip_perm", "entry_partner", "radius"))
+def apply_augmentation(
+    batch: dict,
+    params: dict,
+    *,
+    flip_perm: tuple[int, ...],
+    radius: int,
+    entry_partner: tuple[int, ...] | None = None,
+):
     """Applies given per-frame parameters (from `sample_params`) to a batch."""
-    one = functools.partial(_augment_one, flip_perm=flip_perm, radius=radius)
+    one = functools.partial(
+        _augment_one, flip_perm=flip_perm, entry_partner=entry_partner, radius=radius
+    )
     image, visibility, coords = jax.vmap(one)(
         params, batch["image"], batch["visibility"], batch["coords"]
     )
     return {**batch, "image": image, "visibility": visibility, "coords": coords}
 
 
-@functools.partial(jax.jit, static_argnames=("flip_perm", "config"))
-def _augment_batch(rng, batch, *, flip_perm, config):
+@functools.partial(jax.jit, static_argnames=("flip_perm", "entry_partner", "config"))
+def _augment_batch(rng, batch, *, flip_perm, entry_partner, config):
     params = sample_params(rng, batch["image"].shape[0], batch["image"].shape[1:], config)
-    return apply_augmentation(batch, params, flip_perm=flip_perm, radius=config.blur_radius)
+    return apply_augmentation(batch, params, flip_perm=flip_perm, radius=config.blur_radius,
+                              entry_partner=entry_partner)  # fmt: skip
 
 
 _AUGMENTED = ("image", "visibility", "coords")
@@ -209,7 +244,7 @@ def augment_batch(
       rng: a JAX PRNG key (fold in the step number for a new draw each step).
       batch: dict with image (B, S, S) uint8 or float, visibility (B, K), coords (B, K, 2);
         other keys pass through unchanged.
-      schema: gives the horizontal-flip permutation of the points.
+      schema: gives the horizontal-flip permutation of the points and its entry points.
       config: AugmentConfig, dict or ConfigDict (None: the paper's defaults).
 
     Returns:
@@ -218,6 +253,8 @@ def augment_batch(
     """
     config = AugmentConfig.create(config)
     flip_perm = tuple(int(i) for i in np.asarray(schema.flip_permutation))
+    entry = tuple(int(i) for i in schema.entry_partner)
     # Only the augmented arrays enter the computation; ids or sizes pass through untouched.
     arrays = {key: batch[key] for key in _AUGMENTED}
-    return {**batch, **_augment_batch(rng, arrays, flip_perm=flip_perm, config=config)}
+    augmented = _augment_batch(rng, arrays, flip_perm=flip_perm, entry_partner=entry, config=config)
+    return {**batch, **augmented}
