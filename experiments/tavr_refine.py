@@ -154,8 +154,12 @@ def main(argv):
                 "config": dataclasses.asdict(config),
             }
             validation = None
-            if _SPLIT.value == "train":  # does it help this first stage? its validation cases
-                val = read_project(_DATA.value, schema, split="validation", **split)
+            val = (
+                read_project(_DATA.value, schema, split="validation", **split)
+                if _SPLIT.value == "train"
+                else None
+            )
+            if val is not None and val.frames:  # does it help this first stage?
                 check = measure(engine, _jit_refiner(model, params, config), _subset(val, 300))
                 result["validation"] = check
                 validation = {"mean_error_before": check["before"]["mean"],
