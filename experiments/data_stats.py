@@ -17,6 +17,9 @@ _SPLIT = flags.DEFINE_string("split", "all", "all, train, val or test (split by 
 _SCHEMA = flags.DEFINE_string("schema", "paper11", "keypoint schema name or JSON path")
 _SEED = flags.DEFINE_integer("seed", 0, "seed of the case split and of the sampled frames")
 _SHEET = flags.DEFINE_integer("sheet_frames", 8, "frames on the contact sheet (at most 64)")
+_DRAWS = flags.DEFINE_integer(
+    "augment_draws", 20, "augmentation draws per frame for the erased-point fractions (0: skip)"
+)
 _MAX_PIXELS = flags.DEFINE_integer("max_pixels", images.DEFAULT_MAX_PIXELS, "pixels per image")
 
 
@@ -32,6 +35,7 @@ def main(argv):
             split=_SPLIT.value,
             seed=_SEED.value,
             sheet_frames=_SHEET.value,
+            augment_draws=_DRAWS.value,
         )
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

@@ -65,6 +65,29 @@ def test_stats_count_a_known_project(tmp_path):
     assert sheet is not None and sheet.shape[2] == 3 and sheet.shape[0] >= 48
 
 
+def test_augmentation_erases_edge_points_but_not_entry_points(tmp_path):
+    """AA1 on the bottom edge leaves the image whenever a zoom-in pushes it out; CP at the
+    same place follows CM (in the centre, which never leaves) to the new edge instead."""
+    k, h, w = SCHEMA.num_points, 48, 64
+    vis = np.zeros(k, bool)
+    coords = np.zeros((k, 2), np.float32)
+    for name, xy in (("AA1", (33.0, 47.9)), ("CP", (31.0, 47.9)), ("CM", (32.0, 24.0))):
+        vis[SCHEMA.index(name)] = True
+        coords[SCHEMA.index(name)] = xy
+    frame = supervisely.AnnotatedFrame("p1", "0000.png", np.zeros((h, w), np.uint8), vis, coords)
+    project = supervisely.read_project(supervisely.write_project(tmp_path, SCHEMA, [frame]), SCHEMA)
+    got = stats.augmentation_erasures(project, draws=64)
+    assert got["on_image_edge_per_name"] == {
+        **dict.fromkeys(SCHEMA.point_names, 0),
+        "AA1": 1,
+        "CP": 1,
+    }
+    erased = got["augmentation_erased_per_name"]
+    assert 0.2 < erased["AA1"] < 0.8  # about the share of zoom-ins (and rotations that push it out)
+    assert erased["CP"] == 0.0 and erased["CM"] == 0.0
+    assert erased["AA2"] is None  # never visible
+
+
 def test_sample_frames_cover_every_pattern(tmp_path):
     frames = [_frame("a", f"{i:04d}.png", ["PT"]) for i in range(6)]
     frames += [_frame("b", "0000.png", ["CT"]), _frame("c", "0000.png", [])]

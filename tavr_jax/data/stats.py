@@ -8,10 +8,11 @@ import os
 import pathlib
 
 import cv2
+import jax
 import numpy as np
 
 from tavr_jax import visualize
-from tavr_jax.data import supervisely
+from tavr_jax.data import augment, supervisely
 from tavr_jax.fileio import atomic_write_bytes
 from tavr_jax.schema import KeypointSchema
 
@@ -58,6 +59,49 @@ def project_stats(project: supervisely.Project) -> dict:
         "ignored_per_class": counts["ignored_per_class"],
         "unannotated_cases": list(project.unannotated_cases),
         "duplicate_frames": supervisely.duplicate_frames(project),
+    }
+
+
+def augmentation_erasures(project: supervisely.Project, *, draws: int = 20, seed: int = 0) -> dict:
+    """Per point: how many of its visible labels lie within 1 px of their image's edge, and the
+    fraction that the training augmentation (the default strengths, the schema's rules for
+    entry points) makes invisible over `draws` random draws per frame.
+
+    A point that augmentation erases often beside visible evidence is taught as absent where
+    it is present: what the entry-point rule of `augment` is for (docs/training.md).
+    """
+    schema = project.schema
+    vis = np.array([f.visibility for f in project.frames], np.float32)
+    # frames of any size, scaled to the square the pipeline resizes them to
+    scale = np.array([[1.0 / f.width, 1.0 / f.height] for f in project.frames], np.float32)
+    side = 512.0
+    xy = np.array([f.coords for f in project.frames], np.float32) * scale[:, None] * side
+    edge = np.minimum.reduce([xy[..., 0], xy[..., 1], side - xy[..., 0], side - xy[..., 1]])
+    on_edge = (vis > 0) & (edge <= side * np.max(scale, axis=1, keepdims=True))  # <= 1 px
+    config = augment.AugmentConfig.create(None)
+    entry = tuple(int(i) for i in schema.entry_partner)
+
+    @jax.jit
+    def erased(key):
+        params = augment.sample_params(key, len(vis), (int(side), int(side)), config)
+
+        def one(c, v, s, a, f):
+            matrix = augment.affine_matrix(s, a, f)
+            return augment.warp_points(c, v, matrix, (side, side), entry)[1]
+
+        kept = jax.vmap(one)(xy, vis, params["scale"], params["angle"], params["flip"])
+        return ((vis > 0) & (kept == 0)).sum(axis=0)
+
+    lost = sum(np.asarray(erased(jax.random.key(seed + d))) for d in range(draws))
+    visible = vis.sum(axis=0)
+    return {
+        "on_image_edge_per_name": {
+            n: int(c) for n, c in zip(schema.point_names, on_edge.sum(axis=0), strict=True)
+        },
+        "augmentation_erased_per_name": {
+            n: (float(lost[i] / (draws * visible[i])) if visible[i] else None)
+            for i, n in enumerate(schema.point_names)
+        },
     }
 
 
@@ -142,8 +186,10 @@ def write_stats(
     split: str = "all",
     seed: int = 0,
     sheet_frames: int = 8,
+    augment_draws: int = 20,
 ) -> tuple[pathlib.Path, pathlib.Path]:
-    """Reads a project, writes its stats JSON at `out` and a contact sheet PNG beside it."""
+    """Reads a project, writes its stats JSON at `out` and a contact sheet PNG beside it
+    (with `augment_draws` > 0, also `augmentation_erasures`)."""
     out = pathlib.Path(out)
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; give the path of the JSON file to write")
@@ -151,6 +197,8 @@ def write_stats(
     if not project.frames:
         raise ValueError(f"{data}: split {split!r} has no frames")
     stats = project_stats(project)
+    if augment_draws > 0:
+        stats.update(augmentation_erasures(project, draws=augment_draws, seed=seed))
     atomic_write_bytes(out, (json.dumps(stats, indent=1) + "\n").encode())
     png = write_contact_sheet(project, out.with_suffix(".png"), n=sheet_frames, seed=seed)
     return out, png
