@@ -6,7 +6,9 @@
 
 Trains on the frames of --data (one frame size, at full resolution; 512 px frames put one
 patch sample on one pixel; --split=train keeps to the first stage's training cases of the
-same project, --max_frames reads a random subset), saves W/refiner/, then for each test
+same project, --max_frames reads a random subset), saves W/refiner/ (with --split=train
+also the mean error before and after on at most 300 of the first stage's validation frames,
+which loading it warns on when the refiner made it worse), then for each test
 project runs the workdir's first stage and the refiner on its output and prints the
 localisation error of the visible points at 1024 px before and after (all visible points,
 and those reported at 0.5), with the refiner's time per frame beside the first stage's
