@@ -34,6 +34,9 @@ class KeypointSchema:
         names = self.point_names
         if len(set(names)) != len(names):
             raise ValueError(f"schema {self.name!r}: duplicate point names in {names}")
+        for pair in (*self.flip_pairs, *self.entry_points):
+            if len(pair) != 2:
+                raise ValueError(f"schema {self.name!r}: {list(pair)} is not a pair of point names")
         for a, b in self.flip_pairs:
             if a not in names or b not in names:
                 raise ValueError(f"schema {self.name!r}: flip pair ({a}, {b}) names unknown points")

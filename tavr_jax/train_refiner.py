@@ -126,13 +126,22 @@ def save_refiner(directory, params, config: RefinerConfig, point_names, *, valid
 def load_refiner(directory, point_names=None):
     """(PatchRefiner, params, RefinerConfig) from `save_refiner`'s folder; `point_names`, when
     given, must be the schema's the refiner was trained on."""
+    return _load(directory, point_names)[:3]
+
+
+def _load(directory, point_names):
+    """`load_refiner`'s three, and refiner.json's `validation` ({} when absent)."""
     d = pathlib.Path(directory)
     if not (d / "refiner.json").is_file():
         raise FileNotFoundError(f"{d}: no refiner.json (not a refiner folder, or incomplete)")
     try:
         meta = json.loads((d / "refiner.json").read_text())
         config = RefinerConfig(**meta["config"])
-    except (ValueError, TypeError, KeyError) as e:
+        validation = meta.get("validation") or {}
+        before, after = validation.get("mean_error_before"), validation.get("mean_error_after")
+        if not all(v is None or isinstance(v, int | float) for v in (before, after)):
+            raise TypeError(f"validation errors {before!r}, {after!r} are not numbers")
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise ValueError(f"{d / 'refiner.json'}: unreadable ({e}); retrain the refiner") from None
     if point_names is not None and list(point_names) != meta["points"]:
         raise ValueError(f"{d}: refiner trained for points {meta['points']}, not {point_names}")
@@ -145,7 +154,7 @@ def load_refiner(directory, point_names=None):
         raise
     except Exception as e:  # msgpack and flax raise their own types for a broken file
         raise ValueError(f"{d / 'params.msgpack'}: unreadable ({e}); retrain the refiner") from None
-    return model, params, config
+    return model, params, config, validation
 
 
 def workdir_refiner(workdir, point_names) -> tuple:
@@ -155,8 +164,7 @@ def workdir_refiner(workdir, point_names) -> tuple:
     validation cases: a first stage that is already finer than the refiner's own floor.
     """
     d = pathlib.Path(workdir) / "refiner"
-    model, params, config = load_refiner(d, point_names)
-    check = json.loads((d / "refiner.json").read_text()).get("validation") or {}
+    model, params, config, check = _load(d, point_names)
     before, after = check.get("mean_error_before"), check.get("mean_error_after")
     if before is not None and after is not None and after >= before:
         logging.warning(

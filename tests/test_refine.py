@@ -133,3 +133,7 @@ def test_workdir_refiner_warns_when_it_made_validation_worse(tmp_path, caplog):
         _, _, patch = train_refiner.workdir_refiner(tmp_path, names)
         assert patch == 16
         assert ("raised the mean error (4.8 -> 6.0 px" in caplog.text) == warned, caplog.text
+    meta = tmp_path / "refiner" / "refiner.json"
+    meta.write_text(meta.read_text().replace('"points"', '"validation": "bad", "points"'))
+    with pytest.raises(ValueError, match="refiner.json: unreadable"):
+        train_refiner.workdir_refiner(tmp_path, names)

@@ -180,6 +180,8 @@ def test_schema_properties():
     bad = {**SCHEMA.to_json(), "entry_points": [["CP", "XX"]]}
     with pytest.raises(ValueError, match="entry point"):
         KeypointSchema.from_json(bad)
+    with pytest.raises(ValueError, match=r"\['CP'\] is not a pair"):
+        KeypointSchema.from_json({**SCHEMA.to_json(), "entry_points": [["CP"]]})
 
 
 def test_16bit_frames_are_windowed_like_inference_inputs(tmp_path):

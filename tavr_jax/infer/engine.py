@@ -143,7 +143,7 @@ class KeypointEngine:
         check_meta(config, workdir, schema=schema, backbone=backbone)
         model, variables, meta = load_for_inference(workdir, which=which)
         check_meta(meta, workdir, schema=schema, backbone=backbone)
-        if refine:
+        if refine:  # imported here: loading an engine should not need the training stack
             from tavr_jax.train_refiner import workdir_refiner
 
             kwargs["refiner"] = workdir_refiner(workdir, _as_schema(meta["schema"]).point_names)
