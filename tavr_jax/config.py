@@ -3,7 +3,8 @@ r"""Training configs of the grouped keypoint network: the paper's setup and its 
     python experiments/tavr_train.py --config=experiments/configs/tavr.py --workdir=W --data=DIR
 
 `get_config(arg)` returns the paper-scale setup (ResNet34 at 512 px, 3 groups) with the best
-measured head: stride-4 heatmaps, BCE visibility, a light coordinate term (docs/accuracy.md).
+measured head: stride-4 heatmaps whose evidence joins the visibility, BCE visibility, a light
+coordinate term (docs/accuracy.md).
 `arg` names presets, comma-separated:
 - `runlocal`: small enough to train in about 6 CPU minutes (what `make demo` runs);
 - `paper`: the paper's own head and loss (regression head, focal visibility, Wing weight 1);
@@ -39,6 +40,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.backbone = "resnet34"  # resnet18|resnet34|resnet50|vgg16|efficientnet_b7|resnet_tiny
     c.head = "heatmap"  # heatmap (stride-4, dense) | regression (the paper) | integral
     c.grouped = True
+    # Heads with heatmaps: each heatmap's evidence (log-mean-exp) joins its point's visibility
+    # logit. Without it the quick preset never learned when the deployed frame's edges are
+    # visible (FE1/FE2 stayed at the prior); with it they are (docs/accuracy.md).
+    c.dense_visibility = True
     c.pretrained = ""  # optional path to a torchvision-style .npz/.pth state dict
     c.image_size = 512
     c.batch_size = 32  # global, split over all devices of all processes

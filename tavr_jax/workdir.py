@@ -145,6 +145,8 @@ def build_model(config) -> tuple:
         backbone=config["backbone"],
         head=config.get("head", "regression"),
         grouped=bool(config.get("grouped", True)),
+        # Absent from configs written before it existed, whose models were trained without.
+        dense_visibility=bool(config.get("dense_visibility", False)),
         dtype=jnp.dtype(dtype),
     )
     return model, schema
@@ -219,6 +221,7 @@ def load_for_inference(workdir: os.PathLike | str, which: str = "best"):
         "backbone": config["backbone"],
         "head": config.get("head", "regression"),
         "grouped": bool(config.get("grouped", True)),
+        "dense_visibility": model.dense_visibility,
         "image_size": image_size,
         "dtype": config.get("dtype", "float32"),
         "thresholds": np.asarray(thresholds, np.float32),

@@ -9,6 +9,7 @@ def test_default_is_the_best_measured_head_at_paper_scale():
     c = get_config()
     assert (c.backbone, c.image_size, c.head) == ("resnet34", 512, "heatmap")
     assert (c.loss.visibility_loss, c.loss.weights.coords) == ("bce", 0.1)
+    assert c.dense_visibility
 
 
 def test_runlocal_trains_the_same_recipe_small():

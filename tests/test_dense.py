@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tavr_jax import losses, train, workdir
-from tavr_jax.models import create_model, dense
+from tavr_jax.models import create_model, dense, heads
 from tavr_jax.schema import get_schema
 
 SCHEMA = get_schema("paper11")
@@ -152,6 +152,57 @@ def test_heatmap_head_outputs(grouped):
     head = variables["params"]["head"]
     assert set(head["neck"]) == {"lateral_0", "lateral_1", "smooth_0"}
     assert ("group_classifier" in head) == grouped
+
+
+def test_heatmap_evidence_is_the_log_mean_exp_of_each_map():
+    maps = np.random.default_rng(4).normal(0, 3, (2, 5, 7, 3)).astype(np.float32)
+    want = np.empty((2, 3))
+    for b in range(2):
+        for k in range(3):
+            want[b, k] = np.log(np.mean(np.exp(maps[b, :, :, k].astype(np.float64))))
+    np.testing.assert_allclose(heads.heatmap_evidence(maps), want, rtol=1e-5, atol=1e-5)
+    # A flat map of zeros says nothing; a map that fires in one cell raises it.
+    zeros = np.zeros((1, 4, 4, 1), np.float32)
+    assert float(heads.heatmap_evidence(zeros)[0, 0]) == 0.0
+    peak = zeros.copy()
+    peak[0, 2, 1, 0] = 10.0
+    np.testing.assert_allclose(heads.heatmap_evidence(peak)[0, 0], np.log((15 + np.e**10) / 16))
+
+
+@pytest.mark.parametrize("head", ["heatmap", "integral"])
+@pytest.mark.parametrize("grouped", [True, False])
+def test_dense_visibility_adds_the_evidence_and_trains_the_maps(head, grouped):
+    plain = create_model(SCHEMA, backbone="resnet_tiny", head=head, grouped=grouped)
+    dense_vis = create_model(
+        SCHEMA, backbone="resnet_tiny", head=head, grouped=grouped, dense_visibility=True
+    )
+    images = np.random.RandomState(5).randint(0, 256, (2, 64, 64)).astype(np.uint8)
+    variables = plain.init(jax.random.key(0), images)  # no new parameters
+    assert jax.tree.structure(dense_vis.init(jax.random.key(0), images)) == jax.tree.structure(
+        variables
+    )
+    a, state = plain.apply(
+        variables, images, mutable=["intermediates"],
+        capture_intermediates=lambda module, _: module.name == "heatmap_out",
+    )  # fmt: skip
+    maps = state["intermediates"]["head"]["heatmap_out"]["__call__"][0]
+    b = dense_vis.apply(variables, images)
+    want = a["visibility_logits"] + heads.heatmap_evidence(maps)
+    np.testing.assert_allclose(b["visibility_logits"], want, atol=1e-5)
+    np.testing.assert_allclose(b["coords"], a["coords"], atol=1e-6)
+    if not grouped:  # a group is as present as its likeliest point, evidence included
+        np.testing.assert_allclose(b["group_logits"], heads.group_max(want, SCHEMA), atol=1e-5)
+
+    # The visibility loss now reaches the maps' last convolution (it does not without).
+    def visibility_loss(params, model):
+        out = model.apply({**variables, "params": params}, images)
+        labels = jnp.zeros_like(out["visibility_logits"]).at[:, 0].set(1.0)
+        return jnp.mean(losses.group_bce(out["visibility_logits"], labels))
+
+    for model, reaches in ((plain, False), (dense_vis, True)):
+        grads = jax.grad(visibility_loss)(variables["params"], model)
+        g = np.asarray(grads["head"]["heatmap_out"]["kernel"])
+        assert np.all(np.isfinite(g)) and (np.abs(g).max() > 0) == reaches
 
 
 def test_heatmap_head_refuses_a_single_feature_map():

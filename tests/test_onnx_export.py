@@ -15,6 +15,7 @@ from tavr_jax.data.simulate import simulate_case
 from tavr_jax.fileio import write_json_atomic
 from tavr_jax.infer import backends, onnx_export, onnx_runtime
 from tavr_jax.infer.engine import KeypointEngine
+from tavr_jax.models import create_model
 from tavr_jax.schema import get_schema
 from tavr_jax.workdir import config_hash
 
@@ -41,8 +42,10 @@ def _perturbed(variables, seed=0):
     return jax.tree_util.tree_map_with_path(draw, jax.device_get(variables))
 
 
-def _engine(backbone="resnet_tiny", head="regression", grouped=True, batch_size=3, **meta):
-    base = KeypointEngine.random_init(SCHEMA, backbone, SIZE, head=head, grouped=grouped, seed=1)
+def _engine(backbone="resnet_tiny", head="regression", grouped=True, batch_size=3,
+            dense_visibility=False, **meta):  # fmt: skip
+    base = KeypointEngine.random_init(SCHEMA, backbone, SIZE, head=head, grouped=grouped, seed=1,
+                                      dense_visibility=dense_visibility)  # fmt: skip
     return KeypointEngine(base.model, _perturbed(base.variables), {**base.meta, **meta},
                           batch_size=batch_size)  # fmt: skip
 
@@ -73,6 +76,22 @@ def test_onnxruntime_matches_jax_engine(head, grouped, frame_hw):
     _assert_close(got, want, frame_hw)
     # The outputs vary with the frame: a constant graph could not pass.
     assert np.ptp(want["coords"][:, :, 0], axis=0).max() > 0.01
+
+
+@pytest.mark.parametrize("head", ["integral", "heatmap"])
+def test_onnxruntime_matches_jax_engine_with_dense_visibility(head, tmp_path):
+    eng = _engine(head=head, grouped=False, dense_visibility=True)
+    frames = _simulated_frames(4, SIZE)
+    want = eng(frames)
+    plain = KeypointEngine(
+        create_model(SCHEMA, backbone="resnet_tiny", head=head, grouped=False),
+        eng.variables, {**eng.meta, "dense_visibility": False}, batch_size=3,
+    )  # fmt: skip
+    # The evidence changes the visibility (the test would pass on a graph without it otherwise).
+    assert np.abs(plain(frames)["visibility"] - want["visibility"]).max() > 1e-3
+    path = onnx_export.export_onnx(eng, tmp_path / "m.onnx", frame_size=(SIZE, SIZE), batch=3)
+    assert onnx_export.read_metadata(path)["dense_visibility"] is True
+    _assert_close(onnx_runtime.OnnxKeypointEngine.from_engine(eng)(frames), want, (SIZE, SIZE))
 
 
 @pytest.mark.parametrize("backbone", ["resnet50", "vgg16_bn"])

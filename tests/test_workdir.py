@@ -56,6 +56,14 @@ def test_load_for_inference(tmp_path):
         workdir.load_for_inference(tmp_path / "nowhere")
 
 
+def test_dense_visibility_only_where_the_config_asks_and_the_head_has_maps():
+    base = {"schema": "paper11", "backbone": "resnet_tiny", "head": "heatmap"}
+    assert not workdir.build_model(base)[0].dense_visibility  # configs from before the field
+    assert workdir.build_model({**base, "dense_visibility": True})[0].dense_visibility
+    regression = {**base, "head": "regression", "dense_visibility": True}
+    assert not workdir.build_model(regression)[0].dense_visibility  # no maps to read
+
+
 def test_config_differences_names_nested_fields_and_ignores_run_control():
     a = worker.tiny_config().to_dict()
     b = worker.tiny_config(**{"optimizer.learning_rate": 3e-4, "backbone": "resnet18",

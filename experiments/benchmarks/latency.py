@@ -248,8 +248,9 @@ def profile_split(engine: KeypointEngine, frame_size: int, **timing) -> dict:
     b, (sh, sw) = engine.batch_size, engine.image_size
     meta, dtype, v = engine.meta, engine.dtype, engine.variables
     backbone = BACKBONES[meta["backbone"]](dtype=dtype)
+    options = {"dense_visibility": True} if meta.get("dense_visibility") else {}
     head = HEADS[meta.get("head", "regression")](
-        engine.schema, grouped=meta.get("grouped", True), dtype=dtype
+        engine.schema, grouped=meta.get("grouped", True), dtype=dtype, **options
     )
     bvars = {"params": v["params"]["backbone"], "batch_stats": v["batch_stats"]["backbone"]}
     hvars = {"params": v["params"]["head"]}

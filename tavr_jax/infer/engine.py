@@ -158,12 +158,15 @@ class KeypointEngine:
         *,
         head: str = "regression",
         grouped: bool = True,
+        dense_visibility: bool = False,
         seed: int = 0,
         **kwargs,
     ) -> KeypointEngine:
         """Randomly initialised weights of the real architecture (enough for timing)."""
         schema = _as_schema(schema)
-        model = create_model(schema, backbone=backbone, head=head, grouped=grouped)
+        model = create_model(
+            schema, backbone=backbone, head=head, grouped=grouped, dense_visibility=dense_visibility
+        )
         sh, sw = image_hw(image_size)
         init = jax.jit(model.init)
         variables = init(jax.random.key(seed), jnp.zeros((1, sh, sw), jnp.uint8))
@@ -172,6 +175,7 @@ class KeypointEngine:
             "backbone": backbone,
             "head": head,
             "grouped": grouped,
+            "dense_visibility": model.dense_visibility,
             "image_size": image_size,
             "thresholds": None,
         }

@@ -249,6 +249,15 @@ def _local_soft_argmax(g: Graph, heatmaps: str, hh: int, ww: int, k: int, radius
     return _soft_argmax(g, masked, hh, ww, k)
 
 
+def _with_evidence(g: Graph, vis_logits: str, heatmaps: str, cells: int, meta: dict) -> str:
+    """`heads.heatmap_evidence` added to the visibility logits when the model has it."""
+    if not meta.get("dense_visibility", False):
+        return vis_logits
+    lse = g.op("ReduceLogSumExp", heatmaps, axes=[2, 3], keepdims=0)  # (B, K)
+    evidence = g.op("Sub", lse, g.const(np.float32(np.log(cells))))
+    return g.op("Add", vis_logits, evidence)
+
+
 def _neck(g: Graph, stages: list[str], stage_hw: list, p: dict) -> tuple[str, tuple]:
     """`models.dense.FeaturePyramidNeck` over as many of the last stages as it has laterals:
     (its output map, that map's (h, w))."""
@@ -284,6 +293,7 @@ def _head(g, stages, stage_hw, params, meta, schema) -> tuple[str, str, str]:
         x, (hh, ww) = _neck(g, stages, stage_hw, params["neck"])
         heatmaps = g.conv(x, params["heatmap_out"])
         coords = _local_soft_argmax(g, heatmaps, hh, ww, k, _head_default("heatmap", "radius"))
+        vis_logits = _with_evidence(g, vis_logits, heatmaps, hh * ww, meta)
     else:
         out = _point_outputs(g, h, params["points"], schema, 1)
         vis_logits = g.op("Reshape", out, g.const(np.array([0, k])))
@@ -293,6 +303,7 @@ def _head(g, stages, stage_hw, params, meta, schema) -> tuple[str, str, str]:
         x = _resize_hw(g, x, (hh, ww), (hh * up, ww * up), antialias=True)
         heatmaps = g.conv(x, params["heatmap_out"])
         coords = _soft_argmax(g, heatmaps, hh * up, ww * up, k)
+        vis_logits = _with_evidence(g, vis_logits, heatmaps, hh * up * ww * up, meta)
     if "group_classifier" in params:
         group_logits = g.dense(h, params["group_classifier"])
     else:  # ungrouped: a group's logit is the largest of its points' logits
@@ -421,6 +432,7 @@ def artifact_meta(meta: dict, *, frame_size, batch, opset: int | None = None) ->
         "backbone": meta.get("backbone"),
         "head": meta.get("head", "regression"),
         "grouped": bool(meta.get("grouped", True)),
+        "dense_visibility": bool(meta.get("dense_visibility", False)),
         "image_size": list(_pair(meta["image_size"])),
         "frame_size": [fh, fw],
         "batch": batch,

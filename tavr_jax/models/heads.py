@@ -5,6 +5,11 @@ All return the model's output dict (see docs/architecture.md):
 `group_logits (B, G)`, `visibility_logits (B, K)`, `coords (B, K, 2)` in [0, 1]; the heatmap
 head adds `heatmap_logits (B, h, w, K)` for its loss. Heads with `multiscale = True` take the
 backbone's stages (fine to coarse) instead of its last feature map.
+
+The two heads with heatmaps can add each point's heatmap evidence to its visibility logit
+(`dense_visibility`, `heatmap_evidence`): the pooled branch alone left a small instrument
+(the deployed frame's edges) at its prior in CPU-scale training, while its heatmap already
+found it (docs/accuracy.md).
 """
 
 from __future__ import annotations
@@ -142,6 +147,20 @@ def soft_argmax(heatmaps: jax.Array) -> jax.Array:
     return jnp.stack([x, y], axis=-1)
 
 
+def heatmap_evidence(heatmaps: jax.Array) -> jax.Array:
+    """(B, h, w, K) logits -> (B, K): the log-mean-exp of each point's map over its cells.
+
+    Added to a visibility logit, it makes the heatmap say whether its point is there as well
+    as where: the localisation loss sees only the softmax (the map's shape), so the level of
+    the map is free to carry presence, and a map that fires anywhere (the max-like end of
+    log-sum-exp) raises it. A flat map of zeros gives exactly 0, so at initialisation the
+    visibility is the pooled branch's alone.
+    """
+    b, hh, ww, k = heatmaps.shape
+    flat = heatmaps.astype(jnp.float32).reshape(b, hh * ww, k)
+    return jax.nn.logsumexp(flat, axis=1) - np.log(hh * ww)
+
+
 class IntegralHead(nn.Module):
     """Integral (soft-argmax) regression: one heatmap per point from the last feature map.
 
@@ -155,6 +174,7 @@ class IntegralHead(nn.Module):
     grouped: bool = True
     hidden: int = 128
     upsample: int = 2
+    dense_visibility: bool = False  # add `heatmap_evidence` to the visibility logits
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -173,6 +193,8 @@ class IntegralHead(nn.Module):
             x = jax.image.resize(x, (b, hh * self.upsample, ww * self.upsample, c), "bilinear")
         heatmaps = nn.Conv(self.schema.num_points, (1, 1), dtype=self.dtype, name="heatmap_out")(x)
         coords = soft_argmax(heatmaps)
+        if self.dense_visibility:
+            visibility = visibility + heatmap_evidence(heatmaps)
         return _outputs(h, visibility, coords, self.schema, self.grouped, self.dtype)
 
 
@@ -180,7 +202,8 @@ class HeatmapHead(nn.Module):
     """Stride-4 heatmaps from a feature-pyramid neck over the backbone's stages.
 
     Group and visibility logits come from the pooled last stage exactly as in
-    `RegressionHead` (shared block, group classifier, one head per group). Coordinates are
+    `RegressionHead` (shared block, group classifier, one head per group), plus each
+    heatmap's evidence with `dense_visibility`. Coordinates are
     decoded inside the model by a soft-argmax over the (2 radius + 1)^2 cells around each
     heatmap's peak, so they are finer than the stride; `heatmap_logits` goes to the loss,
     which asks for a spatial softmax shaped like a Gaussian around each visible point.
@@ -192,6 +215,7 @@ class HeatmapHead(nn.Module):
     width: int = 64  # neck channels
     levels: int = 4  # the coarsest stages fused: four ResNet stages give stride 4
     radius: int = 2  # decoding window half-width, in cells
+    dense_visibility: bool = False  # add `heatmap_evidence` to the visibility logits
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -207,6 +231,8 @@ class HeatmapHead(nn.Module):
         heatmaps = nn.Conv(self.schema.num_points, (1, 1), dtype=self.dtype, name="heatmap_out")(x)
         heatmaps = heatmaps.astype(jnp.float32)
         coords = local_soft_argmax(heatmaps, radius=self.radius)
+        if self.dense_visibility:
+            visibility = visibility + heatmap_evidence(heatmaps)
         out = _outputs(h, visibility, coords, self.schema, self.grouped, self.dtype)
         return {**out, "heatmap_logits": heatmaps}
 
@@ -227,3 +253,5 @@ def _outputs(h, visibility, coords, schema, grouped, dtype) -> dict[str, jax.Arr
 
 
 HEADS = {"regression": RegressionHead, "integral": IntegralHead, "heatmap": HeatmapHead}
+# The heads whose visibility can take their heatmaps' evidence (`dense_visibility`).
+DENSE_VISIBILITY_HEADS = ("integral", "heatmap")

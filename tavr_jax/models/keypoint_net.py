@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from tavr_jax.models.backbones import BACKBONES
-from tavr_jax.models.heads import HEADS
+from tavr_jax.models.heads import DENSE_VISIBILITY_HEADS, HEADS
 from tavr_jax.schema import KeypointSchema
 
 # ImageNet statistics collapsed to one grey channel (mean and std of the RGB means).
@@ -39,6 +39,7 @@ class KeypointNet(nn.Module):
     backbone: str = "resnet34"
     head: str = "regression"
     grouped: bool = True
+    dense_visibility: bool = False  # heads with heatmaps: their evidence joins the visibility
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -48,7 +49,8 @@ class KeypointNet(nn.Module):
             dtype=self.dtype, return_stages=head_cls.multiscale, name="backbone"
         )
         features = backbone(normalize_images(images, self.dtype), train=train)
-        head = head_cls(self.schema, grouped=self.grouped, dtype=self.dtype, name="head")
+        options = {"dense_visibility": True} if self.dense_visibility else {}
+        head = head_cls(self.schema, grouped=self.grouped, dtype=self.dtype, name="head", **options)
         return head(features, train=train)
 
 
@@ -74,13 +76,24 @@ def create_model(
     backbone: str = "resnet34",
     head: str = "regression",
     grouped: bool = True,
+    dense_visibility: bool = False,
     dtype: Any = jnp.float32,
 ) -> KeypointNet:
-    """The keypoint network for `schema`; parameters float32, computation in `dtype`."""
+    """The keypoint network for `schema`; parameters float32, computation in `dtype`.
+
+    `dense_visibility` adds each heatmap's evidence to its point's visibility logit
+    (`heads.heatmap_evidence`); it applies to the heads with heatmaps and is ignored by the
+    regression head, which has none.
+    """
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; known: {', '.join(BACKBONES)}")
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; known: {', '.join(HEADS)}")
     return KeypointNet(
-        schema, backbone=backbone, head=head, grouped=grouped, dtype=jnp.dtype(dtype)
+        schema,
+        backbone=backbone,
+        head=head,
+        grouped=grouped,
+        dense_visibility=bool(dense_visibility) and head in DENSE_VISIBILITY_HEADS,
+        dtype=jnp.dtype(dtype),
     )
