@@ -6,10 +6,12 @@ below apply to every timed and every deployed executable alike.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
 import jax
+import numpy as np
 from jax.extend import core as jax_core
 
 # On CPU, XLA's default greedy YNNPACK graph fusion runs whole residual stages as one slow
@@ -20,26 +22,33 @@ CPU_COMPILER_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type": "",
     "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
 }
-_unknown_options_logged = False
+
+
+@functools.cache
+def compiler_options(platform: str) -> dict | None:
+    """`CPU_COMPILER_OPTIONS` on a CPU whose XLA knows them, else None (its defaults).
+
+    For `jax.jit(..., compiler_options=...)` and `compile_lowered` alike, so that training,
+    inference and the benchmarks compile the same way. An XLA that does not know an option
+    rejects it at compile time; a tiny program finds that out once per process.
+    """
+    if platform != "cpu":
+        return None
+    cpu = jax.devices("cpu")[0]
+    probe = jax.jit(lambda x: x + 1).lower(jax.device_put(np.zeros(2, np.float32), cpu))
+    try:
+        probe.compile(compiler_options=CPU_COMPILER_OPTIONS)
+    except Exception as e:  # XLA reports an unknown option as a generic runtime error
+        if not any(name in str(e) for name in CPU_COMPILER_OPTIONS):
+            raise
+        logging.warning("this XLA lacks a CPU option (%s); using its defaults", e)
+        return None
+    return dict(CPU_COMPILER_OPTIONS)
 
 
 def compile_lowered(lowered, platform: str):
-    """Compiles a `jax.stages.Lowered`, with the CPU options above where this XLA knows them.
-
-    An XLA that does not know an option rejects it at compile time; its default pipeline is
-    still correct, so that one case (and only that one) falls back to plain compilation.
-    """
-    global _unknown_options_logged
-    if platform == "cpu":
-        try:
-            return lowered.compile(compiler_options=CPU_COMPILER_OPTIONS)
-        except Exception as e:  # XLA reports an unknown option as a generic runtime error
-            if not any(name in str(e) for name in CPU_COMPILER_OPTIONS):
-                raise
-            if not _unknown_options_logged:
-                logging.warning("this XLA lacks a CPU option (%s); using its defaults", e)
-                _unknown_options_logged = True
-    return lowered.compile()
+    """Compiles a `jax.stages.Lowered` with `compiler_options(platform)`."""
+    return lowered.compile(compiler_options=compiler_options(platform))
 
 
 def cost_analysis(compiled) -> dict:

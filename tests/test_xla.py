@@ -1,4 +1,5 @@
-"""Model FLOPs counted from the jaxpr, against hand counts and XLA's CPU cost analysis."""
+"""Model FLOPs counted from the jaxpr, against hand counts and XLA's CPU cost analysis; the
+CPU compile options shared by training, inference and the benchmarks."""
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +7,7 @@ import numpy as np
 
 from tavr_jax.models import create_model
 from tavr_jax.schema import get_schema
+from tavr_jax import xla
 from tavr_jax.xla import cost_analysis, model_flops
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -70,3 +72,18 @@ def test_matches_xla_cpu_analysis():
     net = lambda v, x: model.apply(v, x, train=False)  # noqa: E731
     ours, xla = model_flops(net, variables, images), _xla_cpu_flops(net, variables, images)
     assert xla <= ours <= 1.25 * xla, (ours, xla)
+
+
+def test_compiler_options_on_this_xla_and_the_fallback(monkeypatch, caplog):
+    assert xla.compiler_options("cpu") == xla.CPU_COMPILER_OPTIONS
+    assert xla.compiler_options("gpu") is None
+    # An XLA that does not know an option: its defaults, with one warning naming it.
+    xla.compiler_options.cache_clear()
+    monkeypatch.setattr(xla, "CPU_COMPILER_OPTIONS", {"xla_cpu_no_such_option": "1"})
+    try:
+        assert xla.compiler_options("cpu") is None
+        assert "xla_cpu_no_such_option" in caplog.text
+        lowered = jax.jit(lambda x: 2 * x).lower(jnp.ones(3))
+        np.testing.assert_array_equal(xla.compile_lowered(lowered, "cpu")(jnp.ones(3)), 2.0)
+    finally:
+        xla.compiler_options.cache_clear()
