@@ -15,6 +15,7 @@ B, S = 2, 64
 EXPECTED = {
     "resnet_tiny": (8, 16),
     "resnet18": (32, 512),
+    "resnet18_half": (32, 256),
     "resnet34": (32, 512),
     "resnet50": (32, 2048),
     "vgg16": (32, 512),
