@@ -37,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The default config with the comma-separated presets of `arg` applied."""
     c = ml_collections.ConfigDict()
     c.schema = "paper11"  # a schema name or a path to a schema .json
-    c.backbone = "resnet34"  # resnet18|resnet34|resnet50|vgg16|efficientnet_b7|resnet_tiny
+    c.backbone = "resnet34"  # resnet18|resnet18_half|resnet34|resnet50|vgg16|efficientnet_b7|...
     c.head = "heatmap"  # heatmap (stride-4, dense) | regression (the paper) | integral
     c.grouped = True
     # Heads with heatmaps: each heatmap's evidence (log-mean-exp) joins its point's visibility
