@@ -1,9 +1,9 @@
 """`make demo`: both systems end to end on simulated data, in a few CPU minutes.
 
-  python experiments/demo.py --out=demo_out [--tavr_steps=240 --perfusion_studies=150]
+  python experiments/demo.py --out=demo_out [--tavr_steps=800 --perfusion_studies=150]
 
-TAVR: simulate a Supervisely project, train the small preset (`runlocal`: ResNet18 at 128 px
-with the heatmap head, about 6 CPU minutes), tune thresholds on the
+TAVR: simulate a Supervisely project, train the small preset (`runlocal`: ResNet18 at half
+width, 128 px, heatmap head, 800 steps, about 6 CPU minutes), tune thresholds on the
 validation cases, evaluate held-out test cases with the paper's metrics and write overlays.
 Perfusion: simulate study folders, cross-validate the feature classifier for both tasks, fit
 the clinical model on one folder and analyse another (scores, territories, overlays).

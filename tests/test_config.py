@@ -14,14 +14,14 @@ def test_default_is_the_best_measured_head_at_paper_scale():
 
 def test_runlocal_trains_the_same_recipe_small():
     c, default = get_config("runlocal"), get_config()
-    assert (c.backbone, c.image_size, c.batch_size, c.num_steps) == ("resnet18", 128, 16, 240)
+    assert (c.backbone, c.image_size, c.batch_size, c.num_steps) == ("resnet18_half", 128, 16, 800)
     assert c.head == default.head and c.loss == default.loss
 
 
 def test_paper_preset_restores_the_papers_head_and_loss():
     c = get_config("runlocal,paper")
     assert (c.head, c.loss.visibility_loss, c.loss.weights.coords) == ("regression", "focal", 1.0)
-    assert c.backbone == "resnet18" and c.loss.weights.heatmap == 1.0
+    assert c.backbone == "resnet18_half" and c.loss.weights.heatmap == 1.0
     assert set(PAPER_RECIPE) == {"head", "loss.visibility_loss", "loss.weights.coords"}
 
 
