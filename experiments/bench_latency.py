@@ -30,7 +30,9 @@ _TORCH = flags.DEFINE_bool("torch_eager", True, "also time eager PyTorch (when i
 _TORCH_THREADS = flags.DEFINE_integer("torch_threads", None, "torch threads (default: all)")
 _PROFILE = flags.DEFINE_bool("profile", True, "time resize / backbone / head separately")
 _MIN_TIME = flags.DEFINE_float("min_time", 2.0, "seconds of timed runs per measurement")
-_BACKEND = flags.DEFINE_list("backend", ["xla"], "engine backends: xla, onnxruntime")
+_BACKEND = flags.DEFINE_list(
+    "backend", ["xla"], "engine backends: xla, onnxruntime, onnxruntime_int8"
+)
 _ORT_PEER = flags.DEFINE_bool(
     "onnxruntime_peer", False, "also time onnxruntime on torch's ONNX export of the network"
 )

@@ -1,9 +1,11 @@
 """The paper's metrics of a trained TAVR workdir on one split of a Supervisely project.
 
     python experiments/tavr_eval.py --workdir=W --data=DIR --split=test --out=metrics.json \
-        [--threshold=0.5] [--tune_thresholds] [--overlays=DIR] [--refine]
+        [--threshold=0.5] [--tune_thresholds] [--overlays=DIR] [--refine] [--model_file=F]
 --tune_thresholds first tunes per-point (and per-group) thresholds on the validation cases
 and writes W/thresholds.json; without --threshold the evaluation uses that file.
+--model_file scores a file exported from W (tavr_export.py; an ONNX file takes the frame
+size it was exported for) in place of W's checkpoint, on the same cases.
 """
 
 import sys
@@ -23,6 +25,9 @@ _OVERLAYS = flags.DEFINE_string("overlays", None, "folder for truth/prediction P
 _BATCH = flags.DEFINE_integer("batch_size", 16, "frames per compiled call")
 _WHICH = flags.DEFINE_enum("which", "best", ["best", "latest"], "checkpoint to load")
 _REFINE = flags.DEFINE_bool("refine", False, "add the second stage trained into W/refiner")
+_MODEL_FILE = flags.DEFINE_string(
+    "model_file", None, "score this exported file (ONNX, int8 ONNX, jax.export) of W instead"
+)
 
 
 def main(argv):
@@ -47,6 +52,7 @@ def main(argv):
             overlays_dir=_OVERLAYS.value,
             which=_WHICH.value,
             refine=_REFINE.value,
+            model_file=_MODEL_FILE.value,
         )
         if _OUT.value:
             write_json_atomic(_OUT.value, metrics)

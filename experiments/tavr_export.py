@@ -3,7 +3,11 @@
     python experiments/tavr_export.py --workdir=W --format=onnx --out=model.onnx \
         --batch=dynamic --frame_size=1024x1024
     python experiments/tavr_export.py --workdir=W --format=jax --out=engine.bin --batch=8
-Writes OUT and OUT.json (its sha256, size, config hash and library versions).
+    python experiments/tavr_export.py --workdir=W --format=onnx --out=model_int8.onnx \
+        --frame_size=1024x1024 --int8_calibration=DATA
+Writes OUT and OUT.json (its sha256, size, config hash and library versions). With
+--int8_calibration the convolutions are int8, calibrated on frames of the training cases of
+that Supervisely project (score the file with tavr_eval.py --model_file before shipping it).
 """
 
 import json
@@ -20,6 +24,10 @@ _OUT = flags.DEFINE_string("out", None, "output file")
 _BATCH = flags.DEFINE_string("batch", "dynamic", "fixed batch size, or 'dynamic'")
 _FRAME = flags.DEFINE_string("frame_size", None, "HxW of the input frames (default: network input)")
 _WHICH = flags.DEFINE_enum("which", "best", ["best", "latest"], "checkpoint to export")
+_INT8 = flags.DEFINE_string(
+    "int8_calibration", None, "Supervisely project: int8 convolutions calibrated on its frames"
+)
+_CALIBRATION_FRAMES = flags.DEFINE_integer("calibration_frames", 64, "frames to calibrate on")
 
 
 def _parse(batch: str, frame_size: str | None):
@@ -43,7 +51,9 @@ def main(argv):
     try:
         batch, frame_size = _parse(_BATCH.value, _FRAME.value)
         record = export_workdir(_WORKDIR.value, _OUT.value, format=_FORMAT.value,
-                                which=_WHICH.value, batch=batch, frame_size=frame_size)  # fmt: skip
+                                which=_WHICH.value, batch=batch, frame_size=frame_size,
+                                int8_calibration=_INT8.value,
+                                calibration_count=_CALIBRATION_FRAMES.value)  # fmt: skip
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     write_json_atomic(f"{_OUT.value}.json", record)

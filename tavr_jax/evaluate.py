@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from tavr_jax.data.supervisely import read_project
 from tavr_jax.fileio import atomic_write_bytes
+from tavr_jax.infer.backends import open_engine
 from tavr_jax.infer.engine import KeypointEngine
 from tavr_jax.infer.postprocess import reported_points
 from tavr_jax.metrics import keypoint_metrics, tune_thresholds
@@ -59,12 +60,17 @@ def _frame_arrays(project) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return vis, xy, spacing
 
 
-def _load(workdir, data_dir, split: str, batch_size: int, which: str, refine: bool = False):
+def _load(workdir, data_dir, split: str, batch_size: int, which: str, refine: bool = False,
+          model_file=None):  # fmt: skip
     model, variables, meta = load_for_inference(workdir, which=which)
     # The training run's own case split, so "val"/"test" are cases it never trained on.
     project = read_project(data_dir, meta["schema"], split=split, **data_split(meta["config"]))
     if not project.frames:
         raise ValueError(f"{data_dir}: split {split!r} has no frames (cases: {project.cases})")
+    if model_file is not None:  # an exported file of this run, scored in its place
+        engine = open_engine(workdir, model_file=model_file, batch_size=batch_size,
+                             schema=meta["schema"], refine=refine)  # fmt: skip
+        return engine, meta, project
     refiner = workdir_refiner(workdir, meta["schema"].point_names) if refine else None
     engine = KeypointEngine(model, variables, meta, batch_size=batch_size, dtype=meta["dtype"],
                             refiner=refiner)  # fmt: skip
@@ -113,6 +119,7 @@ def evaluate_project(
     overlays_dir=None,
     which: str = "best",
     refine: bool = False,
+    model_file=None,
 ) -> dict:
     """The paper's metrics of a trained workdir on one split of a Supervisely project.
 
@@ -126,13 +133,16 @@ def evaluate_project(
       overlays_dir: when given, one PNG per frame: truth as circles, prediction as crosses.
       which: "best" or "latest" checkpoint.
       refine: add the second stage trained into W/refiner.
+      model_file: an ONNX or jax.export file exported from this workdir, run in place of the
+        checkpoint (an int8 file is scored on the same frames as its float network).
 
     Returns:
       `keypoint_metrics` of the split, plus `split`, `n_cases`, `step`, `backbone`, `head`,
       `grouped`, `image_size`, `frame_width_px`, `refined`. Errors are in pixels of the
       original frames.
     """
-    engine, meta, project = _load(workdir, data_dir, split, batch_size, which, refine)
+    engine, meta, project = _load(workdir, data_dir, split, batch_size, which, refine,
+                                  model_file)  # fmt: skip
     schema = meta["schema"]
     pred = predict_project(engine, project, desc=f"evaluate {split}")
     vis, xy, spacing = _frame_arrays(project)
@@ -158,6 +168,7 @@ def evaluate_project(
         image_size=int(meta["image_size"]),
         frame_width_px=float(np.mean([f.width for f in project.frames])),
         refined=bool(refine),
+        model_file=None if model_file is None else str(model_file),
     )
     if overlays_dir is not None:
         shown = shown_points(pred, schema, point_thr, group_thr)

@@ -75,3 +75,42 @@ def test_evaluate_project_errors(tmp_path):
 
 # ----------------------------------------------------------------------------------------------
 # Table 1
+
+
+def test_exported_files_are_scored_in_place_of_the_checkpoint(tmp_path):
+    """tavr_eval --model_file: the ONNX file scores as its checkpoint; the int8 file is
+    calibrated on the training cases only and scores nearly as its float network."""
+    from _workdirs import TINY_CONFIG, write_tiny_checkpoint, write_tiny_project
+
+    from tavr_jax.infer import backends, onnx_export
+
+    data = write_tiny_project(tmp_path / "data", sizes=((48, 48),), cases=5)
+    workdir = tmp_path / "w"
+    write_tiny_checkpoint(workdir, TINY_CONFIG)
+    kw = dict(split="all", threshold=0.5, batch_size=4)
+    want = evaluate.evaluate_project(workdir, data, **kw)
+    float_file, int8_file = tmp_path / "m.onnx", tmp_path / "m8.onnx"
+    backends.export_workdir(workdir, float_file, frame_size=(48, 48))
+    got = evaluate.evaluate_project(workdir, data, model_file=float_file, **kw)
+    assert got["model_file"] == str(float_file) and want["model_file"] is None
+    assert got["counts"] == want["counts"]
+    _assert_close_tol(got["mean_error_px"], want["mean_error_px"])
+
+    record = backends.export_workdir(workdir, int8_file, frame_size=(48, 48),
+                                     int8_calibration=data, calibration_count=3)  # fmt: skip
+    assert record["dtype"] == "int8"
+    assert onnx_export.read_metadata(int8_file)["quantization"]["calibration_frames"] == 3
+    train = read_project(data, SCHEMA, split="train", seed=0, val_fraction=0.4)
+    frames = backends.calibration_frames(workdir, data, (48, 48), count=3)
+    train_images = [train.load_image(i) for i in range(len(train))]
+    assert all(any(np.array_equal(f, t) for t in train_images) for f in frames)
+    got8 = evaluate.evaluate_project(workdir, data, model_file=int8_file, **kw)
+    assert got8["n_images"] == want["n_images"]
+    assert abs(got8["mean_error_px"] - want["mean_error_px"]) < 1.0
+    with pytest.raises(ValueError, match="int8 quantisation is for the ONNX format only"):
+        backends.export_workdir(workdir, tmp_path / "m.bin", format="jax", int8_calibration=data)
+    with pytest.raises(ValueError, match="takes 48x48 frames, got 64x64"):
+        evaluate.evaluate_project(
+            workdir, write_tiny_project(tmp_path / "d64", sizes=((64, 64),)),
+            model_file=float_file, **kw,
+        )  # fmt: skip

@@ -248,14 +248,14 @@ def test_latency_benchmark_rows_per_backend(tmp_path, monkeypatch):
     out = tmp_path / "bench.json"
     result = latency.run_benchmark(
         backbones=["resnet_tiny"], image_size=32, batch_sizes=[1, 2], dtypes=["float32"],
-        backends=["xla", "onnxruntime"], onnxruntime_peer=True, torch_eager=False,
-        profile=False, timing={"warmup": 1, "min_runs": 2, "min_time_s": 0.0}, out=out,
-        peak_size=256, progress=lambda s: None,
+        backends=["xla", "onnxruntime", "onnxruntime_int8"], onnxruntime_peer=True,
+        torch_eager=False, profile=False, out=out, peak_size=256, progress=lambda s: None,
+        timing={"warmup": 1, "min_runs": 2, "min_time_s": 0.0},
     )  # fmt: skip
     assert [(r["backend"], r["batch"]) for r in result["rows"]] == [
-        ("xla", 1), ("onnxruntime", 1), ("xla", 2), ("onnxruntime", 2),
+        (backend, b) for b in (1, 2) for backend in ("xla", "onnxruntime", "onnxruntime_int8")
     ]  # fmt: skip
-    assert written[:4] == [1, 2, 3, 4]  # the JSON is rewritten after every row
+    assert written[:6] == [1, 2, 3, 4, 5, 6]  # the JSON is rewritten after every row
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(result["rows"]))
     for row in result["rows"]:
         assert row["ratio_vs_onnxruntime"] > 0 and 0 < row["fraction_of_peak"]
@@ -306,3 +306,51 @@ def test_deploy_doc_client_runs_without_jax(workdir, tmp_path):
     assert reported.any() and not reported.all()
     assert [line.split(":")[0] for line in lines] == list(SCHEMA.point_names)
     assert [": reported" in line for line in lines] == reported.tolist()
+
+
+def _initializers(model) -> dict:
+    return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def test_int8_graph_has_per_channel_int8_convolutions():
+    eng = _engine(batch_size=2)
+    hw = (40, 40)
+    float_model = onnx_export.engine_model(eng, frame_size=hw)
+    calibration = _simulated_frames(6, 40)
+    model = onnx_runtime.quantize_int8(float_model, calibration)
+    info = onnx_export.parse_metadata({p.key: p.value for p in model.metadata_props}, "m")
+    assert info["dtype"] == "int8"
+    assert info["quantization"] == {**onnx_runtime.INT8_SCHEME, "calibration_frames": 6}
+
+    # Every convolution's weights are int8 with one scale per output channel, and
+    # dequantise to the float graph's (batch-norm-folded) weights within half a step.
+    want = _initializers(float_model)
+    got = _initializers(model)
+    made_by = {out: node for node in model.graph.node for out in node.output}
+    float_convs = {n.output[0]: n for n in float_model.graph.node if n.op_type == "Conv"}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert len(convs) == len(float_convs) > 5
+    for conv in convs:
+        dq = made_by[conv.input[1]]
+        assert dq.op_type == "DequantizeLinear"
+        q, scale, zero = (got[name] for name in dq.input)
+        w = want[float_convs[conv.output[0]].input[1]]
+        assert q.dtype == np.int8 and scale.shape == (w.shape[0],) and not zero.any()
+        step = scale[:, None, None, None]
+        assert np.all(np.abs(q * step - w) <= step / 2 + 1e-7)
+        # The activations entering it are quantised too (uint8, from the calibration).
+        assert made_by[conv.input[0]].op_type == "DequantizeLinear"
+
+    # The int8 graph computes nearly what the float graph does, but not exactly.
+    frames = _simulated_frames(3, 40, seed=1)
+    want_out = onnx_runtime.OnnxKeypointEngine.from_engine(eng)(frames)
+    int8 = onnx_runtime.OnnxKeypointEngine.from_engine(eng, calibrate=lambda hw: calibration)
+    got_out = int8(frames)
+    for k in ("visibility", "group"):
+        diff = np.abs(got_out[k] - want_out[k])
+        assert 0 < diff.max() < 0.05, k
+    assert np.abs(got_out["coords"] - want_out["coords"]).max() < 0.05 * 40
+    with pytest.raises(ValueError, match=r"uint8 \(N, 40, 40\)"):
+        onnx_runtime.quantize_int8(float_model, calibration[:, :32])
+    with pytest.raises(ValueError, match="only a float32 graph"):
+        onnx_runtime.quantize_int8(model, calibration)

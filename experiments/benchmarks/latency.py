@@ -1,7 +1,8 @@
 """Latency and throughput of the keypoint engine per backend, beside the peers it must match.
 
-Backends: `xla` (the AOT-compiled `KeypointEngine`) and `onnxruntime` (`OnnxKeypointEngine`,
-the same network exported by `tavr_jax.infer.onnx_export`). Peers: onnxruntime running the
+Backends: `xla` (the AOT-compiled `KeypointEngine`), `onnxruntime` (`OnnxKeypointEngine`,
+the same network exported by `tavr_jax.infer.onnx_export`) and `onnxruntime_int8` (that
+graph with int8 convolutions, calibrated on simulated frames). Peers: onnxruntime running the
 same architecture as exported by torch's own ONNX exporter (what a team shipping a PyTorch
 model would deploy) and eager PyTorch. Every contender of one (backbone, dtype, batch) runs in
 alternation with the others, so the ratios are of paired runs under the same machine load.
@@ -16,6 +17,7 @@ import datetime
 import os
 import time
 
+import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +29,7 @@ from benchmarks.timing import (
     time_interleaved,
     time_runs,
 )
+from tavr_jax.data.simulate import simulate_case
 from tavr_jax.fileio import write_json_atomic
 from tavr_jax.infer import onnx_export, onnx_runtime
 from tavr_jax.infer.engine import KeypointEngine, keypoint_forward
@@ -35,7 +38,7 @@ from tavr_jax.schema import get_schema
 from tavr_jax.xla import compile_lowered, model_flops
 
 PAPER_MS_PER_FRAME = 18.0  # the paper's GPU figure (section 5)
-BACKENDS = ("xla", "onnxruntime")
+BACKENDS = ("xla", "onnxruntime", "onnxruntime_int8")
 
 
 def flops_per_batch(engine: KeypointEngine, frame_size: int) -> float | None:
@@ -236,7 +239,15 @@ def make_backend(backend: str, engine: KeypointEngine, provider: str = "auto"):
         raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     if backend == "xla":
         return engine
-    return onnx_runtime.OnnxKeypointEngine.from_engine(engine, provider=provider)
+    calibrate = None
+    if backend == "onnxruntime_int8":  # calibrated on simulated frames of the timed size
+
+        def calibrate(hw):
+            case = simulate_case(np.random.default_rng(0), engine.schema, frames=8, size=hw[0])
+            return np.stack([cv2.resize(image, hw[::-1]) for image, *_ in case])
+
+    return onnx_runtime.OnnxKeypointEngine.from_engine(engine, provider=provider,
+                                                       calibrate=calibrate)  # fmt: skip
 
 
 def profile_split(engine: KeypointEngine, frame_size: int, **timing) -> dict:
@@ -336,12 +347,13 @@ def run_benchmark(
         result["skipped"].append({"what": what, "why": why})
 
     backends = list(backends)
-    if "onnxruntime" in backends or onnxruntime_peer:
+    on_ort = [b for b in backends if b.startswith("onnxruntime")]
+    if on_ort or onnxruntime_peer:
         why = _onnxruntime_problem(provider, on_cpu)
         if why:
-            if "onnxruntime" in backends:
-                backends.remove("onnxruntime")
-                skip("backend onnxruntime", why)
+            for backend in on_ort:
+                backends.remove(backend)
+                skip(f"backend {backend}", why)
             if onnxruntime_peer:
                 onnxruntime_peer = False
                 skip("onnxruntime peer", why)

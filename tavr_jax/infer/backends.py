@@ -1,7 +1,8 @@
 """Which engine runs a launcher's request: XLA or onnxruntime, a workdir or an exported file.
 
 `open_engine` gives every launcher the same call API whatever runs underneath;
-`export_workdir` writes a workdir's network as one deployable file and says what it wrote.
+`export_workdir` writes a workdir's network as one deployable file and says what it wrote;
+`calibration_frames` picks the training frames an int8 export is calibrated on.
 """
 
 from __future__ import annotations
@@ -9,10 +10,16 @@ from __future__ import annotations
 import hashlib
 import pathlib
 
+import cv2
+import numpy as np
+
+from tavr_jax.data.supervisely import read_project
+from tavr_jax.fileio import atomic_write_bytes
 from tavr_jax.infer import onnx_export
 from tavr_jax.infer.engine import EXPORT_MAGIC, KeypointEngine, image_hw, load_exported
-from tavr_jax.infer.onnx_runtime import OnnxKeypointEngine, load_onnx
-from tavr_jax.workdir import config_hash
+from tavr_jax.infer.onnx_runtime import OnnxKeypointEngine, load_onnx, quantize_int8
+from tavr_jax.schema import get_schema
+from tavr_jax.workdir import config_hash, data_split, read_config
 
 
 def is_jax_export(path) -> bool:
@@ -69,25 +76,37 @@ def open_engine(
 
 
 def export_workdir(workdir, out, *, format: str = "onnx", which: str = "best",
-                   batch: int | None = None, frame_size=None) -> dict:  # fmt: skip
+                   batch: int | None = None, frame_size=None, int8_calibration=None,
+                   calibration_count: int = 64) -> dict:  # fmt: skip
     """Exports a workdir's checkpoint as one file: "onnx" or "jax" (`jax.export`).
 
     frame_size: (H, W) of the frames the artifact takes (default: the network input);
-    batch: a fixed batch size, or None for a symbolic one. Returns what to record beside it:
-    the file's sha256 and size, the config hash and the library versions.
+    batch: a fixed batch size, or None for a symbolic one; int8_calibration: a Supervisely
+    project: the ONNX file's convolutions are then int8 (`onnx_runtime.quantize_int8`),
+    calibrated on `calibration_count` frames of its training cases (`calibration_frames`).
+    Returns what to record beside it: the file's sha256 and size, the config hash and the
+    library versions.
     """
     if format not in ("onnx", "jax"):
         raise ValueError(f"unknown export format {format!r}; expected onnx or jax")
+    if int8_calibration is not None and format != "onnx":
+        raise ValueError("int8 quantisation is for the ONNX format only")
     engine = KeypointEngine.from_workdir(workdir, which=which)
     h, w = image_hw(frame_size if frame_size is not None else engine.image_size)
     if format == "onnx":
-        path = onnx_export.export_onnx(engine, out, frame_size=(h, w), batch=batch)
+        model = onnx_export.engine_model(engine, frame_size=(h, w), batch=batch)
+        if int8_calibration is not None:
+            frames = calibration_frames(workdir, int8_calibration, (h, w),
+                                        count=calibration_count)  # fmt: skip
+            model = quantize_int8(model, frames)
+        path = atomic_write_bytes(pathlib.Path(out), model.SerializeToString())
     else:
         path = engine.export(out, h, w, batch=batch)
     data = path.read_bytes()
     return {
         "file": str(path),
         "format": format,
+        "dtype": "int8" if int8_calibration is not None else "float32",
         "sha256": hashlib.sha256(data).hexdigest(),
         "bytes": len(data),
         "frame_size": [h, w],
@@ -97,3 +116,27 @@ def export_workdir(workdir, out, *, format: str = "onnx", which: str = "best",
         "step": engine.meta.get("step"),
         "versions": onnx_export.library_versions(),
     }
+
+
+def calibration_frames(workdir, data_dir, frame_size, *, count: int = 64) -> np.ndarray:
+    """`count` frames of the workdir's training cases, evenly spaced, as uint8 (N, H, W).
+
+    Training cases only, so that a later evaluation on validation or test cases stays
+    untouched by the quantisation. Frames of another size are resized to `frame_size`.
+    """
+    if count < 1:
+        raise ValueError(f"the calibration needs at least one frame, got {count}")
+    config = read_config(workdir)
+    schema = get_schema(config["schema"])
+    project = read_project(data_dir, schema, split="train", **data_split(config))
+    if not project.frames:
+        raise ValueError(f"{data_dir}: the training split has no frames to calibrate on")
+    h, w = image_hw(frame_size)
+    picks = np.unique(np.linspace(0, len(project.frames) - 1, count).round().astype(int))
+    frames = []
+    for i in picks:
+        image = project.load_image(int(i))
+        if image.shape != (h, w):
+            image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
+        frames.append(image)
+    return np.stack(frames)

@@ -11,8 +11,8 @@ the Flax modules apply them, so every operation is one we chose:
 - the head; sigmoids; coordinates scaled to frame pixels; the same outputs as
   `KeypointEngine`: visibility (B, K), group (B, G), coords (B, K, 2).
 
-Backbones: the ResNet and VGG families. Heads: regression and integral, grouped or not. Any
-other backbone or head is refused with a one-line error naming it.
+Backbones: the ResNet and VGG families. Heads: regression, integral and heatmap, grouped or
+not. Any other backbone or head is refused with a one-line error naming it.
 
 The file's metadata (key `tavr_keypoints`, JSON) records the format, opset, inputs and outputs,
 schema, thresholds, frame size and the hash of the training config; `check_artifact` refuses
@@ -416,8 +416,7 @@ def build_model(meta: dict, variables, *, frame_size, batch: int | None = None,
     model.ir_version = 8  # the IR of opset 17: older runtimes read the file too
     info = artifact_meta(meta, frame_size=(fh, fw), batch=batch, opset=OPSET)
     info.update(extra_metadata or {})
-    onnx.helper.set_model_props(model, {METADATA_KEY: json.dumps(info)})
-    return model
+    return set_metadata(model, info)
 
 
 def artifact_meta(meta: dict, *, frame_size, batch, opset: int | None = None) -> dict:
@@ -456,8 +455,8 @@ def artifact_meta(meta: dict, *, frame_size, batch, opset: int | None = None) ->
     return info
 
 
-def export_onnx(engine, path, *, frame_size, batch: int | None = None) -> pathlib.Path:
-    """Writes a float32 `KeypointEngine`'s whole function as one ONNX file (atomically)."""
+def engine_model(engine, *, frame_size, batch: int | None = None):
+    """A float32 `KeypointEngine`'s whole function as an ONNX ModelProto."""
     if engine.dtype_name != "float32":
         raise ValueError(
             f"ONNX export is float32 only; this engine computes in {engine.dtype_name}"
@@ -466,8 +465,13 @@ def export_onnx(engine, path, *, frame_size, batch: int | None = None) -> pathli
 
     variables = jax.device_get(engine.variables)
     meta = {**engine.meta, "schema": engine.schema, "image_size": engine.image_size}
-    model = build_model(meta, variables, frame_size=frame_size, batch=batch,
-                        extra_metadata={"versions": library_versions()})  # fmt: skip
+    return build_model(meta, variables, frame_size=frame_size, batch=batch,
+                       extra_metadata={"versions": library_versions()})  # fmt: skip
+
+
+def export_onnx(engine, path, *, frame_size, batch: int | None = None) -> pathlib.Path:
+    """Writes `engine_model` as one ONNX file (atomically)."""
+    model = engine_model(engine, frame_size=frame_size, batch=batch)
     return atomic_write_bytes(pathlib.Path(path), model.SerializeToString())
 
 
@@ -482,6 +486,20 @@ def read_metadata(path) -> dict:
     except Exception as e:  # protobuf raises its own DecodeError
         raise ValueError(f"{path} is not an ONNX model ({type(e).__name__})") from None
     return parse_metadata({p.key: p.value for p in model.metadata_props}, path)
+
+
+def load_model(path):
+    """An ONNX file as a ModelProto."""
+    return _import_onnx().load(str(path))
+
+
+def set_metadata(model, info: dict):
+    """`model` with its `tavr_keypoints` metadata replaced by `info` (other properties kept)."""
+    props = {p.key: p.value for p in model.metadata_props}
+    props[METADATA_KEY] = json.dumps(info)
+    del model.metadata_props[:]
+    _import_onnx().helper.set_model_props(model, props)
+    return model
 
 
 def parse_metadata(props: dict, path) -> dict:

@@ -2,7 +2,8 @@
 
 `OnnxKeypointEngine` runs the graphs of `onnx_export` on onnxruntime: built from a trained
 network (one graph per frame size) or loaded from an exported file, which is refused with one
-line when it was made for another schema or training run.
+line when it was made for another schema or training run. `quantize_int8` turns a graph's
+convolutions into int8 (onnxruntime's static quantisation, calibrated on frames).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import pathlib
+import tempfile
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -21,7 +23,9 @@ from tavr_jax.infer.onnx_export import (
     OUTPUT_NAMES,
     build_model,
     check_supported,
+    load_model,
     parse_metadata,
+    set_metadata,
 )
 from tavr_jax.schema import KeypointSchema
 
@@ -33,6 +37,17 @@ PROVIDERS = {
     "tensorrt": "TensorrtExecutionProvider",
 }
 _AUTO_ORDER = ("cuda", "cpu")
+
+# What `quantize_int8` does, recorded in the file's metadata. Only the convolutions: they are
+# nearly all of the time, while the resize MatMuls see raw pixel values, whose coordinates an
+# 8-bit grid would coarsen, and the heads are a few small dense layers.
+INT8_SCHEME = {
+    "weights": "int8, symmetric, per output channel",
+    "activations": "uint8, per tensor",
+    "format": "QDQ",
+    "op_types": ["Conv"],
+    "calibration": "MinMax",
+}
 
 
 class ProviderUnavailable(ValueError):
@@ -93,6 +108,58 @@ def make_session(model, *, provider: str = "auto", threads: int | None = None,
     return ort.InferenceSession(model, options, providers=select_providers(provider))
 
 
+def quantize_int8(model, calibration_frames):
+    """`model` (an `onnx_export` graph) with its convolutions in int8, as a new ModelProto.
+
+    Static quantisation by onnxruntime (`INT8_SCHEME`): weight scales per output channel,
+    activation ranges from running the float graph on `calibration_frames`, uint8 (N, H, W)
+    at the graph's frame size; a fixed-batch graph gets them in batches of its size. The
+    metadata says so (`dtype` "int8", `quantization`).
+    """
+    _import_ort()
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    info = parse_metadata({p.key: p.value for p in model.metadata_props}, "model")
+    if info.get("dtype") != "float32":
+        raise ValueError(f"only a float32 graph can be quantised, not {info.get('dtype')}")
+    frames = np.asarray(calibration_frames)
+    hw = tuple(info["frame_size"])
+    if frames.dtype != np.uint8 or frames.ndim != 3 or frames.shape[1:] != hw or not len(frames):
+        raise ValueError(
+            f"calibration frames must be uint8 (N, {hw[0]}, {hw[1]}) with N >= 1, got "
+            f"{frames.dtype} {frames.shape}"
+        )
+    batch = info.get("batch") or 1
+    chunks = [frames[i : i + batch] for i in range(0, len(frames), batch)]
+    chunks = [np.resize(c, (batch, *hw)) for c in chunks]  # a short last chunk wraps around
+
+    class Frames(CalibrationDataReader):
+        def __init__(self):
+            self._chunks = iter(chunks)
+
+        def get_next(self):
+            chunk = next(self._chunks, None)
+            return None if chunk is None else {INPUT_NAME: chunk}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, pre, out = (os.path.join(tmp, f"{n}.onnx") for n in ("float", "pre", "int8"))
+        with open(src, "wb") as f:
+            f.write(model.SerializeToString())
+        quant_pre_process(src, pre, skip_symbolic_shape=True)  # shapes for the quantiser
+        quantize_static(pre, out, Frames(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        per_channel=True, op_types_to_quantize=INT8_SCHEME["op_types"])  # fmt: skip
+        quantized = load_model(out)
+    info.update(dtype="int8", quantization={**INT8_SCHEME, "calibration_frames": len(frames)})
+    return set_metadata(quantized, info)
+
+
 class OnnxKeypointEngine:
     """`KeypointEngine`'s call API on onnxruntime: (B, H, W) uint8 frames -> numpy outputs.
 
@@ -123,8 +190,13 @@ class OnnxKeypointEngine:
 
     @classmethod
     def from_engine(cls, engine, *, provider: str = "auto", threads: int | None = None,
-                    batch_size: int | None = None) -> OnnxKeypointEngine:  # fmt: skip
-        """The same network and thresholds as a float32 `KeypointEngine`, on onnxruntime."""
+                    batch_size: int | None = None,
+                    calibrate=None) -> OnnxKeypointEngine:  # fmt: skip
+        """The same network and thresholds as a float32 `KeypointEngine`, on onnxruntime.
+
+        calibrate: (H, W) -> uint8 frames (N, H, W): each frame size's graph is then int8,
+        calibrated on the frames it returns (`quantize_int8`).
+        """
         import jax
 
         if engine.dtype_name != "float32":
@@ -134,7 +206,8 @@ class OnnxKeypointEngine:
         check_supported(meta)  # refuse an unsupported network before any frame
 
         def model_for(hw):
-            return build_model(meta, variables, frame_size=hw, batch=None)
+            model = build_model(meta, variables, frame_size=hw, batch=None)
+            return model if calibrate is None else quantize_int8(model, calibrate(hw))
 
         return cls(meta, batch_size=batch_size or engine.batch_size, provider=provider,
                    threads=threads, model_for=model_for)  # fmt: skip
