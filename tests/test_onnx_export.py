@@ -350,6 +350,12 @@ def test_int8_graph_has_per_channel_int8_convolutions():
         diff = np.abs(got_out[k] - want_out[k])
         assert 0 < diff.max() < 0.05, k
     assert np.abs(got_out["coords"] - want_out["coords"]).max() < 0.05 * 40
+    # A fixed-batch graph takes its calibration in batches of its size (the last one wraps).
+    fixed = onnx_export.engine_model(eng, frame_size=hw, batch=2)
+    fixed8 = onnx_runtime.quantize_int8(fixed, calibration[:3])
+    assert sum(n.op_type == "QuantizeLinear" for n in fixed8.graph.node) > len(convs)
+    fixed_out = onnx_runtime.make_session(fixed8).run(None, {"frames": frames[:2]})
+    assert fixed_out[0].shape == (2, SCHEMA.num_points)
     with pytest.raises(ValueError, match=r"uint8 \(N, 40, 40\)"):
         onnx_runtime.quantize_int8(float_model, calibration[:, :32])
     with pytest.raises(ValueError, match="only a float32 graph"):
