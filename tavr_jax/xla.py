@@ -1,7 +1,8 @@
 """Compiling lowered JAX programs, and counting what they cost (XLA's analysis, model FLOPs).
 
-The inference engine and the benchmarks compile through `compile_lowered`, so the CPU options
-below apply to every timed and every deployed executable alike.
+The inference engine, the benchmarks and training compile with `compiler_options` (through
+`compile_lowered` or `jax.jit`), so the CPU options below apply to every timed, trained and
+deployed executable alike.
 """
 
 from __future__ import annotations
