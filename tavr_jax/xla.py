@@ -74,7 +74,10 @@ def model_flops(fn, *args) -> float:
     elementwise work, which XLA also counts, is left out, and every tap of a padded
     convolution is counted (XLA skips the taps on the padding: 3% fewer at 512 px).
     """
-    return _jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+    # A jitted function is traced at the top level: one carrying compiler options (training's
+    # steps) cannot be nested inside make_jaxpr's trace.
+    traced = fn.trace(*args).jaxpr if hasattr(fn, "trace") else jax.make_jaxpr(fn)(*args)
+    return _jaxpr_flops(traced.jaxpr)
 
 
 def _jaxpr_flops(jaxpr) -> float:

@@ -77,6 +77,11 @@ def test_matches_xla_cpu_analysis():
 def test_compiler_options_on_this_xla_and_the_fallback(monkeypatch, caplog):
     assert xla.compiler_options("cpu") == xla.CPU_COMPILER_OPTIONS
     assert xla.compiler_options("gpu") is None
+    # A step jitted with the options is counted like the plain function (it cannot be nested
+    # in another trace, so model_flops traces it at the top level).
+    x, w = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4))
+    step = jax.jit(_conv, compiler_options=xla.compiler_options("cpu"))
+    assert model_flops(step, x, w) == model_flops(_conv, x, w) == 2 * 2 * 6 * 6 * 4 * 27
     # An XLA that does not know an option: its defaults, with one warning naming it.
     xla.compiler_options.cache_clear()
     monkeypatch.setattr(xla, "CPU_COMPILER_OPTIONS", {"xla_cpu_no_such_option": "1"})
