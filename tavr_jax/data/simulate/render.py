@@ -104,8 +104,10 @@ class CaseRenderer:
         extra = {}
         if layers:
             extra = dict(thin=thin.copy(), dense=dense.copy(), struts=struts.copy(), contrast=root)
-        # one conversion: the layers' attenuations scaled onto a common 0..255 = 0..1 range
-        np.maximum(thin, cv2.convertScaleAbs(struts, alpha=0.7 / 0.45), out=thin)
+        # one conversion: the layers' attenuations scaled onto a common 0..255 = 0..1 range.
+        # A strut drawn at full value attenuates as much as a catheter's core; a strut thinner
+        # than a pixel is drawn fainter (`devices.draw_struts`) and must not saturate here.
+        np.maximum(thin, struts, out=thin)
         cv2.addWeighted(thin, 0.45, dense, 1.0, 0.0, dst=dense)
         atten += dense.astype(np.float32) * (1.0 / 255.0)
         # Beer-Lambert, quantum noise (normal approx. of Poisson), detector blur, log display
