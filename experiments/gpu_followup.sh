@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The follow-up to a GPU campaign, for the device time one campaign leaves (about 5 minutes):
 #   run(command="bash experiments/gpu_followup.sh", carry=[".whl"], timeout_s=290)
-# 1. the paper-scale run again (the campaign's data, seed and split; ResNet34 at 512 px in
-#    bf16) with a longer budget, then thresholds tuned on validation and the test split scored;
-# 2. batch-1 and batch-128 latency of ResNet34 bf16 with XLA's defaults (and the per-stage
-#    profile), then with every op type XLA can capture into CUDA graphs (command buffers).
+# The paper-scale run again (the campaign's data, seed and split; ResNet34 at 512 px in bf16)
+# with all the time left, then thresholds tuned on validation and the test split scored. The
+# accuracy targets are what the campaign's short run left unmet (recall: CP at the field's
+# edge), so this is where the follow-up's minutes go. (The first follow-up also timed batch-1
+# latency with CUDA graphs: no gain, docs/gpu/README.md; not repeated.)
 # Each step has its own limit; results in $OUT (./followup_out when unset). docs/gpu/README.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -12,8 +13,10 @@ out="${OUT:-$PWD/followup_out}"
 work=/tmp/followup_work
 mkdir -p "$out" "$work"
 py="${PYTHON:-python3}"
-train_s="${TRAIN_S:-140}"  # the run's time_budget_s (the first ~40 s compile)
-steps="${STEPS:-5000}"     # ~55 steps/s measured by the campaign: the schedule ends in time
+train_s="${TRAIN_S:-170}"  # the run's time_budget_s (the first ~40 s compile)
+# The H200 ran 25-47 steps/s of batch 32 (the first follow-up and the campaign): 3,000 steps
+# end the schedule within the ~130 s left after compiling even at the lower rate.
+steps="${STEPS:-3000}"
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 export PYTHONPATH="$PWD:$PWD/experiments${PYTHONPATH:+:$PYTHONPATH}"
 export JAX_COMPILATION_CACHE_DIR="$work/jax_cache"
@@ -36,18 +39,12 @@ fi
 nvidia-smi -L || true
 step 40 simulate "$py" experiments/make_tavr_data.py --out="$work/sim" --cases=150 --frames=40 \
   --size=512 --seed=0 --workers=0
-step $((train_s + 25)) train "$py" experiments/tavr_train.py \
+step $((train_s + 40)) train "$py" experiments/tavr_train.py \
   --config=experiments/configs/tavr.py --config.dtype=bfloat16 \
   --config.data.test_fraction=0.15 --config.time_budget_s="$train_s" \
-  --config.num_steps="$steps" --config.eval_every=2500 --config.checkpoint_every=5000 \
+  --config.num_steps="$steps" --config.eval_every=1500 --config.checkpoint_every=1500 \
   --workdir="$work/run" --data="$work/sim"
 cp "$work/run/config.json" "$out/train_config.json" 2>/dev/null
 step 45 evaluate "$py" experiments/tavr_eval.py --tune_thresholds --workdir="$work/run" \
   --data="$work/sim" --split=test --batch_size=32 --out="$out/test_metrics.json"
-latency=(experiments/bench_latency.py --notorch_eager --backbones=resnet34 --dtypes=bfloat16
-  --image_size=512 --batch_sizes=1,128 --min_time=0.3)
-step 40 latency_default "$py" "${latency[@]}" --profile --out="$out/latency_default.json"
-XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL \
---xla_gpu_graph_min_graph_size=1" JAX_COMPILATION_CACHE_DIR="$work/jax_cache_graphs" \
-  step 40 latency_graphs "$py" "${latency[@]}" --noprofile --out="$out/latency_graphs.json"
 echo "followup done in $SECONDS s"

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import pytest
 
 from benchmarks import campaign
 
@@ -129,9 +130,9 @@ def test_gpu_plan_fits_its_budget_and_sizes_the_run_from_the_measured_rate(tmp_p
     assert plan.budget_s <= 540 and plan.sim["cases"] * plan.sim["frames"] == 6000
     run = campaign.Campaign(plan, tmp_path / "out", tmp_path / "work")
     # The stages before training may take at most what leaves it its minimum, whatever
-    # their own limits: 540 - (60 + 60 + 60 + 60 + 30) = 270 s for preflight to throughput.
-    assert run.protected_s() == 270 and plan.budget_s - run.protected_s() == 270
-    assert plan.limits["preflight"] + plan.limits["simulate"] < 270
+    # their own limits: 540 - (60 + 60 + 60 + 30) = 330 s for preflight to throughput.
+    assert run.protected_s() == 210 and plan.budget_s - run.protected_s() == 330
+    assert plan.limits["preflight"] + plan.limits["simulate"] < 330
     run.work.mkdir()
     assert run._train_dtype() == "bfloat16"  # the paper-scale recipe
     assert run._steps_in(100.0, "bfloat16") is None  # nothing measured: the config's num_steps
@@ -148,3 +149,24 @@ def test_gpu_plan_fits_its_budget_and_sizes_the_run_from_the_measured_rate(tmp_p
     fp32 = campaign.Campaign(plan, tmp_path / "o", tmp_path / "w",
                              overrides=["--config.dtype=float32"])  # fmt: skip
     assert fp32._train_dtype() == "float32"  # a --config_overrides flag wins
+
+
+def test_gpu_plan_trains_and_evaluates_without_the_second_stage(tmp_path, monkeypatch):
+    # The refiner did not pay at paper scale: the GPU run gives its minute to training.
+    run = campaign.Campaign(campaign.gpu_plan(), tmp_path / "out", tmp_path / "work")
+    run.work.mkdir()
+    staged = {}
+    monkeypatch.setattr(run, "_stage", lambda name, commands, limit: staged.update(
+        {name: (commands, limit)}))  # fmt: skip
+    run._training()
+    commands, limit = staged["training"]
+    launched = [c for c in commands if not callable(c)]
+    assert len(commands) == 2 and len(launched) == 1  # the training run, then its evaluation
+    assert not any("tavr_refine" in part or part == "--refine" for part in launched[0])
+    assert limit == pytest.approx(run.left() - 30, abs=1)  # all but the perfusion stage's
+    smoke = campaign.Campaign(campaign.smoke_plan(), tmp_path / "o", tmp_path / "w")
+    smoke.work.mkdir()
+    monkeypatch.setattr(smoke, "_stage", lambda name, commands, limit: staged.update(
+        {name: (commands, limit)}))  # fmt: skip
+    smoke._training()
+    assert len(staged["training"][0]) == 4  # the smoke run still covers the refiner
