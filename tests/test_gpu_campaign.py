@@ -151,22 +151,22 @@ def test_gpu_plan_fits_its_budget_and_sizes_the_run_from_the_measured_rate(tmp_p
     assert fp32._train_dtype() == "float32"  # a --config_overrides flag wins
 
 
-def test_gpu_plan_trains_and_evaluates_without_the_second_stage(tmp_path, monkeypatch):
-    # The refiner did not pay at paper scale: the GPU run gives its minute to training.
-    run = campaign.Campaign(campaign.gpu_plan(), tmp_path / "out", tmp_path / "work")
-    run.work.mkdir()
+def _training_stage(plan, work):
+    """(commands, limit) that `Campaign._training` hands to its stage, without running them."""
+    run = campaign.Campaign(plan, work / "out", work / "work")
+    run.work.mkdir(parents=True)
     staged = {}
-    monkeypatch.setattr(run, "_stage", lambda name, commands, limit: staged.update(
-        {name: (commands, limit)}))  # fmt: skip
+    run._stage = lambda name, commands, limit: staged.update({name: (commands, limit)})
     run._training()
-    commands, limit = staged["training"]
+    return (*staged["training"], run)
+
+
+def test_gpu_plan_trains_and_evaluates_without_the_second_stage(tmp_path):
+    # The refiner did not pay at paper scale: the GPU run gives its minute to training.
+    commands, limit, run = _training_stage(campaign.gpu_plan(), tmp_path / "gpu")
     launched = [c for c in commands if not callable(c)]
     assert len(commands) == 2 and len(launched) == 1  # the training run, then its evaluation
     assert not any("tavr_refine" in part or part == "--refine" for part in launched[0])
     assert limit == pytest.approx(run.left() - 30, abs=1)  # all but the perfusion stage's
-    smoke = campaign.Campaign(campaign.smoke_plan(), tmp_path / "o", tmp_path / "w")
-    smoke.work.mkdir()
-    monkeypatch.setattr(smoke, "_stage", lambda name, commands, limit: staged.update(
-        {name: (commands, limit)}))  # fmt: skip
-    smoke._training()
-    assert len(staged["training"][0]) == 4  # the smoke run still covers the refiner
+    commands, _, _ = _training_stage(campaign.smoke_plan(), tmp_path / "smoke")
+    assert len(commands) == 4  # the smoke run still covers the refiner and its evaluation
