@@ -89,7 +89,8 @@ def test_onnxruntime_matches_jax_engine_with_dense_visibility(head, tmp_path):
     )  # fmt: skip
     # The evidence changes the visibility (the test would pass on a graph without it otherwise).
     assert np.abs(plain(frames)["visibility"] - want["visibility"]).max() > 1e-3
-    path = onnx_export.export_onnx(eng, tmp_path / "m.onnx", frame_size=(SIZE, SIZE), batch=3)
+    model = onnx_export.engine_model(eng, frame_size=(SIZE, SIZE), batch=3)
+    path = onnx_export.save_model(model, tmp_path / "m.onnx")
     assert onnx_export.read_metadata(path)["dense_visibility"] is True
     _assert_close(onnx_runtime.OnnxKeypointEngine.from_engine(eng)(frames), want, (SIZE, SIZE))
 

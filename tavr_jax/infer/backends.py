@@ -14,7 +14,6 @@ import cv2
 import numpy as np
 
 from tavr_jax.data.supervisely import read_project
-from tavr_jax.fileio import atomic_write_bytes
 from tavr_jax.infer import onnx_export
 from tavr_jax.infer.engine import EXPORT_MAGIC, KeypointEngine, image_hw, load_exported
 from tavr_jax.infer.onnx_runtime import OnnxKeypointEngine, load_onnx, quantize_int8
@@ -99,7 +98,7 @@ def export_workdir(workdir, out, *, format: str = "onnx", which: str = "best",
             frames = calibration_frames(workdir, int8_calibration, (h, w),
                                         count=calibration_count)  # fmt: skip
             model = quantize_int8(model, frames)
-        path = atomic_write_bytes(pathlib.Path(out), model.SerializeToString())
+        path = onnx_export.save_model(model, out)
     else:
         path = engine.export(out, h, w, batch=batch)
     data = path.read_bytes()

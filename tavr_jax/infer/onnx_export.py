@@ -469,14 +469,13 @@ def engine_model(engine, *, frame_size, batch: int | None = None):
                        extra_metadata={"versions": library_versions()})  # fmt: skip
 
 
-def export_onnx(engine, path, *, frame_size, batch: int | None = None) -> pathlib.Path:
-    """Writes `engine_model` as one ONNX file (atomically)."""
-    model = engine_model(engine, frame_size=frame_size, batch=batch)
+def save_model(model, path) -> pathlib.Path:
+    """Writes a ModelProto (`engine_model`, or it quantised) as one ONNX file, atomically."""
     return atomic_write_bytes(pathlib.Path(path), model.SerializeToString())
 
 
 def read_metadata(path) -> dict:
-    """The `tavr_keypoints` metadata of an ONNX file written by `export_onnx`."""
+    """The `tavr_keypoints` metadata of an ONNX file written by `save_model`."""
     onnx = _import_onnx()
     path = pathlib.Path(path)
     if not path.is_file():

@@ -267,8 +267,8 @@ def load_onnx(
     provider: str = "auto",
     threads: int | None = None,
 ) -> OnnxKeypointEngine:
-    """An engine from an ONNX file written by `export_onnx`, refused (one line) when it was
-    made for another schema or another training run than `workdir`'s."""
+    """An engine from an ONNX file written by `onnx_export.save_model`, refused (one line) when
+    it was made for another schema or another training run than `workdir`'s."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"ONNX file not found: {path}")
