@@ -147,13 +147,17 @@ def server_process(backbone: str, image_size: int, batch_size: int, *, env=None,
 
 
 def _poll_status(url: str, stop: threading.Event, seconds: list[float]) -> None:
-    """Times GET /api/status every 0.1 s until `stop` (the event loop's responsiveness)."""
+    """Times GET /api/status every 0.1 s until `stop` (the event loop's responsiveness).
+
+    Asks at least once, so a request that is refused before the first poll still has a figure.
+    """
     with httpx.Client(timeout=30) as client:
-        while not stop.is_set():
+        while True:
             t0 = time.perf_counter()
             client.get(url + "/api/status").raise_for_status()
             seconds.append(time.perf_counter() - t0)
-            stop.wait(0.1)
+            if stop.wait(0.1):
+                return
 
 
 def measure(url: str, pid: int, inputs: dict[str, tuple[bytes, int]]) -> list[dict]:
