@@ -103,6 +103,75 @@ def test_other_backbone_families(backbone):
     _assert_close(onnx_runtime.OnnxKeypointEngine.from_engine(eng)(frames), eng(frames), (40, 40))
 
 
+def _direct_conv(x, kernel, bias):
+    """Reference: a 3x3 SAME cross-correlation of (N, C, H, W) by an OIHW kernel, in float64."""
+    h, w = x.shape[2:]
+    padded = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    out = sum(np.einsum("nchw,kc->nkhw", padded[:, :, dy : dy + h, dx : dx + w],
+                        kernel[:, :, dy, dx]) for dy in range(3) for dx in range(3))  # fmt: skip
+    return out + bias[None, :, None, None]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_winograd_convolution_is_the_direct_convolution(batch):
+    rng = np.random.default_rng(batch)
+    c_in, c_out, hw = 5, 7, (8, 12)  # 2 x 3 tiles, more outputs than inputs
+    kernel, bias = rng.normal(size=(c_out, c_in, 3, 3)), rng.normal(size=c_out)
+    x = rng.normal(size=(batch, c_in, *hw)).astype(np.float32)
+    g = onnx_export.Graph()
+    y = g.winograd_conv("x", kernel, bias, hw)
+    tensor = onnx.helper.make_tensor_value_info
+    graph = onnx.helper.make_graph(
+        g.nodes, "winograd", [tensor("x", onnx.TensorProto.FLOAT, ["n", c_in, *hw])],
+        [tensor(y, onnx.TensorProto.FLOAT, None)], g.initializers,
+    )  # fmt: skip
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    got = onnx_runtime.make_session(model).run(None, {"x": x})[0]
+    want = _direct_conv(x, kernel, bias)
+    assert got.shape == want.shape == (batch, c_out, *hw)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    # No 3x3 convolution left: a 6x6 input transform, a 1x1 product, the output transform.
+    kernels = [a.ints for n in g.nodes if n.op_type == "Conv" for a in n.attribute
+               if a.name == "kernel_shape"]  # fmt: skip
+    assert sorted(map(list, kernels)) == [[1, 1], [6, 6]]
+    assert g.winograd_convolutions == 1
+
+
+def test_winograd_only_where_it_pays():
+    """ResNet34 at 512 px: stages 2-4 (128-512 channels, 64-16 px); never the 64-channel stage,
+    small maps, or sizes that are not whole 4x4 tiles."""
+    pays = onnx_export.winograd_pays
+    assert pays(128, 128, (64, 64)) and pays(256, 256, (32, 32)) and pays(512, 512, (16, 16))
+    assert not pays(64, 64, (128, 128))  # 1.8x slower: the transforms outweigh the product
+    assert not pays(512, 512, (8, 8)) and not pays(256, 256, (16, 16))
+    assert not pays(256, 256, (36, 30))
+
+
+@pytest.mark.parametrize("backbone", ["resnet_tiny", "vgg16_bn"])
+def test_engine_with_winograd_convolutions_matches_jax(backbone, monkeypatch):
+    """Every 3x3 stride-1 convolution on whole tiles as Winograd (the thresholds lowered so
+    that the tiny networks have some): the same outputs as the JAX engine; int8 refuses it."""
+    monkeypatch.setattr(onnx_export, "WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(onnx_export, "WINOGRAD_MIN_MACS", 0)
+    eng = _engine(backbone=backbone, batch_size=2)
+    frames = _simulated_frames(2, 40)
+    model = onnx_export.engine_model(eng, frame_size=(40, 40))
+    direct = onnx_export.engine_model(eng, frame_size=(40, 40), winograd=False)
+
+    def counted(m):
+        info = onnx_export.parse_metadata({p.key: p.value for p in m.metadata_props}, "m")
+        depth_to_space = sum(n.op_type == "DepthToSpace" for n in m.graph.node)
+        assert info["winograd_convolutions"] == depth_to_space
+        return depth_to_space
+
+    assert counted(model) >= 3 and counted(direct) == 0
+    outputs = onnx_runtime.make_session(model).run(None, {onnx_export.INPUT_NAME: frames})
+    got = dict(zip(onnx_export.OUTPUT_NAMES, outputs, strict=True))
+    _assert_close(got, eng(frames), (40, 40))
+    with pytest.raises(ValueError, match="Winograd convolutions cannot be quantised"):
+        onnx_runtime.quantize_int8(model, frames)
+
+
 def test_resize_matrix_is_jax_resize():
     image = np.random.default_rng(0).uniform(0, 255, (2, 57, 45)).astype(np.float32)
     want = jax.image.resize(image, (2, 32, 32), "linear", antialias=True)

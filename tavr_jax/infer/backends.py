@@ -93,7 +93,9 @@ def export_workdir(workdir, out, *, format: str = "onnx", which: str = "best",
     engine = KeypointEngine.from_workdir(workdir, which=which)
     h, w = image_hw(frame_size if frame_size is not None else engine.image_size)
     if format == "onnx":
-        model = onnx_export.engine_model(engine, frame_size=(h, w), batch=batch)
+        # int8 quantises the direct convolutions (`quantize_int8` says why not Winograd's).
+        model = onnx_export.engine_model(engine, frame_size=(h, w), batch=batch,
+                                         winograd=int8_calibration is None)  # fmt: skip
         if int8_calibration is not None:
             frames = calibration_frames(workdir, int8_calibration, (h, w),
                                         count=calibration_count)  # fmt: skip

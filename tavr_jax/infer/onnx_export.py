@@ -7,7 +7,8 @@ the Flax modules apply them, so every operation is one we chose:
 - uint8 frames (B, H, W) in; the antialiased linear resize to the network input as two
   MatMuls with the exact resampling matrices of `jax.image.resize` (ONNX's Resize has no
   antialiasing before opset 18, and its kernel support differs); the normalisation;
-- the backbone in NCHW with every batch norm folded into its convolution;
+- the backbone in NCHW with every batch norm folded into its convolution; the large 3x3
+  convolutions as Winograd F(4x4, 3x3) (below);
 - the head; sigmoids; coordinates scaled to frame pixels; the same outputs as
   `KeypointEngine`: visibility (B, K), group (B, G), coords (B, K, 2).
 
@@ -37,6 +38,31 @@ INPUT_NAME = "frames"
 OUTPUT_NAMES = ("visibility", "group", "coords")
 SUPPORTED_HEADS = ("regression", "integral", "heatmap")
 
+# Winograd F(4x4, 3x3) (Lavin and Gray, 2016), interpolation points 0, +-1, +-2 and infinity:
+# a 3x3 convolution over 6x6 input tiles taken every 4 pixels, as Y = A^T [(G g G^T) * (B^T d B)] A.
+# It costs 36 multiplies per 4x4 outputs and channel pair instead of 144. onnxruntime's CPU
+# convolutions compute directly, so the graph writes the transforms itself.
+WINOGRAD_BT = np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+                        [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]],
+                       np.float64)  # fmt: skip
+WINOGRAD_G = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                       [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]])  # fmt: skip
+WINOGRAD_AT = np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0],
+                        [0, 1, -1, 8, -8, 1]], np.float64)  # fmt: skip
+# Where it pays on onnxruntime's CPU kernels (docs/latency.md measures one layer at each size):
+# the transforms are memory passes, so only wide layers with many tiles gain (0.53-0.89 of the
+# direct convolution's time at C_in * C_out * H * W >= 2^26 per frame, and C_in >= 128; up to
+# 1.8x slower below that).
+WINOGRAD_MIN_CHANNELS = 128
+WINOGRAD_MIN_MACS = 2**26
+
+
+def winograd_pays(c_in: int, c_out: int, hw) -> bool:
+    """Whether a 3x3, stride-1, SAME convolution of this size is written as Winograd."""
+    h, w = hw
+    return (h % 4 == 0 and w % 4 == 0 and c_in >= WINOGRAD_MIN_CHANNELS
+            and c_in * c_out * h * w >= WINOGRAD_MIN_MACS)  # fmt: skip
+
 
 def library_versions() -> dict:
     """Versions of what made (and what runs) an artifact: to record beside it."""
@@ -65,12 +91,18 @@ def _import_onnx():
 
 
 class Graph:
-    """Nodes and float32 initializers of one ONNX graph; `op` returns its output's name."""
+    """Nodes and float32 initializers of one ONNX graph; `op` returns its output's name.
 
-    def __init__(self):
+    winograd: write the 3x3 convolutions where `winograd_pays` as Winograd F(4x4, 3x3);
+    `winograd_convolutions` counts them.
+    """
+
+    def __init__(self, *, winograd: bool = True):
         self.onnx = _import_onnx()
         self.nodes, self.initializers = [], []
         self._n = 0
+        self.winograd = winograd
+        self.winograd_convolutions = 0
 
     def _name(self, hint: str) -> str:
         self._n += 1
@@ -94,19 +126,73 @@ class Graph:
         return self.op("Add", self.op("MatMul", x, self.const(p["kernel"], "kernel")),
                        self.const(p["bias"], "bias"))  # fmt: skip
 
-    def conv(self, x: str, p: dict, *, stride=1, pad=0, bn: dict | None = None, eps=1e-5) -> str:
+    def conv(self, x: str, p: dict, *, stride=1, pad=0, bn: dict | None = None, eps=1e-5,
+             hw=None) -> str:  # fmt: skip
         """Flax Conv (HWIO kernel, optional bias), then an optional inference batch norm,
-        as one ONNX Conv: the norm's scale goes into the kernel and its shift into the bias."""
+        as one ONNX Conv: the norm's scale goes into the kernel and its shift into the bias.
+
+        hw: the input's spatial size, where known: a 3x3 stride-1 SAME convolution is then
+        written as Winograd where that pays.
+        """
         kernel = np.asarray(p["kernel"], np.float64).transpose(3, 2, 0, 1)  # HWIO -> OIHW
         bias = np.asarray(p.get("bias", np.zeros(kernel.shape[0])), np.float64)
         if bn is not None:
             scale = np.asarray(bn["scale"], np.float64) / np.sqrt(np.asarray(bn["var"]) + eps)
             kernel = kernel * scale[:, None, None, None]
             bias = (bias - np.asarray(bn["mean"])) * scale + np.asarray(bn["bias"])
+        c_out, c_in = kernel.shape[:2]
+        if (self.winograd and hw is not None and kernel.shape[2:] == (3, 3) and stride == 1
+                and pad == 1 and winograd_pays(c_in, c_out, hw)):  # fmt: skip
+            return self.winograd_conv(x, kernel, bias, hw)
         return self.op(
             "Conv", x, self.const(kernel, "conv_w"), self.const(bias, "conv_b"),
             kernel_shape=list(kernel.shape[2:]), strides=[stride, stride], pads=[pad] * 4,
         )  # fmt: skip
+
+    def winograd_conv(self, x: str, kernel: np.ndarray, bias: np.ndarray, hw) -> str:
+        """A 3x3, stride-1, SAME convolution (OIHW kernel) of an (N, C, H, W) input, H and W
+        multiples of 4, as Winograd F(4x4, 3x3):
+
+        1. the input transform B^T d B of every 6x6 tile (stride 4, one pixel of zero padding):
+           a convolution with C groups of 36 fixed 6x6 filters -> (N, C*36, H/4, W/4);
+        2. the product with the transformed kernel G g G^T: for each of the 36 tile positions a
+           C -> K matrix product, one 1x1 convolution with 36 groups once the channels are
+           ordered (position, channel);
+        3. the output transform A^T m A as one (16, 36) matrix product, DepthToSpace to place
+           each 4x4 tile, and the bias. (A transposed convolution with K groups does the same
+           in one node but took 0.8 ms a layer more.)
+
+        Measured against the direct convolution in docs/latency.md; the outputs agree to about
+        1e-5 of their range per layer in float32.
+        """
+        self.winograd_convolutions += 1
+        bt, g, at = WINOGRAD_BT, WINOGRAD_G, WINOGRAD_AT
+        a, m = len(bt), len(at)  # 6x6 tiles in, 4x4 out
+        t = a * a
+        c_out, c_in = kernel.shape[:2]
+        th, tw = hw[0] // m, hw[1] // m  # tiles
+
+        def shape(*dims):  # 0 keeps the batch
+            return self.const(np.array(dims, np.int64), "shape")
+
+        # v[n, 36c + 6i + j] = sum_{y, x} BT[i, y] d[n, c, y, x] BT[j, x]
+        v_filters = np.einsum("iy,jx->ijyx", bt, bt).reshape(1, t, a, a)
+        v_filters = np.tile(v_filters, (c_in, 1, 1, 1)).reshape(c_in * t, 1, a, a)
+        v = self.op("Conv", x, self.const(v_filters, "winograd_bt"), kernel_shape=[a, a],
+                    strides=[m, m], pads=[1] * 4, group=c_in)  # fmt: skip
+        v = self.op("Transpose", self.op("Reshape", v, shape(0, c_in, t, th * tw)),
+                    perm=[0, 2, 1, 3])  # fmt: skip
+        v = self.op("Reshape", v, shape(0, t * c_in, th, tw))
+        # u[K(6i + j) + k, c] = (G g[k, c] G^T)[i, j]
+        u = np.einsum("iy,kcyx,jx->ijkc", g, kernel, g).reshape(t * c_out, c_in, 1, 1)
+        prod = self.op("Conv", v, self.const(u, "winograd_u"), kernel_shape=[1, 1], group=t)
+        # y[n, k, 4p + r, 4q + s] = sum_{i, j} AT[r, i] prod[n, K(6i + j) + k, p, q] AT[s, j]
+        y_matrix = np.einsum("ri,sj->rsij", at, at).reshape(m * m, t)
+        y = self.op("MatMul", self.const(y_matrix, "winograd_at"),
+                    self.op("Reshape", prod, shape(0, t, c_out * th * tw)))  # fmt: skip
+        y = self.op("DepthToSpace", self.op("Reshape", y, shape(0, m * m * c_out, th, tw)),
+                    blocksize=m, mode="DCR")  # fmt: skip
+        return self.op("Add", y, self.const(bias.reshape(c_out, 1, 1), "conv_b"))
 
     def matmul_left(self, matrix: np.ndarray, x: str) -> str:
         return self.op("MatMul", self.const(matrix, "resample"), x)
@@ -147,29 +233,31 @@ def _backbone_spec(name: str):
     return kind, factory.keywords
 
 
-def _resnet(g: Graph, x: str, params: dict, stats: dict, keywords: dict) -> str:
+def _resnet(g: Graph, x: str, params: dict, stats: dict, keywords: dict, image_hw) -> list[str]:
     from tavr_jax.models.backbones import Bottleneck
 
-    def conv_bn(x, block_p, block_s, conv, bn, *, stride=1, pad=0):
+    def conv_bn(x, block_p, block_s, conv, bn, *, stride=1, pad=0, hw=None):
         return g.conv(x, block_p[conv], stride=stride, pad=pad,
-                      bn={**block_p[bn], **block_s[bn]})  # fmt: skip
+                      bn={**block_p[bn], **block_s[bn]}, hw=hw)  # fmt: skip
 
     x = g.op("Relu", conv_bn(x, params, stats, "conv1", "bn1", stride=2, pad=3))
     x = g.op("MaxPool", x, kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
     bottleneck = keywords["block_cls"] is Bottleneck
     stages = []
+    stage_hw = _stage_hw(image_hw, "resnet", keywords)
     for i, n_blocks in enumerate(keywords["stage_sizes"]):
         for j in range(n_blocks):
             name = f"layer{i + 1}_{j}"
             p, s = params[name], stats[name]
             stride = 2 if i > 0 and j == 0 else 1
+            hw = stage_hw[i] if stride == 1 else None  # a stride-1 3x3 keeps the stage's size
             if bottleneck:  # stride on the 3x3 convolution, as torchvision
                 y = g.op("Relu", conv_bn(x, p, s, "conv1", "bn1"))
-                y = g.op("Relu", conv_bn(y, p, s, "conv2", "bn2", stride=stride, pad=1))
+                y = g.op("Relu", conv_bn(y, p, s, "conv2", "bn2", stride=stride, pad=1, hw=hw))
                 y = conv_bn(y, p, s, "conv3", "bn3")
             else:
-                y = g.op("Relu", conv_bn(x, p, s, "conv1", "bn1", stride=stride, pad=1))
-                y = conv_bn(y, p, s, "conv2", "bn2", pad=1)
+                y = g.op("Relu", conv_bn(x, p, s, "conv1", "bn1", stride=stride, pad=1, hw=hw))
+                y = conv_bn(y, p, s, "conv2", "bn2", pad=1, hw=stage_hw[i])
             residual = x
             if "downsample_0" in p:
                 residual = conv_bn(x, p, s, "downsample_0", "downsample_1", stride=stride)
@@ -178,18 +266,19 @@ def _resnet(g: Graph, x: str, params: dict, stats: dict, keywords: dict) -> str:
     return stages
 
 
-def _vgg(g: Graph, x: str, params: dict, stats: dict, keywords: dict) -> list[str]:
-    idx, stages = 0, []
+def _vgg(g: Graph, x: str, params: dict, stats: dict, keywords: dict, image_hw) -> list[str]:
+    idx, stages, hw = 0, [], tuple(image_hw)
     for v in keywords["cfg"]:
         if v == "M":
             x = g.op("MaxPool", x, kernel_shape=[2, 2], strides=[2, 2])
+            hw = (hw[0] // 2, hw[1] // 2)
             stages.append(x)  # strides 2, 4, ..., 32, as `VGG(return_stages=True)` minus the first
             idx += 1
             continue
         bn = None
         if keywords.get("batch_norm"):
             bn = {**params[f"features_{idx + 1}"], **stats[f"features_{idx + 1}"]}
-        x = g.op("Relu", g.conv(x, params[f"features_{idx}"], pad=1, bn=bn))
+        x = g.op("Relu", g.conv(x, params[f"features_{idx}"], pad=1, bn=bn, hw=hw))
         idx += 3 if bn is not None else 2
     return stages[1:]
 
@@ -361,12 +450,14 @@ def _stage_hw(image_hw, kind: str, keywords: dict) -> list[tuple[int, int]]:
 
 
 def build_model(meta: dict, variables, *, frame_size, batch: int | None = None,
-                extra_metadata: dict | None = None):  # fmt: skip
+                winograd: bool = True, extra_metadata: dict | None = None):  # fmt: skip
     """The engine function (uint8 frames -> visibility, group, coords) as an onnx.ModelProto.
 
     meta: the engine's meta (`schema`, `backbone`, `head`, `grouped`, `image_size`);
     variables: `{"params", "batch_stats"}` of the network (float32); frame_size: (H, W) of
-    the frames the graph takes; batch: a fixed batch size, or None for a symbolic one.
+    the frames the graph takes; batch: a fixed batch size, or None for a symbolic one;
+    winograd: the large 3x3 convolutions as Winograd F(4x4, 3x3) (`Graph.winograd_conv`).
+    The metadata's `winograd_convolutions` counts them.
     """
     onnx = _import_onnx()
     from tavr_jax.models.keypoint_net import GRAY_MEAN, GRAY_STD
@@ -377,7 +468,7 @@ def build_model(meta: dict, variables, *, frame_size, batch: int | None = None,
     sh, sw = _pair(meta["image_size"])
     params = _numpy_tree(variables["params"])
     stats = _numpy_tree(variables.get("batch_stats", {}))
-    g = Graph()
+    g = Graph(winograd=winograd)
     x = g.op("Cast", INPUT_NAME, to=onnx.TensorProto.FLOAT)
     x = _resize_hw(g, x, (fh, fw), (sh, sw))
     # (x / 255 - mean) / std as one multiply-add.
@@ -385,7 +476,8 @@ def build_model(meta: dict, variables, *, frame_size, batch: int | None = None,
              g.const(np.float32(-GRAY_MEAN / GRAY_STD)))  # fmt: skip
     x = g.op("Unsqueeze", x, g.const(np.array([1])))  # (B, 1, S, S)
     build_backbone = {"resnet": _resnet, "vgg": _vgg}[kind]
-    stages = build_backbone(g, x, params["backbone"], stats.get("backbone", {}), keywords)
+    stages = build_backbone(g, x, params["backbone"], stats.get("backbone", {}), keywords,
+                            (sh, sw))  # fmt: skip
     group_logits, vis_logits, coords = _head(
         g, stages, _stage_hw((sh, sw), kind, keywords), params["head"], meta, schema
     )
@@ -415,6 +507,7 @@ def build_model(meta: dict, variables, *, frame_size, batch: int | None = None,
     )
     model.ir_version = 8  # the IR of opset 17: older runtimes read the file too
     info = artifact_meta(meta, frame_size=(fh, fw), batch=batch, opset=OPSET)
+    info["winograd_convolutions"] = g.winograd_convolutions
     info.update(extra_metadata or {})
     return set_metadata(model, info)
 
@@ -455,8 +548,8 @@ def artifact_meta(meta: dict, *, frame_size, batch, opset: int | None = None) ->
     return info
 
 
-def engine_model(engine, *, frame_size, batch: int | None = None):
-    """A float32 `KeypointEngine`'s whole function as an ONNX ModelProto."""
+def engine_model(engine, *, frame_size, batch: int | None = None, winograd: bool = True):
+    """A float32 `KeypointEngine`'s whole function as an ONNX ModelProto (`build_model`)."""
     if engine.dtype_name != "float32":
         raise ValueError(
             f"ONNX export is float32 only; this engine computes in {engine.dtype_name}"
@@ -465,7 +558,7 @@ def engine_model(engine, *, frame_size, batch: int | None = None):
 
     variables = jax.device_get(engine.variables)
     meta = {**engine.meta, "schema": engine.schema, "image_size": engine.image_size}
-    return build_model(meta, variables, frame_size=frame_size, batch=batch,
+    return build_model(meta, variables, frame_size=frame_size, batch=batch, winograd=winograd,
                        extra_metadata={"versions": library_versions()})  # fmt: skip
 
 

@@ -128,6 +128,11 @@ def quantize_int8(model, calibration_frames):
     info = parse_metadata({p.key: p.value for p in model.metadata_props}, "model")
     if info.get("dtype") != "float32":
         raise ValueError(f"only a float32 graph can be quantised, not {info.get('dtype')}")
+    if info.get("winograd_convolutions"):
+        # The transformed kernels G g G^T span a wider range than g, and the product with the
+        # input transform amplifies the rounding: int8 wants the direct convolutions.
+        raise ValueError("a graph with Winograd convolutions cannot be quantised; "
+                         "build it with winograd=False")  # fmt: skip
     frames = np.asarray(calibration_frames)
     hw = tuple(info["frame_size"])
     if frames.dtype != np.uint8 or frames.ndim != 3 or frames.shape[1:] != hw or not len(frames):
@@ -206,7 +211,8 @@ class OnnxKeypointEngine:
         check_supported(meta)  # refuse an unsupported network before any frame
 
         def model_for(hw):
-            model = build_model(meta, variables, frame_size=hw, batch=None)
+            model = build_model(meta, variables, frame_size=hw, batch=None,
+                                winograd=calibrate is None)  # fmt: skip
             return model if calibrate is None else quantize_int8(model, calibrate(hw))
 
         return cls(meta, batch_size=batch_size or engine.batch_size, provider=provider,
