@@ -24,6 +24,9 @@ _OUT = flags.DEFINE_string("out", None, "output file")
 _BATCH = flags.DEFINE_string("batch", "dynamic", "fixed batch size, or 'dynamic'")
 _FRAME = flags.DEFINE_string("frame_size", None, "HxW of the input frames (default: network input)")
 _WHICH = flags.DEFINE_enum("which", "best", ["best", "latest"], "checkpoint to export")
+_WINOGRAD = flags.DEFINE_bool(
+    "winograd", True, "ONNX: wide 3x3 convolutions as Winograd F(4x4,3x3) (CPU onnxruntime)"
+)
 _INT8 = flags.DEFINE_string(
     "int8_calibration", None, "Supervisely project: int8 convolutions calibrated on its frames"
 )
@@ -53,7 +56,8 @@ def main(argv):
         record = export_workdir(_WORKDIR.value, _OUT.value, format=_FORMAT.value,
                                 which=_WHICH.value, batch=batch, frame_size=frame_size,
                                 int8_calibration=_INT8.value,
-                                calibration_count=_CALIBRATION_FRAMES.value)  # fmt: skip
+                                calibration_count=_CALIBRATION_FRAMES.value,
+                                winograd=_WINOGRAD.value)  # fmt: skip
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     write_json_atomic(f"{_OUT.value}.json", record)

@@ -121,11 +121,8 @@ def test_winograd_convolution_is_the_direct_convolution(batch):
     g = onnx_export.Graph()
     y = g.winograd_conv("x", kernel, bias, hw)
     tensor = onnx.helper.make_tensor_value_info
-    graph = onnx.helper.make_graph(
-        g.nodes, "winograd", [tensor("x", onnx.TensorProto.FLOAT, ["n", c_in, *hw])],
-        [tensor(y, onnx.TensorProto.FLOAT, None)], g.initializers,
-    )  # fmt: skip
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model = g.model("winograd", [tensor("x", onnx.TensorProto.FLOAT, ["n", c_in, *hw])],
+                    [tensor(y, onnx.TensorProto.FLOAT, None)])  # fmt: skip
     got = onnx_runtime.make_session(model).run(None, {"x": x})[0]
     want = _direct_conv(x, kernel, bias)
     assert got.shape == want.shape == (batch, c_out, *hw)
@@ -430,3 +427,22 @@ def test_int8_graph_has_per_channel_int8_convolutions():
         onnx_runtime.quantize_int8(float_model, calibration[:, :32])
     with pytest.raises(ValueError, match="only a float32 graph"):
         onnx_runtime.quantize_int8(model, calibration)
+
+
+def test_winograd_benchmark_times_both_graphs_on_the_same_layers():
+    from benchmarks.winograd import measure
+
+    row = measure(8, 8, batch=2, layers=2, min_time=0.0)
+    assert row["max_rel_difference"] < 1e-5 and row["runs"] >= 5
+    assert row["direct_ms_per_layer"] > 0 and row["winograd_over_direct"] > 0
+    assert row["winograd_pays"] is False  # 8 channels
+
+
+def test_sessions_spin_unless_told_not_to():
+    model = onnx_export.engine_model(_engine(), frame_size=(SIZE, SIZE))
+    key = "session.intra_op.allow_spinning"
+    quiet = onnx_runtime.make_session(model, spin=False).get_session_options()
+    assert quiet.get_session_config_entry(key) == "0"
+    default = onnx_runtime.make_session(model).get_session_options()
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        default.get_session_config_entry(key)  # unset: onnxruntime's default, spinning

@@ -76,13 +76,15 @@ def open_engine(
 
 def export_workdir(workdir, out, *, format: str = "onnx", which: str = "best",
                    batch: int | None = None, frame_size=None, int8_calibration=None,
-                   calibration_count: int = 64) -> dict:  # fmt: skip
+                   calibration_count: int = 64, winograd: bool = True) -> dict:  # fmt: skip
     """Exports a workdir's checkpoint as one file: "onnx" or "jax" (`jax.export`).
 
     frame_size: (H, W) of the frames the artifact takes (default: the network input);
     batch: a fixed batch size, or None for a symbolic one; int8_calibration: a Supervisely
     project: the ONNX file's convolutions are then int8 (`onnx_runtime.quantize_int8`),
-    calibrated on `calibration_count` frames of its training cases (`calibration_frames`).
+    calibrated on `calibration_count` frames of its training cases (`calibration_frames`);
+    winograd: the wide 3x3 convolutions of a float ONNX file as Winograd F(4x4, 3x3), faster
+    on onnxruntime's CPU kernels (`onnx_export.winograd_pays`); off for a GPU runtime.
     Returns what to record beside it: the file's sha256 and size, the config hash and the
     library versions.
     """
@@ -94,8 +96,8 @@ def export_workdir(workdir, out, *, format: str = "onnx", which: str = "best",
     h, w = image_hw(frame_size if frame_size is not None else engine.image_size)
     if format == "onnx":
         # int8 quantises the direct convolutions (`quantize_int8` says why not Winograd's).
-        model = onnx_export.engine_model(engine, frame_size=(h, w), batch=batch,
-                                         winograd=int8_calibration is None)  # fmt: skip
+        winograd = winograd and int8_calibration is None
+        model = onnx_export.engine_model(engine, frame_size=(h, w), batch=batch, winograd=winograd)
         if int8_calibration is not None:
             frames = calibration_frames(workdir, int8_calibration, (h, w),
                                         count=calibration_count)  # fmt: skip

@@ -194,6 +194,15 @@ class Graph:
                     blocksize=m, mode="DCR")  # fmt: skip
         return self.op("Add", y, self.const(bias.reshape(c_out, 1, 1), "conv_b"))
 
+    def model(self, name: str, inputs: list, outputs: list, doc_string: str = ""):
+        """The graph as a ModelProto; inputs and outputs are `onnx.helper` value infos."""
+        helper = self.onnx.helper
+        graph = helper.make_graph(self.nodes, name, inputs, outputs, self.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                                  producer_name="cardiac-jax", doc_string=doc_string)  # fmt: skip
+        model.ir_version = 8  # the IR of opset 17: older runtimes read the file too
+        return model
+
     def matmul_left(self, matrix: np.ndarray, x: str) -> str:
         return self.op("MatMul", self.const(matrix, "resample"), x)
 
@@ -488,8 +497,7 @@ def build_model(meta: dict, variables, *, frame_size, batch: int | None = None,
     b = "batch" if batch is None else int(batch)
     k, n_groups = schema.num_points, schema.num_groups
     tensor = onnx.helper.make_tensor_value_info
-    graph = onnx.helper.make_graph(
-        g.nodes,
+    model = g.model(
         "tavr_keypoints",
         [tensor(INPUT_NAME, onnx.TensorProto.UINT8, [b, fh, fw])],
         [
@@ -497,15 +505,8 @@ def build_model(meta: dict, variables, *, frame_size, batch: int | None = None,
             tensor("group", onnx.TensorProto.FLOAT, [b, n_groups]),
             tensor("coords", onnx.TensorProto.FLOAT, [b, k, 2]),
         ],  # fmt: skip
-        g.initializers,
-    )
-    model = onnx.helper.make_model(
-        graph,
-        opset_imports=[onnx.helper.make_opsetid("", OPSET)],
-        producer_name="cardiac-jax",
         doc_string="uint8 frames (B, H, W) -> visibility (B, K), group (B, G), coords (B, K, 2)",
     )
-    model.ir_version = 8  # the IR of opset 17: older runtimes read the file too
     info = artifact_meta(meta, frame_size=(fh, fw), batch=batch, opset=OPSET)
     info["winograd_convolutions"] = g.winograd_convolutions
     info.update(extra_metadata or {})

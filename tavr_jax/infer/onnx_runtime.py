@@ -86,11 +86,13 @@ def select_providers(which: str = "auto") -> list[str]:
 
 
 def make_session(model, *, provider: str = "auto", threads: int | None = None,
-                 profile_prefix: str | None = None):  # fmt: skip
+                 profile_prefix: str | None = None, spin: bool = True):  # fmt: skip
     """An onnxruntime InferenceSession of a ModelProto, serialized bytes or a path.
 
     profile_prefix: record every node's time to `<prefix>_<date>.json` (onnxruntime's
-    profiler; `session.end_profiling()` writes the file and returns its path).
+    profiler; `session.end_profiling()` writes the file and returns its path); spin: idle
+    worker threads spin, waiting for the next node (onnxruntime's default). Turn it off when
+    sessions take turns on the same cores: a spinning pool slows the next session.
     """
     ort = _import_ort()
     options = ort.SessionOptions()
@@ -98,6 +100,8 @@ def make_session(model, *, provider: str = "auto", threads: int | None = None,
     # All logical cores, like XLA's CPU client (onnxruntime's default counts physical ones).
     options.intra_op_num_threads = threads or os.cpu_count() or 1
     options.log_severity_level = 3
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if profile_prefix is not None:
         options.enable_profiling = True
         options.profile_file_prefix = str(profile_prefix)
@@ -209,10 +213,12 @@ class OnnxKeypointEngine:
         variables = jax.device_get(engine.variables)
         meta = {**engine.meta, "schema": engine.schema, "image_size": engine.image_size}
         check_supported(meta)  # refuse an unsupported network before any frame
+        # Winograd pays on onnxruntime's CPU kernels; GPU providers pick their own algorithms,
+        # and int8 quantises the direct convolutions.
+        winograd = calibrate is None and select_providers(provider)[0] == PROVIDERS["cpu"]
 
         def model_for(hw):
-            model = build_model(meta, variables, frame_size=hw, batch=None,
-                                winograd=calibrate is None)  # fmt: skip
+            model = build_model(meta, variables, frame_size=hw, batch=None, winograd=winograd)
             return model if calibrate is None else quantize_int8(model, calibrate(hw))
 
         return cls(meta, batch_size=batch_size or engine.batch_size, provider=provider,

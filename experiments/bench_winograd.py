@@ -1,0 +1,47 @@
+"""One 3x3 convolution layer on onnxruntime: direct against Winograd F(4x4, 3x3), per size.
+
+python experiments/bench_winograd.py --sizes=64x128,128x64,128x32,256x32,256x16,512x16,512x8
+
+Each size is CxS: C channels in and out, an S x S map (ResNet34 at 512 px has 64x128, 128x64,
+256x32 and 512x16). Both graphs chain --layers convolutions with a ReLU after each, as in a
+residual stage, written by `onnx_export.Graph` (direct: `conv(..., hw=None)`; Winograd:
+`winograd_conv`). They run in alternation, in a new random order every round; prints the
+median ms per layer, the median paired ratio Winograd / direct (below 1: Winograd is faster),
+the largest difference relative to the output's range, and whether `winograd_pays` picks it.
+"""
+
+import json
+import pathlib
+
+from absl import app, flags
+
+from benchmarks.winograd import measure
+
+_SIZES = flags.DEFINE_list("sizes", ["64x128", "128x64", "128x32", "256x32", "256x16",
+                                     "512x16", "512x8"], "CxS: channels x map size")  # fmt: skip
+_BATCH = flags.DEFINE_integer("batch", 1, "frames per run")
+_LAYERS = flags.DEFINE_integer("layers", 4, "convolutions in a chain")
+_MIN_TIME = flags.DEFINE_float("min_time", 2.0, "seconds of timed runs per graph")
+_OUT = flags.DEFINE_string("out", None, "also write the rows to this JSON (after every row)")
+
+
+def main(argv):
+    del argv
+    rows = []
+    print("| C | map | direct ms/layer | Winograd ms/layer | Winograd / direct | max rel. diff | "
+          "used by the export |\n|---|---|---|---|---|---|---|")  # fmt: skip
+    for spec in _SIZES.value:
+        channels, size = (int(v) for v in spec.lower().split("x"))
+        row = measure(channels, size, batch=_BATCH.value, layers=_LAYERS.value,
+                      min_time=_MIN_TIME.value)  # fmt: skip
+        rows.append(row)
+        print(f"| {channels} | {size}x{size} | {row['direct_ms_per_layer']:.2f} | "
+              f"{row['winograd_ms_per_layer']:.2f} | {row['winograd_over_direct']:.2f} | "
+              f"{row['max_rel_difference']:.0e} | {'yes' if row['winograd_pays'] else 'no'} |",
+              flush=True)  # fmt: skip
+        if _OUT.value:
+            pathlib.Path(_OUT.value).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    app.run(main)
