@@ -162,6 +162,8 @@ def test_engine_with_winograd_convolutions_matches_jax(backbone, monkeypatch):
         return depth_to_space
 
     assert counted(model) >= 3 and counted(direct) == 0
+    # The file keeps the 3x3 kernels (onnxruntime transforms them when it loads the graph).
+    assert model.ByteSize() < 1.1 * direct.ByteSize()
     outputs = onnx_runtime.make_session(model).run(None, {onnx_export.INPUT_NAME: frames})
     got = dict(zip(onnx_export.OUTPUT_NAMES, outputs, strict=True))
     _assert_close(got, eng(frames), (40, 40))

@@ -175,17 +175,24 @@ class Graph:
         def shape(*dims):  # 0 keeps the batch
             return self.const(np.array(dims, np.int64), "shape")
 
+        # The file stores the 3x3 kernel and one copy of each transform; the nodes that tile
+        # and transform them have constant inputs only, so onnxruntime folds them once when
+        # the session is made (the transformed kernel is 4x the size: in memory, not on disk).
         # v[n, 36c + 6i + j] = sum_{y, x} BT[i, y] d[n, c, y, x] BT[j, x]
-        v_filters = np.einsum("iy,jx->ijyx", bt, bt).reshape(1, t, a, a)
-        v_filters = np.tile(v_filters, (c_in, 1, 1, 1)).reshape(c_in * t, 1, a, a)
-        v = self.op("Conv", x, self.const(v_filters, "winograd_bt"), kernel_shape=[a, a],
-                    strides=[m, m], pads=[1] * 4, group=c_in)  # fmt: skip
+        v_filters = np.einsum("iy,jx->ijyx", bt, bt).reshape(t, 1, a, a)
+        v_filters = self.op("Tile", self.const(v_filters, "winograd_bt"), shape(c_in, 1, 1, 1))
+        v = self.op("Conv", x, v_filters, kernel_shape=[a, a], strides=[m, m], pads=[1] * 4,
+                    group=c_in)  # fmt: skip
         v = self.op("Transpose", self.op("Reshape", v, shape(0, c_in, t, th * tw)),
                     perm=[0, 2, 1, 3])  # fmt: skip
         v = self.op("Reshape", v, shape(0, t * c_in, th, tw))
         # u[K(6i + j) + k, c] = (G g[k, c] G^T)[i, j]
-        u = np.einsum("iy,kcyx,jx->ijkc", g, kernel, g).reshape(t * c_out, c_in, 1, 1)
-        prod = self.op("Conv", v, self.const(u, "winograd_u"), kernel_shape=[1, 1], group=t)
+        u = self.op("Reshape", self.const(kernel, "conv_w"), shape(c_out * c_in, 3, 3))
+        u = self.op("MatMul", self.op("MatMul", self.const(g, "winograd_g"), u),
+                    self.const(g.T, "winograd_gt"))  # fmt: skip
+        u = self.op("Transpose", self.op("Reshape", u, shape(c_out, c_in, t)), perm=[2, 0, 1])
+        u = self.op("Reshape", u, shape(t * c_out, c_in, 1, 1))
+        prod = self.op("Conv", v, u, kernel_shape=[1, 1], group=t)
         # y[n, k, 4p + r, 4q + s] = sum_{i, j} AT[r, i] prod[n, K(6i + j) + k, p, q] AT[s, j]
         y_matrix = np.einsum("ri,sj->rsij", at, at).reshape(m * m, t)
         y = self.op("MatMul", self.const(y_matrix, "winograd_at"),
