@@ -7,7 +7,7 @@ Each size is CxS: C channels in and out, an S x S map (ResNet34 at 512 px has 64
 residual stage, written by `onnx_export.Graph` (direct: `conv(..., hw=None)`; Winograd:
 `winograd_conv`). They run in alternation, in a new random order every round; prints the
 median ms per layer, the median paired ratio Winograd / direct (below 1: Winograd is faster),
-the largest difference relative to the output's range, and whether `winograd_pays` picks it.
+the largest difference relative to the output's range, and whether `winograd.pays` picks it.
 """
 
 import json

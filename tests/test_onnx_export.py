@@ -13,7 +13,7 @@ import pytest
 from tavr_jax.checkpoint import CheckpointStore
 from tavr_jax.data.simulate import simulate_case
 from tavr_jax.fileio import write_json_atomic
-from tavr_jax.infer import backends, onnx_export, onnx_runtime
+from tavr_jax.infer import backends, onnx_export, onnx_runtime, winograd
 from tavr_jax.infer.engine import KeypointEngine
 from tavr_jax.models import create_model
 from tavr_jax.schema import get_schema
@@ -112,6 +112,21 @@ def _direct_conv(x, kernel, bias):
     return out + bias[None, :, None, None]
 
 
+def test_winograd_transforms_compute_one_tile():
+    """A^T [(G g G^T) * (B^T d B)] A is the 3x3 correlation of a 6x6 tile: its 4x4 outputs."""
+    rng = np.random.default_rng(0)
+    d, g = rng.normal(size=(6, 6)), rng.normal(size=(3, 3))
+    want = np.array([[np.sum(d[y : y + 3, x : x + 3] * g) for x in range(4)] for y in range(4)])
+    u = winograd.G @ g @ winograd.G.T
+    v = winograd.BT @ d @ winograd.BT.T
+    np.testing.assert_allclose(winograd.AT @ (u * v) @ winograd.AT.T, want, atol=1e-12)
+    # The constants the graph uses: the input transform as 36 filters, the output as a matrix.
+    v_filters = winograd.input_filters()[:, 0]
+    np.testing.assert_allclose(np.einsum("tyx,yx->t", v_filters, d), v.ravel(), atol=1e-12)
+    np.testing.assert_allclose(winograd.output_matrix() @ (u * v).ravel(), want.ravel(),
+                               atol=1e-12)  # fmt: skip
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_winograd_convolution_is_the_direct_convolution(batch):
     rng = np.random.default_rng(batch)
@@ -137,7 +152,7 @@ def test_winograd_convolution_is_the_direct_convolution(batch):
 def test_winograd_only_where_it_pays():
     """ResNet34 at 512 px: stages 2-4 (128-512 channels, 64-16 px); never the 64-channel stage,
     small maps, or sizes that are not whole 4x4 tiles."""
-    pays = onnx_export.winograd_pays
+    pays = winograd.pays
     assert pays(128, 128, (64, 64)) and pays(256, 256, (32, 32)) and pays(512, 512, (16, 16))
     assert not pays(64, 64, (128, 128))  # 1.5x slower: the transforms outweigh the product
     assert not pays(512, 512, (8, 8)) and not pays(256, 256, (16, 16))
@@ -148,8 +163,8 @@ def test_winograd_only_where_it_pays():
 def test_engine_with_winograd_convolutions_matches_jax(backbone, monkeypatch):
     """Every 3x3 stride-1 convolution on whole tiles as Winograd (the thresholds lowered so
     that the tiny networks have some): the same outputs as the JAX engine; int8 refuses it."""
-    monkeypatch.setattr(onnx_export, "WINOGRAD_MIN_CHANNELS", 1)
-    monkeypatch.setattr(onnx_export, "WINOGRAD_MIN_MACS", 0)
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
+    monkeypatch.setattr(winograd, "MIN_MACS", 0)
     eng = _engine(backbone=backbone, batch_size=2)
     frames = _simulated_frames(2, 40)
     model = onnx_export.engine_model(eng, frame_size=(40, 40))

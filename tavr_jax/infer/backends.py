@@ -84,7 +84,7 @@ def export_workdir(workdir, out, *, format: str = "onnx", which: str = "best",
     project: the ONNX file's convolutions are then int8 (`onnx_runtime.quantize_int8`),
     calibrated on `calibration_count` frames of its training cases (`calibration_frames`);
     winograd: the wide 3x3 convolutions of a float ONNX file as Winograd F(4x4, 3x3), faster
-    on onnxruntime's CPU kernels (`onnx_export.winograd_pays`); off for a GPU runtime.
+    on onnxruntime's CPU kernels (`winograd.pays`); off for a GPU runtime.
     Returns what to record beside it: the file's sha256 and size, the config hash and the
     library versions.
     """

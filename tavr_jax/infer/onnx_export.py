@@ -7,8 +7,8 @@ the Flax modules apply them, so every operation is one we chose:
 - uint8 frames (B, H, W) in; the antialiased linear resize to the network input as two
   MatMuls with the exact resampling matrices of `jax.image.resize` (ONNX's Resize has no
   antialiasing before opset 18, and its kernel support differs); the normalisation;
-- the backbone in NCHW with every batch norm folded into its convolution; the large 3x3
-  convolutions as Winograd F(4x4, 3x3) (below);
+- the backbone in NCHW with every batch norm folded into its convolution; the wide 3x3
+  convolutions as Winograd F(4x4, 3x3) where that pays (`winograd.pays`);
 - the head; sigmoids; coordinates scaled to frame pixels; the same outputs as
   `KeypointEngine`: visibility (B, K), group (B, G), coords (B, K, 2).
 
@@ -28,6 +28,7 @@ import pathlib
 import numpy as np
 
 from tavr_jax.fileio import atomic_write_bytes
+from tavr_jax.infer import winograd
 from tavr_jax.schema import KeypointSchema
 from tavr_jax.workdir import config_hash
 
@@ -37,31 +38,6 @@ METADATA_KEY = "tavr_keypoints"
 INPUT_NAME = "frames"
 OUTPUT_NAMES = ("visibility", "group", "coords")
 SUPPORTED_HEADS = ("regression", "integral", "heatmap")
-
-# Winograd F(4x4, 3x3) (Lavin and Gray, 2016), interpolation points 0, +-1, +-2 and infinity:
-# a 3x3 convolution over 6x6 input tiles taken every 4 pixels, as Y = A^T [(G g G^T) * (B^T d B)] A.
-# It costs 36 multiplies per 4x4 outputs and channel pair instead of 144. onnxruntime's CPU
-# convolutions compute directly, so the graph writes the transforms itself.
-WINOGRAD_BT = np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
-                        [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]],
-                       np.float64)  # fmt: skip
-WINOGRAD_G = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
-                       [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]])  # fmt: skip
-WINOGRAD_AT = np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0],
-                        [0, 1, -1, 8, -8, 1]], np.float64)  # fmt: skip
-# Where it pays on onnxruntime's CPU kernels (`bench_winograd.py`, one layer at each size, in
-# docs/latency.md): the transforms are memory passes, so only wide layers with many tiles gain.
-# At C_in >= 128 and C_in * C_out * H * W >= 2^26 per frame it took 0.61-0.90 of the direct
-# convolution's time; on 64 channels or on 8x8 maps, 1.3-1.5x.
-WINOGRAD_MIN_CHANNELS = 128
-WINOGRAD_MIN_MACS = 2**26
-
-
-def winograd_pays(c_in: int, c_out: int, hw) -> bool:
-    """Whether a 3x3, stride-1, SAME convolution of this size is written as Winograd."""
-    h, w = hw
-    return (h % 4 == 0 and w % 4 == 0 and c_in >= WINOGRAD_MIN_CHANNELS
-            and c_in * c_out * h * w >= WINOGRAD_MIN_MACS)  # fmt: skip
 
 
 def library_versions() -> dict:
@@ -93,7 +69,7 @@ def _import_onnx():
 class Graph:
     """Nodes and float32 initializers of one ONNX graph; `op` returns its output's name.
 
-    winograd: write the 3x3 convolutions where `winograd_pays` as Winograd F(4x4, 3x3);
+    winograd: write the 3x3 convolutions where `winograd.pays` as Winograd F(4x4, 3x3);
     `winograd_convolutions` counts them.
     """
 
@@ -142,7 +118,7 @@ class Graph:
             bias = (bias - np.asarray(bn["mean"])) * scale + np.asarray(bn["bias"])
         c_out, c_in = kernel.shape[:2]
         if (self.winograd and hw is not None and kernel.shape[2:] == (3, 3) and stride == 1
-                and pad == 1 and winograd_pays(c_in, c_out, hw)):  # fmt: skip
+                and pad == 1 and winograd.pays(c_in, c_out, hw)):  # fmt: skip
             return self.winograd_conv(x, kernel, bias, hw)
         return self.op(
             "Conv", x, self.const(kernel, "conv_w"), self.const(bias, "conv_b"),
@@ -162,12 +138,10 @@ class Graph:
            each 4x4 tile, and the bias. (A transposed convolution with K groups does the same
            in one node but took 0.8 ms a layer more.)
 
-        Measured against the direct convolution in docs/latency.md; the outputs agree to about
-        1e-5 of their range per layer in float32.
+        In float32 each layer agrees with the direct convolution to about 1e-5 of its range.
         """
         self.winograd_convolutions += 1
-        bt, g, at = WINOGRAD_BT, WINOGRAD_G, WINOGRAD_AT
-        a, m = len(bt), len(at)  # 6x6 tiles in, 4x4 out
+        a, m = winograd.TILE, winograd.OUT  # 6x6 tiles in, 4x4 out
         t = a * a
         c_out, c_in = kernel.shape[:2]
         th, tw = hw[0] // m, hw[1] // m  # tiles
@@ -179,8 +153,8 @@ class Graph:
         # and transform them have constant inputs only, so onnxruntime folds them once when
         # the session is made (the transformed kernel is 4x the size: in memory, not on disk).
         # v[n, 36c + 6i + j] = sum_{y, x} BT[i, y] d[n, c, y, x] BT[j, x]
-        v_filters = np.einsum("iy,jx->ijyx", bt, bt).reshape(t, 1, a, a)
-        v_filters = self.op("Tile", self.const(v_filters, "winograd_bt"), shape(c_in, 1, 1, 1))
+        v_filters = self.const(winograd.input_filters(), "winograd_bt")
+        v_filters = self.op("Tile", v_filters, shape(c_in, 1, 1, 1))
         v = self.op("Conv", x, v_filters, kernel_shape=[a, a], strides=[m, m], pads=[1] * 4,
                     group=c_in)  # fmt: skip
         v = self.op("Transpose", self.op("Reshape", v, shape(0, c_in, t, th * tw)),
@@ -188,14 +162,13 @@ class Graph:
         v = self.op("Reshape", v, shape(0, t * c_in, th, tw))
         # u[K(6i + j) + k, c] = (G g[k, c] G^T)[i, j]
         u = self.op("Reshape", self.const(kernel, "conv_w"), shape(c_out * c_in, 3, 3))
-        u = self.op("MatMul", self.op("MatMul", self.const(g, "winograd_g"), u),
-                    self.const(g.T, "winograd_gt"))  # fmt: skip
+        u = self.op("MatMul", self.op("MatMul", self.const(winograd.G, "winograd_g"), u),
+                    self.const(winograd.G.T, "winograd_gt"))  # fmt: skip
         u = self.op("Transpose", self.op("Reshape", u, shape(c_out, c_in, t)), perm=[2, 0, 1])
         u = self.op("Reshape", u, shape(t * c_out, c_in, 1, 1))
         prod = self.op("Conv", v, u, kernel_shape=[1, 1], group=t)
         # y[n, k, 4p + r, 4q + s] = sum_{i, j} AT[r, i] prod[n, K(6i + j) + k, p, q] AT[s, j]
-        y_matrix = np.einsum("ri,sj->rsij", at, at).reshape(m * m, t)
-        y = self.op("MatMul", self.const(y_matrix, "winograd_at"),
+        y = self.op("MatMul", self.const(winograd.output_matrix(), "winograd_at"),
                     self.op("Reshape", prod, shape(0, t, c_out * th * tw)))  # fmt: skip
         y = self.op("DepthToSpace", self.op("Reshape", y, shape(0, m * m * c_out, th, tw)),
                     blocksize=m, mode="DCR")  # fmt: skip
