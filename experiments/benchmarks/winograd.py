@@ -26,6 +26,7 @@ def layer_chain(channels: int, size: int, layers: int, as_winograd: bool, seed: 
 
 
 def measure(channels: int, size: int, *, batch: int, layers: int, min_time: float) -> dict:
+    """Both chains of one size timed in alternation: ms per layer, paired ratio, difference."""
     x = np.random.default_rng(1).normal(size=(batch, channels, size, size)).astype(np.float32)
     # Not spinning: on 2 cores, one session's spinning pool doubled the other's layer time.
     sessions = [onnx_runtime.make_session(layer_chain(channels, size, layers, w), spin=False)

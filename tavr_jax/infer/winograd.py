@@ -21,8 +21,8 @@ TILE, OUT = 6, 4  # 6x6 input tiles give 4x4 outputs
 
 # Where it pays on onnxruntime's CPU kernels (`bench_winograd.py`, one layer at each size, in
 # docs/latency.md): the transforms are memory passes, so only wide layers with many tiles gain.
-# At C_in >= 128 and C_in * C_out * H * W >= 2^26 per frame it took 0.61-0.90 of the direct
-# convolution's time; on 64 channels or on 8x8 maps, 1.3-1.5x.
+# At C_in >= 128 and C_in * C_out * H * W >= 2^26 per frame it took 0.56-0.90 of the direct
+# convolution's time; on 64 channels or on 8x8 maps, 1.3-1.6x.
 MIN_CHANNELS = 128
 MIN_MACS = 2**26
 
