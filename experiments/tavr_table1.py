@@ -3,6 +3,8 @@ r"""Table 1 of the paper: each backbone, both heads and the grouping ablation, o
     python experiments/tavr_table1.py --data=DIR --out=docs/table1.md --steps=300 \
         --image_size=128 --backbones=resnet18,resnet34,resnet50,vgg16,efficientnet_b7 \
         --workdir_root=runs/table1 [--heads=integral,heatmap --ablation_head=regression]
+    python experiments/tavr_table1.py --data=DIR --out=docs/table1_backbones.md \
+        --backbone_head=heatmap --ablation_backbone= --backbones=resnet18,resnet34,...
 The base config is experiments/configs/tavr.py:runlocal (override with --config and
 --config.field=value); every variant trains in WORKDIR_ROOT/<variant> (resumed if present),
 gets thresholds tuned on val cases, and is evaluated on held-out test cases.
@@ -26,7 +28,12 @@ _SIZE = flags.DEFINE_integer("image_size", 128, "network input size")
 _BACKBONES = flags.DEFINE_list(
     "backbones", "resnet18,resnet34,resnet50,vgg16,efficientnet_b7", "backbones to compare"
 )
-_ABLATION = flags.DEFINE_string("ablation_backbone", "resnet34", "backbone of head/group rows")
+_BACKBONE_HEAD = flags.DEFINE_string(
+    "backbone_head", "regression", "head of the backbone rows (paper: regression)"
+)
+_ABLATION = flags.DEFINE_string(
+    "ablation_backbone", "resnet34", "backbone of head/group rows ('' for backbone rows only)"
+)
 _HEADS = flags.DEFINE_list("heads", "integral,heatmap", "heads compared on the ablation backbone")
 _ABLATION_HEAD = flags.DEFINE_string(
     "ablation_head", "regression", "head of the grouped / not grouped pair (paper: regression)"
@@ -52,6 +59,7 @@ def main(argv):
             ablation_backbone=_ABLATION.value,
             heads=_HEADS.value,
             ablation_head=_ABLATION_HEAD.value,
+            backbone_head=_BACKBONE_HEAD.value,
             command="python " + " ".join(shlex.quote(a) for a in sys.argv),
         )
     except (ValueError, FileNotFoundError) as e:

@@ -30,6 +30,10 @@ def test_table1_variants():
         V("resnet18"), V("resnet18", head="heatmap"), V("resnet18", head="heatmap", grouped=False)
     ]  # fmt: skip
     assert V("resnet34", grouped=False).name == "resnet34-regression-ungrouped"
+    # Backbone rows only, with another head.
+    assert table1.table1_variants(["resnet18", "vgg16"], "", backbone_head="heatmap") == [
+        V("resnet18", head="heatmap"), V("vgg16", head="heatmap")
+    ]  # fmt: skip
 
 
 def test_table1_markdown_rows_and_ablation():
@@ -61,6 +65,22 @@ def test_table1_markdown_rows_and_ablation():
         results[:1], ablation_backbone="resnet34", command="", budget="", device="", date=""
     )
     assert "Not available" in partial
+    # Backbone rows with another head: the paper's row (its regression head) beside each
+    # backbone's first grouped row, and no ablation section.
+    heatmap_rows = [
+        (V("resnet34", head="heatmap"), _metrics(0.95)),
+        (V("resnet34", head="heatmap", grouped=False), _metrics(0.94)),
+        (V("vgg16", head="heatmap"), _metrics(0.9)),
+    ]
+    lines = table1.table1_markdown(
+        heatmap_rows, ablation_backbone="", command="", budget="", device="", date=""
+    ).splitlines()
+    papers = [i for i, line in enumerate(lines) if " | paper | " in line]
+    assert [lines[i - 1].split(" | ")[:3] for i in papers] == [
+        ["| ResNet34", "heatmap", "yes"], ["| VGG16", "heatmap", "yes"]
+    ]  # fmt: skip
+    assert lines[papers[1]].startswith("| VGG16 | regression | yes | paper | 0.7726 |")
+    assert not any("Grouped vs not grouped" in line for line in lines)
 
 
 def test_run_table1_trains_each_variant_and_writes_table(tmp_path):
