@@ -1,4 +1,5 @@
-"""Compiling lowered JAX programs, and counting what they cost (XLA's analysis, model FLOPs).
+"""Compiling lowered JAX programs, and counting what they cost (XLA's analysis, model FLOPs,
+the kernels one call launches).
 
 The inference engine, the benchmarks and training compile with `compiler_options` (through
 `compile_lowered` or `jax.jit`), so the CPU options below apply to every timed, trained and
@@ -7,9 +8,11 @@ deployed executable alike.
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import math
+import re
 
 import jax
 import numpy as np
@@ -61,6 +64,35 @@ def cost_analysis(compiled) -> dict:
     if isinstance(cost, list | tuple):
         cost = cost[0] if cost else None
     return dict(cost or {})
+
+
+# Entry-computation instructions that launch no work of their own.
+_BOOKKEEPING = frozenset(
+    {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "after-all"}
+)
+_OPCODE = re.compile(r"\s([a-z][\w.\-]*)\(")  # after "name = shape": the first "opcode("
+
+
+def kernel_census(compiled) -> dict[str, int]:
+    """{opcode: count} of the top-level operations one call of a compiled executable runs.
+
+    They are the entry computation's instructions after XLA's optimisations (fusions,
+    convolutions and GEMMs as custom calls, copies), less bookkeeping (parameters, tuples,
+    bitcasts). On a GPU each is about one kernel launch, so at batch 1 the time per
+    operation says whether a network is bound by launches rather than by arithmetic.
+    """
+    census: collections.Counter = collections.Counter()
+    entry = False
+    for line in compiled.as_text().splitlines():
+        if line.startswith("ENTRY "):
+            entry = True
+        elif entry and line.startswith("}"):
+            break
+        elif entry and " = " in line:
+            m = _OPCODE.search(line.split(" = ", 1)[1])
+            if m and m.group(1) not in _BOOKKEEPING:
+                census[m.group(1)] += 1
+    return dict(census)
 
 
 def model_flops(fn, *args) -> float:

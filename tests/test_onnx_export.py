@@ -345,6 +345,11 @@ def test_latency_benchmark_rows_per_backend(tmp_path, monkeypatch):
         assert row["ratio_vs_onnxruntime"] > 0 and 0 < row["fraction_of_peak"]
         assert row["flops_per_batch"] > 0
         assert "frames_per_s_pipelined" not in row["end_to_end"]  # measured off-CPU only
+        if row["backend"] == "xla":  # the compiled engine's top-level operations
+            m = row["model"]
+            assert m["ops"] > 1 and m["us_per_op"] == m["p50_ms"] * 1e3 / m["ops"]
+        else:
+            assert "ops" not in row["model"]
     assert set(result["peak"]) >= {"xla_matmul", "onnxruntime_matmul"}
     assert "| resnet_tiny | onnxruntime | float32 | 32 | 2 |" in latency.markdown_table(result)
 

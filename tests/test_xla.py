@@ -92,3 +92,40 @@ def test_compiler_options_on_this_xla_and_the_fallback(monkeypatch, caplog):
         np.testing.assert_array_equal(xla.compile_lowered(lowered, "cpu")(jnp.ones(3)), 2.0)
     finally:
         xla.compiler_options.cache_clear()
+
+
+class _Compiled:
+    def __init__(self, text):
+        self.text = text
+
+    def as_text(self):
+        return self.text
+
+
+def test_kernel_census_counts_the_entry_computation_only():
+    text = """HloModule m
+%fused (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  ROOT %e = f32[4]{0} exponential(%p)
+}
+
+ENTRY %main (a: f32[4], w: f32[3,3,8,8]) -> (f32[4], f32[4]) {
+  %a = f32[4]{0} parameter(0)
+  %w = f32[3,3,8,8]{3,2,1,0} parameter(1)
+  %c = f32[] constant(1)
+  %conv = (f32[1,8,8,8]{3,2,1,0}, u8[0]{0}) custom-call(%w), custom_call_target="__cudnn$conv"
+  %g = f32[1,8,8,8]{3,2,1,0} get-tuple-element(%conv), index=0
+  %f1 = f32[4]{0} fusion(%a), kind=kLoop, calls=%fused
+  %f2 = f32[4]{0} fusion(%f1), kind=kLoop, calls=%fused
+  %b = f32[2,2]{1,0} bitcast(%f2)
+  ROOT %t = (f32[4]{0}, f32[4]{0}) tuple(%f1, %f2)
+}
+"""
+    assert xla.kernel_census(_Compiled(text)) == {"custom-call": 1, "fusion": 2}
+    # A real executable: two sorts cannot fuse; the inputs and the output tuple do not count.
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    exe = xla.compile_lowered(
+        jax.jit(lambda a, b: (jnp.sort(a, 0), jnp.sort(b, 1))).lower(x, x), "cpu"
+    )
+    census = xla.kernel_census(exe)
+    assert census["sort"] == 2 and not {"parameter", "tuple"} & set(census)

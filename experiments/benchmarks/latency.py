@@ -35,7 +35,7 @@ from tavr_jax.infer import onnx_export, onnx_runtime
 from tavr_jax.infer.engine import KeypointEngine, keypoint_forward
 from tavr_jax.infer.postprocess import Gate
 from tavr_jax.schema import get_schema
-from tavr_jax.xla import compile_lowered, model_flops
+from tavr_jax.xla import compile_lowered, kernel_census, model_flops
 
 PAPER_MS_PER_FRAME = 18.0  # the paper's GPU figure (section 5)
 BACKENDS = ("xla", "onnxruntime", "onnxruntime_int8")
@@ -172,11 +172,12 @@ def bench_cell(engines: dict, frame_size: int, *, peak=None, peers=None, flops=N
     peers = peers or {}
     b = next(iter(engines.values())).batch_size
     frames = np.random.default_rng(0).integers(0, 256, (b, frame_size, frame_size), np.uint8)
-    model_only, end_to_end = {}, {}
+    model_only, end_to_end, ops = {}, {}, None
     for backend, engine in engines.items():
         gate = Gate.from_meta(engine.meta, engine.schema)
         if backend == "xla":
             exe = engine.compiled(frame_size, frame_size)
+            ops = sum(kernel_census(exe).values())
             x_dev = engine.put(frames)
             model_only[backend] = lambda exe=exe, e=engine, x=x_dev: jax.device_get(
                 exe(e.variables, x)
@@ -221,6 +222,9 @@ def bench_cell(engines: dict, frame_size: int, *, peak=None, peers=None, flops=N
         for k in ("model", "end_to_end"):
             row[k]["frames_per_s"] = b * 1e3 / row[k]["p50_ms"]
             row[k]["ms_per_frame"] = row[k]["p50_ms"] / b
+        if backend == "xla":  # about one kernel launch each on a GPU (xla.kernel_census)
+            row["model"]["ops"] = ops
+            row["model"]["us_per_op"] = row["model"]["p50_ms"] * 1e3 / ops
         # Only where the device is not the host: on a CPU there is no copy to overlap, and
         # eight big batches per run would multiply the benchmark's time for the same figure.
         if backend == "xla" and engine.device.platform != "cpu":
@@ -284,13 +288,17 @@ def profile_split(engine: KeypointEngine, frame_size: int, **timing) -> dict:
     for name, (fn, args) in parts.items():
         exe = compile_lowered(fn.lower(*args), engine.device.platform)
         t = time_runs(lambda exe=exe, args=args: jax.block_until_ready(exe(*args)), **timing)
-        out[name] = {"p50_ms": float(np.median(t) * 1e3), "gflops": model_flops(fn, *args) / 1e9}
+        out[name] = {
+            "p50_ms": float(np.median(t) * 1e3),
+            "gflops": model_flops(fn, *args) / 1e9,
+            "ops": sum(kernel_census(exe).values()),
+        }
     whole = jax.jit(
         lambda f: keypoint_forward(engine.model, v, f, image_size=engine.image_size, dtype=dtype)
     )
     exe = compile_lowered(whole.lower(frames), engine.device.platform)
     t = time_runs(lambda: jax.block_until_ready(exe(frames)), **timing)
-    out["whole"] = {"p50_ms": float(np.median(t) * 1e3)}
+    out["whole"] = {"p50_ms": float(np.median(t) * 1e3), "ops": sum(kernel_census(exe).values())}
     return out
 
 
@@ -439,9 +447,10 @@ def _version(module: str):
 
 def format_row(r: dict) -> str:
     m, e = r["model"], r["end_to_end"]
+    ops = f" ({m['ops']} ops, {m['us_per_op']:.1f} us/op)" if "ops" in m else ""
     s = (
         f"{r['backbone']:>9} {r['dtype']:>8} {r.get('backend', 'xla'):>11} b={r['batch']:<3} "
-        f"model p50 {m['p50_ms']:8.2f} ms e2e p50/p90/p99 "
+        f"model p50 {m['p50_ms']:8.2f} ms{ops} e2e p50/p90/p99 "
         f"{e['p50_ms']:.2f}/{e['p90_ms']:.2f}/{e['p99_ms']:.2f} ms "
         f"{e['frames_per_s']:7.1f} frames/s"
     )
