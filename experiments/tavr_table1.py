@@ -3,7 +3,7 @@ r"""Table 1 of the paper: each backbone, both heads and the grouping ablation, o
     python experiments/tavr_table1.py --data=DIR --out=docs/table1.md --steps=300 \
         --image_size=128 --backbones=resnet18,resnet34,resnet50,vgg16,efficientnet_b7 \
         --workdir_root=runs/table1 [--heads=integral,heatmap --ablation_head=regression]
-    python experiments/tavr_table1.py --data=DIR --out=docs/table1_backbones.md \
+    python experiments/tavr_table1.py --data=DIR --out=backbones.md \
         --backbone_head=heatmap --ablation_backbone= --backbones=resnet18,resnet34,...
 The base config is experiments/configs/tavr.py:runlocal (override with --config and
 --config.field=value); every variant trains in WORKDIR_ROOT/<variant> (resumed if present),

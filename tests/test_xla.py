@@ -1,5 +1,5 @@
 """Model FLOPs counted from the jaxpr, against hand counts and XLA's CPU cost analysis; the
-CPU compile options shared by training, inference and the benchmarks."""
+CPU compile options shared by training, inference and the benchmarks; the kernel census."""
 
 import jax
 import jax.numpy as jnp
