@@ -31,6 +31,8 @@ from tavr_jax.evaluate import (
 from tavr_jax.fileio import atomic_write_bytes, write_json_atomic
 from tavr_jax.infer.engine import KeypointEngine
 from tavr_jax.metrics import paired_bootstrap_f1
+from tavr_jax.models.backbones import BACKBONES
+from tavr_jax.models.heads import HEADS
 from tavr_jax.train import train_and_evaluate
 from tavr_jax.workdir import data_split
 
@@ -296,6 +298,11 @@ def run_table1(
         ablation_head=ablation_head,
         backbone_head=backbone_head,
     )
+    # Every name before the first variant trains: a typo in the last row fails now, not hours on.
+    for kind, known, names in (("backbone", BACKBONES, {v.backbone for v in variants}),
+                               ("head", HEADS, {v.head for v in variants})):  # fmt: skip
+        if unknown := sorted(names - set(known)):
+            raise ValueError(f"unknown {kind} {unknown[0]!r}; known: {', '.join(known)}")
     dev = jax.devices()[0]
     device = (
         f"{len(jax.devices())} x {dev.platform} ({dev.device_kind}), {os.cpu_count()} CPU cores"

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from _workdirs import TINY_CONFIG, write_tiny_checkpoint, write_tiny_project
 
 from tavr_jax import table1
@@ -129,6 +130,22 @@ def test_run_table1_trains_each_variant_and_writes_table(tmp_path):
         workdir_root=tmp_path / "runs", ablation_backbone="resnet_tiny", train_fn=fake_train,
     )  # fmt: skip
     assert seen == [] and out.read_text() == text
+
+
+def test_run_table1_refuses_an_unknown_name_before_training(tmp_path):
+    def never(*a):
+        raise AssertionError("nothing may train")
+
+    cases = [
+        ({"backbones": ["resnet_tiny", "resnet_tyni"]}, "backbone 'resnet_tyni'"),
+        ({"backbones": ["resnet_tiny"], "backbone_head": "heatmp"}, "head 'heatmp'"),
+    ]
+    for names, wrong in cases:
+        with pytest.raises(ValueError, match=f"unknown {wrong}; known: "):
+            table1.run_table1(get_config("runlocal"), tmp_path, tmp_path / "t.md", steps=4,
+                              image_size=32, workdir_root=tmp_path / "runs", ablation_backbone="",
+                              train_fn=never, **names)  # fmt: skip
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "t.md").exists()
 
 
 def test_grouping_verdict_reads_the_interval():
