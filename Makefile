@@ -33,12 +33,12 @@ demo: $(STAMP)
 	$(PY) experiments/demo.py --out=$(DEMO_DIR)
 
 lint: $(TEST_STAMP)
-	$(VENV)/bin/ruff check tavr_jax perfusion experiments tests cardiac_web
-	$(VENV)/bin/ruff format --check tavr_jax perfusion experiments tests cardiac_web
+	$(VENV)/bin/ruff check cardiac_core tavr_jax perfusion experiments tests cardiac_web
+	$(VENV)/bin/ruff format --check cardiac_core tavr_jax perfusion experiments tests cardiac_web
 
 format: $(TEST_STAMP)
-	$(VENV)/bin/ruff format tavr_jax perfusion experiments tests cardiac_web
-	$(VENV)/bin/ruff check --fix tavr_jax perfusion experiments tests cardiac_web
+	$(VENV)/bin/ruff format cardiac_core tavr_jax perfusion experiments tests cardiac_web
+	$(VENV)/bin/ruff check --fix cardiac_core tavr_jax perfusion experiments tests cardiac_web
 
 test: $(TEST_STAMP) browser lint
 	$(PY) -m pytest -n 2 --durations=15 tests

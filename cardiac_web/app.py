@@ -37,8 +37,8 @@ from starlette.exceptions import HTTPException
 
 from cardiac_web.guards import BadInput, BodyLimit, HeavyWork, Limits, one_line
 from cardiac_web.media import decode_media, decoding
-from tavr_jax import images
-from tavr_jax.infer import postprocess
+from cardiac_core import images
+from tavr_jax import reporting
 
 STATIC = pathlib.Path(__file__).parent / "static"
 
@@ -256,12 +256,12 @@ def create_app(
         uploads = {field: await _read_upload(form.get(field), field) for field in fields}
         return await heavy.run(analyze_perfusion, uploads)
 
-    def gate_for(expect: str | None) -> postprocess.Gate:
+    def gate_for(expect: str | None) -> reporting.Gate:
         engine = models.tavr
         # "none" = the user expects no group at this stage; absent/empty = no stage prior.
         expect_groups = [] if expect == "none" else expect
         try:
-            return postprocess.Gate.from_meta(engine.meta, engine.schema, expect=expect_groups)
+            return reporting.Gate.from_meta(engine.meta, engine.schema, expect=expect_groups)
         except ValueError as e:
             raise BadInput(str(e).replace("--expect", "expect"), 422) from None
 

@@ -20,8 +20,8 @@ import pathlib
 import cv2
 import numpy as np
 
+from cardiac_core import images
 from cardiac_web.guards import BadInput, Limits
-from tavr_jax import images
 from tavr_jax.infer import streams
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,8 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from benchmarks.timing import device_description, time_interleaved
-from tavr_jax.fileio import write_json_atomic
+from cardiac_core.fileio import write_json_atomic
+from experiments.benchmarks.timing import device_description, time_interleaved
 from tavr_jax.infer.engine import KeypointEngine
 
 _BACKBONE = flags.DEFINE_string("backbone", "resnet34", "backbone")

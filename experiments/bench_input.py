@@ -18,10 +18,10 @@ import tempfile
 
 from absl import app, flags
 
-from benchmarks import input as bench
-from benchmarks.timing import device_description
+from cardiac_core.fileio import write_json_atomic
+from experiments.benchmarks import input as bench
+from experiments.benchmarks.timing import device_description
 from tavr_jax.data import records
-from tavr_jax.fileio import write_json_atomic
 from tavr_jax.schema import get_schema
 
 _DATA = flags.DEFINE_string("data", None, "Supervisely project or TFDS folder", required=True)

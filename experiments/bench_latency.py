@@ -12,8 +12,8 @@ import sys
 
 from absl import app, flags
 
-from benchmarks import latency as bench
-from tavr_jax.fileio import write_json_atomic
+from cardiac_core.fileio import write_json_atomic
+from experiments.benchmarks import latency as bench
 from tavr_jax.infer.engine import KeypointEngine
 
 _BACKBONES = flags.DEFINE_list("backbones", ["resnet18", "resnet34", "resnet50"], "backbones")

@@ -14,8 +14,8 @@ import tempfile
 import numpy as np
 from absl import app, flags
 
-from benchmarks.timing import time_interleaved
-from benchmarks.torch_reference import export_onnx_bytes, keypoint_net
+from experiments.benchmarks.timing import time_interleaved
+from experiments.benchmarks.torch_reference import export_onnx_bytes, keypoint_net
 from tavr_jax.infer import onnx_export, onnx_runtime
 from tavr_jax.infer.engine import KeypointEngine
 from tavr_jax.schema import get_schema

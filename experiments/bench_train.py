@@ -4,7 +4,7 @@ r"""Training throughput (images/s) and model FLOP utilisation per backbone and d
         --batch_size=64 --dtypes=float32,bfloat16 [--data=DIR] --out=bench_train.json
 
 FLOPs per step are the model's (convolutions and products counted from the jaxpr,
-`tavr_jax.xla.model_flops`: XLA's compiled analysis leaves out cuDNN's convolutions on a
+`cardiac_core.xla.model_flops`: XLA's compiled analysis leaves out cuDNN's convolutions on a
 GPU); MFU = achieved FLOP/s over the device's peak (--peak_tflops, or a table of known GPUs).
 With --data the step is also fed by the real input pipeline (a Supervisely project or TFDS
 folder). The JSON is rewritten after every row; weights are initialised once per backbone.
@@ -17,8 +17,8 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from benchmarks import training
-from tavr_jax.fileio import write_json_atomic
+from cardiac_core.fileio import write_json_atomic
+from experiments.benchmarks import training
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(pathlib.Path(__file__).parent / "configs" / "tavr.py"), "base training config"

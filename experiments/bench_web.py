@@ -5,7 +5,7 @@ python experiments/bench_web.py --backbone=resnet34 --image_size=512 --batch_siz
 
 from absl import app, flags
 
-from benchmarks import web_memory
+from experiments.benchmarks import web_memory
 
 _BACKBONE = flags.DEFINE_string("backbone", "resnet34", "backbone of the random-weight engine")
 _SIZE = flags.DEFINE_integer("image_size", 512, "network input size")

@@ -15,7 +15,7 @@ import pathlib
 
 from absl import app, flags
 
-from benchmarks.winograd import measure
+from experiments.benchmarks.winograd import measure
 
 _SIZES = flags.DEFINE_list("sizes", ["64x128", "128x64", "128x32", "256x32", "256x16",
                                      "512x16", "512x8"], "CxS: channels x map size")  # fmt: skip

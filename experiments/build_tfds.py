@@ -10,7 +10,7 @@ import sys
 
 from absl import app, flags
 
-from tavr_jax import images
+from cardiac_core import images
 from tavr_jax.data import pipeline, records
 from tavr_jax.schema import get_schema
 

@@ -7,7 +7,7 @@ import sys
 
 from absl import app, flags
 
-from tavr_jax import images
+from cardiac_core import images
 from tavr_jax.data import stats
 from tavr_jax.schema import get_schema
 

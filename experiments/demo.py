@@ -38,11 +38,11 @@ def _tavr_config(steps: int | None):
 
 
 def run_tavr(out: pathlib.Path) -> dict:
+    from cardiac_core.fileio import write_json_atomic
     from tavr_jax import get_schema
     from tavr_jax.data.simulate import simulate_project
-    from tavr_jax.evaluate import evaluate_project, tune_project
-    from tavr_jax.fileio import write_json_atomic
-    from tavr_jax.train import train_and_evaluate
+    from tavr_jax.infer.evaluate import evaluate_project, tune_project
+    from tavr_jax.training.train import train_and_evaluate
 
     config = _tavr_config(FLAGS.tavr_steps)
     data, workdir = out / "tavr_data", out / "tavr_run"

@@ -3,9 +3,9 @@ r"""The GPU campaign: every GPU measurement of the project in one device call (d
     bash experiments/gpu_campaign.sh                     # on the GPU machine, results in $OUT
     python experiments/gpu_campaign.py --smoke --out=/tmp/smoke   # the same stages, tiny, CPU
 
-Runs the stages of `benchmarks.campaign` (preflight, simulate, latency, train_throughput,
-training, perfusion) each under its own time limit, then writes `campaign.json`. Exits 1 when
-any stage failed or ran out of time (the others still ran).
+Runs the stages of `experiments.benchmarks.campaign` (preflight, simulate, latency,
+train_throughput, training, perfusion) each under its own time limit, then writes
+`campaign.json`. Exits 1 when any stage failed or ran out of time (the others still ran).
 """
 
 import dataclasses
@@ -14,7 +14,7 @@ import sys
 
 from absl import app, flags
 
-from benchmarks import campaign
+from experiments.benchmarks import campaign
 
 _OUT = flags.DEFINE_string("out", None, "results folder (at most 8 files)", required=True)
 _WORK = flags.DEFINE_string("work", None, "scratch folder (default: OUT/../campaign_work)")

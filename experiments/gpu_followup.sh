@@ -18,7 +18,7 @@ train_s="${TRAIN_S:-170}"  # the run's time_budget_s (the first ~40 s compile)
 # end the schedule within the ~130 s left after compiling even at the lower rate.
 steps="${STEPS:-3000}"
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
-export PYTHONPATH="$PWD:$PWD/experiments${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export JAX_COMPILATION_CACHE_DIR="$work/jax_cache"
 exec > >(tee -a "$out/followup.log") 2>&1
 

@@ -34,7 +34,7 @@ def main(argv):
         if _BENCH.value:
             # Imported here: --workers re-imports this module in every worker process, and
             # the timing helpers import JAX, which the simulator does not need.
-            from benchmarks.simulation import simulator_rate
+            from experiments.benchmarks.simulation import simulator_rate
 
             r = simulator_rate(schema, size=_SIZE.value, frames=_FRAMES.value)
             print(

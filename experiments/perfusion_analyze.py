@@ -11,8 +11,8 @@ import sys
 
 from absl import app, flags
 
+from cardiac_core import images
 from perfusion import analyze
-from tavr_jax import images
 
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "from perfusion_fit.py", required=True)
 _INPUT = flags.DEFINE_string("input", None, "image, image folder or study folder", required=True)

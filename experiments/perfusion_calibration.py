@@ -10,7 +10,7 @@ import sys
 
 from absl import app, flags
 
-from perfusion import figures
+from experiments.studies import perfusion_figures
 
 _METRICS = flags.DEFINE_list("metrics", None, "NAME=metrics.json, one per line", required=True)
 _OUT = flags.DEFINE_string("out", "calibration.png", "PNG to write")
@@ -28,7 +28,7 @@ def main(argv):
                 raise ValueError(f"--metrics entry {item!r} is not NAME=path")
             with open(path) as f:
                 metrics[name] = json.load(f)
-        figures.plot_calibration(metrics, _OUT.value, title=_TITLE.value)
+        perfusion_figures.plot_calibration(metrics, _OUT.value, title=_TITLE.value)
     except (ValueError, OSError, KeyError) as e:
         sys.exit(f"error: {e}")
     print(f"wrote {_OUT.value}")

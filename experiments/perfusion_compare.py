@@ -1,6 +1,6 @@
 """Every perfusion method side by side: the same folds and bootstrap, and a difficulty curve.
 
-python experiments/perfusion_compare.py --data=data/clin_train --out=runs/compare.json \
+python experiments/perfusion_compare.py --data=data/clin_train --out=runs/perfusion_compare.json \
     --levels=data/depth_0.10,data/depth_0.20 --markdown=runs/methods.md \
     --plot=docs/perfusion_difficulty.png --table1=docs/perfusion_table1.md
 """
@@ -13,15 +13,15 @@ import sys
 
 from absl import app, flags
 
-from perfusion import compare
+from experiments.studies import perfusion_compare
 
 _DATA = flags.DEFINE_string("data", None, "labelled study folder for the CV", required=True)
 _LEVELS = flags.DEFINE_list("levels", [], "held-out folders of one defect depth each")
-_METHODS = flags.DEFINE_list("methods", list(compare.METHODS), "methods to compare")
+_METHODS = flags.DEFINE_list("methods", list(perfusion_compare.METHODS), "methods to compare")
 _FOLDS = flags.DEFINE_integer("folds", 5, "stratified folds")
 _SEED = flags.DEFINE_integer("seed", 0, "seed of the folds, the models and the bootstrap")
 _BOOT = flags.DEFINE_integer("n_boot", 1000, "bootstrap resamples of the out-of-fold predictions")
-_OUT = flags.DEFINE_string("out", "compare.json", "result JSON")
+_OUT = flags.DEFINE_string("out", "perfusion_compare.json", "result JSON")
 _MARKDOWN = flags.DEFINE_string("markdown", None, "write the tables here")
 _PLOT = flags.DEFINE_string("plot", None, "write the difficulty curve here (PNG)")
 _TABLE1 = flags.DEFINE_string("table1", None, "write normal vs abnormal as the seed's Table 1")
@@ -31,7 +31,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
-        result = compare.run_comparison(
+        result = perfusion_compare.run_comparison(
             _DATA.value,
             level_dirs=_LEVELS.value,
             methods=tuple(_METHODS.value),
@@ -45,7 +45,7 @@ def main(argv):
             f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
             f"{datetime.date.today()}. Data: {result['counts']}."
         )
-        compare.write_comparison(
+        perfusion_compare.write_comparison(
             result,
             _OUT.value,
             markdown=_MARKDOWN.value,
@@ -55,7 +55,7 @@ def main(argv):
         )
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
-    print(compare.comparison_markdown(result["cv"]))
+    print(perfusion_compare.comparison_markdown(result["cv"]))
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 python experiments/perfusion_table1.py --data=data/clin_train,data/easy_train \
     --out=docs/perfusion_table1.md
 
-Models: the methods of perfusion.compare (strip_rf, polar_logistic, cnn, ...) or the older
-names of perfusion.classifiers (rf, xgb, xgb_tuned, resnet50, resnet152).
+Models: the methods of experiments.studies.perfusion_compare (strip_rf, polar_logistic, cnn,
+...) or the older names of perfusion.classifiers (rf, xgb, xgb_tuned, resnet50, resnet152).
 """
 
 import datetime
@@ -15,12 +15,15 @@ import sys
 
 from absl import app, flags
 
-from perfusion import classifiers, compare, studies
-from tavr_jax.fileio import atomic_write_bytes
+from cardiac_core.fileio import atomic_write_bytes
+from experiments.studies import perfusion_compare
+from perfusion import classifiers, studies
 
 _DATA = flags.DEFINE_list("data", None, "study folders (images/ + labels.csv)", required=True)
 _OUT = flags.DEFINE_string("out", "docs/perfusion_table1.md", "output markdown")
-_MODELS = flags.DEFINE_list("models", list(compare.METHODS), "methods / models to compare")
+_MODELS = flags.DEFINE_list(
+    "models", list(perfusion_compare.METHODS), "methods / models to compare"
+)
 _FOLDS = flags.DEFINE_integer("folds", 5, "number of stratified folds")
 _SEED = flags.DEFINE_integer("seed", 0, "seed of the folds and the models")
 
@@ -37,7 +40,7 @@ def main(argv):
     try:
         for folder in _DATA.value:
             data = studies.read_study_folder(folder, progress=True)
-            results = compare.table1_results(
+            results = perfusion_compare.table1_results(
                 data, _MODELS.value, folds=_FOLDS.value, seed=_SEED.value
             )
             counts = {lab: sum(s.label == lab for s in data) for lab in studies.LABELS}

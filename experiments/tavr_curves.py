@@ -15,7 +15,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tavr_jax import curves
+from experiments.studies import curves
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "experiments/configs/tavr.py:runlocal", "base training config"

@@ -12,8 +12,8 @@ import sys
 
 from absl import app, flags, logging
 
-from tavr_jax import evaluate
-from tavr_jax.fileio import write_json_atomic
+from cardiac_core.fileio import write_json_atomic
+from tavr_jax.infer import evaluate
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "training workdir (config.json, checkpoints/)")
 _DATA = flags.DEFINE_string("data", None, "Supervisely project folder")

@@ -15,7 +15,7 @@ import sys
 
 from absl import app, flags
 
-from tavr_jax.fileio import write_json_atomic
+from cardiac_core.fileio import write_json_atomic
 from tavr_jax.infer.backends import export_workdir
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "training workdir (config.json, checkpoints/)")

@@ -25,20 +25,21 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from tavr_jax import train_refiner
+from cardiac_core.fileio import write_json_atomic
 from tavr_jax.data.supervisely import read_project
-from tavr_jax.evaluate import predict_project
-from tavr_jax.fileio import write_json_atomic
 from tavr_jax.infer.engine import KeypointEngine
+from tavr_jax.infer.evaluate import predict_project
 from tavr_jax.models import refine
-from tavr_jax.workdir import data_split, read_config
+from tavr_jax.run import refiner as refiner_files
+from tavr_jax.run.workdir import data_split, read_config
+from tavr_jax.training import refiner as refiner_training
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "first-stage training workdir", required=True)
 _DATA = flags.DEFINE_string("data", None, "full-resolution Supervisely project to train on")
 _TEST = flags.DEFINE_list("test", [], "NAME=PROJECT held-out projects to measure on")
-_STEPS = flags.DEFINE_integer("steps", train_refiner.RefinerConfig.steps, "training steps")
-_BATCH = flags.DEFINE_integer("batch", train_refiner.RefinerConfig.batch, "patches per step")
-_JITTER = flags.DEFINE_float("jitter", train_refiner.RefinerConfig.jitter, "error SD, samples")
+_STEPS = flags.DEFINE_integer("steps", refiner_files.RefinerConfig.steps, "training steps")
+_BATCH = flags.DEFINE_integer("batch", refiner_files.RefinerConfig.batch, "patches per step")
+_JITTER = flags.DEFINE_float("jitter", refiner_files.RefinerConfig.jitter, "error SD, samples")
 _SPLIT = flags.DEFINE_enum("split", "all", ["all", "train"], "cases of --data to train on")
 _MAX_FRAMES = flags.DEFINE_integer("max_frames", 0, "train on at most this many frames (0: all)")
 _COST = flags.DEFINE_list("cost", [], "BACKBONE:SIZE first stages to time with the refiner")
@@ -142,12 +143,12 @@ def main(argv):
         if _DATA.value:
             split = {} if _SPLIT.value == "all" else data_split(read_config(_WORKDIR.value))
             project = read_project(_DATA.value, schema, split=_SPLIT.value, **split)
-            frames, vis, xy = train_refiner.project_arrays(_subset(project, _MAX_FRAMES.value))
-            config = train_refiner.RefinerConfig(
+            frames, vis, xy = refiner_training.project_arrays(_subset(project, _MAX_FRAMES.value))
+            config = refiner_files.RefinerConfig(
                 steps=_STEPS.value, batch=_BATCH.value, jitter=_JITTER.value
             )
             t = time.perf_counter()
-            model, params, losses = train_refiner.train_refiner(frames, vis, xy, config)
+            model, params, losses = refiner_training.train_refiner(frames, vis, xy, config)
             result["train"] = {
                 "data": _DATA.value,
                 "frames": len(frames),
@@ -176,12 +177,12 @@ def main(argv):
                     f"mean error at 1024 {validation['mean_error_before']:.1f} -> "
                     f"{validation['mean_error_after']:.1f} px; {verdict}"
                 )
-            train_refiner.save_refiner(
+            refiner_files.save_refiner(
                 directory, params, config, schema.point_names, validation=validation
             )
             wall = result["train"]["wall_s"]
             print(f"refiner: {len(frames)} frames, {wall:.0f} s -> {directory}")
-        model, params, config = train_refiner.load_refiner(directory, schema.point_names)
+        model, params, config = refiner_files.load_refiner(directory, schema.point_names)
         refined = _jit_refiner(model, params, config)
         for item in _TEST.value:
             name, _, path = item.partition("=")

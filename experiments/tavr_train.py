@@ -33,7 +33,7 @@ def main(argv):
             num_processes=_NPROC.value,
             process_id=_PID.value,
         )
-    from tavr_jax.train import NaNLossError, train_and_evaluate
+    from tavr_jax.training.train import NaNLossError, train_and_evaluate
 
     try:
         metrics = train_and_evaluate(_CONFIG.value, _WORKDIR.value, _DATA.value)

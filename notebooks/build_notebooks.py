@@ -92,9 +92,9 @@ from matplotlib.patches import Patch
 from tavr_jax.config import get_config
 from tavr_jax.data.simulate import simulate_project
 from tavr_jax.data.supervisely import read_project
-from tavr_jax.evaluate import evaluate_project, tune_project
+from tavr_jax.infer.evaluate import evaluate_project, tune_project
 from tavr_jax.schema import get_schema
-from tavr_jax.train import train_and_evaluate
+from tavr_jax.training.train import train_and_evaluate
 from tavr_jax.visualize import draw_keypoints, group_color
 
 logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notices on read-only checkpoints
@@ -249,7 +249,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from sklearn.feature_selection import f_classif
 
-from perfusion import analyze, compare, features, studies
+from perfusion import analyze, features, studies
+from experiments.studies import perfusion_compare
 from perfusion.simulate import simulate_dataset
 """,
     ),
@@ -264,7 +265,7 @@ N_TRAIN, N_TEST, FOLDS, N_BOOT = 200, 60, 5, 1000  # studies; 60% of them normal
 if SMOKE:
     N_TRAIN, N_TEST, FOLDS, N_BOOT = 40, 10, 3, 100
 DIFFICULTY = "clinical"  # or "easy": large defects, balanced labels (perfusion.simulate)
-METHODS = ("strip_rf", "tpd", "polar_logistic")  # of perfusion.compare.METHODS
+METHODS = ("strip_rf", "tpd", "polar_logistic")  # of experiments.studies.perfusion_compare.METHODS
 print(dict(n_train=N_TRAIN, n_test=N_TEST, folds=FOLDS, difficulty=DIFFICULTY))
 """,
     ),
@@ -332,10 +333,10 @@ plt.show()
     (
         "code",
         """
-result = compare.compare_methods(
-    compare.StudyArrays.from_studies(train), METHODS, folds=FOLDS, n_boot=N_BOOT
+result = perfusion_compare.compare_methods(
+    perfusion_compare.StudyArrays.from_studies(train), METHODS, folds=FOLDS, n_boot=N_BOOT
 )
-print(compare.comparison_markdown(result))
+print(perfusion_compare.comparison_markdown(result))
 """,
     ),
     ("md", "## Fit the analysis model and analyse the held-out folder"),
@@ -423,11 +424,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import FormatStrFormatter, FuncFormatter
 
-import tavr_jax
-
-# The benchmarks live beside the launchers in the repository's experiments/ folder.
-sys.path.insert(0, str(pathlib.Path(tavr_jax.__file__).resolve().parents[1] / "experiments"))
-from benchmarks import latency as bench  # noqa: E402
+from experiments.benchmarks import latency as bench
 """,
     ),
     ("code", DEVICES),

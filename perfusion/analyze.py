@@ -18,6 +18,7 @@ from collections.abc import Callable
 import cv2
 import numpy as np
 
+from cardiac_core.fileio import atomic_write_bytes
 from perfusion import classifiers, evaluation, geometry, reliability, scores, studies
 from perfusion.fitting import (  # the entry points of the model directory, offered here too
     TASK_MODELS,
@@ -27,7 +28,6 @@ from perfusion.fitting import (  # the entry points of the model directory, offe
     load_model,
     stack_uptake,
 )
-from tavr_jax.fileio import atomic_write_bytes
 
 __all__ = [
     "TASK_MODELS",
@@ -126,7 +126,7 @@ def _is_study_file(p: pathlib.Path) -> bool:
     suffix = p.suffix.lower()
     if suffix in studies.IMAGE_EXTENSIONS or suffix in studies.DICOM_EXTENSIONS:
         return True
-    from tavr_jax import dicom
+    from cardiac_core import dicom
 
     return suffix == "" and p.is_file() and dicom.is_dicom(p)  # DICOM files often have no suffix
 

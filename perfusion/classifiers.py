@@ -35,7 +35,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from xgboost import XGBClassifier
 
-from tavr_jax.fileio import atomic_write_bytes
+from cardiac_core.fileio import atomic_write_bytes
 
 TASKS = ("abnormal", "ischemia_vs_infarction", "three_class")
 FEATURE_MODELS = ("rf", "xgb", "xgb_tuned", "logistic")

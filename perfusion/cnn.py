@@ -1,6 +1,6 @@
 """Flax models on polar maps: a ResNet classifier and a small U-Net for the defect mask.
 
-(a) `MapClassifier`: a ResNet backbone (`tavr_jax.models.backbones`, plus ResNet152 here) on
+(a) `MapClassifier`: a ResNet backbone (`cardiac_core.backbones`, plus ResNet152 here) on
     the stress and rest RGB maps stacked as 6 channels, global average pooling, one dense
     layer. Binary tasks use one sigmoid logit (BCE), three_class a softmax (cross-entropy);
     Adam as published. `make_fit_predict_proba` plugs it into `classifiers.cross_validate`.
@@ -27,9 +27,9 @@ import numpy as np
 import optax
 from flax import serialization
 
+from cardiac_core.backbones import Bottleneck, ResNet, get_backbone
+from cardiac_core.fileio import atomic_write_bytes
 from perfusion import geometry
-from tavr_jax.fileio import atomic_write_bytes
-from tavr_jax.models.backbones import Bottleneck, ResNet, get_backbone
 
 ResNet152 = partial(ResNet, stage_sizes=(3, 8, 36, 3), block_cls=Bottleneck)
 

@@ -26,10 +26,10 @@ from collections.abc import Callable
 
 import numpy as np
 
+from cardiac_core.fileio import atomic_write_bytes
 from perfusion import classifiers, evaluation, features, geometry, reliability, scores, studies
 from perfusion.evaluation import segments_bool, territories_bool, territories_of
 from perfusion.scores import ScoreConfig
-from tavr_jax.fileio import atomic_write_bytes
 
 LABELS = studies.LABELS
 MODEL_VERSION = 4  # 3: the defect-persistence features; 4: the uptake strip/ring features

@@ -35,8 +35,8 @@ import zipfile
 
 import numpy as np
 
+from cardiac_core.fileio import atomic_write_bytes
 from perfusion.geometry import NUM_SEGMENTS, TERRITORIES, TERRITORY_NAMES
-from tavr_jax.fileio import atomic_write_bytes
 
 PHASES = ("stress", "rest")
 REVERSIBILITY = ("normal", "reversible", "partially_reversible", "fixed")

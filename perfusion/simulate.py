@@ -18,8 +18,8 @@ import os
 import cv2
 import numpy as np
 
+from cardiac_core.fileio import atomic_write_with
 from perfusion import colormaps, geometry
-from tavr_jax.fileio import atomic_write_with
 
 LABELS = ("normal", "ischemia", "infarction")
 # A pixel is in the true defect mask when its uptake is reduced by at least this much

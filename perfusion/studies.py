@@ -1,8 +1,8 @@
 """Reading perfusion studies: study folders, images with two disks, pairs, DICOM, arrays.
 
-The only perfusion module doing image-file I/O. Files come through tavr_jax.images (the size
+The only perfusion module doing image-file I/O. Files come through cardiac_core.images (the size
 in the header is checked against a pixel limit before decoding) and DICOM secondary captures
-through tavr_jax.dicom. Every study ends up on the canonical polar grid of perfusion.geometry:
+through cardiac_core.dicom. Every study ends up on the canonical polar grid of perfusion.geometry:
 (S, S) with the disk inscribed, apex at the centre.
 
 A picture that does not read as a polar map is refused with one line naming the file, rather
@@ -20,8 +20,8 @@ import os
 import cv2
 import numpy as np
 
+from cardiac_core import dicom, images
 from perfusion import colormaps, geometry
-from tavr_jax import dicom, images
 
 LABELS = ("normal", "ischemia", "infarction")
 _LABEL_SYNONYMS = {"ischaemia": "ischemia", "infarct": "infarction", "mi": "infarction"}

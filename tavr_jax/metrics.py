@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tavr_jax.infer.postprocess import reported_points, thresholds
+from tavr_jax.reporting import reported_points, thresholds
 from tavr_jax.schema import KeypointSchema
 
 METRIC_KEYS = ("precision", "recall", "f1", "mean_error_px", "loc_accuracy_20px")

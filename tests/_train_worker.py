@@ -4,13 +4,9 @@ process (`python tests/_train_worker.py MODE ...`) for the kill/resume and multi
 from __future__ import annotations
 
 import argparse
-import pathlib
-import sys
 from collections.abc import Sequence
 
 import numpy as np
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def tiny_config(**overrides):
@@ -72,7 +68,7 @@ def _train(args) -> None:
     import jax
 
     jax.config.update("jax_disable_most_optimizations", True)  # compile time dominates
-    from tavr_jax.train import train_and_evaluate
+    from tavr_jax.training.train import train_and_evaluate
 
     config = tiny_config(num_steps=args.steps, checkpoint_every=args.checkpoint_every)
     metrics = train_and_evaluate(config, args.workdir, args.data)
@@ -128,7 +124,7 @@ def _multihost(args) -> None:
         num_processes=args.num_processes,
         process_id=args.process_id,
     )
-    from tavr_jax import train
+    from tavr_jax.training import train
 
     config = tiny_config(augment=None)
     state, _, train_fn, _, batch_sharding = train.build_training(config)
@@ -165,7 +161,6 @@ def synthetic_batch(batch_size, size, k, seed=0) -> dict:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=["train", "multihost"])
     parser.add_argument("--workdir")

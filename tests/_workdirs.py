@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tavr_jax.checkpoint import CheckpointStore
 from tavr_jax.data.supervisely import AnnotatedFrame, write_project
 from tavr_jax.models import create_model
+from tavr_jax.run.checkpoint import CheckpointStore
 from tavr_jax.schema import get_schema
 
 SCHEMA = get_schema("paper11")

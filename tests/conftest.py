@@ -1,10 +1,6 @@
 """Test session set-up: several simulated CPU devices, so sharding code runs for real."""
 
 import os
-import sys
-
-# The benchmarks (and the torch reference networks) live outside the installed library.
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments"))
 
 # Must happen before jax is imported anywhere in the test session.
 os.environ["XLA_FLAGS"] = (

@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tavr_jax.checkpoint import CheckpointStore
+from tavr_jax.run.checkpoint import CheckpointStore
 
 
 def _state(seed=0):

@@ -24,7 +24,7 @@ def torch():
 def _torch_model(name, seed, **kw):
     import torch
 
-    from benchmarks import torch_reference
+    from experiments.benchmarks import torch_reference
 
     torch.manual_seed(seed)
     model = torch_reference.TORCH_MODELS[name](**kw).eval()

@@ -7,9 +7,10 @@ import pytest
 from _workdirs import TINY_CONFIG, write_tiny_checkpoint, write_tiny_project
 from tensorboardX import SummaryWriter
 
-from tavr_jax import curves, train
-from tavr_jax.checkpoint import CheckpointStore
+from experiments.studies import curves
 from tavr_jax.config import get_config
+from tavr_jax.run.checkpoint import CheckpointStore
+from tavr_jax.training import train
 
 
 def _write_events(workdir, values):

@@ -6,9 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tavr_jax import losses, train, workdir
 from tavr_jax.models import create_model, dense, heads
+from tavr_jax.run import workdir
 from tavr_jax.schema import get_schema
+from tavr_jax.training import losses, train
 
 SCHEMA = get_schema("paper11")
 

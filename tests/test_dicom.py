@@ -1,4 +1,4 @@
-"""tavr_jax.dicom: lazy frames, a decode checked against the header, colour, one-line errors.
+"""cardiac_core.dicom: lazy frames, a decode checked against the header, colour, one-line errors.
 
 Every bad file is built here with pydicom (no binary fixtures); pydicom's own decoder is the
 independent reference for the offsets and bit handling of our lazy reader.
@@ -12,7 +12,7 @@ import pydicom.pixels
 import pytest
 from pydicom.uid import ImplicitVRLittleEndian
 
-from tavr_jax import dicom, images
+from cardiac_core import dicom, images
 
 
 def _edit(path, out, fn):

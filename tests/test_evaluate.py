@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from _workdirs import SCHEMA, tiny_workdir_and_project
 
-from tavr_jax import evaluate, metrics
+from tavr_jax import metrics
 from tavr_jax.data.supervisely import read_project, split_cases
+from tavr_jax.infer import evaluate
 
 
 def _direct_prediction(model, variables, images, size):

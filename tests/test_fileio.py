@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from tavr_jax.fileio import atomic_write_bytes, atomic_write_with, write_json_atomic
+from cardiac_core.fileio import atomic_write_bytes, atomic_write_with, write_json_atomic
 
 
 def test_write_replace_and_interrupted_write(tmp_path):

@@ -10,7 +10,7 @@ import sys
 import jax
 import pytest
 
-from benchmarks import campaign
+from experiments.benchmarks import campaign
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOP_LEVEL = {"device", "jax", "date", "latency", "train_throughput", "training", "features"}

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tavr_jax import images
+from cardiac_core import images
 
 
 def _png_header_only(width: int, height: int) -> bytes:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from tavr_jax import losses
 from tavr_jax.schema import get_schema
+from tavr_jax.training import losses
 
 SCHEMA = get_schema("paper11")
 RNG = np.random.RandomState(0)

@@ -6,7 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from tavr_jax import metrics, workdir
+from tavr_jax import metrics
+from tavr_jax.run import workdir
 from tavr_jax.schema import KeypointSchema, get_schema
 
 SCHEMA = get_schema("paper11")

@@ -58,7 +58,6 @@ def _kernel_env(workdir: pathlib.Path) -> dict[str, str]:
         XLA_FLAGS=" ".join(flags),
         NOTEBOOK_SMOKE="1",
         NOTEBOOK_WORKDIR=str(workdir),
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")])),
     )
     env.pop("CARDIAC_JAX_REPO", None)
     env.pop("MPLBACKEND", None)  # ipykernel then picks the inline backend: figures are outputs

@@ -10,14 +10,14 @@ import numpy as np
 import onnx
 import pytest
 
-from tavr_jax.checkpoint import CheckpointStore
+from cardiac_core.fileio import write_json_atomic
 from tavr_jax.data.simulate import simulate_case
-from tavr_jax.fileio import write_json_atomic
 from tavr_jax.infer import backends, onnx_export, onnx_runtime, winograd
 from tavr_jax.infer.engine import KeypointEngine
 from tavr_jax.models import create_model
+from tavr_jax.run.checkpoint import CheckpointStore
+from tavr_jax.run.workdir import config_hash
 from tavr_jax.schema import get_schema
-from tavr_jax.workdir import config_hash
 
 SCHEMA = get_schema("paper11")
 SIZE = 32  # network input
@@ -320,7 +320,7 @@ def test_missing_provider_is_a_clear_error():
 
 
 def test_latency_benchmark_rows_per_backend(tmp_path, monkeypatch):
-    from benchmarks import latency
+    from experiments.benchmarks import latency
 
     written = []
     real_write = latency.write_json_atomic
@@ -355,7 +355,7 @@ def test_latency_benchmark_rows_per_backend(tmp_path, monkeypatch):
 
 
 def test_pipelined_rate_runs_every_batch_through_the_double_buffer():
-    from benchmarks import latency
+    from experiments.benchmarks import latency
 
     engine = KeypointEngine.random_init("paper11", "resnet_tiny", 32, batch_size=2)
     frames = np.random.default_rng(0).integers(0, 255, (2, 40, 40)).astype(np.uint8)
@@ -375,7 +375,7 @@ def test_deploy_doc_client_runs_without_jax(workdir, tmp_path):
     import subprocess
     import sys
 
-    from tavr_jax.infer.postprocess import Gate
+    from tavr_jax.reporting import Gate
 
     doc = (pathlib.Path(__file__).parents[1] / "docs" / "deploy.md").read_text()
     (client,) = re.findall(r"```python\n(.*?)```", doc, re.S)
@@ -452,7 +452,7 @@ def test_int8_graph_has_per_channel_int8_convolutions():
 
 
 def test_winograd_benchmark_times_both_graphs_on_the_same_layers():
-    from benchmarks.winograd import measure
+    from experiments.benchmarks.winograd import measure
 
     row = measure(8, 8, batch=2, layers=2, min_time=0.0)
     assert row["max_rel_difference"] < 1e-5 and row["runs"] >= 5

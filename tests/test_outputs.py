@@ -6,9 +6,9 @@ import cv2
 import numpy as np
 import pytest
 
+from cardiac_core.dicom import write_test_cine
 from tavr_jax.data import supervisely
 from tavr_jax.data.simulate import simulate_case
-from tavr_jax.dicom import write_test_cine
 from tavr_jax.infer import streams
 from tavr_jax.infer.engine import KeypointEngine
 from tavr_jax.infer.outputs import (
@@ -17,7 +17,7 @@ from tavr_jax.infer.outputs import (
     SuperviselyPredictions,
     run_inference,
 )
-from tavr_jax.infer.postprocess import Gate
+from tavr_jax.reporting import Gate
 from tavr_jax.schema import get_schema
 
 SCHEMA = get_schema("paper11")

@@ -1,5 +1,4 @@
 import json
-import os
 import pathlib
 import pickle
 import shutil
@@ -180,9 +179,10 @@ def test_evaluate_report_by_hand(tmp_path):
     assert cal["abnormal"]["brier"] == pytest.approx((0.1**2 + 0.2**2 + 0.4**2) / 3)
     assert cal["ischemia_vs_infarction"]["n"] == 2  # the truly abnormal studies b and c
     assert cal["ischemia_vs_infarction"]["brier"] == pytest.approx((0.7**2 + 0.1**2) / 2)
-    from perfusion import figures
 
-    figures.plot_calibration({"a": m, "b": m}, tmp_path / "cal.png", title="t")
+    from experiments.studies import perfusion_figures
+
+    perfusion_figures.plot_calibration({"a": m, "b": m}, tmp_path / "cal.png", title="t")
     assert (tmp_path / "cal.png").stat().st_size > 1000
 
 
@@ -270,7 +270,6 @@ def test_folder_with_bad_files_writes_the_good_ones(fitted, tmp_path, monkeypatc
         ],
         capture_output=True,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert run.returncode == 1, run.stderr
     assert "skipped broken.png: " in run.stderr and "skipped 3 of 6 studies" in run.stderr
@@ -330,7 +329,7 @@ def test_broken_or_old_model_folders_give_one_line_errors(fitted, tmp_path):
 
 
 def test_dicom_exports_in_a_folder_frame_by_frame(fitted, tmp_path):
-    from tavr_jax import dicom
+    from cardiac_core import dicom
 
     data, model_dir, _ = fitted
     names = [r["filename"] for r in studies.read_labels(data / "labels.csv")]

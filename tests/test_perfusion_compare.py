@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from perfusion import cnn, compare, fitting, geometry, scores, simulate, studies
+from experiments.studies import perfusion_compare, perfusion_figures
+from perfusion import cnn, fitting, geometry, scores, simulate, studies
 
 SIZE = 32
 
@@ -33,7 +34,7 @@ def _studies(n, seed, depth=None, difficulty="clinical"):
 
 def _arrays(n, seed, depth=None, difficulty="clinical"):
     found, depths = _studies(n, seed, depth, difficulty)
-    return compare.StudyArrays.from_studies(found, depth=depths)
+    return perfusion_compare.StudyArrays.from_studies(found, depth=depths)
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +44,14 @@ def data():
 
 def test_methods_share_the_folds_and_limits_stay_inside_them(data, tmp_path):
     tiny_cnn = dataclasses.replace(cnn.SMALL_UPTAKE_CNN, image_size=16, epochs=1, batch_size=8)
-    result = compare.compare_methods(
+    result = perfusion_compare.compare_methods(
         data,
         ("strip_rf", "tpd", "summed_scores", "polar_logistic", "cnn"),
         folds=3,
         n_boot=20,
         cnn_config=tiny_cnn,
     )
-    for task in compare.BINARY_TASKS:
+    for task in perfusion_compare.BINARY_TASKS:
         folds = {m: tuple(r["oof_fold"]) for m, r in result[task].items()}
         assert len(set(folds.values())) == 1  # every method saw the same folds
         for r in result[task].values():
@@ -59,7 +60,7 @@ def test_methods_share_the_folds_and_limits_stay_inside_them(data, tmp_path):
             assert lo <= r["metrics"]["accuracy"]["value"] <= hi
     assert result["abnormal"]["tpd"]["n"] == 40
     assert result["ischemia_vs_infarction"]["tpd"]["n"] == 16  # the abnormal studies only
-    compare.write_comparison(
+    perfusion_compare.write_comparison(
         {"cv": result},
         tmp_path / "c.json",
         markdown=tmp_path / "m.md",
@@ -75,14 +76,14 @@ def test_methods_share_the_folds_and_limits_stay_inside_them(data, tmp_path):
 
 
 def test_fold_features_never_see_the_test_studies(data):
-    features = compare.FoldFeatures(data)
+    features = perfusion_compare.FoldFeatures(data)
     train = np.arange(0, 30)
     before = features(train)["polar"]
     # changing a test study (a normal one) must not change anyone's features but its own
     test_normal = 30 + int(np.flatnonzero(data.labels[30:] == "normal")[0])
     changed = dataclasses.replace(data, stress=data.stress.copy())
     changed.stress[test_normal] *= 0.5
-    after = compare.FoldFeatures(changed)(train)["polar"]
+    after = perfusion_compare.FoldFeatures(changed)(train)["polar"]
     others = np.arange(len(data)) != test_normal
     np.testing.assert_array_equal(before[others], after[others])
     assert not np.array_equal(before[test_normal], after[test_normal])
@@ -100,18 +101,17 @@ def test_fold_features_never_see_the_test_studies(data):
 
 def test_difficulty_curve_scores_each_depth(data, tmp_path):
     levels = {d: _arrays(10, seed=int(100 * d), depth=d) for d in (0.1, 0.3)}
-    curve = compare.difficulty_curve(data, levels, ("tpd", "polar_logistic"))
+    curve = perfusion_compare.difficulty_curve(data, levels, ("tpd", "polar_logistic"))
     assert curve["depths"] == [0.1, 0.3]
     for method in ("tpd", "polar_logistic"):
         for key in ("abnormal_accuracy", "abnormal_auc", "ischemia_vs_infarction_accuracy"):
             assert len(curve[method][key]) == 2
             assert all(0.0 <= v <= 1.0 for v in curve[method][key])
-    assert compare.level_depth(levels[0.3]) == pytest.approx(0.3)
-    from perfusion import figures
+    assert perfusion_compare.level_depth(levels[0.3]) == pytest.approx(0.3)
 
-    figures.plot_difficulty_curve(curve, tmp_path / "curve.png")
+    perfusion_figures.plot_difficulty_curve(curve, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").stat().st_size > 1000
-    text = compare.difficulty_markdown(curve)
+    text = perfusion_compare.difficulty_markdown(curve)
     assert "| polar_logistic |" in text and "10%" in text and "30%" in text
 
 
@@ -119,7 +119,7 @@ def test_table1_mixes_methods_and_older_model_names():
     from perfusion import classifiers
 
     found, _ = _studies(30, seed=3)
-    results = compare.table1_results(found, ["tpd", "rf"], folds=3, n_boot=20)
+    results = perfusion_compare.table1_results(found, ["tpd", "rf"], folds=3, n_boot=20)
     assert results["tpd"]["n"] == results["rf"]["n"] == 30
     assert results["tpd"]["parameters"]["features"] == "one score"
     text = classifiers.table1_markdown(results, title="t")

@@ -185,7 +185,7 @@ def test_refuses_pictures_that_do_not_read_as_polar_maps(tmp_path):
 
 
 def test_pixel_limit_is_checked_before_decoding(tmp_path):
-    from tavr_jax import images
+    from cardiac_core import images
 
     _, colour = _study_image()
     _write(tmp_path / "s.png", colour)
@@ -236,7 +236,7 @@ def test_folder_reading_can_skip_bad_studies(tmp_path):
 
 
 def test_dicom_secondary_capture_polar_maps(tmp_path):
-    from tavr_jax import dicom
+    from cardiac_core import dicom
 
     inner = geometry.polar_coords(64)[0] < 0.95
     sims, exports = [], []

@@ -5,8 +5,9 @@ import types
 import numpy as np
 import pytest
 
-from tavr_jax import train_refiner
 from tavr_jax.models import refine
+from tavr_jax.run import refiner as refiner_files
+from tavr_jax.training import refiner as refiner_training
 
 
 def _bilinear(frame, y, x):
@@ -56,10 +57,10 @@ def _blob_frames(rng, n, size=refine.REFERENCE_WIDTH):
 def test_refiner_learns_to_move_points_onto_the_structure(tmp_path):
     rng = np.random.default_rng(1)
     frames, vis, xy = _blob_frames(rng, 24)
-    config = train_refiner.RefinerConfig(
+    config = refiner_files.RefinerConfig(
         patch=16, width=8, steps=250, batch=32, jitter=3.0, learning_rate=3e-3
     )
-    model, params, losses = train_refiner.train_refiner(frames, vis, xy, config, progress=False)
+    model, params, losses = refiner_training.train_refiner(frames, vis, xy, config, progress=False)
     assert losses[-20:].mean() < 0.5 * losses[:20].mean()
     # new frames, first-stage points a few pixels off (one patch sample per pixel here)
     test_frames, _, truth = _blob_frames(np.random.default_rng(2), 8)
@@ -70,18 +71,18 @@ def test_refiner_learns_to_move_points_onto_the_structure(tmp_path):
     after = np.linalg.norm(out - truth, axis=-1).mean()
     assert after < 0.6 * before
     # saved and loaded, it gives the same points; another schema's points are refused
-    train_refiner.save_refiner(tmp_path / "refiner", params, config, ["P"])
-    model2, params2, config2 = train_refiner.load_refiner(tmp_path / "refiner", ["P"])
+    refiner_files.save_refiner(tmp_path / "refiner", params, config, ["P"])
+    model2, params2, config2 = refiner_files.load_refiner(tmp_path / "refiner", ["P"])
     assert config2 == config
     again = np.asarray(refine.refine_points(model2, params2, test_frames, coarse, size=16))
     np.testing.assert_allclose(again, out, rtol=1e-6)
     with pytest.raises(ValueError, match="refiner trained for points"):
-        train_refiner.load_refiner(tmp_path / "refiner", ["Q"])
+        refiner_files.load_refiner(tmp_path / "refiner", ["Q"])
     with pytest.raises(FileNotFoundError, match="no refiner.json"):
-        train_refiner.load_refiner(tmp_path)
+        refiner_files.load_refiner(tmp_path)
     (tmp_path / "refiner" / "params.msgpack").write_bytes(b"\x00broken")
     with pytest.raises(ValueError, match="params.msgpack: unreadable"):
-        train_refiner.load_refiner(tmp_path / "refiner")
+        refiner_files.load_refiner(tmp_path / "refiner")
 
 
 def test_training_frames_must_share_one_size():
@@ -91,7 +92,7 @@ def test_training_frames_must_share_one_size():
                 frame(height=32, width=64, image_path="b.png")]
     )  # fmt: skip
     with pytest.raises(ValueError, match="b.png: 64x32"):
-        train_refiner.project_arrays(project)
+        refiner_training.project_arrays(project)
 
 
 def test_engine_runs_the_refiner_inside_its_executable():
@@ -123,17 +124,17 @@ def test_workdir_refiner_warns_when_it_made_validation_worse(tmp_path, caplog):
     names = ["A", "B"]
     model = refine.PatchRefiner(len(names), width=4)
     params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16)), jnp.zeros((1,), jnp.int32))
-    config = train_refiner.RefinerConfig(patch=16, width=4)
+    config = refiner_files.RefinerConfig(patch=16, width=4)
     for before, after, warned in ((9.0, 4.5, False), (4.8, 6.0, True), (None, None, False)):
         validation = None if before is None else {"mean_error_before": before,
                                                   "mean_error_after": after}  # fmt: skip
-        train_refiner.save_refiner(tmp_path / "refiner", params, config, names,
+        refiner_files.save_refiner(tmp_path / "refiner", params, config, names,
                                    validation=validation)  # fmt: skip
         caplog.clear()
-        _, _, patch = train_refiner.workdir_refiner(tmp_path, names)
+        _, _, patch = refiner_files.workdir_refiner(tmp_path, names)
         assert patch == 16
         assert ("raised the mean error (4.8 -> 6.0 px" in caplog.text) == warned, caplog.text
     meta = tmp_path / "refiner" / "refiner.json"
     meta.write_text(meta.read_text().replace('"points"', '"validation": "bad", "points"'))
     with pytest.raises(ValueError, match="refiner.json: unreadable"):
-        train_refiner.workdir_refiner(tmp_path, names)
+        refiner_files.workdir_refiner(tmp_path, names)

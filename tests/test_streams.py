@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tavr_jax import dicom, images
+from cardiac_core import dicom, images
 from tavr_jax.infer import outputs, streams
 from tavr_jax.infer.engine import KeypointEngine
 from tavr_jax.schema import get_schema
@@ -197,8 +197,8 @@ def test_coco_export_visibility_flags():
 
 def _tiny_workdir(tmp_path):
     """A real (random-weight) training workdir, as the training code writes it."""
-    from tavr_jax.checkpoint import CheckpointStore
     from tavr_jax.models import create_model
+    from tavr_jax.run.checkpoint import CheckpointStore
 
     workdir = tmp_path / "W"
     workdir.mkdir()
@@ -227,7 +227,7 @@ def test_infer_launcher_on_dicom_cine(tmp_path):
     cmd = [sys.executable, "experiments/tavr_infer.py", f"--workdir={workdir}", f"--input={cine}",
            f"--out={out}", "--overlay", "--track=oneeuro", "--expect=anatomical,contour",
            "--batch_size=2"]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
     lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
@@ -341,7 +341,7 @@ def test_run_inference_writes_the_good_frames_and_distinct_overlays(tmp_path):
     # The launcher writes the good frames, lists what it skipped and exits non-zero.
     cmd = [sys.executable, "experiments/tavr_infer.py", f"--workdir={_tiny_workdir(tmp_path)}",
            f"--input={folder}", f"--out={tmp_path / 'cli'}"]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert run.returncode == 1 and "skipped z.png" in run.stderr
     assert "1 item(s) skipped, the others were written" in run.stderr

@@ -185,7 +185,7 @@ def test_schema_properties():
 
 
 def test_16bit_frames_are_windowed_like_inference_inputs(tmp_path):
-    from tavr_jax.images import window_to_uint8
+    from cardiac_core.images import window_to_uint8
 
     frame = (np.arange(64 * 64).reshape(64, 64) % 4096).astype(np.uint16)  # 12-bit range
     _write_raw(tmp_path, "p", "a.png", {"objects": []}, frame)

@@ -5,7 +5,7 @@ import json
 import pytest
 from _workdirs import TINY_CONFIG, write_tiny_checkpoint, write_tiny_project
 
-from tavr_jax import table1
+from experiments.studies import table1
 from tavr_jax.config import get_config
 
 

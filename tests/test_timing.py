@@ -1,6 +1,6 @@
 """The benchmarks' timing helper: every contender runs once per round, in order or shuffled."""
 
-from benchmarks.timing import time_interleaved
+from experiments.benchmarks.timing import time_interleaved
 
 
 def _rounds(shuffle_seed):

@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from tavr_jax.infer import postprocess, tracking
+from tavr_jax import reporting
+from tavr_jax.infer import tracking
 from tavr_jax.schema import get_schema
 
 SCHEMA = get_schema("paper11")
@@ -21,7 +22,7 @@ def test_reported_points_matches_loop():
     vis, grp = rng.uniform(size=(20, K)), rng.uniform(size=(20, G))
     pt, gt = rng.uniform(0.3, 0.7, K), rng.uniform(0.3, 0.7, G)
     expect = ["anatomical", "contour"]
-    got = postprocess.reported_points(
+    got = reporting.reported_points(
         vis, grp, SCHEMA, point_thresholds=pt, group_thresholds=gt, expected=expect
     )
     want = np.zeros((20, K), bool)
@@ -35,16 +36,16 @@ def test_reported_points_matches_loop():
 
 def test_expect_parses_and_rejects_unknown_groups():
     np.testing.assert_array_equal(
-        postprocess.expected_groups("anatomical, contour", SCHEMA), [True, False, True]
+        reporting.expected_groups("anatomical, contour", SCHEMA), [True, False, True]
     )
-    assert postprocess.expected_groups(None, SCHEMA).all()
+    assert reporting.expected_groups(None, SCHEMA).all()
     with pytest.raises(ValueError, match="valve"):
-        postprocess.expected_groups("anatomical,valve", SCHEMA)
+        reporting.expected_groups("anatomical,valve", SCHEMA)
 
 
 def test_gate_from_meta_uses_checkpoint_thresholds():
     meta = {"thresholds": np.full(K, 0.9), "group_thresholds": None}
-    gate = postprocess.Gate.from_meta(meta, SCHEMA)
+    gate = reporting.Gate.from_meta(meta, SCHEMA)
     assert not gate(np.full((1, K), 0.8), np.ones((1, G))).any()
     assert gate(np.full((1, K), 0.95), np.ones((1, G))).all()
 
@@ -195,7 +196,7 @@ def test_k_of_n():
 
 
 def test_tracker_hysteresis_on_groups_and_expect():
-    gate = postprocess.Gate(SCHEMA, expect="anatomical")
+    gate = reporting.Gate(SCHEMA, expect="anatomical")
     tracker = tracking.PointTracker(SCHEMA, gate, method="none", margin=0.2)
     coords = np.zeros((K, 2))
     _, rep = tracker.update(np.full(K, 0.9), np.full(G, 0.9), coords)

@@ -16,8 +16,9 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from tavr_jax import train, workdir
-from tavr_jax.checkpoint import CheckpointStore
+from tavr_jax.run import workdir
+from tavr_jax.run.checkpoint import CheckpointStore
+from tavr_jax.training import train
 
 WORKER = pathlib.Path(worker.__file__)
 
@@ -43,7 +44,6 @@ def _env(cache_dir, devices=1):
         JAX_COMPILATION_CACHE_DIR=str(cache_dir),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-        PYTHONPATH=str(worker.ROOT),
     )
     return env
 
@@ -259,7 +259,7 @@ def test_two_processes_read_their_own_rows_and_agree(tmp_path, project, cache_di
 
 
 def test_training_benchmark_times_the_step_training_compiles(project):
-    from benchmarks import training as bench
+    from experiments.benchmarks import training as bench
 
     config = worker.tiny_config()
     result, state = bench.training_rate(config, steps=2, repeats=1, data_dir=project)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from cardiac_core.dicom import write_test_cine
 from cardiac_web.app import Limits, create_app
 from perfusion import analyze, studies
 from tavr_jax import get_schema
-from tavr_jax.dicom import write_test_cine
 
 SCHEMA = get_schema("paper11")
 

@@ -24,12 +24,13 @@ import pytest
 from fastapi.testclient import TestClient
 from starlette import formparsers
 
-from benchmarks import web_memory
+from cardiac_core import dicom
+from cardiac_core.dicom import write_test_cine
 from cardiac_web import browser
 from cardiac_web.app import SHOWN_MAX_PIXELS, Limits, create_app, shown_size
+from experiments.benchmarks import web_memory
 from perfusion import studies
-from tavr_jax import dicom, get_schema
-from tavr_jax.dicom import write_test_cine
+from tavr_jax import get_schema
 from tavr_jax.infer import streams
 
 SCHEMA = get_schema("paper11")

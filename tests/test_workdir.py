@@ -9,12 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tavr_jax import workdir
-from tavr_jax.checkpoint import CheckpointError, CheckpointStore
-from tavr_jax.fileio import write_json_atomic
+from cardiac_core.fileio import write_json_atomic
 from tavr_jax.models import create_model
+from tavr_jax.run import workdir
+from tavr_jax.run.checkpoint import CheckpointError, CheckpointStore
 from tavr_jax.schema import get_schema
-from tavr_jax.train import train_and_evaluate
+from tavr_jax.training.train import train_and_evaluate
 
 
 def test_load_for_inference(tmp_path):

@@ -5,10 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tavr_jax import xla
+from cardiac_core import xla
+from cardiac_core.xla import cost_analysis, model_flops
 from tavr_jax.models import create_model
 from tavr_jax.schema import get_schema
-from tavr_jax.xla import cost_analysis, model_flops
 
 DN = ("NHWC", "HWIO", "NHWC")
 

@@ -1,5 +1,4 @@
-"""Benchmarks of the project: what docs/ measures, kept out of the installed library.
+"""Benchmarks of the project: what docs/ measures, kept out of the libraries.
 
-Run them through the launchers `experiments/bench_*.py`; those put this folder's parent on
-`sys.path`, as does tests/conftest.py.
+Run them through the launchers `experiments/bench_*.py`.
 """

@@ -16,7 +16,7 @@ A failed or timed-out stage does not stop the next. After every stage the result
 collected from the work folder (partial JSON included) into the output folder, and
 `campaign.json` is rewritten, so a campaign cut short still leaves its summary.
 
-This module imports only the standard library and `tavr_jax.fileio`, so it runs before the
+This module imports only the standard library and `cardiac_core.fileio`, so it runs before the
 carried wheels are installed.
 """
 
@@ -36,20 +36,24 @@ import sys
 import threading
 import time
 
-from tavr_jax.fileio import write_json_atomic
+from cardiac_core.fileio import write_json_atomic
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 EXPERIMENTS = ROOT / "experiments"
 STAGES = ("preflight", "simulate", "latency", "train_throughput", "training", "perfusion")
 SITE = "/tmp/campaign_site"  # where the carried wheels are installed
-_CAMPAIGN = "from benchmarks import campaign"  # child processes call this module's helpers
+_CAMPAIGN = (
+    "from experiments.benchmarks import campaign"  # child processes call this module's helpers
+)
 
 # What preflight imports: the library modules every stage runs on, and the outside packages
 # they need (the GPU image lacks some; they travel as wheels, see `make gpu-wheels`).
 ENTRY_MODULES = (
-    "tavr_jax.train", "tavr_jax.evaluate", "tavr_jax.data.pipeline", "tavr_jax.data.simulate",
+    "tavr_jax.training.train", "tavr_jax.infer.evaluate",
+    "tavr_jax.data.pipeline", "tavr_jax.data.simulate",
     "tavr_jax.infer.engine", "perfusion.features", "perfusion.classifiers", "perfusion.cnn",
-    "benchmarks.latency", "benchmarks.training", "benchmarks.input",
+    "experiments.benchmarks.latency", "experiments.benchmarks.training",
+    "experiments.benchmarks.input",
 )  # fmt: skip
 PACKAGES = (
     "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "opencv-python-headless",
@@ -292,7 +296,7 @@ class Campaign:
         self.stages: dict[str, dict] = {}
         self.start = time.monotonic()
         self.env = dict(os.environ)
-        path = [str(ROOT), str(EXPERIMENTS)]
+        path = [str(ROOT)]  # the GPU image runs the tree without installing it
         self.env.update(
             PYTHONPATH=os.pathsep.join(path + [p for p in [self.env.get("PYTHONPATH")] if p]),
             PYTHONUNBUFFERED="1",
@@ -694,7 +698,7 @@ def write_preflight(path: str, *, require_gpu: bool) -> None:
 
 def plot_latency(work: str, out: str) -> None:
     """latency.png from every bench_latency result in the work folder."""
-    from benchmarks import latency
+    from experiments.benchmarks import latency
 
     results = [r for r in map(_read_json, sorted(pathlib.Path(work).glob("latency_*.json"))) if r]
     if results:

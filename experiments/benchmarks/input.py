@@ -9,7 +9,7 @@ import time
 import jax
 import numpy as np
 
-from benchmarks.timing import cpu_seconds, time_runs, time_runs_cpu
+from experiments.benchmarks.timing import cpu_seconds, time_runs, time_runs_cpu
 from tavr_jax.data import augment, pipeline
 from tavr_jax.schema import KeypointSchema
 

@@ -22,7 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.timing import (
+from cardiac_core.fileio import write_json_atomic
+from cardiac_core.xla import compile_lowered, kernel_census, model_flops
+from experiments.benchmarks.timing import (
     device_description,
     peak_matmul,
     percentiles_ms,
@@ -30,12 +32,10 @@ from benchmarks.timing import (
     time_runs,
 )
 from tavr_jax.data.simulate import simulate_case
-from tavr_jax.fileio import write_json_atomic
 from tavr_jax.infer import onnx_export, onnx_runtime
 from tavr_jax.infer.engine import KeypointEngine, keypoint_forward
-from tavr_jax.infer.postprocess import Gate
+from tavr_jax.reporting import Gate
 from tavr_jax.schema import get_schema
-from tavr_jax.xla import compile_lowered, kernel_census, model_flops
 
 PAPER_MS_PER_FRAME = 18.0  # the paper's GPU figure (section 5)
 BACKENDS = ("xla", "onnxruntime", "onnxruntime_int8")
@@ -108,7 +108,7 @@ def peak_kernels(provider: str = "auto", n: int = 2048, **timing) -> dict:
 def ort_peer(backbone: str, schema, image_size: int, frame_size: int, provider: str = "auto"):
     """onnxruntime running torch's ONNX export of the same network; (run(frames), why-not)."""
     try:
-        from benchmarks.torch_reference import export_onnx_bytes, keypoint_net
+        from experiments.benchmarks.torch_reference import export_onnx_bytes, keypoint_net
 
         net = keypoint_net(backbone, schema, image_size)
         session = onnx_runtime.make_session(
@@ -125,7 +125,7 @@ def torch_baseline(backbone, schema, image_size, threads: int | None = None):
     try:
         import torch
 
-        from benchmarks.torch_reference import keypoint_net
+        from experiments.benchmarks.torch_reference import keypoint_net
     except ImportError as e:
         return None, f"torch not installed ({e})"
     on_gpu = jax.devices()[0].platform != "cpu"
@@ -256,7 +256,7 @@ def make_backend(backend: str, engine: KeypointEngine, provider: str = "auto"):
 
 def profile_split(engine: KeypointEngine, frame_size: int, **timing) -> dict:
     """Where the time goes: resize+normalise, backbone, head, each compiled alone and timed."""
-    from tavr_jax.models.backbones import BACKBONES
+    from cardiac_core.backbones import BACKBONES
     from tavr_jax.models.heads import HEADS
     from tavr_jax.models.keypoint_net import normalize_images
 
@@ -515,7 +515,7 @@ def plot_latency(results, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tavr_jax.fileio import atomic_write_bytes
+    from cardiac_core.fileio import atomic_write_bytes
 
     results = results if isinstance(results, list | tuple) else [results]
     lines: dict[tuple, list] = {}

@@ -8,7 +8,7 @@ import time
 import cv2
 import numpy as np
 
-from benchmarks.timing import time_runs_cpu
+from experiments.benchmarks.timing import time_runs_cpu
 from tavr_jax.data import simulate
 from tavr_jax.schema import KeypointSchema
 

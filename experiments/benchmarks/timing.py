@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import psutil
 
-from tavr_jax.xla import compile_lowered
+from cardiac_core.xla import compile_lowered
 
 
 def time_runs(fn, *, warmup: int = 2, min_runs: int = 5, min_time_s: float = 2.0, max_runs=200):

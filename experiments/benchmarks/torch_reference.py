@@ -23,7 +23,7 @@ def _classes() -> SimpleNamespace:
         import torch
         from torch import nn
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("benchmarks.torch_reference needs torch (pip install torch)") from e
+        raise ImportError("the torch reference networks need torch (pip install torch)") from e
 
     def conv3x3(cin, cout, stride=1):
         return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)

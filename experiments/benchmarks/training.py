@@ -10,11 +10,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from benchmarks.timing import time_runs
-from tavr_jax import train
+from cardiac_core.xla import model_flops
+from experiments.benchmarks.timing import time_runs
 from tavr_jax.data.pipeline import make_loader
-from tavr_jax.workdir import build_model
-from tavr_jax.xla import model_flops
+from tavr_jax.run.workdir import build_model
+from tavr_jax.training import train
 
 
 def training_rate(
@@ -36,7 +36,8 @@ def training_rate(
     Returns:
       (result, state to pass on). result has `images_per_s` (device-resident),
       `images_per_s_pipeline` (or None), `flops_per_step` (the global batch's convolutions and
-      products, `tavr_jax.xla.model_flops`), `tflops_per_s`, `compile_s`, `devices`, `device_kind`.
+      products,
+      `cardiac_core.xla.model_flops`), `tflops_per_s`, `compile_s`, `devices`, `device_kind`.
     """
     mesh = train.make_mesh()
     model, schema = build_model(config)

@@ -25,9 +25,8 @@ import cv2
 import httpx
 import numpy as np
 
-from tavr_jax.dicom import write_test_cine
+from cardiac_core.dicom import write_test_cine
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one log line per request otherwise
 
 _SERVER = """
@@ -125,8 +124,7 @@ def server_process(backbone: str, image_size: int, batch_size: int, *, env=None,
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, **(env or {}), "PYTHONPATH": path}
+    env = {**os.environ, **(env or {})}
     args = [sys.executable, "-c", _SERVER, backbone, str(image_size), str(batch_size), str(port)]
     server = subprocess.Popen(args, env=env)
     url = f"http://127.0.0.1:{port}"

@@ -3,7 +3,7 @@
 
 import numpy as np
 
-from benchmarks.timing import time_interleaved
+from experiments.benchmarks.timing import time_interleaved
 from tavr_jax.infer import onnx_export, onnx_runtime, winograd
 
 

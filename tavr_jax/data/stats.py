@@ -11,9 +11,9 @@ import cv2
 import jax
 import numpy as np
 
+from cardiac_core.fileio import atomic_write_bytes
 from tavr_jax import visualize
 from tavr_jax.data import augment, supervisely
-from tavr_jax.fileio import atomic_write_bytes
 from tavr_jax.schema import KeypointSchema
 
 # A contact sheet is for looking at: beyond 64 tiles of at most 384 px nobody sees more, and

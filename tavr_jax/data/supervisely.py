@@ -23,8 +23,8 @@ from collections.abc import Iterable, Sequence
 import cv2
 import numpy as np
 
-from tavr_jax import images
-from tavr_jax.fileio import atomic_write_bytes
+from cardiac_core import images
+from cardiac_core.fileio import atomic_write_bytes
 from tavr_jax.schema import KeypointSchema
 
 SPLITS = ("all", "train", "val", "test")

@@ -17,8 +17,8 @@ from tavr_jax.data.supervisely import read_project
 from tavr_jax.infer import onnx_export
 from tavr_jax.infer.engine import EXPORT_MAGIC, KeypointEngine, image_hw, load_exported
 from tavr_jax.infer.onnx_runtime import OnnxKeypointEngine, load_onnx, quantize_int8
+from tavr_jax.run.workdir import config_hash, data_split, read_config
 from tavr_jax.schema import get_schema
-from tavr_jax.workdir import config_hash, data_split, read_config
 
 
 def is_jax_export(path) -> bool:

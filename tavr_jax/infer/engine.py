@@ -18,11 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tavr_jax.fileio import atomic_write_bytes
+from cardiac_core.fileio import atomic_write_bytes
+from cardiac_core.xla import compile_lowered, cost_analysis
 from tavr_jax.models import create_model, predictions, refine
+from tavr_jax.run.workdir import config_hash, load_for_inference, read_config
 from tavr_jax.schema import KeypointSchema, get_schema
-from tavr_jax.workdir import config_hash, load_for_inference, read_config
-from tavr_jax.xla import compile_lowered, cost_analysis
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -97,7 +97,7 @@ class KeypointEngine:
         refiner: tuple | None = None,
     ):
         """refiner: optional second stage, (PatchRefiner, params, patch size) as
-        `train_refiner.load_refiner` gives; it runs in the same executable, after the network."""
+        `run.refiner.load_refiner` gives; it runs in the same executable, after the network."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.meta = dict(meta)
@@ -144,7 +144,7 @@ class KeypointEngine:
         model, variables, meta = load_for_inference(workdir, which=which)
         check_meta(meta, workdir, schema=schema, backbone=backbone)
         if refine:  # imported here: loading an engine should not need the training stack
-            from tavr_jax.train_refiner import workdir_refiner
+            from tavr_jax.run.refiner import workdir_refiner
 
             kwargs["refiner"] = workdir_refiner(workdir, _as_schema(meta["schema"]).point_names)
         return cls(model, variables, meta, **kwargs)

@@ -27,10 +27,10 @@ import pathlib
 
 import numpy as np
 
-from tavr_jax.fileio import atomic_write_bytes
+from cardiac_core.fileio import atomic_write_bytes
 from tavr_jax.infer import winograd
+from tavr_jax.run.workdir import config_hash
 from tavr_jax.schema import KeypointSchema
-from tavr_jax.workdir import config_hash
 
 OPSET = 17  # the first opset with LayerNormalization
 FORMAT = "tavr-keypoints-onnx/1"
@@ -211,7 +211,7 @@ def _resize_hw(g: Graph, x: str, in_hw, out_hw, *, antialias=True) -> str:
 
 def _backbone_spec(name: str):
     """(kind, keywords) of a backbone preset: 'resnet' or 'vgg'; else a one-line error."""
-    from tavr_jax.models.backbones import BACKBONES, VGG, ResNet
+    from cardiac_core.backbones import BACKBONES, VGG, ResNet
 
     factory = BACKBONES.get(name)
     kind = {ResNet: "resnet", VGG: "vgg"}.get(getattr(factory, "func", None))
@@ -223,7 +223,7 @@ def _backbone_spec(name: str):
 
 
 def _resnet(g: Graph, x: str, params: dict, stats: dict, keywords: dict, image_hw) -> list[str]:
-    from tavr_jax.models.backbones import Bottleneck
+    from cardiac_core.backbones import Bottleneck
 
     def conv_bn(x, block_p, block_s, conv, bn, *, stride=1, pad=0, hw=None):
         return g.conv(x, block_p[conv], stride=stride, pad=pad,

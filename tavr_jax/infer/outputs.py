@@ -13,11 +13,11 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from cardiac_core.fileio import AtomicFile, atomic_write_bytes, write_json_atomic
 from tavr_jax.data import supervisely
-from tavr_jax.fileio import AtomicFile, atomic_write_bytes, write_json_atomic
 from tavr_jax.infer import streams
-from tavr_jax.infer.postprocess import Gate
 from tavr_jax.infer.tracking import PointTracker
+from tavr_jax.reporting import Gate
 from tavr_jax.schema import KeypointSchema
 from tavr_jax.visualize import draw_keypoints, draw_legend
 

@@ -25,7 +25,7 @@ import cv2
 import jax
 import numpy as np
 
-from tavr_jax import dicom, images
+from cardiac_core import dicom, images
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".pgm", ".webp")
 DICOM_SUFFIXES = (".dcm", ".dicom")

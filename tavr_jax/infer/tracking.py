@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tavr_jax.infer.postprocess import Gate
+from tavr_jax.reporting import Gate
 from tavr_jax.schema import KeypointSchema
 
 DEFAULT_FPS = 15.0  # typical cine rate of aortography, used when a source has no timing

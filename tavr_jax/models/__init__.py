@@ -1,6 +1,6 @@
 """Flax Linen networks for grouped keypoints, and import of torchvision-style weights."""
 
-from tavr_jax.models.backbones import BACKBONES, get_backbone
+from cardiac_core.backbones import BACKBONES, get_backbone
 from tavr_jax.models.keypoint_net import (
     KeypointNet,
     create_model,

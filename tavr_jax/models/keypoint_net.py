@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tavr_jax.models.backbones import BACKBONES
+from cardiac_core.backbones import BACKBONES
 from tavr_jax.models.heads import DENSE_VISIBILITY_HEADS, HEADS
 from tavr_jax.schema import KeypointSchema
 

@@ -13,15 +13,15 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from cardiac_core.fileio import atomic_write_bytes
 from tavr_jax.data.supervisely import read_project
-from tavr_jax.fileio import atomic_write_bytes
 from tavr_jax.infer.backends import open_engine
 from tavr_jax.infer.engine import KeypointEngine
-from tavr_jax.infer.postprocess import reported_points
 from tavr_jax.metrics import keypoint_metrics, tune_thresholds
-from tavr_jax.train_refiner import workdir_refiner
+from tavr_jax.reporting import reported_points
+from tavr_jax.run.refiner import workdir_refiner
+from tavr_jax.run.workdir import data_split, load_for_inference, load_thresholds, save_thresholds
 from tavr_jax.visualize import draw_keypoints, draw_legend
-from tavr_jax.workdir import data_split, load_for_inference, load_thresholds, save_thresholds
 
 
 def predict_project(engine, project, *, desc: str = "predict") -> dict[str, np.ndarray]:

@@ -25,8 +25,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from perfusion import classifiers, features, figures, fitting, geometry, scores, studies
-from tavr_jax.fileio import atomic_write_bytes
+from cardiac_core.fileio import atomic_write_bytes
+from experiments.studies import perfusion_figures
+from perfusion import classifiers, features, fitting, geometry, scores, studies
 
 METHODS = (
     "strip_rf",
@@ -391,7 +392,7 @@ def write_comparison(
         text = classifiers.table1_markdown(result["cv"]["abnormal"], title=title)
         atomic_write_bytes(table1, text.encode())
     if plot is not None and "difficulty" in result:
-        figures.plot_difficulty_curve(result["difficulty"], plot)
+        perfusion_figures.plot_difficulty_curve(result["difficulty"], plot)
 
 
 def difficulty_markdown(curve: dict) -> str:

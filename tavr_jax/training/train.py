@@ -31,17 +31,17 @@ from tensorboardX import SummaryWriter
 from tensorboardX.proto import event_pb2
 from tqdm import tqdm
 
-from tavr_jax.checkpoint import CheckpointStore
+from cardiac_core.xla import compiler_options
 from tavr_jax.config import Config
 from tavr_jax.data.augment import augment_batch
 from tavr_jax.data.pipeline import make_loader, open_frames
-from tavr_jax.losses import total_loss
 from tavr_jax.metrics import keypoint_metrics, visibility_f1
 from tavr_jax.models import predictions
 from tavr_jax.models.convert import load_backbone_weights
+from tavr_jax.run.checkpoint import CheckpointStore
+from tavr_jax.run.workdir import build_model, write_config
 from tavr_jax.schema import KeypointSchema, get_schema
-from tavr_jax.workdir import build_model, write_config
-from tavr_jax.xla import compiler_options
+from tavr_jax.training.losses import total_loss
 
 State = dict[str, Any]
 # Keys of a host batch that the device step needs (orig_size/pixel_spacing stay on the host).

@@ -1,7 +1,7 @@
 """The files of a training run (a workdir) and the model they describe.
 
     W/config.json       the full training config, written before the first step
-    W/checkpoints/      latest and best checkpoints (tavr_jax.checkpoint)
+    W/checkpoints/      latest and best checkpoints (tavr_jax.run.checkpoint)
     W/thresholds.json   visibility thresholds tuned on validation (tavr_jax.metrics)
     W/events/           TensorBoard scalars
 
@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tavr_jax.checkpoint import CheckpointStore
-from tavr_jax.fileio import write_json_atomic
+from cardiac_core.fileio import write_json_atomic
 from tavr_jax.models import create_model
+from tavr_jax.run.checkpoint import CheckpointStore
 from tavr_jax.schema import KeypointSchema, get_schema
 
 CONFIG_FILE = "config.json"

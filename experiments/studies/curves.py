@@ -20,12 +20,12 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from cardiac_core.fileio import atomic_write_with, write_json_atomic
+from experiments.studies.table1 import case_counts
 from tavr_jax.config import apply_overrides
-from tavr_jax.evaluate import evaluate_project, tune_project
-from tavr_jax.fileio import atomic_write_with, write_json_atomic
+from tavr_jax.infer.evaluate import evaluate_project, tune_project
 from tavr_jax.metrics import paired_bootstrap_f1
-from tavr_jax.table1 import case_counts
-from tavr_jax.train import read_scalars
+from tavr_jax.training.train import read_scalars
 
 CURVE_TAGS = ("val_f1", "val_precision", "val_recall", "val_mean_error_px", "val_loc_accuracy_20px")
 SUMMARY_KEYS = ("precision", "recall", "f1", "mean_error_px", "loc_accuracy_20px")
@@ -70,7 +70,7 @@ def run_curves(
     "case_counts_at_0.5": {case: [TP, FP, FN]}}}}}.
     """
     if train_fn is None:
-        from tavr_jax.train import train_and_evaluate as train_fn
+        from tavr_jax.training.train import train_and_evaluate as train_fn
     results: dict = {}
     for v in variants:
         config = apply_overrides(base_config, v.overrides)

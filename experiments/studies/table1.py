@@ -18,9 +18,12 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from cardiac_core.backbones import BACKBONES
+from cardiac_core.fileio import atomic_write_bytes, write_json_atomic
 from tavr_jax.config import HEAD_RECIPES, apply_overrides
 from tavr_jax.data.supervisely import read_project
-from tavr_jax.evaluate import (
+from tavr_jax.infer.engine import KeypointEngine
+from tavr_jax.infer.evaluate import (
     evaluate_project,
     fmt_metric,
     predict_project,
@@ -28,13 +31,10 @@ from tavr_jax.evaluate import (
     shown_points,
     tune_project,
 )
-from tavr_jax.fileio import atomic_write_bytes, write_json_atomic
-from tavr_jax.infer.engine import KeypointEngine
 from tavr_jax.metrics import paired_bootstrap_f1
-from tavr_jax.models.backbones import BACKBONES
 from tavr_jax.models.heads import HEADS
-from tavr_jax.train import train_and_evaluate
-from tavr_jax.workdir import data_split
+from tavr_jax.run.workdir import data_split
+from tavr_jax.training.train import train_and_evaluate
 
 # (precision, recall, F1, mean error px, localisation accuracy) of the paper's Table 1.
 PAPER_TABLE1 = {
@@ -285,7 +285,7 @@ def run_table1(
     when the config has none, so val can pick checkpoints and thresholds). A variant whose
     metrics_test.json records the same budget is reused, so an interrupted table resumes.
     Each variant's metrics keep its per-patient counts (`case_counts`) for the bootstrap of
-    the grouping ablation. `train_fn` defaults to `tavr_jax.train.train_and_evaluate`.
+    the grouping ablation. `train_fn` defaults to `tavr_jax.training.train.train_and_evaluate`.
     """
     train_fn = train_fn or train_and_evaluate
     if steps < 1 or image_size < 8:

@@ -27,8 +27,8 @@ import pydicom.pixels
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from tavr_jax import images
-from tavr_jax.images import window_to_uint8
+from cardiac_core import images
+from cardiac_core.images import window_to_uint8
 
 XA_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.12.1"  # X-Ray Angiographic Image Storage
 SECONDARY_CAPTURE_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"
@@ -78,7 +78,7 @@ def _required_int(ds, tag: str, where, *, minimum: int = 1) -> int:
 class DicomCine:
     """One single- or multi-frame DICOM image file, read lazily frame by frame.
 
-    max_pixels: the per-frame pixel limit (default: tavr_jax.images' process-wide one).
+    max_pixels: the per-frame pixel limit (default: cardiac_core.images' process-wide one).
     """
 
     def __init__(self, path, *, max_pixels: int | None = None):
