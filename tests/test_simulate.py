@@ -1,6 +1,5 @@
 import dataclasses
 import filecmp
-import hashlib
 import math
 import pathlib
 
@@ -40,7 +39,7 @@ def test_project_is_deterministic_for_a_seed_whatever_the_worker_count(tmp_path)
     b = simulate.simulate_project(tmp_path / "b", SCHEMA, **kw, workers=2)
     files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
-    assert files_a == files_b and len(files_a) == 1 + 3 * 3 * 2
+    assert files_a == files_b and len(files_a) == 2 + 3 * 3 * 2
     _, mismatch, errors = filecmp.cmpfiles(a, b, [str(f) for f in files_a], shallow=False)
     assert mismatch == [] and errors == []
     c = simulate.simulate_project(tmp_path / "c", SCHEMA, **{**kw, "seed": 6})
@@ -251,34 +250,116 @@ def test_cli_rejects_bad_values(tmp_path):
     assert not any(pathlib.Path(tmp_path).iterdir())
 
 
-def _digest(frames) -> str:
-    h = hashlib.sha256()
-    for image, visibility, coords, stage in frames:
-        for a in (image, visibility, coords):
-            h.update(np.ascontiguousarray(a).tobytes())
-        h.update(stage.encode())
-    return h.hexdigest()[:16]
+# (seed, case, size, frames) of the recorded reference: every stage, a mirrored view (7, 4),
+# a size that is not a power of two and the paper's 512 px.
+_REFERENCE_CASES = [(7, c, 96, 41) for c in range(6)] + [(1, 0, 512, 3), (1, 1, 200, 25)]
+_REFERENCE = pathlib.Path(__file__).parent / "data" / "simulate_reference.npz"
 
 
-# (seed, case, size, frames) -> digest of `simulate_case`'s output, recorded with the
-# single-module simulator before it became a package: every stage, a mirrored view (7, 4),
-# a size that is not a power of two and the paper's 512 px. Re-recorded once, when struts
-# thinner than a pixel began to be drawn by partial volume: only runs with a valve frame
-# in view changed ((1, 0, 512, 3) has none and kept its digest).
-_REFERENCE_DIGESTS = {
-    (7, 0, 96, 41): "74a1298aee746f8f",
-    (7, 1, 96, 41): "7ac8c9c3ce13b5aa",
-    (7, 2, 96, 41): "42e629c611004a7d",
-    (7, 3, 96, 41): "86b754d11d81ff4f",
-    (7, 4, 96, 41): "5d42fdfcc2b906ea",
-    (7, 5, 96, 41): "576b6cfec183bdc7",
-    (1, 0, 512, 3): "6a9605176106c076",
-    (1, 1, 200, 25): "67362dc330c23406",
-}
+def _block_means(images: np.ndarray, grid: int = 8) -> np.ndarray:
+    """(T, grid, grid) mean grey level of each block of (T, S, S) frames."""
+    t, size = len(images), images.shape[1] // grid * grid
+    cut = images[:, :size, :size].astype(np.float64)
+    return cut.reshape(t, grid, size // grid, grid, size // grid).mean(axis=(2, 4))
 
 
-def test_frames_are_bit_identical_to_the_recorded_reference():
-    for (seed, case, size, frames), want in _REFERENCE_DIGESTS.items():
-        rng = np.random.default_rng([seed, case])
-        got = _digest(simulate.simulate_case(rng, SCHEMA, frames=frames, size=size))
-        assert got == want, (seed, case, size, frames)
+def test_same_seed_gives_identical_frames_within_a_run():
+    for seed, case, size, frames in (_REFERENCE_CASES[4], _REFERENCE_CASES[-1]):
+        runs = [
+            simulate.simulate_case(
+                np.random.default_rng([seed, case]), SCHEMA, frames=frames, size=size
+            )  # fmt: skip
+            for _ in range(2)
+        ]
+        for a, b in zip(*runs, strict=True):
+            for x, y in zip(a[:3], b[:3], strict=True):
+                np.testing.assert_array_equal(x, y)
+            assert a[3] == b[3]
+
+
+def test_frames_match_the_recorded_reference_within_rendering_tolerance():
+    """Recorded once (tests/data/simulate_reference.npz). Labels must agree to float
+    precision; images to a fraction of a grey level per 1/8-frame block, which holds across
+    CPUs and the OpenCV/numpy builds the constraints allow, and fails on any change to what is
+    drawn (a moved device or a different contrast level shifts blocks by whole grey levels)."""
+    ref = np.load(_REFERENCE)
+    for seed, case, size, frames in _REFERENCE_CASES:
+        key = f"{seed}_{case}_{size}_{frames}"
+        got = simulate.simulate_case(np.random.default_rng([seed, case]), SCHEMA, frames=frames,
+                                     size=size)  # fmt: skip
+        assert [f[3] for f in got] == list(ref[key + "_stages"]), key
+        np.testing.assert_array_equal(np.stack([f[1] for f in got]), ref[key + "_visibility"])
+        np.testing.assert_allclose(np.stack([f[2] for f in got]), ref[key + "_coords"],
+                                   atol=1e-3, err_msg=key)  # fmt: skip
+        blocks = _block_means(np.stack([f[0] for f in got]))
+        np.testing.assert_allclose(blocks, ref[key + "_blocks"], atol=0.5, err_msg=key)
+
+
+def test_guidance_truth_agrees_with_the_annotated_keypoints():
+    from tavr_jax.infer import guidance
+
+    size = 128
+    retrieved = dict(released=True, delivery=True, delivery_retrieved=True)
+    states = [
+        _state("positioning", delivery=True, advance_mm=8.0, contrast=1.0),
+        _state("deployment", delivery=True, retract=0.6, contrast=1.0),
+        _state("post_deployment", released=True, contrast=0.9),
+        _state("post_deployment", contrast=0.9, **retrieved),  # nose cone above the frame
+        _state("fluoroscopy", released=True),
+    ]
+    checked = 0
+    for mirror, implant_depth in ((False, 5.5), (True, 3.0), (False, -2.5)):
+        p = _params(size, seed=2, mirror=mirror, implant_depth=implant_depth)
+        r = simulate.CaseRenderer(p, size)
+        for st in states:
+            _, pts = r.render(st, np.random.default_rng(0))
+            truth = simulate.frame_truth(r, st)
+            assert truth["mm_per_px"] == pytest.approx(p.spacing_mm)
+            assert truth["contrast"] == (st.contrast >= simulate.CONTRAST_VISIBLE)
+            if not st.released and not st.retract:
+                assert truth["guidance_stage"] == "positioning" and truth["angle_deg"] is None
+                assert truth["depth_mm"] == {"FE1": None, "FE2": None}
+                continue
+            assert truth["guidance_stage"] == ("deployed" if st.released else "deploying")
+            # the readouts measured on the exact keypoints, in mm through the spacing
+            seen = {n: _xy(pts, n) if pts[n][2] else None for n in pts}
+            depth = guidance.implantation_depths(seen, mm_per_px=p.spacing_mm)
+            if truth["contrast"]:
+                for side in ("FE1", "FE2"):
+                    # within a pixel, and the 1.2 % the heartbeat scales the image by
+                    tol = 0.5 * p.spacing_mm + 0.015 * abs(truth["depth_mm"][side])
+                    assert depth[side] == pytest.approx(truth["depth_mm"][side], abs=tol)
+                    assert np.sign(depth[side]) == np.sign(implant_depth)
+                angle = guidance.coaxiality_deg(*(seen[n] for n in ("FE1", "FE2", "AA1", "AA2")))
+                assert float(angle) == pytest.approx(truth["angle_deg"], abs=0.05)
+                checked += 1
+            else:
+                assert depth == {"FE1": None, "FE2": None}  # no annulus in view
+                assert truth["depth_mm"]["FE1"] is not None  # the truth still knows it
+    assert checked == 9
+
+
+def test_truth_draws_nothing_and_the_project_writes_it_per_frame(tmp_path):
+    from tavr_jax.infer import guidance
+
+    truth: list[dict] = []
+    with_truth = simulate.simulate_case(
+        np.random.default_rng([7, 1]), SCHEMA, frames=6, size=64, truth=truth
+    )
+    plain = simulate.simulate_case(np.random.default_rng([7, 1]), SCHEMA, frames=6, size=64)
+    assert len(truth) == 6
+    for got, want in zip(with_truth, plain, strict=True):
+        for x, y in zip(got, want, strict=True):
+            np.testing.assert_array_equal(x, y)
+    root = simulate.simulate_project(
+        tmp_path / "p", SCHEMA, cases=2, frames=3, size=64, seed=1, progress=False
+    )
+    rows = guidance.read_truth(root)
+    images = sorted(str(p.relative_to(root)) for p in root.rglob("*.png"))
+    assert list(rows) == images  # case and frame order, named as the images
+    project = supervisely.read_project(root, SCHEMA)
+    assert len(project.frames) == 6  # the sidecar does not disturb the reader
+    for f in project.frames:
+        row = rows[f"{f.case_id}/img/{f.frame_name}"]
+        assert row["stage"] == f.stage and row["mm_per_px"] == f.pixel_spacing_mm
+    assert all(set(r["depth_mm"]) == {"FE1", "FE2"} for r in rows.values())
