@@ -22,7 +22,10 @@ as the pixels; docs/data.md defines each); a point is visible when its structure
 Left/right pairs follow "left in the image is 1" in every view, mirrored or not.
 
 Modules: `params` (case parameters, stage schedule), `anatomy` (geometry helpers, aortic
-root, thorax), `devices` (catheters, delivery system, valve frame), `render` (one frame).
+root, thorax), `devices` (catheters, delivery system, valve frame), `render` (one frame),
+`truth` (the true guidance readouts of a frame: implantation depth per side, coaxiality angle,
+spacing, contrast; a project has them in `GUIDANCE_TRUTH_FILE` at its root, one JSON line per
+frame).
 
 Schemas: point names are mapped by name to `SIMULATED_POINTS`. A schema naming points the
 simulator cannot draw (e.g. 'reference10': FE1_o, EC1, CT1, ...) raises ValueError listing
@@ -32,6 +35,7 @@ them, unless `allow_missing=True`, in which case those points are always invisib
 from __future__ import annotations
 
 import functools
+import json
 import multiprocessing
 import os
 import pathlib
@@ -40,6 +44,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from cardiac_core.fileio import atomic_write_bytes
 from tavr_jax.data import supervisely
 from tavr_jax.data.simulate.params import (
     CONTRAST_VISIBLE,
@@ -52,11 +57,13 @@ from tavr_jax.data.simulate.params import (
     sample_schedule,
 )
 from tavr_jax.data.simulate.render import CaseRenderer
+from tavr_jax.data.simulate.truth import GUIDANCE_TRUTH_FILE, frame_truth
 from tavr_jax.schema import KeypointSchema
 
 __all__ = [
     "CONTRAST_VISIBLE",
     "FPS",
+    "GUIDANCE_TRUTH_FILE",
     "SIMULATED_POINTS",
     "STAGES",
     "CaseParams",
@@ -64,6 +71,7 @@ __all__ = [
     "FrameState",
     "sample_case",
     "sample_schedule",
+    "frame_truth",
     "simulate_case",
     "simulate_project",
 ]
@@ -103,10 +111,13 @@ def simulate_case(
     allow_missing: bool = False,
     params: CaseParams | None = None,
     schedule: list[FrameState] | None = None,
+    truth: list[dict] | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, str]]:
     """Simulates one case: a list of (image (S,S) uint8, visibility (K,), coords (K,2), stage).
 
-    `params` and `schedule` override the random draws (tests and figures use them).
+    `params` and `schedule` override the random draws (tests and figures use them). A list
+    given as `truth` gets each frame's true guidance readouts appended (`truth.frame_truth`);
+    they draw no random numbers, so the frames are the same with or without it.
     """
     if frames < 1:
         raise ValueError(f"frames must be >= 1, got {frames}")
@@ -119,6 +130,8 @@ def simulate_case(
         img, pts = renderer.render(st, rng)
         vis, coords = _to_schema(pts, names, size)
         out.append((img, vis, coords, st.stage))
+        if truth is not None:
+            truth.append(frame_truth(renderer, st))
     return out
 
 
@@ -137,7 +150,9 @@ def simulate_project(
     """Writes `cases` simulated cases of `frames` frames as a Supervisely project at `out`.
 
     Case c draws from `np.random.default_rng([seed, c])` alone, so the project is the same
-    bytes whatever the number of `workers` (processes, one case at a time each).
+    bytes whatever the number of `workers` (processes, one case at a time each). The frames'
+    true guidance readouts go to `out/GUIDANCE_TRUTH_FILE` (one JSON object a line, in case
+    and frame order), written once all cases are.
     """
     if cases < 1:
         raise ValueError(f"cases must be >= 1, got {cases}")
@@ -153,36 +168,53 @@ def simulate_project(
         seed=seed,
         allow_missing=allow_missing,
     )
+    truth: dict[int, list[dict]] = {}
     with tqdm(
         total=cases * frames, desc="simulating frames", unit="frame", disable=not progress
     ) as bar:
         if workers == 1:
             for c in range(cases):
-                bar.update(write(c))
+                c, rows = write(c)
+                truth[c] = rows
+                bar.update(len(rows))
         else:
             # spawn: the parent may hold threads (JAX, grain) that a fork would copy mid-state.
             context = multiprocessing.get_context("spawn")
             with context.Pool(
                 min(workers, cases), initializer=cv2.setNumThreads, initargs=(1,)
             ) as pool:
-                for n in pool.imap_unordered(write, range(cases)):
-                    bar.update(n)
+                for c, rows in pool.imap_unordered(write, range(cases)):
+                    truth[c] = rows
+                    bar.update(len(rows))
+    lines = [json.dumps(row) + "\n" for c in sorted(truth) for row in truth[c]]
+    atomic_write_bytes(writer.root / GUIDANCE_TRUTH_FILE, "".join(lines).encode())
     return writer.root
 
 
-def _write_case(writer, c: int, *, frames: int, size: int, seed: int, allow_missing: bool) -> int:
-    """Simulates case c of a project and writes its frames; returns how many."""
+def _write_case(
+    writer, c: int, *, frames: int, size: int, seed: int, allow_missing: bool
+) -> tuple[int, list[dict]]:
+    """Simulates case c of a project and writes its frames; returns (c, their truth records)."""
     rng = np.random.default_rng([seed, c])  # a case does not depend on how many came before
     case_id = f"sim{seed:04d}_{c:05d}"
     params = sample_case(rng, size)
+    truth: list[dict] = []
     case = simulate_case(
-        rng, writer.schema, frames=frames, size=size, allow_missing=allow_missing, params=params
+        rng,
+        writer.schema,
+        frames=frames,
+        size=size,
+        allow_missing=allow_missing,
+        params=params,
+        truth=truth,
     )
-    for f, (img, vis, coords, stage) in enumerate(case):
+    rows = []
+    for f, ((img, vis, coords, stage), row) in enumerate(zip(case, truth, strict=True)):
+        frame_name = f"{f:04d}.png"
         writer.add(
             supervisely.AnnotatedFrame(
                 case_id=case_id,
-                frame_name=f"{f:04d}.png",
+                frame_name=frame_name,
                 image=img,
                 visibility=vis,
                 coords=coords,
@@ -190,4 +222,5 @@ def _write_case(writer, c: int, *, frames: int, size: int, seed: int, allow_miss
                 stage=stage,
             )
         )
-    return len(case)
+        rows.append({"frame": f"{case_id}/img/{frame_name}", "case": case_id, **row})
+    return c, rows
