@@ -1,12 +1,17 @@
 """Fit the perfusion analysis model: normal limits, calibrated classifiers, segment model.
 
 python experiments/perfusion_fit.py --data=data/perfusion_train --out=models/perfusion [--unet]
+
+Settings come from experiments/configs/perfusion.py (`--config=` another file); a flag given
+on the command line wins over the config.
 """
 
 import json
+import pathlib
 import sys
 
 from absl import app, flags
+from ml_collections import config_flags
 
 from perfusion import analyze, classifiers
 
@@ -14,46 +19,58 @@ _DATA = flags.DEFINE_string(
     "data", None, "labelled study folder (images/, labels.csv)", required=True
 )
 _OUT = flags.DEFINE_string("out", None, "model directory to write", required=True)
-_MODEL = flags.DEFINE_enum(
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", str(pathlib.Path(__file__).parent / "configs" / "perfusion.py"), "fit settings"
+)
+# Each flag, when given, wins over the config's field of the same name.
+flags.DEFINE_enum(
     "model",
-    "auto",
+    None,
     ("auto", *classifiers.FEATURE_MODELS),
     "classifier on the polar features (auto: lowest out-of-fold log loss per task)",
 )
-_SIZE = flags.DEFINE_integer("size", 128, "canonical polar grid (pixels)")
-_COLORMAP = flags.DEFINE_string("colormap", None, "colormap name when images lack a colour bar")
-_K = flags.DEFINE_float("k", None, "blackout at mean - k SD (default: tuned on masks/ or 2.5)")
-_UNET = flags.DEFINE_bool("unet", False, "also train the U-Net on the folder's masks/")
-_UNET_STEPS = flags.DEFINE_integer("unet_steps", 500, "U-Net training steps")
-_UNET_SIZE = flags.DEFINE_integer("unet_size", 32, "U-Net input size (pixels, divisible by 4)")
-_BAND = flags.DEFINE_list(
-    "uncertain_band", ["0.25", "0.75"], "LOW,HIGH: probabilities in here are reported uncertain"
-)
-_SEED = flags.DEFINE_integer("seed", 0, "random seed")
+flags.DEFINE_integer("size", None, "canonical polar grid (pixels)")
+flags.DEFINE_string("colormap", None, "colormap name when images lack a colour bar")
+flags.DEFINE_float("k", None, "blackout at mean - k SD (default: tuned on masks/ or 2.5)")
+flags.DEFINE_bool("unet", None, "also train the U-Net on the folder's masks/")
+flags.DEFINE_integer("unet_steps", None, "U-Net training steps")
+flags.DEFINE_integer("unet_size", None, "U-Net input size (pixels, divisible by 4)")
+flags.DEFINE_list("uncertain_band", None, "LOW,HIGH: probabilities in here are reported uncertain")
+flags.DEFINE_integer("seed", None, "random seed")
+
+
+def _settings():
+    """The config with the flags given on the command line applied."""
+    c = _CONFIG.value
+    for name in ("model", "size", "colormap", "k", "unet", "unet_steps", "unet_size", "seed"):
+        if flags.FLAGS[name].present:
+            c[name] = flags.FLAGS[name].value
+    if flags.FLAGS["uncertain_band"].present:
+        c.uncertain_band = tuple(float(v) for v in flags.FLAGS.uncertain_band)
+    return c
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    c = _settings()
     unet_config = None
-    if _UNET.value:
+    if c.unet:
         from perfusion import cnn
 
-        unet_config = cnn.UNetConfig(
-            size=_UNET_SIZE.value, steps=_UNET_STEPS.value, seed=_SEED.value
-        )
+        unet_config = cnn.UNetConfig(size=c.unet_size, steps=c.unet_steps, seed=c.seed)
     try:
         meta = analyze.fit(
             _DATA.value,
             _OUT.value,
-            model=_MODEL.value,
-            size=_SIZE.value,
-            colormap=_COLORMAP.value,
-            k=_K.value,
-            uncertain_band=tuple(float(v) for v in _BAND.value),
-            unet=_UNET.value,
+            model=c.model,
+            size=c.size,
+            colormap=c.colormap,
+            k=c.k,
+            uncertain_band=tuple(float(v) for v in c.uncertain_band),
+            unet=c.unet,
             unet_config=unet_config,
-            seed=_SEED.value,
+            seed=c.seed,
             progress=True,
         )
     except (ValueError, OSError) as e:

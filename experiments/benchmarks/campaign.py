@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import glob
+import importlib.util
 import json
 import os
 import pathlib
@@ -89,6 +90,15 @@ class Plan:
     train_min_s: float  # training time the stages before it may not eat into
 
 
+def _config_file(spec: pathlib.Path):
+    """The ConfigDict of `--config=PATH[:ARG]`, as ml_collections' config_flags loads it."""
+    path, _, arg = str(spec).partition(":")
+    module_spec = importlib.util.spec_from_file_location("_campaign_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
 def gpu_plan() -> Plan:
     """One H100/H200 with 16 CPU cores, at most 9 minutes."""
     return Plan(
@@ -113,14 +123,9 @@ def gpu_plan() -> Plan:
             repeats=3,
         ),  # fmt: skip
         input=dict(image_size=512, batch_size=64, variants="memory,0:2", batches=20, repeats=3),
-        train_config="experiments/configs/tavr.py",
-        # the paper-scale recipe: the default config (ResNet34 at 512 px) in bf16
-        train={
-            "dtype": "bfloat16",
-            "data.test_fraction": 0.15,
-            "checkpoint_every": 4000,
-            "eval_every": 2000,
-        },
+        # the paper-scale recipe (ResNet34 at 512 px) in bf16, with a test split
+        train_config="experiments/configs/tavr_gpu_campaign.py",
+        train={},
         eval_batch=32,  # the latency stage compiled this batch: the cache serves evaluation
         features=((256, 256), (512, 64)),
         cv=dict(n=300, model="resnet50", task="abnormal", folds=5, min_s=120),
@@ -517,8 +522,9 @@ class Campaign:
         self._stage("training", commands, limit)
 
     def _train_dtype(self) -> str:
-        """The training run's dtype: the last `--config.dtype=` override, else the plan's."""
-        dtype = self.plan.train.get("dtype", "float32")
+        """The training run's dtype: the last `--config.dtype=` override, else the plan's
+        override, else its config file's."""
+        dtype = self.plan.train.get("dtype") or _config_file(ROOT / self.plan.train_config).dtype
         for flag in self.overrides:
             if flag.startswith("--config.dtype="):
                 dtype = flag.split("=", 1)[1]

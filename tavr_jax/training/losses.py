@@ -16,21 +16,15 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
+from tavr_jax.config import get_config
 from tavr_jax.schema import KeypointSchema
 
 # The paper's loss: weights of (group BCE, visibility focal, coordinate Wing), focal and Wing
 # hyperparameters. `total_loss(config=...)` takes a mapping of the same shape (config.loss);
 # the heatmap term (`weights.heatmap`, `heatmap_sigma_px`) applies to heads that output
-# `heatmap_logits`, and `visibility_loss` picks "focal" (the paper) or "bce".
-PAPER_LOSS = {
-    "weights": {"group": 1.0, "visibility": 1.0, "coords": 1.0, "heatmap": 1.0},
-    "visibility_loss": "focal",
-    "focal_alpha": 0.25,
-    "focal_gamma": 2.0,
-    "wing_w": 10.0,
-    "wing_eps": 2.0,
-    "heatmap_sigma_px": 4.0,
-}
+# `heatmap_logits`, and `visibility_loss` picks "focal" (the paper) or "bce". The numbers live
+# in one place, the training config: its `loss` with the `paper` preset applied.
+PAPER_LOSS = get_config("paper").loss.to_dict()
 VISIBILITY_LOSSES = ("focal", "bce")
 
 

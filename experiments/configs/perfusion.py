@@ -1,0 +1,24 @@
+r"""The perfusion study's fit: what `perfusion_fit` builds from a labelled study folder.
+
+  python experiments/perfusion_fit.py --data=DIR --out=MODEL \
+      [--config=experiments/configs/perfusion.py] [--config.model=xgb] [--model=xgb]
+
+A flag given on the command line (`--model`, `--unet`, ...) wins over the config's field of
+the same name.
+"""
+
+import ml_collections
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.model = "auto"  # classifier on the polar features; auto: lowest out-of-fold log loss per task
+    c.size = 128  # canonical polar grid (pixels)
+    c.colormap = ml_collections.FieldReference(None, field_type=str)  # when images lack a bar
+    c.k = ml_collections.FieldReference(None, field_type=float)  # blackout SDs; None: tuned
+    c.uncertain_band = (0.25, 0.75)  # probabilities in here are reported uncertain
+    c.unet = False  # also train the U-Net on the folder's masks/
+    c.unet_steps = 500
+    c.unet_size = 32  # pixels, divisible by 4
+    c.seed = 0
+    return c
