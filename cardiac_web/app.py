@@ -252,6 +252,12 @@ def create_app(
         if models.perfusion is None:
             raise BadInput(models.errors["perfusion"], 503)
         form = await _read_form(request)
+        pair = [f for f in ("stress", "rest") if form.get(f) is not None]
+        if form.get("study") is not None and pair:
+            # Which maps to read would be a guess: the command line takes one form, so here too.
+            raise BadInput(
+                f"give either study or stress + rest, not both (got study, {', '.join(pair)})", 422
+            )
         fields = ("study",) if form.get("study") is not None else ("stress", "rest")
         uploads = {field: await _read_upload(form.get(field), field) for field in fields}
         return await heavy.run(analyze_perfusion, uploads)

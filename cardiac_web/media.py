@@ -88,6 +88,8 @@ def decode_media(data: bytes, folder: pathlib.Path, limits: Limits) -> Media:
         with decoding("media", 415):
             image = images.decode(data, "media", max_pixels=limits.max_pixels)
             frame = images.to_gray_uint8(image, "media")
+        with decoding("media", 422):  # the command line's minimum frame side, the same words
+            streams.check_frame_size(frame, "media")
         return Media("image", [frame], [None], None, None, 1)
     # Named after the form field: decoders' messages then name it, not a server path.
     path = folder / "media"

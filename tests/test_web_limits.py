@@ -378,3 +378,18 @@ def test_server_peak_rss_stays_under_2gb_for_any_single_request(tmp_path):
         assert row["status_max_s"] < 5.0, row
         if row["status"] == 413:  # refused from a header: the upload's copies, nothing decoded
             assert row["peak"] - row["before"] < 3 * row["upload_mb"] + 100, row
+
+
+def test_the_api_and_the_command_line_share_their_input_rules(engine, perfusion_data):
+    # A frame under the command line's 16 px minimum side is refused here too, in its words.
+    client = TestClient(create_app(tavr_engine=engine))
+    tiny = _png(np.full((1, 1), 128, np.uint8))
+    _one_line_error(_predict(client, tiny), 422, "media", "1x1", "16 px minimum")
+    assert _predict(client, _png(_noise(1, 16, 16)[0])).status_code == 200
+    # One study given two ways is ambiguous: 422 naming the conflicting fields, no guess.
+    web = TestClient(create_app(perfusion_model=perfusion_data[1]))
+    png = _png(np.zeros((8, 8), np.uint8))
+    both = {"study": ("s.png", png), "stress": ("a.png", png), "rest": ("b.png", png)}
+    _one_line_error(web.post("/api/perfusion/analyze", files=both), 422, "study", "stress", "rest")
+    one = {"study": ("s.png", png), "rest": ("b.png", png)}
+    _one_line_error(web.post("/api/perfusion/analyze", files=one), 422, "study, rest")
