@@ -120,7 +120,7 @@ def territory_map(size: int) -> np.ndarray:
     return lut[segment_map(size)]
 
 
-def segment_onehot(size: int) -> np.ndarray:
+def segment_masks(size: int) -> np.ndarray:
     """(17,S,S) bool: one mask per AHA segment (index 0 = segment 1)."""
     seg = segment_map(size)
     return seg[None] == np.arange(1, NUM_SEGMENTS + 1)[:, None, None]
@@ -128,11 +128,11 @@ def segment_onehot(size: int) -> np.ndarray:
 
 def segment_centroids(size: int) -> np.ndarray:
     """(17, 2) float: (x, y) pixel centroid of each segment (index 0 = segment 1)."""
-    onehot = segment_onehot(size).astype(np.float64)
+    masks = segment_masks(size).astype(np.float64)
     idx = np.arange(size, dtype=np.float64)
-    count = onehot.sum(axis=(1, 2))
-    cx = np.einsum("kyx,x->k", onehot, idx) / count
-    cy = np.einsum("kyx,y->k", onehot, idx) / count
+    count = masks.sum(axis=(1, 2))
+    cx = np.einsum("kyx,x->k", masks, idx) / count
+    cy = np.einsum("kyx,y->k", masks, idx) / count
     return np.stack([cx, cy], axis=1)
 
 

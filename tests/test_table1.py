@@ -18,7 +18,7 @@ def _metrics(f1, precision=0.9, recall=0.8, err=12.5, acc=0.75, pim_f1=None, wid
 
 
 def test_table1_variants():
-    V = table1.Variant
+    V = table1.TableRow
     assert table1.table1_variants(["resnet18", "resnet34"]) == [
         V("resnet18"), V("resnet34"), V("resnet34", head="integral"), V("resnet34", head="heatmap"),
         V("resnet34", grouped=False),
@@ -38,7 +38,7 @@ def test_table1_variants():
 
 
 def test_table1_markdown_rows_and_ablation():
-    V = table1.Variant
+    V = table1.TableRow
     results = [
         (V("resnet34"), _metrics(0.9, err=12.5, width=512.0, pim_f1=0.88)),
         (V("resnet34", head="integral"), _metrics(0.95, err=None, acc=None)),

@@ -55,7 +55,7 @@ _LABELS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class Variant:
+class TableRow:
     """One row of the table: a backbone, a head type, grouped or not."""
 
     backbone: str
@@ -74,16 +74,16 @@ def table1_variants(
     heads: Sequence[str] = ("integral", "heatmap"),
     ablation_head: str = "regression",
     backbone_head: str = "regression",
-) -> list[Variant]:
+) -> list[TableRow]:
     """Every backbone with `backbone_head` (the paper's: regression); then `ablation_backbone`
     with each of `heads`; then the grouping ablation: `ablation_head` on `ablation_backbone`,
     grouped and not. An empty `ablation_backbone` leaves out the head rows and the ablation."""
-    variants = [Variant(b, head=backbone_head) for b in backbones]
+    variants = [TableRow(b, head=backbone_head) for b in backbones]
     if ablation_backbone:
-        variants += [Variant(ablation_backbone, head=backbone_head)]
-        variants += [Variant(ablation_backbone, head=h) for h in heads]
-        variants += [Variant(ablation_backbone, head=ablation_head)]
-        variants += [Variant(ablation_backbone, head=ablation_head, grouped=False)]
+        variants += [TableRow(ablation_backbone, head=backbone_head)]
+        variants += [TableRow(ablation_backbone, head=h) for h in heads]
+        variants += [TableRow(ablation_backbone, head=ablation_head)]
+        variants += [TableRow(ablation_backbone, head=ablation_head, grouped=False)]
     return list(dict.fromkeys(variants))  # unique, in order
 
 
@@ -124,7 +124,7 @@ def _row(cells) -> str:
 
 
 def table1_markdown(
-    results: Sequence[tuple[Variant, dict]],
+    results: Sequence[tuple[TableRow, dict]],
     *,
     ablation_backbone: str,
     command: str,
@@ -205,8 +205,8 @@ def table1_markdown(
     if not ablation_backbone:
         return "\n".join(lines) + "\n"
     by_variant = dict(results)
-    grouped = by_variant.get(Variant(ablation_backbone, head=ablation_head))
-    ungrouped = by_variant.get(Variant(ablation_backbone, head=ablation_head, grouped=False))
+    grouped = by_variant.get(TableRow(ablation_backbone, head=ablation_head))
+    ungrouped = by_variant.get(TableRow(ablation_backbone, head=ablation_head, grouped=False))
     lines += ["", "## Grouped vs not grouped", ""]
     if grouped is None or ungrouped is None or None in (grouped["f1"], ungrouped["f1"]):
         lines.append(f"Not available: both {ablation_backbone} {ablation_head} runs are needed.")
@@ -277,7 +277,7 @@ def run_table1(
     command: str = "",
     train_fn=None,
     eval_batch_size: int = 16,
-) -> list[tuple[Variant, dict]]:
+) -> list[tuple[TableRow, dict]]:
     """Trains and evaluates every variant with the same budget; writes the table after each.
 
     Each variant trains in `workdir_root/<name>` (resumed when present), gets thresholds tuned
