@@ -35,9 +35,10 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
-from cardiac_web.guards import BadInput, BodyLimit, HeavyWork, Limits, one_line
-from cardiac_web.media import decode_media, decoding
 from cardiac_core import images
+from cardiac_web.guards import BadInput, BodyLimit, HeavyWork, Limits, one_line
+from cardiac_web.live import LiveOptions, live_router
+from cardiac_web.media import decode_media, decoding
 from tavr_jax import reporting
 
 STATIC = pathlib.Path(__file__).parent / "static"
@@ -154,8 +155,10 @@ def create_app(
     tavr_engine=None,
     tavr_workdir=None,
     limits: Limits | None = None,
+    live: LiveOptions | None = None,
 ) -> FastAPI:
-    """The FastAPI app; models are passed as objects (tests) or loaded from folders (serve.py)."""
+    """The FastAPI app; models are passed as objects (tests) or loaded from folders (serve.py).
+    live: what the Live tab may open (cardiac_web/live.py; default: nothing)."""
     limits = limits or Limits()
     models = Models(perfusion_model=perfusion_model, perfusion_dir=perfusion_dir,
                     tavr_engine=tavr_engine, tavr_workdir=tavr_workdir)  # fmt: skip
@@ -168,6 +171,7 @@ def create_app(
                   openapi_url="/api/openapi.json")  # fmt: skip
     app.add_middleware(BodyLimit, limits=limits)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.include_router(live_router(models.tavr, live, engine_error=models.errors.get("tavr")))
 
     @app.exception_handler(BadInput)
     async def _bad_input(request: Request, exc: BadInput):

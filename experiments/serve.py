@@ -4,7 +4,9 @@
 
 Both model flags are optional: without them the page loads and says which model is missing.
 Binds to 127.0.0.1 unless --host says otherwise. The limits bound what one request may cost
-(bytes, pixels, frames) and how many heavy requests run at once; see README "Web page".
+(bytes, pixels, frames) and how many heavy requests run at once; see README "Web page". The
+Live tab replays the files of --live_dir and opens only the devices and URLs --live_sources
+names.
 """
 
 import sys
@@ -24,6 +26,20 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_integer("max_heavy", 2, "Requests decoding or running a model at the same time.")
 flags.DEFINE_float("busy_wait_s", 5.0, "How long a request waits for a free slot before 503.")
+flags.DEFINE_string(
+    "live_dir",
+    None,
+    "Live tab: folder whose videos, cines and image folders "
+    "may be replayed (nothing outside it is opened).",
+)
+flags.DEFINE_list(
+    "live_sources",
+    [],
+    "Live tab: devices and stream URLs it may open, e.g. "
+    "device:0,rtsp://10.0.0.5/* (a trailing * allows a prefix).",
+)
+flags.DEFINE_float("live_idle_stop_s", 30.0, "Live tab: stop a session nobody watched this long.")
+flags.DEFINE_float("live_max_s", 0.0, "Live tab: longest session, seconds (0: no limit).")
 
 
 def main(argv):
@@ -31,6 +47,7 @@ def main(argv):
     import uvicorn
 
     from cardiac_web.app import Limits, create_app
+    from cardiac_web.live import LiveOptions
 
     try:
         limits = Limits(
@@ -41,11 +58,16 @@ def main(argv):
             max_heavy=FLAGS.max_heavy,
             busy_wait_s=FLAGS.busy_wait_s,
         )
+        live = LiveOptions(
+            replay_dir=FLAGS.live_dir,
+            sources=tuple(FLAGS.live_sources),
+            idle_stop_s=FLAGS.live_idle_stop_s,
+            max_seconds=FLAGS.live_max_s or None,
+        )
     except ValueError as e:
         sys.exit(f"error: {e}")
-    web = create_app(
-        perfusion_dir=FLAGS.perfusion_model, tavr_workdir=FLAGS.tavr_workdir, limits=limits
-    )
+    web = create_app(perfusion_dir=FLAGS.perfusion_model, tavr_workdir=FLAGS.tavr_workdir,
+                     limits=limits, live=live)  # fmt: skip
     print(f"serving on http://{FLAGS.host}:{FLAGS.port}/")
     uvicorn.run(web, host=FLAGS.host, port=FLAGS.port, log_level="warning")
 

@@ -8,8 +8,7 @@ let timer = null;
 
 function showView(name) {
   for (const t of document.querySelectorAll(".tab")) t.classList.toggle("active", t.dataset.view === name);
-  $("view-perfusion").hidden = name !== "perfusion";
-  $("view-tavr").hidden = name !== "tavr";
+  for (const v of document.querySelectorAll(".view")) v.hidden = v.id !== `view-${name}`;
 }
 for (const t of document.querySelectorAll(".tab")) t.addEventListener("click", () => showView(t.dataset.view));
 
