@@ -27,7 +27,7 @@ import pydicom.pixels
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from cardiac_core import images
+from cardiac_core import images, logs
 from cardiac_core.images import window_to_uint8
 
 XA_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.12.1"  # X-Ray Angiographic Image Storage
@@ -36,6 +36,11 @@ MULTIFRAME_TRUE_COLOR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7.4"
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT", "YBR_PARTIAL_420")
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+# Each decoding plugin that fails logs its traceback before pydicom raises one error naming
+# them all, which `raw_frame` turns into its one line: the logged copies are noise.
+for _name in ("pydicom", "pydicom.pixels.decoders.base"):
+    logs.drop_tracebacks(_name)
+del _name
 
 
 def _first(value):
@@ -207,8 +212,9 @@ class DicomCine:
         else:
             try:
                 raw = pydicom.pixels.pixel_array(self._file, index=i)
-            except Exception as e:
-                raise ValueError(f"{self.path}: cannot decode frame {i} ({e})") from None
+            except Exception as e:  # pydicom's message lists each plugin on a line of its own
+                reason = " ".join(str(e).split())
+                raise ValueError(f"{self.path}: cannot decode frame {i} ({reason})") from None
         want = (self.height, self.width) + ((3,) if self.samples_per_pixel == 3 else ())
         if raw.shape != want:
             raise ValueError(

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from cardiac_core.logs import quiet_third_party
 from perfusion import features, geometry
 
 _SIZE = flags.DEFINE_integer("size", 256, "polar map size (pixels)")
@@ -34,6 +35,7 @@ def _seconds(fn):
 
 
 def main(argv):
+    quiet_third_party(flags.FLAGS["verbosity"])  # outside libraries: errors only
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     rng = np.random.default_rng(0)

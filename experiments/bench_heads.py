@@ -15,6 +15,7 @@ import numpy as np
 from absl import app, flags
 
 from cardiac_core.fileio import write_json_atomic
+from cardiac_core.logs import quiet_third_party
 from experiments.benchmarks.timing import device_description, time_interleaved
 from tavr_jax.infer.engine import KeypointEngine
 
@@ -27,6 +28,7 @@ _OUT = flags.DEFINE_string("out", "runs/bench_heads.json", "results JSON")
 
 
 def main(argv):
+    quiet_third_party(flags.FLAGS["verbosity"])  # outside libraries: errors only
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     b, s = _BATCH.value, _SIZE.value

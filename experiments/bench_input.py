@@ -19,6 +19,7 @@ import tempfile
 from absl import app, flags
 
 from cardiac_core.fileio import write_json_atomic
+from cardiac_core.logs import quiet_third_party
 from experiments.benchmarks import input as bench
 from experiments.benchmarks.timing import device_description
 from tavr_jax.data import records
@@ -38,6 +39,7 @@ _OUT = flags.DEFINE_string("out", "bench_input.json", "results JSON")
 
 
 def main(argv):
+    quiet_third_party(flags.FLAGS["verbosity"])  # outside libraries: errors only
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     result = {"date": datetime.date.today().isoformat(), "device": device_description(),

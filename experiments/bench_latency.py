@@ -13,6 +13,7 @@ import sys
 from absl import app, flags
 
 from cardiac_core.fileio import write_json_atomic
+from cardiac_core.logs import quiet_third_party
 from experiments.benchmarks import latency as bench
 from tavr_jax.infer.engine import KeypointEngine
 
@@ -42,6 +43,7 @@ _PROVIDER = flags.DEFINE_enum(
 
 
 def main(argv):
+    quiet_third_party(flags.FLAGS["verbosity"])  # outside libraries: errors only
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     timing = {"min_time_s": _MIN_TIME.value, "min_runs": 5}

@@ -14,6 +14,7 @@ import tempfile
 import numpy as np
 from absl import app, flags
 
+from cardiac_core.logs import quiet_third_party
 from experiments.benchmarks.timing import time_interleaved
 from experiments.benchmarks.torch_reference import export_onnx_bytes, keypoint_net
 from tavr_jax.infer import onnx_export, onnx_runtime
@@ -38,6 +39,7 @@ def op_times(profile_path: str, runs: int) -> collections.Counter:
 
 
 def main(argv):
+    quiet_third_party(flags.FLAGS["verbosity"])  # outside libraries: errors only
     del argv
     schema, size, runs = get_schema("paper11"), _SIZE.value, _RUNS.value
     engine = KeypointEngine.random_init(schema, _BACKBONE.value, size, head=_HEAD.value)

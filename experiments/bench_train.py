@@ -18,6 +18,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from cardiac_core.fileio import write_json_atomic
+from cardiac_core.logs import quiet_third_party
 from experiments.benchmarks import training
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -62,6 +63,7 @@ def _row(r: dict) -> str:
 
 
 def main(argv):
+    quiet_third_party(flags.FLAGS["verbosity"])  # outside libraries: errors only
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"

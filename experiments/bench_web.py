@@ -5,6 +5,7 @@ python experiments/bench_web.py --backbone=resnet34 --image_size=512 --batch_siz
 
 from absl import app, flags
 
+from cardiac_core.logs import quiet_third_party
 from experiments.benchmarks import web_memory
 
 _BACKBONE = flags.DEFINE_string("backbone", "resnet34", "backbone of the random-weight engine")
@@ -13,6 +14,7 @@ _BATCH = flags.DEFINE_integer("batch_size", 8, "engine batch size (serve.py uses
 
 
 def main(argv):
+    quiet_third_party(flags.FLAGS["verbosity"])  # outside libraries: errors only
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     rows = web_memory.run(_BACKBONE.value, _SIZE.value, _BATCH.value)

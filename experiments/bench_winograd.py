@@ -15,6 +15,7 @@ import pathlib
 
 from absl import app, flags
 
+from cardiac_core.logs import quiet_third_party
 from experiments.benchmarks.winograd import measure
 
 _SIZES = flags.DEFINE_list("sizes", ["64x128", "128x64", "128x32", "256x32", "256x16",
@@ -26,6 +27,7 @@ _OUT = flags.DEFINE_string("out", None, "also write the rows to this JSON (after
 
 
 def main(argv):
+    quiet_third_party(flags.FLAGS["verbosity"])  # outside libraries: errors only
     del argv
     rows = []
     print("| C | map | direct ms/layer | Winograd ms/layer | Winograd / direct | max rel. diff | "

@@ -11,6 +11,7 @@ import sys
 from absl import app, flags
 
 from cardiac_core import images
+from cardiac_core.logs import os_error_line, quiet_third_party
 from tavr_jax.data import pipeline, records
 from tavr_jax.schema import get_schema
 
@@ -29,6 +30,7 @@ _COMPRESS = flags.DEFINE_bool("compress", False, "zstd records: smaller, 3-4x sl
 
 
 def main(argv):
+    quiet_third_party(flags.FLAGS["verbosity"])
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
@@ -43,10 +45,13 @@ def main(argv):
             test_fraction=_TEST.value,
             compress=_COMPRESS.value,
             overwrite=_OVERWRITE.value,
+            progress=True,
         )
         meta = records.read_tfds_meta(out)
-    except (ValueError, FileNotFoundError) as e:
+    except ValueError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # a full disk, a read-only folder, a missing project: one line
+        sys.exit(f"error: {os_error_line(e, _OUT.value)}")
     sizes = {name: len(pipeline.open_split(out, name)) for name in meta["split"]["cases"]}
     print(f"wrote {out}: " + ", ".join(f"{n} {k} frames" for k, n in sizes.items()))
     print(f"reader counts: {meta['reader_counts']}")

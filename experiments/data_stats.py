@@ -1,13 +1,19 @@
 """Counts and a contact sheet of a Supervisely keypoint project: what to check first.
 
 python experiments/data_stats.py --data=data/sim --out=stats.json   # and stats.png beside it
+
+Every frame is decoded as training reads it; frames build_tfds and training would refuse
+(empty, truncated or not an image, over --max_pixels, another size than the annotation's) are
+counted and the first few listed. --strict: exit 1 when there are any.
 """
 
+import json
 import sys
 
 from absl import app, flags
 
 from cardiac_core import images
+from cardiac_core.logs import quiet_third_party
 from tavr_jax.data import stats
 from tavr_jax.schema import get_schema
 
@@ -21,9 +27,11 @@ _DRAWS = flags.DEFINE_integer(
     "augment_draws", 20, "augmentation draws per frame for the erased-point fractions (0: skip)"
 )
 _MAX_PIXELS = flags.DEFINE_integer("max_pixels", images.DEFAULT_MAX_PIXELS, "pixels per image")
+_STRICT = flags.DEFINE_bool("strict", False, "exit 1 when any frame cannot be read")
 
 
 def main(argv):
+    quiet_third_party(flags.FLAGS["verbosity"])  # outside libraries: errors only
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
@@ -39,7 +47,18 @@ def main(argv):
         )
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    print(f"wrote {json_path} and {png_path}")
+    print(f"wrote {json_path}" + (f" and {png_path}" if png_path else " (no readable frame)"))
+    got = json.loads(json_path.read_text())
+    n, examples = got["unreadable_frames"], got["unreadable_examples"]
+    if n:
+        print(
+            f"UNREADABLE: {n} of {got['n_frames']} frames cannot be read; build_tfds and "
+            f"training refuse them (first {len(examples)} below, all counted in {json_path}):"
+        )
+        for e in examples:
+            print(f"  {e['reason']}")
+        if _STRICT.value:
+            sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ import pathlib
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
+
+from cardiac_core.logs import quiet_third_party
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "demo_out", "Folder for everything the demo writes.")
@@ -96,8 +98,8 @@ def _fmt(x) -> str:
 
 
 def main(argv):
+    quiet_third_party(flags.FLAGS["verbosity"])  # outside libraries: errors only
     del argv
-    logging.set_verbosity(logging.ERROR)  # orbax warns about every read-only checkpoint view
     out = pathlib.Path(FLAGS.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

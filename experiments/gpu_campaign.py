@@ -14,6 +14,7 @@ import sys
 
 from absl import app, flags
 
+from cardiac_core.logs import quiet_third_party
 from experiments.benchmarks import campaign
 
 _OUT = flags.DEFINE_string("out", None, "results folder (at most 8 files)", required=True)
@@ -27,6 +28,7 @@ _FAIL = flags.DEFINE_enum("fail_stage", None, campaign.STAGES, "make this stage 
 
 
 def main(argv):
+    quiet_third_party(flags.FLAGS["verbosity"])  # outside libraries: errors only
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     plan = campaign.smoke_plan() if _SMOKE.value else campaign.gpu_plan()

@@ -9,6 +9,7 @@ import sys
 
 from absl import app, flags
 
+from cardiac_core.logs import quiet_third_party
 from perfusion import colormaps, simulate
 
 _OUT = flags.DEFINE_string("out", None, "output study folder", required=True)
@@ -25,6 +26,7 @@ _DEPTH = flags.DEFINE_list("depth", None, "defect depth range LOW,HIGH overridin
 
 
 def main(argv):
+    quiet_third_party(flags.FLAGS["verbosity"])  # outside libraries: errors only
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:

@@ -12,6 +12,7 @@ import sys
 
 from absl import app, flags
 
+from cardiac_core.logs import quiet_third_party
 from tavr_jax.data import simulate, stats, supervisely
 from tavr_jax.schema import get_schema
 
@@ -27,6 +28,7 @@ _BENCH = flags.DEFINE_bool("bench", False, "measure frames/s on one core instead
 
 
 def main(argv):
+    quiet_third_party(flags.FLAGS["verbosity"])  # outside libraries: errors only
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:

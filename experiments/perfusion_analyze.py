@@ -12,6 +12,7 @@ import sys
 from absl import app, flags
 
 from cardiac_core import images
+from cardiac_core.logs import quiet_third_party
 from perfusion import analyze
 
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "from perfusion_fit.py", required=True)
@@ -26,6 +27,7 @@ _MAX_PIXELS = flags.DEFINE_integer("max_pixels", 16_000_000, "largest image acce
 
 
 def main(argv):
+    quiet_third_party(flags.FLAGS["verbosity"])  # outside libraries: errors only
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:

@@ -10,6 +10,7 @@ import sys
 
 from absl import app, flags
 
+from cardiac_core.logs import quiet_third_party
 from experiments.studies import perfusion_figures
 
 _METRICS = flags.DEFINE_list("metrics", None, "NAME=metrics.json, one per line", required=True)
@@ -18,6 +19,7 @@ _TITLE = flags.DEFINE_string("title", "", "figure title")
 
 
 def main(argv):
+    quiet_third_party(flags.FLAGS["verbosity"])  # outside libraries: errors only
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:

@@ -13,6 +13,7 @@ import sys
 
 from absl import app, flags
 
+from cardiac_core.logs import quiet_third_party
 from experiments.studies import perfusion_compare
 
 _DATA = flags.DEFINE_string("data", None, "labelled study folder for the CV", required=True)
@@ -28,6 +29,7 @@ _TABLE1 = flags.DEFINE_string("table1", None, "write normal vs abnormal as the s
 
 
 def main(argv):
+    quiet_third_party(flags.FLAGS["verbosity"])  # outside libraries: errors only
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:

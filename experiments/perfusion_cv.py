@@ -10,6 +10,7 @@ import tempfile
 
 from absl import app, flags
 
+from cardiac_core.logs import quiet_third_party
 from perfusion import classifiers, studies
 
 _DATA = flags.DEFINE_string("data", None, "study folder (images/ + labels.csv)", required=True)
@@ -25,6 +26,7 @@ _OUT = flags.DEFINE_string("out", "cv.json", "output JSON")
 
 
 def main(argv):
+    quiet_third_party(flags.FLAGS["verbosity"])  # outside libraries: errors only
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:

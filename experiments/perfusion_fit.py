@@ -13,6 +13,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from cardiac_core.logs import quiet_third_party
 from perfusion import analyze, classifiers
 
 _DATA = flags.DEFINE_string(
@@ -51,6 +52,7 @@ def _settings():
 
 
 def main(argv):
+    quiet_third_party(flags.FLAGS["verbosity"])  # outside libraries: errors only
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     c = _settings()

@@ -16,6 +16,7 @@ import sys
 from absl import app, flags
 
 from cardiac_core.fileio import atomic_write_bytes
+from cardiac_core.logs import quiet_third_party
 from experiments.studies import perfusion_compare
 from perfusion import classifiers, studies
 
@@ -29,6 +30,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "seed of the folds and the models")
 
 
 def main(argv):
+    quiet_third_party(flags.FLAGS["verbosity"])  # outside libraries: errors only
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     sections = [

@@ -44,6 +44,9 @@ flags.DEFINE_float("live_max_s", 0.0, "Live tab: longest session, seconds (0: no
 
 def main(argv):
     del argv
+    from cardiac_core.logs import quiet_third_party
+
+    quiet_third_party(FLAGS["verbosity"])  # before the models load: orbax logs each read
     import uvicorn
 
     from cardiac_web.app import Limits, create_app

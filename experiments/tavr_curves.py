@@ -12,9 +12,10 @@ WORKDIR_ROOT/<name> (a finished variant is reused).
 import json
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
+from cardiac_core.logs import quiet_third_party
 from experiments.studies import curves
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -32,9 +33,9 @@ _RELIABILITY = flags.DEFINE_string("reliability", None, "reliability-diagram PNG
 
 
 def main(argv):
+    quiet_third_party(flags.FLAGS["verbosity"])  # outside libraries: errors only
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint read at INFO
     if not _DATA.value or not _VARIANTS.value:
         raise app.UsageError("--data and --variants are required")
     try:

@@ -10,9 +10,10 @@ size it was exported for) in place of W's checkpoint, on the same cases.
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from cardiac_core.fileio import write_json_atomic
+from cardiac_core.logs import os_error_line, quiet_third_party
 from tavr_jax.infer import evaluate
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "training workdir (config.json, checkpoints/)")
@@ -31,9 +32,9 @@ _MODEL_FILE = flags.DEFINE_string(
 
 
 def main(argv):
+    quiet_third_party(flags.FLAGS["verbosity"])  # orbax logs every checkpoint read at INFO
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint read at INFO
     for flag in (_WORKDIR, _DATA):
         if not flag.value:
             raise app.UsageError(f"--{flag.name} is required")
@@ -56,8 +57,10 @@ def main(argv):
         )
         if _OUT.value:
             write_json_atomic(_OUT.value, metrics)
-    except (ValueError, FileNotFoundError) as e:
+    except ValueError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # a full disk, a read-only folder, a missing file: one line
+        sys.exit(f"error: {os_error_line(e, _OUT.value)}")
     print(evaluate.summary_table(metrics))
 
 

@@ -16,6 +16,7 @@ import sys
 from absl import app, flags
 
 from cardiac_core.fileio import write_json_atomic
+from cardiac_core.logs import os_error_line, quiet_third_party
 from tavr_jax.infer.backends import export_workdir
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "training workdir (config.json, checkpoints/)")
@@ -46,6 +47,7 @@ def _parse(batch: str, frame_size: str | None):
 
 
 def main(argv):
+    quiet_third_party(flags.FLAGS["verbosity"])
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     for flag in (_WORKDIR, _OUT):
@@ -58,9 +60,11 @@ def main(argv):
                                 int8_calibration=_INT8.value,
                                 calibration_count=_CALIBRATION_FRAMES.value,
                                 winograd=_WINOGRAD.value)  # fmt: skip
-    except (ValueError, FileNotFoundError) as e:
+        write_json_atomic(f"{_OUT.value}.json", record)
+    except ValueError as e:
         sys.exit(f"error: {e}")
-    write_json_atomic(f"{_OUT.value}.json", record)
+    except OSError as e:  # a full disk, a read-only folder, a missing workdir: one line
+        sys.exit(f"error: {os_error_line(e, _OUT.value)}")
     print(json.dumps(record, indent=1))
 
 

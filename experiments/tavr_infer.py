@@ -10,14 +10,16 @@ writes OUT as a Supervisely project of the reported points instead (pre-annotati
 --backend=onnxruntime runs the workdir's network on onnxruntime; --model_file runs an exported
 file (tavr_export.py), checked against --workdir and --schema when they are given.
 --refine adds the second stage trained into W/refiner (experiments/tavr_refine.py).
+The outside libraries' INFO and WARNING logs are off unless --verbosity asks (0: INFO).
 """
 
 import sys
 
 from absl import app, flags
 
+from cardiac_core.logs import os_error_line, quiet_third_party
 from tavr_jax.infer.backends import open_engine
-from tavr_jax.infer.outputs import FORMATS, run_inference
+from tavr_jax.infer.outputs import FORMATS, check_out_dir, run_inference
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "training workdir (config.json, checkpoints/)")
 _INPUT = flags.DEFINE_string("input", None, "image, folder of images, video or DICOM file")
@@ -40,6 +42,7 @@ _FORMAT = flags.DEFINE_enum("format", "jsonl", list(FORMATS), "jsonl (+COCO) or 
 
 
 def main(argv):
+    quiet_third_party(flags.FLAGS["verbosity"])
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     for flag in (_INPUT, _OUT):
@@ -48,6 +51,7 @@ def main(argv):
     if not (_WORKDIR.value or _MODEL_FILE.value):
         raise app.UsageError("--workdir or --model_file is required")
     try:
+        check_out_dir(_OUT.value)  # before the engine loads and compiles
         engine = open_engine(
             _WORKDIR.value,
             model_file=_MODEL_FILE.value,
@@ -69,8 +73,10 @@ def main(argv):
             expect=_EXPECT.value,
             format=_FORMAT.value,
         )
-    except (ValueError, FileNotFoundError) as e:
+    except ValueError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # a full disk, a read-only folder, a missing file: one line
+        sys.exit(f"error: {os_error_line(e, _OUT.value)}")
     print(f"{summary['frames']} frames ({summary['source']}) -> {summary['predictions']}")
     if summary["skipped"]:
         for name, reason in summary["skipped"]:

@@ -17,6 +17,7 @@ import sys
 
 from absl import app, flags
 
+from cardiac_core.logs import quiet_third_party
 from tavr_jax.infer.backends import open_engine
 from tavr_jax.infer.live import run_live
 
@@ -44,6 +45,7 @@ _STALL_S = flags.DEFINE_float("stall_s", 2.0, "report 'no signal' after this man
 
 
 def main(argv):
+    quiet_third_party(flags.FLAGS["verbosity"])  # outside libraries: errors only
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     for flag in (_INPUT, _RECORD):

@@ -23,9 +23,10 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
 from cardiac_core.fileio import write_json_atomic
+from cardiac_core.logs import quiet_third_party
 from tavr_jax.data.supervisely import read_project
 from tavr_jax.infer.engine import KeypointEngine
 from tavr_jax.infer.evaluate import predict_project
@@ -132,9 +133,9 @@ def cost_rows(refiner, specs, *, runs: int = 9) -> list[dict]:
 
 
 def main(argv):
+    quiet_third_party(flags.FLAGS["verbosity"])  # outside libraries: errors only
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)
     engine = KeypointEngine.from_workdir(_WORKDIR.value, batch_size=1)
     schema = engine.schema
     directory = f"{_WORKDIR.value}/refiner"

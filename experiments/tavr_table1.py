@@ -13,9 +13,10 @@ gets thresholds tuned on val cases, and is evaluated on held-out test cases.
 import shlex
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
+from cardiac_core.logs import quiet_third_party
 from experiments.studies import table1
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -42,9 +43,9 @@ _ROOT = flags.DEFINE_string("workdir_root", "runs/table1", "one training workdir
 
 
 def main(argv):
+    quiet_third_party(flags.FLAGS["verbosity"])  # outside libraries: errors only
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint read at INFO
     if not _DATA.value:
         raise app.UsageError("--data is required")
     try:

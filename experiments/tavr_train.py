@@ -11,8 +11,10 @@ import json
 import sys
 
 import jax
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
+
+from cardiac_core.logs import quiet_third_party
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output folder (checkpoints, events, config)")
@@ -26,18 +28,21 @@ flags.mark_flags_as_required(["config", "workdir", "data"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO; progress goes to tqdm
+    quiet_third_party(flags.FLAGS["verbosity"])  # outside libraries: errors only
     if _COORD.value is not None:
         jax.distributed.initialize(
             coordinator_address=_COORD.value,
             num_processes=_NPROC.value,
             process_id=_PID.value,
         )
+    from tavr_jax.run.lock import WorkdirLocked
     from tavr_jax.training.train import NaNLossError, train_and_evaluate
 
     try:
         metrics = train_and_evaluate(_CONFIG.value, _WORKDIR.value, _DATA.value)
-    except (ValueError, FileNotFoundError, NaNLossError) as e:
+    except (ValueError, OSError, WorkdirLocked, NaNLossError) as e:
+        # One line each (another run holds the workdir, read-only, disk full, damaged
+        # checkpoints): the cause, not a traceback.
         sys.exit(f"error: {e}")
     if jax.process_index() == 0:
         print(json.dumps(metrics, indent=2, sort_keys=True))

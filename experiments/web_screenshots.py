@@ -10,6 +10,8 @@ import pathlib
 
 from absl import app, flags
 
+from cardiac_core.logs import quiet_third_party
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("perfusion_model", None, "Folder written by perfusion_fit.py.", required=True)
 flags.DEFINE_string("study", None, "A study image to upload.", required=True)
@@ -44,6 +46,7 @@ def live_screenshot(d, url: str, replay_name: str, path, *, target="3-6", fps=No
 
 
 def main(argv):
+    quiet_third_party(flags.FLAGS["verbosity"])  # outside libraries: errors only
     del argv
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait

@@ -11,6 +11,8 @@ directory without it is incomplete). Nothing in it can run code when loaded: pla
   segments.npz                 per-segment defect model on scores.segment_features (when the
                                training labels list segments)
   unet/                        optional U-Net for the defect mask (msgpack parameters + JSON)
+  manifest.json                written last: each file's role, format version and sha256
+                               (cardiac_core.integrity); a swapped or edited file is refused
 
 Training studies are scored against cross-fitted limits (a normal study never against limits
 that include itself). Probabilities are Platt-calibrated on out-of-fold predictions of the
@@ -26,6 +28,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from cardiac_core import integrity
 from cardiac_core.fileio import atomic_write_bytes
 from perfusion import classifiers, evaluation, features, geometry, reliability, scores, studies
 from perfusion.evaluation import segments_bool, territories_bool, territories_of
@@ -34,6 +37,8 @@ from perfusion.scores import ScoreConfig
 LABELS = studies.LABELS
 MODEL_VERSION = 4  # 3: the defect-persistence features; 4: the uptake strip/ring features
 TASK_MODELS = ("abnormal", "ischemia_vs_infarction")
+MANIFEST_KIND = "perfusion_model"
+RESAVE = "re-fit it (experiments/perfusion_fit.py) or seal it as is (perfusion.fitting.seal_model)"
 DEFAULT_BAND = (0.25, 0.75)  # abstain when a probability lies in here
 # model="auto": per task, the candidate with the lowest out-of-fold log loss on the training
 # folder. No one model wins everywhere: on 150 studies with large defects, logistic regression
@@ -257,7 +262,32 @@ def fit(
         "fit": summary,
     }
     atomic_write_bytes(out_dir / "model.json", json.dumps(meta, indent=1).encode())
+    seal_model(out_dir)
     return meta
+
+
+def _roles(d: pathlib.Path) -> dict[str, tuple[str, int]]:
+    """{file: (role, format version)} of the files a model folder holds now."""
+    roles = {
+        "model.json": "model description (model.json)",
+        "normal_limits.npz": "normal limits",
+        "segments.npz": "segment model",
+        **{f"{t}.npz": f"{t} model" for t in TASK_MODELS},
+    }
+    files = {n: (r, MODEL_VERSION) for n, r in roles.items() if (d / n).is_file()}
+    for p in sorted((d / "unet").rglob("*")) if (d / "unet").is_dir() else []:
+        if p.is_file():
+            files[p.relative_to(d).as_posix()] = (f"U-Net file {p.name}", MODEL_VERSION)
+    return files
+
+
+def seal_model(model_dir) -> pathlib.Path:
+    """Writes the folder's manifest.json (role, version, sha256 of each file), as `fit` does
+    last; on a folder written before manifests, it records the files as they are now."""
+    d = pathlib.Path(model_dir)
+    if not (d / "model.json").is_file():
+        raise FileNotFoundError(f"{d}: no model.json (not a fitted model directory)")
+    return integrity.write_manifest(d, _roles(d), kind=MANIFEST_KIND)
 
 
 def _fit_segment_model(per_segment, true_seg, labels, *, seed: int = 0):
@@ -310,6 +340,7 @@ def load_model(model_dir) -> AnalysisModel:
         raise FileNotFoundError(f"model directory not found: {d}")
     if not (d / "model.json").is_file():
         raise FileNotFoundError(f"{d}: no model.json (not a fitted model directory, or incomplete)")
+    integrity.verify_present(d, kind=MANIFEST_KIND)
     path = d / "model.json"
     meta = _json_file(path)
     version = meta.get("version")
@@ -348,18 +379,31 @@ def load_model(model_dir) -> AnalysisModel:
         from perfusion import cnn
 
         unet = cnn.UNetModel.load(d / "unet")
+    abnormal = classifiers.PortableModel.load(d / "abnormal.npz")
+    ischemia = classifiers.PortableModel.load(d / "ischemia_vs_infarction.npz")
+    config = field("score_config", ScoreConfig.from_dict)
+    calibration = field(
+        "calibration", lambda c: {t: (float(c[t][0]), float(c[t][1])) for t in TASK_MODELS}
+    )
+    band = field("uncertain_band", lambda b: (float(b[0]), float(b[1])))
+    # After parsing, so a broken file keeps its own message; before use, so two readable
+    # files swapped (each a valid model, silently wrong answers) are refused here.
+    loaded = ["model.json", "normal_limits.npz", *(f"{t}.npz" for t in TASK_MODELS)]
+    loaded += ["segments.npz"] if segments is not None else []
+    versions = dict.fromkeys(loaded, MODEL_VERSION)
+    integrity.verify_folder(
+        d, kind=MANIFEST_KIND, names=loaded, format_versions=versions, resave=RESAVE
+    )
     return AnalysisModel(
         size=size,
         limits=limits,
-        config=field("score_config", ScoreConfig.from_dict),
-        abnormal=classifiers.PortableModel.load(d / "abnormal.npz"),
-        ischemia_vs_infarction=classifiers.PortableModel.load(d / "ischemia_vs_infarction.npz"),
-        calibration=field(
-            "calibration", lambda c: {t: (float(c[t][0]), float(c[t][1])) for t in TASK_MODELS}
-        ),
+        config=config,
+        abnormal=abnormal,
+        ischemia_vs_infarction=ischemia,
+        calibration=calibration,
         segments=segments,
         segment_threshold=float(meta.get("segment_threshold") or 0.5),
-        uncertain_band=field("uncertain_band", lambda b: (float(b[0]), float(b[1]))),
+        uncertain_band=band,
         colormap=meta.get("colormap"),
         gate_by_label=bool(meta.get("gate_by_label", True)),
         unet=unet,

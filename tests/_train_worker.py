@@ -75,6 +75,63 @@ def _train(args) -> None:
     print(f"finished at step {metrics['step']}", flush=True)
 
 
+def failing_save(code: int, *, step: int | None = None):
+    """A stand-in for orbax's JSON item writer that fails with `code` (errno.ENOSPC: disk
+    full, errno.EROFS: read-only) when writing `step` (every step when None), as the
+    filesystem would: in orbax's background commit, after the arrays were written."""
+    import errno
+    import os
+
+    import orbax.checkpoint as ocp
+
+    original = ocp.JsonCheckpointHandler._save_fn
+
+    async def save_fn(self, x, directory):
+        if step is None or str(directory).rstrip("/").split("/")[-2].startswith(f"{step}."):
+            raise OSError(code, os.strerror(code), str(directory / "metadata"))
+        return await original(self, x, directory)
+
+    assert code in (errno.ENOSPC, errno.EROFS)
+    return save_fn
+
+
+def _launch(args) -> None:
+    """The real launcher (experiments/tavr_train.py) with the tiny config's flags."""
+    import errno
+    import pathlib
+    import sys
+
+    import jax
+    import orbax.checkpoint as ocp
+    from absl import app
+
+    jax.config.update("jax_disable_most_optimizations", True)  # compile time dominates
+    from experiments import tavr_train
+
+    if args.fail_save:
+        code, step = args.fail_save.split("@")
+        ocp.JsonCheckpointHandler._save_fn = failing_save(getattr(errno, code), step=int(step))
+    config = pathlib.Path(tavr_train.__file__).parent / "configs" / "tavr.py"
+    overrides = dict(
+        backbone="resnet_tiny",
+        image_size=32,
+        batch_size=8,
+        num_steps=args.steps,
+        checkpoint_every=args.checkpoint_every,
+        eval_every=1000,
+        log_every=1,
+        **{"optimizer.warmup_steps": 2, "data.val_fraction": 0.25},
+    )  # fmt: skip  (tiny_config's values, as flags)
+    sys.argv = [
+        "tavr_train",
+        f"--config={config}:runlocal",
+        f"--workdir={args.workdir}",
+        f"--data={args.data}",
+        *(f"--config.{k}={v}" for k, v in overrides.items()),
+    ]
+    app.run(tavr_train.main)
+
+
 class RecordingFrames(Sequence):
     """A random-access source that records which frames were read, in order."""
 
@@ -162,7 +219,7 @@ def synthetic_batch(batch_size, size, k, seed=0) -> dict:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["train", "multihost"])
+    parser.add_argument("mode", choices=["train", "multihost", "launch"])
     parser.add_argument("--workdir")
     parser.add_argument("--data")
     parser.add_argument("--steps", type=int, default=6)
@@ -171,5 +228,6 @@ if __name__ == "__main__":
     parser.add_argument("--num_processes", type=int)
     parser.add_argument("--process_id", type=int)
     parser.add_argument("--out")
+    parser.add_argument("--fail_save", help="launch: ERRNO@STEP, e.g. ENOSPC@9")
     args = parser.parse_args()
-    {"train": _train, "multihost": _multihost}[args.mode](args)
+    {"train": _train, "multihost": _multihost, "launch": _launch}[args.mode](args)

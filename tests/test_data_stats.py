@@ -131,3 +131,74 @@ def test_a_sheet_of_every_frame_stays_small_and_copies_are_listed(tmp_path):
     assert got["duplicate_frames"] == [["p0/0000.png", "p9/0000.png"]]
     with pytest.raises(ValueError, match="is a folder"):
         stats.write_stats(root, tmp_path, schema=SCHEMA)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height, with no pixel data: what a decompression
+    bomb looks like to a reader, without allocating one here."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def _bad_frames_project(tmp_path):
+    """A project of 8 frames: 2 good, and one of each kind training refuses."""
+    frames = [_frame("p1", f"{i:04d}.png", ["PT"]) for i in range(4)]
+    frames += [_frame("p2", f"{i:04d}.png", ["PT"]) for i in range(4)]
+    root = supervisely.write_project(tmp_path / "proj", SCHEMA, frames)
+    img = lambda case, i: root / case / "img" / f"{i:04d}.png"  # noqa: E731
+    good = img("p1", 0).read_bytes()
+    img("p1", 1).write_bytes(b"")  # zero bytes
+    img("p1", 2).write_bytes(good[: len(good) // 2])  # truncated
+    img("p1", 3).write_text("not an image, a text file\n")
+    img("p2", 0).write_bytes(_png_header_only(20000, 20000))
+    ok, other = cv2.imencode(".png", np.zeros((30, 20), np.uint8))
+    img("p2", 1).write_bytes(other.tobytes())  # 20x30, its annotation says 64x48
+    img("p2", 2).unlink()
+    img("p2", 2).mkdir()  # a folder where the image should be
+    return root
+
+
+def test_every_unreadable_frame_is_counted_with_its_reason(tmp_path):
+    root = _bad_frames_project(tmp_path)
+    json_path, png_path = stats.write_stats(
+        root, tmp_path / "s.json", schema=SCHEMA, augment_draws=0
+    )
+    got = json.loads(json_path.read_text())
+    assert got["n_frames"] == 8 and got["unreadable_frames"] == 6
+    reasons = {e["frame"]: e["reason"] for e in got["unreadable_examples"]}
+    assert len(reasons) == stats.SHOWN_UNREADABLE
+    assert "empty file" in reasons["p1/0001.png"]
+    assert "not a readable image" in reasons["p1/0002.png"]
+    assert "not a readable image" in reasons["p1/0003.png"]
+    assert "20000x20000" in reasons["p2/0000.png"] and "--max_pixels" in reasons["p2/0000.png"]
+    assert "image is 20x30 but its annotation says 64x48" in reasons["p2/0001.png"]
+    assert all("\n" not in r for r in reasons.values())
+    everything = stats.unreadable_frames(supervisely.read_project(root, SCHEMA), shown=10)
+    assert "is a folder" in everything["unreadable_examples"][-1]["reason"]
+    assert everything["unreadable_indices"] == [1, 2, 3, 4, 5, 6]
+    # the folder is skipped there, not an error; the two good frames are copies
+    assert got["duplicate_frames"] == [["p1/0000.png", "p2/0003.png"]]
+    assert png_path is not None and cv2.imread(str(png_path)) is not None  # good frames only
+
+
+def test_data_stats_launcher_reports_bad_frames_and_fails_with_strict(tmp_path):
+    import pathlib
+    import subprocess
+    import sys
+
+    root = _bad_frames_project(tmp_path)
+    launcher = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "data_stats.py"
+    args = [sys.executable, str(launcher), f"--data={root}", f"--out={tmp_path / 's.json'}",
+            "--augment_draws=0"]  # fmt: skip
+    run = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "UNREADABLE: 6 of 8 frames" in run.stdout and "0001.png: empty file" in run.stdout
+    strict = subprocess.run([*args, "--strict"], capture_output=True, text=True, timeout=300)
+    assert strict.returncode == 1 and "UNREADABLE: 6 of 8" in strict.stdout

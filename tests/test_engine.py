@@ -98,6 +98,19 @@ def test_traces_once_per_frame_size():
     assert len(eng._compiled) == 2
 
 
+def test_a_batch_one_view_shares_weights_and_runs_one_frame_unpadded():
+    eng = _engine(batch_size=8)
+    frames, _ = _spot_frames(np.random.default_rng(3), 1, 40, 40)
+    one = eng.with_batch_size(1)
+    assert one.batch_size == 1 and eng.batch_size == 8 and one.variables is eng.variables
+    got, want = one(frames), eng(frames)
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6)
+    assert {k[0] for k in eng._compiled} == {1, 8}  # one executable per batch, shared
+    with pytest.raises(ValueError, match="batch_size"):
+        eng.with_batch_size(0)
+
+
 def test_bfloat16_close_to_float32():
     rng = np.random.default_rng(3)
     frames, centres = _spot_frames(rng, 4, 64, 64)

@@ -255,13 +255,15 @@ def test_the_frame_size_changes_mid_stream(tmp_path):
     write_tiny_checkpoint(workdir, TINY_CONFIG)
     from tavr_jax.infer.engine import KeypointEngine
 
-    engine = KeypointEngine.from_workdir(workdir)
+    engine = KeypointEngine.from_workdir(workdir, batch_size=8)  # as the web server loads it
     # Each burst waits long enough for the previous frame to be processed, compilation included.
     source = ScriptedSource([(2, 0.05), (2, 0.05)], shapes=((40, 48), (64, 36)))
     session = LiveSession(engine, source, record=tmp_path / "r.jsonl",
                           record_video=tmp_path / "v.mp4")  # fmt: skip
     stats = _run_to_end(session, timeout=120)
     assert stats["status"] == "ended", stats
+    # One frame at a time, never padded to the upload engine's batch of 8.
+    assert session.engine.batch_size == 1 and {k[0] for k in engine._compiled} == {1}
     records = read_records(tmp_path / "r.jsonl")
     sizes = [(r["width"], r["height"]) for r in records]
     assert (48, 40) in sizes and (36, 64) in sizes and sizes[-1] == (36, 64)

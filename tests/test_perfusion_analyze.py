@@ -45,6 +45,7 @@ def fitted(tmp_path_factory):
 def test_fit_writes_a_loadable_model(fitted):
     data, model_dir, meta = fitted
     assert {p.name for p in model_dir.iterdir()} == {
+        "manifest.json",  # each file's role and checksum, written last
         "model.json",
         "normal_limits.npz",
         "abnormal.npz",

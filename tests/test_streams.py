@@ -1,6 +1,7 @@
 """Frame sources (DICOM cines, video, images), windowing, outputs and the inference launcher."""
 
 import json
+import logging
 import os
 import pathlib
 import subprocess
@@ -346,3 +347,27 @@ def test_run_inference_writes_the_good_frames_and_distinct_overlays(tmp_path):
     assert run.returncode == 1 and "skipped z.png" in run.stderr
     assert "1 item(s) skipped, the others were written" in run.stderr
     assert len((tmp_path / "cli" / "predictions.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_lossy_12_bit_jpeg_cine_is_skipped_in_one_line_without_a_logged_traceback(
+    tmp_path, caplog
+):
+    """pydicom logs each failed decoding plugin's traceback before raising; we say it once."""
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGExtended12Bit
+
+    path = dicom.write_test_cine(tmp_path / "j12.dcm", _cine16(n=2, h=16, w=16), bits_stored=12)
+    ds = pydicom.dcmread(path)
+    jpeg = cv2.imencode(".jpg", np.full((16, 16), 100, np.uint8))[1].tobytes()
+    ds.PixelData = encapsulate([jpeg, jpeg])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEGExtended12Bit
+    ds.save_as(path, enforce_file_format=True)
+    with caplog.at_level(logging.DEBUG):
+        src = streams.open_source(path)
+        frames = list(src)
+    assert frames == [] and src.skipped
+    for _, reason in src.skipped:
+        assert "\n" not in reason and str(path) in reason and "cannot decode frame" in reason
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"

@@ -201,6 +201,7 @@ def test_nan_loss_stops_with_the_step(tmp_path, project, monkeypatch, fast_compi
         train.train_and_evaluate(config, tmp_path, project)
     # The state that produced NaN is never checkpointed.
     assert CheckpointStore(tmp_path, read_only=True).latest_step() is None
+    assert not (tmp_path / "lock.json").exists()  # the workdir lock is released on errors
     assert json.loads((tmp_path / "config.json").read_text())["backbone"] == "resnet_tiny"
 
 
@@ -269,3 +270,68 @@ def test_training_benchmark_times_the_step_training_compiles(project):
     assert result["flops_per_step"] > 0 and result["flops_per_step"] % 2 == 0
     # (a warm-up run + one timed run) x 2 steps, device-resident and pipeline-fed: 8 steps.
     assert int(jax.device_get(state["step"])) == 8
+
+
+def _launch(workdir, project, cache_dir, *, steps, fail_save=None):
+    cmd = [sys.executable, str(WORKER), "launch", f"--workdir={workdir}", f"--data={project}",
+           f"--steps={steps}", "--checkpoint_every=3"]  # fmt: skip
+    if fail_save:
+        cmd.append(f"--fail_save={fail_save}")
+    return subprocess.run(cmd, env=_env(cache_dir), capture_output=True, text=True, timeout=400)
+
+
+def _noise(stderr: str) -> int:
+    return stderr.count("Traceback") + stderr.count("Exception ignored")
+
+
+def _log_lines(stderr: str) -> list[str]:
+    # absl's one-line records (W..., E...), the progress bar's lines aside.
+    return [line for line in stderr.splitlines() if line[:1] in "WEF" and line[1:5].isdigit()]
+
+
+def test_launcher_disk_full_then_damaged_newest_step_one_line_each(tmp_path, project, cache_dir):
+    w = tmp_path / "w"
+    # Disk full at the last save: one line naming the folder and the cause, no partial folder,
+    # the steps saved before restorable.
+    full = _launch(w, project, cache_dir, steps=9, fail_save="ENOSPC@9")
+    assert full.returncode == 1, full.stderr[-3000:]
+    assert _noise(full.stderr) == 0, full.stderr[-3000:]
+    assert f"error: {w}/checkpoints/latest/9: cannot save the checkpoint (disk full)" in full.stderr
+    assert not list(w.glob("checkpoints/*/*.orbax-checkpoint-tmp"))
+    with CheckpointStore(w, read_only=True) as store:
+        assert store.latest_step() == 6
+    # The newest step damaged, written before file digests existed (orbax's own read fails,
+    # which orphans its other reads): the resume falls back to step 3 with one warning line
+    # and exits without a traceback.
+    newest = w / "checkpoints" / "latest" / "6"
+    (newest / "_FILE_DIGESTS.json").unlink()
+    manifest = newest / "state" / "manifest.ocdbt"
+    manifest.write_bytes(manifest.read_bytes()[: manifest.stat().st_size // 2])
+    resumed = _launch(w, project, cache_dir, steps=9)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _noise(resumed.stderr) == 0, resumed.stderr[-3000:]
+    fallback = [line for line in _log_lines(resumed.stderr) if "latest/6" in line]
+    assert len(fallback) == 1 and "latest/3 instead" in fallback[0], resumed.stderr[-3000:]
+    assert "resumed from step 3" in resumed.stdout
+    with CheckpointStore(w, read_only=True) as store:
+        assert store.latest_step() == 9
+    assert not (w / "lock.json").exists()
+
+
+def test_launcher_refuses_a_workdir_another_run_holds(tmp_path, project, cache_dir):
+    w = tmp_path / "w"
+    hold = "import sys, time\nfrom tavr_jax.run.lock import WorkdirLock\n" + (
+        "WorkdirLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(w)], stdout=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        second = _launch(w, project, cache_dir, steps=3)
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert second.returncode == 1 and _noise(second.stderr) == 0, second.stderr[-3000:]
+    errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"PID {holder.pid} on host {socket.gethostname()}" in errors[0]
+    assert not (w / "config.json").exists()  # stopped before writing anything

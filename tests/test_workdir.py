@@ -114,6 +114,12 @@ def test_time_budget_stops_cleanly_with_checkpoint_and_validation(tmp_path):
     assert "val_f1" in result and result["train_seconds"] > 0
     with CheckpointStore(tmp_path / "w", read_only=True) as store:
         assert store.latest_step() == 1 and store.best_step() == 1
+    assert not (tmp_path / "w" / "lock.json").exists()  # released at the end of the run
+    # A damaged best gives way to the newest restorable latest, for inference too.
+    manifest = tmp_path / "w" / "checkpoints" / "best" / "1" / "state" / "manifest.ocdbt"
+    manifest.write_bytes(manifest.read_bytes()[:10])
+    meta = workdir.load_for_inference(tmp_path / "w", which="best")[2]
+    assert meta["which"] == "latest" and meta["step"] == 1
 
 
 @pytest.mark.parametrize(

@@ -13,19 +13,24 @@ coordinates, so x / W is the same number at every resolution); `to_original_pixe
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 import pathlib
-import tempfile
+import shutil
 from collections.abc import Iterator, Sequence
 
 import cv2
 import numpy as np
 import tensorflow_datasets as tfds
-from absl import logging
 from array_record.python import array_record_module
+from tensorflow_datasets.core.utils import tqdm_utils
 from tensorflow_datasets.proto import tf_example_pb2
+from tqdm import tqdm
 
+from cardiac_core.tempfiles import make_temp_dir, remove_stale
 from tavr_jax.data import supervisely
 from tavr_jax.schema import KeypointSchema, get_schema
 
@@ -107,9 +112,17 @@ class TavrFrames(tfds.core.GeneratorBasedBuilder):
         # imports the optional `importlib_resources` package.
         return None
 
-    def __init__(self, *, projects: dict[str, supervisely.Project], image_size: int, **kwargs):
+    def __init__(
+        self,
+        *,
+        projects: dict[str, supervisely.Project],
+        image_size: int,
+        progress: bool = False,
+        **kwargs,
+    ):
         self._projects = projects  # TFDS split name -> Project
         self._image_size = image_size
+        self._progress = progress
         self._schema = next(iter(projects.values())).schema
         super().__init__(**kwargs)
 
@@ -124,10 +137,14 @@ class TavrFrames(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         del dl_manager  # the data is local
-        return {name: self._generate_examples(project) for name, project in self._projects.items()}
+        return {
+            name: self._generate_examples(project, name) for name, project in self._projects.items()
+        }
 
-    def _generate_examples(self, project: supervisely.Project) -> Iterator:
-        for i, record in enumerate(project.frames):
+    def _generate_examples(self, project: supervisely.Project, name: str = "") -> Iterator:
+        # Our own bar, one per split: TFDS's bars and messages are off (see `_quiet_tfds`).
+        bar = tqdm(project.frames, desc=f"build {name}", unit="frame", disable=not self._progress)
+        for i, record in enumerate(bar):
             example = frame_example(project.load_image(i), record, self._image_size)
             yield f"{record.case_id}/{record.frame_name}", example
 
@@ -143,6 +160,7 @@ def build_tfds(
     test_fraction: float = 0.0,
     compress: bool = False,
     overwrite: bool = False,
+    progress: bool = False,
 ) -> pathlib.Path:
     """Converts a Supervisely project into an array_record TFDS dataset in `out_dir`.
 
@@ -155,6 +173,11 @@ def build_tfds(
     `out_dir` may not be, contain or lie inside the project, and an existing non-empty
     `out_dir` is replaced only when it is a dataset written here or `overwrite` is set: the
     replaced folder is deleted, so a wrong `--out` must never reach anyone's data.
+
+    The new dataset is built in a hidden folder beside `out_dir` (`.<name>.<pid>.<random>`),
+    removed whatever happens; those of killed builds are removed by the next build. A failure
+    (a full disk, a read-only folder) leaves `out_dir` as it was and raises an OSError naming
+    `out_dir`. progress: a bar per split.
     """
     if image_size < 8:
         raise ValueError(f"image_size must be at least 8 pixels, got {image_size}")
@@ -173,11 +196,17 @@ def build_tfds(
     split_of_case = {case: name for name, p in projects.items() for case in p.cases}
     leaks = supervisely.warn_about_copies(everything, split_of_case)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
-        builder = TavrFrames(
-            projects=projects, image_size=image_size, data_dir=tmp, file_format="array_record"
-        )
-        builder.download_and_prepare()
+    # The temporaries of killed builds into this folder (their PID is dead).
+    remove_stale(out_dir.parent, [out_dir.name], what="temporary folders")
+    try:
+        tmp = make_temp_dir(out_dir.parent, out_dir.name)
+    except OSError as e:  # its message would name a hidden folder that does not exist
+        raise type(e)(e.errno, e.strerror or str(e), str(out_dir.parent)) from None
+    try:
+        builder = TavrFrames(projects=projects, image_size=image_size, progress=progress,
+                             data_dir=str(tmp), file_format="array_record")  # fmt: skip
+        with _quiet_tfds():
+            builder.download_and_prepare()
         built = pathlib.Path(builder.data_path)
         if not compress:
             for shard in built.glob("*.array_record-*"):
@@ -191,12 +220,45 @@ def build_tfds(
             "frames_in_several_splits": leaks,
         }
         (built / META_FILE).write_text(json.dumps(meta, indent=1))
-        old = None
-        if out_dir.exists():
-            old = pathlib.Path(tmp) / "previous"
-            os.replace(out_dir, old)
-        os.replace(built, out_dir)
+        _swap_in(built, out_dir, tmp)
+    except OSError as e:
+        # Errors inside the temporary folder name a path that is gone once it is removed.
+        if e.errno is not None and (e.filename is None or str(tmp) in str(e.filename)):
+            raise type(e)(e.errno, e.strerror or str(e), str(out_dir)) from None
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _swap_in(built: pathlib.Path, out_dir: pathlib.Path, tmp: pathlib.Path) -> None:
+    """Replaces `out_dir` by `built` (two renames); the earlier dataset stays if this fails."""
+    old = None
+    if out_dir.exists():
+        old = tmp / "previous"
+        os.replace(out_dir, old)
+    try:
+        os.replace(built, out_dir)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out_dir)
+        raise
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+    """TFDS prints its progress bars and two messages to stdout: shown only when its logging
+    is (the launchers' `--verbosity`), since `build_tfds` has a bar of its own."""
+    if logging.getLogger("absl").isEnabledFor(logging.INFO):
+        yield
+        return
+    was = getattr(tqdm_utils, "_active", True)
+    tfds.display_progress_bar(False)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        tfds.display_progress_bar(was)
 
 
 def check_output_dir(out_dir: os.PathLike, data_dir: os.PathLike, *, overwrite: bool) -> None:

@@ -20,6 +20,7 @@ from tavr_jax.schema import KeypointSchema
 # a sheet of every full-size frame of a project would take gigabytes of memory.
 MAX_SHEET_FRAMES = 64
 TILE_SIDE = 384
+SHOWN_UNREADABLE = 5  # frames listed by path in the report; the count covers all of them
 
 
 def presence_pattern(visibility: np.ndarray, schema: KeypointSchema) -> str:
@@ -59,6 +60,30 @@ def project_stats(project: supervisely.Project) -> dict:
         "ignored_per_class": counts["ignored_per_class"],
         "unannotated_cases": list(project.unannotated_cases),
         "duplicate_frames": supervisely.duplicate_frames(project),
+    }
+
+
+def unreadable_frames(project: supervisely.Project, *, shown: int = SHOWN_UNREADABLE) -> dict:
+    """Every frame decoded the way training reads it (`Project.load_image`: the pixel limit,
+    truncated or non-image files, the annotation's size), one at a time.
+
+    Returns {"unreadable_frames": count, "unreadable_examples": [{"frame", "path", "reason"}]
+    of the first `shown`, "unreadable_indices"}: build_tfds and training refuse these frames,
+    so a project is checked here first, before hours of building.
+    """
+    bad = []
+    for i, f in enumerate(project.frames):
+        try:
+            project.load_image(i)
+        except (ValueError, OSError) as e:
+            bad.append((i, f, str(e).splitlines()[0] if str(e) else type(e).__name__))
+    return {
+        "unreadable_frames": len(bad),
+        "unreadable_examples": [
+            {"frame": f"{f.case_id}/{f.frame_name}", "path": str(f.image_path), "reason": r}
+            for _, f, r in bad[:shown]
+        ],
+        "unreadable_indices": [i for i, _, _ in bad],
     }
 
 
@@ -105,11 +130,16 @@ def augmentation_erasures(project: supervisely.Project, *, draws: int = 20, seed
     }
 
 
-def sample_frames(project: supervisely.Project, n: int, *, seed: int = 0) -> list[int]:
-    """Up to n frame indices, round-robin over presence patterns and cases so all kinds show."""
+def sample_frames(
+    project: supervisely.Project, n: int, *, seed: int = 0, skip: frozenset = frozenset()
+) -> list[int]:
+    """Up to n frame indices, round-robin over presence patterns and cases so all kinds show;
+    `skip`: indices never picked (unreadable frames)."""
     rng = np.random.default_rng(seed)
     by_pattern: dict[str, list[int]] = collections.defaultdict(list)
     for i, f in enumerate(project.frames):
+        if i in skip:
+            continue
         by_pattern[presence_pattern(f.visibility, project.schema)].append(i)
     queues = []
     for key in sorted(by_pattern):
@@ -123,7 +153,7 @@ def sample_frames(project: supervisely.Project, n: int, *, seed: int = 0) -> lis
             seen.add(case)
         queues.append(first + rest)
     picked: list[int] = []
-    while len(picked) < min(n, len(project.frames)):
+    while len(picked) < min(n, len(project.frames) - len(skip)):
         for q in queues:
             if q and len(picked) < n:
                 picked.append(q.pop(0))
@@ -164,18 +194,24 @@ def write_png(path: os.PathLike, rgb: np.ndarray) -> pathlib.Path:
 
 
 def write_contact_sheet(
-    project: supervisely.Project, path: os.PathLike, *, n: int = 8, ncols: int = 4, seed: int = 0
+    project: supervisely.Project,
+    path: os.PathLike,
+    *,
+    n: int = 8,
+    ncols: int = 4,
+    seed: int = 0,
+    skip: frozenset = frozenset(),
 ) -> pathlib.Path:
-    """Writes a contact sheet of `n` (at most `MAX_SHEET_FRAMES`) sample frames as a PNG."""
-    if not project.frames:
+    """Writes a contact sheet of `n` (at most `MAX_SHEET_FRAMES`) sample frames as a PNG,
+    none of the `skip` indices."""
+    if len(project.frames) <= len(skip):
         raise ValueError(f"{project.root}: no frames in split {project.split!r}")
     if n < 1:
         raise ValueError(f"the contact sheet needs at least 1 frame, got {n}")
     n = min(n, MAX_SHEET_FRAMES)
     ncols = max(ncols, round(n**0.5))  # a large sheet stays roughly square
-    return write_png(
-        path, contact_sheet_image(project, sample_frames(project, n, seed=seed), ncols=ncols)
-    )
+    picked = sample_frames(project, n, seed=seed, skip=skip)
+    return write_png(path, contact_sheet_image(project, picked, ncols=ncols))
 
 
 def write_stats(
@@ -187,9 +223,11 @@ def write_stats(
     seed: int = 0,
     sheet_frames: int = 8,
     augment_draws: int = 20,
-) -> tuple[pathlib.Path, pathlib.Path]:
+) -> tuple[pathlib.Path, pathlib.Path | None]:
     """Reads a project, writes its stats JSON at `out` and a contact sheet PNG beside it
-    (with `augment_draws` > 0, also `augmentation_erasures`)."""
+    (with `augment_draws` > 0, also `augmentation_erasures`). Every frame is decoded: the
+    ones training would refuse are counted in "unreadable_frames" (`unreadable_frames`) and
+    left off the sheet (None when no frame is readable); the caller reports them."""
     out = pathlib.Path(out)
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; give the path of the JSON file to write")
@@ -197,8 +235,15 @@ def write_stats(
     if not project.frames:
         raise ValueError(f"{data}: split {split!r} has no frames")
     stats = project_stats(project)
+    unreadable = unreadable_frames(project)
+    skip = frozenset(unreadable.pop("unreadable_indices"))
+    stats.update(unreadable)
     if augment_draws > 0:
         stats.update(augmentation_erasures(project, draws=augment_draws, seed=seed))
     atomic_write_bytes(out, (json.dumps(stats, indent=1) + "\n").encode())
-    png = write_contact_sheet(project, out.with_suffix(".png"), n=sheet_frames, seed=seed)
+    png = None
+    if len(skip) < len(project.frames):  # no sheet of a project none of whose frames read
+        png = write_contact_sheet(
+            project, out.with_suffix(".png"), n=sheet_frames, seed=seed, skip=skip
+        )
     return out, png

@@ -309,7 +309,11 @@ def duplicate_frames(project: Project) -> list[list[str]]:
     """
     by_hash: dict[str, list[FrameRecord]] = collections.defaultdict(list)
     for f in project.frames:
-        by_hash[hashlib.blake2b(f.image_path.read_bytes(), digest_size=16).hexdigest()].append(f)
+        try:
+            data = f.image_path.read_bytes()
+        except OSError:  # a folder or unreadable file: no copy of anything; load_image says why
+            continue
+        by_hash[hashlib.blake2b(data, digest_size=16).hexdigest()].append(f)
     groups = [
         sorted(f"{f.case_id}/{f.frame_name}" for f in fs)
         for fs in by_hash.values()

@@ -8,6 +8,7 @@ uint8 frames in and a few floats out. Weights are put on the device once.
 
 from __future__ import annotations
 
+import copy
 import json
 import pathlib
 import struct
@@ -195,6 +196,16 @@ class KeypointEngine:
             out["coords"] = refine.refine_points(model_r, params_r, frames, out["coords"],
                                                  size=patch)  # fmt: skip
         return out
+
+    def with_batch_size(self, batch_size: int) -> KeypointEngine:
+        """This engine run in chunks of `batch_size`: the same device-resident weights and
+        compiled executables (cached per batch and frame size). The live loop takes one frame
+        at a time from an engine built for uploads, where padding to 8 would cost 8 frames."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        other = copy.copy(self)
+        other.batch_size = int(batch_size)
+        return other
 
     def compiled(self, height: int, width: int, batch: int | None = None):
         """The AOT-compiled executable for (batch, height, width) uint8 input (cached)."""

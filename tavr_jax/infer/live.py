@@ -157,6 +157,8 @@ class LiveSession:
                  stage_prior=None, record=None, record_video=None, max_seconds=None,
                  stall_s: float = 2.0, track: str = "kalman", expect=None,
                  video_segment_s: float | None = VIDEO_SEGMENT_S):  # fmt: skip
+        if getattr(engine, "batch_size", 1) > 1 and hasattr(engine, "with_batch_size"):
+            engine = engine.with_batch_size(1)  # one frame at a time: no padding to a batch
         self.engine, self.schema = engine, engine.schema
         self.source_spec, self.replay_fps = source, replay_fps
         self.mm_per_px, self.target_depth_mm = mm_per_px, target_depth_mm

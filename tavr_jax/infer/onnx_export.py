@@ -15,9 +15,9 @@ the Flax modules apply them, so every operation is one we chose:
 Backbones: the ResNet and VGG families. Heads: regression, integral and heatmap, grouped or
 not. Any other backbone or head is refused with a one-line error naming it.
 
-The file's metadata (key `tavr_keypoints`, JSON) records the format, opset, inputs and outputs,
-schema, thresholds, frame size and the hash of the training config; `check_artifact` refuses
-an artifact made for another schema or another training run (`engine.check_artifact`).
+Its metadata (key `tavr_keypoints`, JSON) records the format, opset, inputs and outputs, schema,
+thresholds, frame size, config hash (`engine.check_artifact` refuses another schema's or run's),
+and key `integrity` the file's role and sha256 (`save_model`; `load_onnx` refuses an edit).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import pathlib
 
 import numpy as np
 
-from cardiac_core.fileio import atomic_write_bytes
+from cardiac_core import integrity
 from tavr_jax.infer import winograd
 from tavr_jax.run.workdir import config_hash
 from tavr_jax.schema import KeypointSchema
@@ -544,8 +544,8 @@ def engine_model(engine, *, frame_size, batch: int | None = None, winograd: bool
 
 
 def save_model(model, path) -> pathlib.Path:
-    """Writes a ModelProto (`engine_model`, or it quantised) as one ONNX file, atomically."""
-    return atomic_write_bytes(pathlib.Path(path), model.SerializeToString())
+    """A ModelProto (`engine_model`, or quantised) as one ONNX file, atomically, sealed."""
+    return integrity.write_onnx(path, model.SerializeToString(), role=METADATA_KEY, version=1)
 
 
 def read_metadata(path) -> dict:

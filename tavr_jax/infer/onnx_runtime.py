@@ -2,7 +2,8 @@
 
 `OnnxKeypointEngine` runs the graphs of `onnx_export` on onnxruntime: built from a trained
 network (one graph per frame size) or loaded from an exported file, which is refused with one
-line when it was made for another schema or training run. `quantize_int8` turns a graph's
+line when it was made for another schema or training run, or edited since it was written
+(its integrity record: cardiac_core.integrity). `quantize_int8` turns a graph's
 convolutions into int8 (onnxruntime's static quantisation, calibrated on frames).
 """
 
@@ -17,9 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from cardiac_core import integrity
 from tavr_jax.infer.engine import check_artifact, check_frames, image_hw
 from tavr_jax.infer.onnx_export import (
     INPUT_NAME,
+    METADATA_KEY,
     OUTPUT_NAMES,
     build_model,
     check_supported,
@@ -285,12 +288,15 @@ def load_onnx(
     if not path.is_file():
         raise FileNotFoundError(f"ONNX file not found: {path}")
     select_providers(provider)  # a missing provider is its own error, before the file's
+    data = path.read_bytes()  # read once: what is checked below is what the session runs
     try:  # onnxruntime alone reads the file and its metadata: no onnx package needed here
-        session = make_session(path, provider=provider, threads=threads)
+        session = make_session(data, provider=provider, threads=threads)
     except Exception as e:  # onnxruntime's own error types for unreadable models
         why = (str(e).splitlines() or [type(e).__name__])[0][:100]
         raise ValueError(f"{path} is not an ONNX model onnxruntime can load ({why})") from None
     info = parse_metadata(session.get_modelmeta().custom_metadata_map, path)
+    resave = "re-export it with experiments/tavr_export.py"
+    integrity.check_onnx(data, path, role=METADATA_KEY, format_version=1, resave=resave)
     check_artifact(info, path, workdir=workdir, schema=schema)
     fixed_batch = info.get("batch")
     if batch_size is not None and fixed_batch is not None and batch_size > fixed_batch:

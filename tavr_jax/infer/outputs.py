@@ -2,10 +2,14 @@
 pre-annotation; and the stream-to-files run.
 
 All files are written atomically: to a temporary name in the output folder, renamed at the end.
+Temporaries carry the writer's PID, and a run removes those of killed runs before writing. A
+run that fails (a full disk, a read-only folder) leaves the previous outputs as they were and
+no temporaries; its error names the output file.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import pathlib
 
@@ -13,7 +17,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from cardiac_core.fileio import AtomicFile, atomic_write_bytes, write_json_atomic
+from cardiac_core.tempfiles import PidAtomicFile, remove_stale
 from tavr_jax.data import supervisely
 from tavr_jax.infer import streams
 from tavr_jax.infer.tracking import PointTracker
@@ -23,6 +27,8 @@ from tavr_jax.visualize import draw_keypoints, draw_legend
 
 PREDICTIONS_FILE = "predictions.jsonl"
 COCO_FILE = "coco_keypoints.json"
+OVERLAY_VIDEO = "overlay.avi"
+OVERLAY_DIR = "overlay"
 FORMATS = ("jsonl", "supervisely")
 VISIBILITY_TAG = "visibility"  # on each predicted point: its probability
 GROUP_TAG_PREFIX = "group_"  # on each frame: "group_<name>" = that group's probability
@@ -148,7 +154,12 @@ class SuperviselyPredictions:
         self.root, self.schema, self.case_id = pathlib.Path(root), schema, case_id
         self.pixel_spacing_mm = pixel_spacing_mm
         group_tags = [GROUP_TAG_PREFIX + g for g in schema.group_names]
-        self.writer = supervisely.ProjectWriter(self.root, schema, [VISIBILITY_TAG, *group_tags])
+        try:
+            self.writer = supervisely.ProjectWriter(
+                self.root, schema, [VISIBILITY_TAG, *group_tags]
+            )
+        except OSError as e:
+            raise _naming(e, self.root) from None
         self._stems: set[str] = set()
 
     def add(self, frame: streams.Frame, name, visibility, group, coords, reported) -> None:
@@ -158,6 +169,12 @@ class SuperviselyPredictions:
         upper = np.nextafter(np.array([w, h], np.float32), np.float32(0))
         coords = np.clip(np.asarray(coords, np.float32), np.float32(0), upper)
         probability = np.asarray(visibility, np.float64)
+        try:
+            self._add(frame, name, group, coords, reported, probability)
+        except OSError as e:
+            raise _naming(e, self.root / self.case_id) from None
+
+    def _add(self, frame, name, group, coords, reported, probability) -> None:
         self.writer.add(
             supervisely.AnnotatedFrame(
                 case_id=self.case_id,
@@ -184,6 +201,30 @@ class SuperviselyPredictions:
         pass
 
 
+def _write_file(path: pathlib.Path, data: bytes) -> None:
+    """`data` into `path` atomically; an OSError names `path`."""
+    f = None
+    try:
+        f = PidAtomicFile(path)
+        with open(f.tmp, "wb") as fh:
+            fh.write(data)
+        f.commit()
+    except BaseException as e:
+        if f is not None:
+            f.abort()
+        raise _naming(e, path) from None
+
+
+def _naming(e: BaseException, path) -> BaseException:
+    """The same OSError naming the output `path`, where it named none (a failed write or
+    flush) or a hidden temporary (a failed mkstemp), which means nothing to the user."""
+    if not isinstance(e, OSError) or e.errno is None:
+        return e
+    if e.filename is None or pathlib.Path(str(e.filename)).name.startswith("."):
+        return type(e)(e.errno, e.strerror or str(e), str(path))
+    return e
+
+
 class OverlayWriter:
     """Annotated frames: a video (MJPG .avi) for video/DICOM input, PNGs otherwise."""
 
@@ -191,10 +232,11 @@ class OverlayWriter:
         self.out_dir, self.schema, self.fps = out_dir, schema, fps or 15.0
         self.video = video
         self._writer = None
-        self._file: AtomicFile | None = None
+        self._file: PidAtomicFile | None = None
         self._stems: set[str] = set()
+        self._written = 0
         if not video:
-            (out_dir / "overlay").mkdir(parents=True, exist_ok=True)
+            (out_dir / OVERLAY_DIR).mkdir(parents=True, exist_ok=True)
 
     def write(self, frame: streams.Frame, coords, reported, visibility, name: str | None = None):
         rgb = draw_keypoints(
@@ -207,45 +249,120 @@ class OverlayWriter:
             ok, buf = cv2.imencode(".png", bgr)
             if not ok:
                 raise ValueError(f"cannot encode the overlay of {name or frame.index}")
-            atomic_write_bytes(self.out_dir / "overlay" / f"{stem}.png", buf.tobytes())
+            _write_file(self.out_dir / OVERLAY_DIR / f"{stem}.png", buf.tobytes())
             return
         if self._writer is None:
-            self._file = AtomicFile(self.out_dir / "overlay.avi")
+            try:
+                self._file = PidAtomicFile(self.out_dir / OVERLAY_VIDEO)
+            except OSError as e:
+                raise _naming(e, self.out_dir / OVERLAY_VIDEO) from None
             h, w = bgr.shape[:2]
             fourcc = cv2.VideoWriter_fourcc(*"MJPG")
             self._writer = cv2.VideoWriter(str(self._file.tmp), fourcc, float(self.fps), (w, h))
         self._writer.write(bgr)
+        self._written += 1
 
-    def close(self) -> None:
+    def finish(self) -> None:
+        """Completes the video's temporary and checks it; `commit` puts it in place."""
+        if self._writer is None:
+            return
+        self._writer.release()
+        self._writer = None
+        # OpenCV's writer reports no write errors: a full disk shows as a video that does not
+        # reopen with all its frames.
+        cap = cv2.VideoCapture(str(self._file.tmp))
+        frames = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if cap.isOpened() else 0
+        cap.release()
+        if frames != self._written:
+            raise OSError(
+                errno.EIO,
+                f"the overlay video holds {frames} of its {self._written} frames (disk full?)",
+                str(self._file.path),
+            )
+
+    def commit(self) -> None:
+        self.finish()
+        if self._file is not None:
+            self._file.commit()
+            self._file = None
+
+    def abort(self) -> None:
+        """A failed run: the video's temporary goes (the PNGs written so far stay, each whole)."""
         if self._writer is not None:
             self._writer.release()
-            self._file.commit()
             self._writer = None
+        if self._file is not None:
+            self._file.abort()
+            self._file = None
 
 
 class JsonlPredictions:
-    """OUT/predictions.jsonl (one line per frame) and, on `close`, OUT/coco_keypoints.json."""
+    """OUT/predictions.jsonl (one line per frame) and, on `close`, OUT/coco_keypoints.json.
+
+    Both are written to temporaries and renamed only once both are complete, so a failed run
+    never leaves a new predictions.jsonl beside an old COCO file (or a short one).
+    """
 
     def __init__(self, out_dir: pathlib.Path, schema: KeypointSchema, source):
         self.path, self.schema, self.source = out_dir / PREDICTIONS_FILE, schema, source
-        self.atomic = AtomicFile(self.path)
-        self.file = open(self.atomic.tmp, "w")  # noqa: SIM115 - closed in close() / abort()
+        self.coco_path = out_dir / COCO_FILE
+        self.coco: PidAtomicFile | None = None
+        try:
+            self.atomic = PidAtomicFile(self.path)
+        except OSError as e:
+            raise _naming(e, self.path) from None
+        try:
+            self.file = open(self.atomic.tmp, "w")  # noqa: SIM115 - closed in close() / abort()
+        except BaseException as e:
+            self.atomic.abort()
+            raise _naming(e, self.path) from None
         self.records: list[dict] = []
 
     def add(self, frame, name, visibility, group, coords, reported) -> None:
         rec = frame_record(frame, visibility, group, coords, reported, self.schema,
                            spacing_rc=self.source.pixel_spacing_rc, file=name)  # fmt: skip
-        self.file.write(json.dumps(rec) + "\n")
+        try:
+            self.file.write(json.dumps(rec) + "\n")
+        except OSError as e:
+            raise _naming(e, self.path) from None
         self.records.append(rec)
 
     def close(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()  # flushes: a full disk shows here at the latest
+        except OSError as e:
+            raise _naming(e, self.path) from None
+        coco = json.dumps(coco_keypoints(self.records, self.schema), indent=1) + "\n"
+        try:
+            self.coco = PidAtomicFile(self.coco_path)
+            with open(self.coco.tmp, "w") as fh:
+                fh.write(coco)
+        except OSError as e:
+            raise _naming(e, self.coco_path) from None
+        # Renames within one folder: they do not run out of space.
         self.atomic.commit()
-        write_json_atomic(self.path.parent / COCO_FILE, coco_keypoints(self.records, self.schema))
+        self.coco.commit()
 
     def abort(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:
+            pass  # the disk is full: the temporary goes anyway
         self.atomic.abort()
+        if self.coco is not None:
+            self.coco.abort()
+
+
+def check_out_dir(out_dir) -> pathlib.Path:
+    """Refuses, in one line, an output folder that is a file or lies under one."""
+    out_dir = pathlib.Path(out_dir)
+    for path in (out_dir, *out_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "exists" if path == out_dir else f"lies under {path}, which exists"
+                raise ValueError(f"--out {out_dir} {where} and is not a folder")
+            break
+    return out_dir
 
 
 def run_inference(
@@ -276,10 +393,12 @@ def run_inference(
     tracker = None
     if track != "none" and source.kind != "image":
         tracker = PointTracker(schema, gate, method=track, fps=source.fps)
-    out_dir = pathlib.Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out {out_dir} exists and is not a folder")
+    out_dir = check_out_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Temporaries of killed runs (their PID is dead); a live run's are left alone.
+    remove_stale(out_dir, (PREDICTIONS_FILE.split(".")[0], COCO_FILE.split(".")[0],
+                           OVERLAY_VIDEO.split(".")[0]))  # fmt: skip
+    remove_stale(out_dir / OVERLAY_DIR, suffix=".png")
     files = getattr(source, "files", None)
     overlays = None
     if overlay:
@@ -294,11 +413,11 @@ def run_inference(
         sink = JsonlPredictions(out_dir, schema, source)
         written = sink.path
     n_frames = 0
+    bar = tqdm(total=len(source) or None, desc="infer", unit="frame", disable=not progress)
     try:
         batches = streams.prefetch_to_device(
             iter(source), batch_size=engine.batch_size, device=engine.device
         )
-        bar = tqdm(total=len(source) or None, desc="infer", unit="frame", disable=not progress)
         for frames, out in engine.run_batches(batches):
             for j, fr in enumerate(frames):
                 vis, grp, xy = out["visibility"][j], out["group"][j], out["coords"][j]
@@ -313,13 +432,17 @@ def run_inference(
             n_frames += len(frames)
             bar.update(len(frames))
         bar.close()
-        sink.close()
-    except BaseException:
-        sink.abort()
-        raise
-    finally:
         if overlays is not None:
-            overlays.close()
+            overlays.finish()
+        sink.close()
+        if overlays is not None:
+            overlays.commit()  # a rename: the predictions and their video appear together
+    except BaseException:
+        bar.close()  # the error goes on a line of its own
+        sink.abort()
+        if overlays is not None:
+            overlays.abort()  # a video of part of the run must not look like the whole run
+        raise
     return {
         "frames": n_frames,
         "skipped": list(source.skipped),

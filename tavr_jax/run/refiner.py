@@ -1,6 +1,8 @@
 """The refiner's files in a run: W/refiner/ holds params.msgpack (flax serialization) and
-refiner.json (config, schema point names, validation errors); refiner.json is written last,
-so a folder without it is incomplete. The training is in `tavr_jax.training.refiner`.
+refiner.json (config, schema point names, validation errors); refiner.json is written after
+the weights, so a folder without it is incomplete, and manifest.json last (each file's role,
+format version and sha256: cardiac_core.integrity), so a swapped or edited file is refused.
+The training is in `tavr_jax.training.refiner`.
 """
 
 from __future__ import annotations
@@ -14,8 +16,14 @@ import jax
 import jax.numpy as jnp
 from flax import serialization
 
+from cardiac_core import integrity
 from cardiac_core.fileio import atomic_write_bytes
 from tavr_jax.models import refine
+
+FORMAT_VERSION = 1
+MANIFEST_KIND = "tavr_refiner"
+ROLES = {"params.msgpack": "refiner weights", "refiner.json": "refiner description"}
+RESAVE = "retrain it with experiments/tavr_refine.py, or seal it as is with refiner.seal_refiner"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +48,15 @@ def save_refiner(directory, params, config: RefinerConfig, point_names, *, valid
     if validation is not None:
         meta["validation"] = validation
     atomic_write_bytes(d / "refiner.json", json.dumps(meta, indent=1).encode())
+    seal_refiner(d)
+
+
+def seal_refiner(directory):
+    """Writes the folder's manifest.json from its files as they are now (`save_refiner` does
+    it last; for a folder saved before manifests, it records that folder as it is)."""
+    d = pathlib.Path(directory)
+    files = {n: (role, FORMAT_VERSION) for n, role in ROLES.items()}
+    return integrity.write_manifest(d, files, kind=MANIFEST_KIND)
 
 
 def load_refiner(directory, point_names=None):
@@ -53,6 +70,7 @@ def _load(directory, point_names):
     d = pathlib.Path(directory)
     if not (d / "refiner.json").is_file():
         raise FileNotFoundError(f"{d}: no refiner.json (not a refiner folder, or incomplete)")
+    integrity.verify_present(d, kind=MANIFEST_KIND)
     try:
         meta = json.loads((d / "refiner.json").read_text())
         config = RefinerConfig(**meta["config"])
@@ -73,6 +91,11 @@ def _load(directory, point_names):
         raise
     except Exception as e:  # msgpack and flax raise their own types for a broken file
         raise ValueError(f"{d / 'params.msgpack'}: unreadable ({e}); retrain the refiner") from None
+    # after parsing, so a broken file keeps its own message
+    versions = dict.fromkeys(ROLES, FORMAT_VERSION)
+    integrity.verify_folder(
+        d, kind=MANIFEST_KIND, names=list(ROLES), format_versions=versions, resave=RESAVE
+    )
     return model, params, config, validation
 
 

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cardiac_core import integrity
 from cardiac_core.fileio import write_json_atomic
 from tavr_jax.models import create_model
 from tavr_jax.run.checkpoint import CheckpointStore
@@ -30,6 +31,10 @@ from tavr_jax.schema import KeypointSchema, get_schema
 
 CONFIG_FILE = "config.json"
 THRESHOLDS_FILE = "thresholds.json"
+# W/manifest.json records both files' role, format version and sha256 (cardiac_core.integrity)
+METADATA_ROLES = {CONFIG_FILE: ("training config", 1), THRESHOLDS_FILE: ("thresholds", 1)}
+MANIFEST_KIND = "tavr_workdir"
+RESAVE = "re-run tavr_train.py on it (nothing retrains) or tavr_eval.py --tune_thresholds"
 
 # Fields a resumed run may change: when and how it logs, saves and stops, not what it trains.
 RESUMABLE_FIELDS = frozenset(
@@ -64,7 +69,25 @@ def read_config(workdir: os.PathLike | str) -> dict:
         raise ValueError(f"{path}: unreadable config ({e})") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    _verify(workdir, CONFIG_FILE)
     return config
+
+
+def _verify(workdir, name: str) -> None:
+    """One line when a workdir metadata file was swapped or edited since it was written."""
+    versions = {n: v for n, (_, v) in METADATA_ROLES.items()}
+    integrity.verify_folder(
+        workdir, kind=MANIFEST_KIND, names=[name], format_versions=versions, resave=RESAVE
+    )
+
+
+def _record(workdir, name: str) -> None:
+    """Records a metadata file just written in W/manifest.json (only in a real workdir: a
+    folder with config.json), the other one too when the workdir had no manifest yet."""
+    if (pathlib.Path(workdir) / CONFIG_FILE).is_file():
+        integrity.update_manifest(
+            workdir, {name: METADATA_ROLES[name]}, kind=MANIFEST_KIND, others=METADATA_ROLES
+        )
 
 
 def _flatten(tree, prefix: str = "") -> dict:
@@ -106,6 +129,7 @@ def write_config(workdir: os.PathLike | str, config) -> None:
                 "Use a new --workdir to start fresh, or the stored config to resume."
             )
     write_json_atomic(workdir / CONFIG_FILE, requested)
+    _record(workdir, CONFIG_FILE)
 
 
 def has_checkpoints(workdir: os.PathLike | str) -> bool:
@@ -156,6 +180,7 @@ def save_thresholds(workdir: os.PathLike | str, thresholds: dict) -> pathlib.Pat
     """Writes tuned thresholds (`metrics.tune_thresholds`' output) to W/thresholds.json."""
     path = pathlib.Path(workdir) / THRESHOLDS_FILE
     write_json_atomic(path, thresholds)
+    _record(workdir, THRESHOLDS_FILE)
     return path
 
 
@@ -175,6 +200,7 @@ def load_thresholds(workdir, schema: KeypointSchema) -> tuple[np.ndarray, np.nda
             groups = np.array([float(groups[g]) for g in schema.group_names])
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"cannot read thresholds from {path}: {e!r}") from None
+    _verify(workdir, THRESHOLDS_FILE)
     return points, groups
 
 
@@ -207,6 +233,8 @@ def load_for_inference(workdir: os.PathLike | str, which: str = "best"):
             logging.warning("%s: no best checkpoint, using the latest", workdir)
             which = "latest"
             restored = store.restore(which=which)
+        if restored is not None:  # a damaged best gives way to the newest restorable latest
+            which = store.restored_from[0]
     finally:
         store.close()
     if restored is None:

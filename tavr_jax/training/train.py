@@ -39,6 +39,7 @@ from tavr_jax.metrics import keypoint_metrics, visibility_f1
 from tavr_jax.models import predictions
 from tavr_jax.models.convert import load_backbone_weights
 from tavr_jax.run.checkpoint import CheckpointStore
+from tavr_jax.run.lock import writing
 from tavr_jax.run.workdir import build_model, write_config
 from tavr_jax.schema import KeypointSchema, get_schema
 from tavr_jax.training.losses import total_loss
@@ -74,9 +75,7 @@ def make_mesh(devices=None) -> jax.sharding.Mesh:
     return jax.sharding.Mesh(np.asarray(devices), ("data",), axis_types=auto)
 
 
-def make_optimizer(
-    config: Config,
-) -> tuple[optax.GradientTransformation, Callable]:
+def make_optimizer(config: Config) -> tuple[optax.GradientTransformation, Callable]:
     """(optax transformation, learning_rate(opt_state, step) -> scalar) for the config."""
     o = config.optimizer
     clip = optax.clip_by_global_norm(o.grad_clip) if o.grad_clip > 0 else optax.identity()
@@ -468,6 +467,7 @@ def train_and_evaluate(
     `config.time_budget_s` seconds of training (when > 0); either way the last state is
     checkpointed and validated. The returned dict has `step`, `stopped` ("num_steps" or
     "time_budget"), `train_seconds`, the last logged training scalars and the val_* metrics.
+    A second run on the workdir: `lock.WorkdirLocked`; read-only or full: `lock.WriteError`.
     """
     workdir = pathlib.Path(workdir)
     schema = get_schema(config.schema)
@@ -475,13 +475,23 @@ def train_and_evaluate(
         raise ValueError(
             f"batch_size {config.batch_size} is not divisible by the {jax.device_count()} devices"
         )
+    with writing(workdir, lock=jax.process_index() == 0):
+        return _train(config, workdir, data_dir, schema)
+
+
+def _train(config: Config, workdir: pathlib.Path, data_dir, schema: KeypointSchema) -> dict:
     loader = _loader_factory(config, schema, data_dir)
     train_iter = loader("train", shuffle=True)  # first: bad data fails before compiling
     has_val = _has_validation(loader)
     if jax.process_index() == 0:
         write_config(workdir, config)  # refuses a workdir trained with another config
     t = build_training(config)
-    store = CheckpointStore(workdir, keep=config.keep)
+    # Closed however the run ends: orbax's threads left running each print a traceback at exit.
+    with CheckpointStore(workdir, keep=config.keep) as store:
+        return _run(config, schema, workdir, loader, train_iter, has_val, t, store)
+
+
+def _run(config, schema, workdir, loader, train_iter, has_val, t: Training, store) -> dict:
     state, start = _initial_state(config, t, store, train_iter)
     writer = _Writer(workdir / "events")
     validate = _Validator(config, schema, loader, t.eval_fn, t.batch_sharding, store, writer)
@@ -523,8 +533,6 @@ def train_and_evaluate(
         flush(last_step=True)
     finally:
         bar.close()
-        store.wait()
-        store.close()
         writer.close()
     if final["stopped"] == "time_budget":
         tqdm.write(f"stopped at the time budget of {config.time_budget_s:.0f} s")
@@ -536,8 +544,7 @@ def train_and_evaluate(
 
 def _has_validation(loader) -> bool:
     try:
-        loader("val", shuffle=False)
-        return True
+        return loader("val", shuffle=False) is not None
     except ValueError as e:  # no validation cases (e.g. val_fraction=0): no "best" checkpoint
         logging.warning("validation disabled: %s", e)
         return False
@@ -554,7 +561,6 @@ def _initial_state(config, t: Training, store: CheckpointStore, train_iter) -> t
     state, data_state, start = restored
     if data_state is not None:
         train_iter.set_state(data_state)
-    logging.info("resumed from step %d", start)
     tqdm.write(f"resumed from step {start}")
     return state, start
 
