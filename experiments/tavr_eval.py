@@ -15,6 +15,7 @@ from absl import app, flags
 from cardiac_core.fileio import write_json_atomic
 from cardiac_core.logs import os_error_line, quiet_third_party
 from tavr_jax.infer import evaluate
+from tavr_jax.run.lock import WorkdirLocked
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "training workdir (config.json, checkpoints/)")
 _DATA = flags.DEFINE_string("data", None, "Supervisely project folder")
@@ -57,7 +58,7 @@ def main(argv):
         )
         if _OUT.value:
             write_json_atomic(_OUT.value, metrics)
-    except ValueError as e:
+    except (ValueError, WorkdirLocked) as e:  # another run holds the workdir: one line
         sys.exit(f"error: {e}")
     except OSError as e:  # a full disk, a read-only folder, a missing file: one line
         sys.exit(f"error: {os_error_line(e, _OUT.value)}")

@@ -32,6 +32,7 @@ from tavr_jax.infer.engine import KeypointEngine
 from tavr_jax.infer.evaluate import predict_project
 from tavr_jax.models import refine
 from tavr_jax.run import refiner as refiner_files
+from tavr_jax.run.lock import WorkdirLocked, writing
 from tavr_jax.run.workdir import data_split, read_config
 from tavr_jax.training import refiner as refiner_training
 
@@ -178,9 +179,10 @@ def main(argv):
                     f"mean error at 1024 {validation['mean_error_before']:.1f} -> "
                     f"{validation['mean_error_after']:.1f} px; {verdict}"
                 )
-            refiner_files.save_refiner(
-                directory, params, config, schema.point_names, validation=validation
-            )
+            with writing(_WORKDIR.value, what="refiner training"):  # one writer per workdir
+                refiner_files.save_refiner(
+                    directory, params, config, schema.point_names, validation=validation
+                )
             wall = result["train"]["wall_s"]
             print(f"refiner: {len(frames)} frames, {wall:.0f} s -> {directory}")
         model, params, config = refiner_files.load_refiner(directory, schema.point_names)
@@ -209,7 +211,7 @@ def main(argv):
             )
         if _COST.value:
             result["cost"] = cost_rows((model, params, config.patch), _COST.value)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError, WorkdirLocked) as e:  # a held workdir, disk full: one line
         sys.exit(f"error: {e}")
     if _OUT.value:
         write_json_atomic(_OUT.value, result)

@@ -115,3 +115,33 @@ def test_exported_files_are_scored_in_place_of_the_checkpoint(tmp_path):
             workdir, write_tiny_project(tmp_path / "d64", sizes=((64, 64),)),
             model_file=float_file, **kw,
         )  # fmt: skip
+
+
+def test_tuning_is_refused_at_once_while_another_run_holds_the_workdir(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    from tavr_jax.run.lock import WorkdirLocked
+
+    workdir, data, *_ = tiny_workdir_and_project(tmp_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            from tavr_jax.run.lock import WorkdirLock
+            with WorkdirLock({str(workdir)!r}):
+                print("held", flush=True)
+                time.sleep(60)
+        """)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(WorkdirLocked, match=f"PID {holder.pid}"):
+            evaluate.tune_project(workdir, data, batch_size=3)
+        assert not (workdir / "thresholds.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    evaluate.tune_project(workdir, data, batch_size=3)  # the killed holder's lock is taken over
+    assert (workdir / "thresholds.json").is_file()

@@ -19,6 +19,7 @@ from tavr_jax.infer.backends import open_engine
 from tavr_jax.infer.engine import KeypointEngine
 from tavr_jax.metrics import keypoint_metrics, tune_thresholds
 from tavr_jax.reporting import reported_points
+from tavr_jax.run.lock import writing
 from tavr_jax.run.refiner import workdir_refiner
 from tavr_jax.run.workdir import data_split, load_for_inference, load_thresholds, save_thresholds
 from tavr_jax.visualize import draw_keypoints, draw_legend
@@ -86,7 +87,8 @@ def tune_project(workdir, data_dir, *, batch_size: int = 16, which: str = "best"
         pred["visibility"], vis, meta["schema"], group=pred["group"] if meta["grouped"] else None
     )
     tuned.update(split="val", n_images=len(project.frames), step=meta["step"])
-    save_thresholds(workdir, tuned)
+    with writing(workdir, what="threshold tuning"):  # not while a training writes the workdir
+        save_thresholds(workdir, tuned)
     return tuned
 
 
