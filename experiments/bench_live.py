@@ -17,6 +17,7 @@ import sys
 
 from absl import app, flags
 
+from cardiac_core.logs import quiet_third_party
 from experiments.benchmarks import live
 
 # tests/test_live.py reaches these through the launcher, where they used to live
@@ -40,6 +41,7 @@ _TARGET = flags.DEFINE_list("target_depth_mm", ["3", "6"], "LO,HI for range agre
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    quiet_third_party(flags.FLAGS["verbosity"])  # outside libraries: errors only
     if not (_WORKDIR.value or _MODEL_FILE.value):
         raise app.UsageError("--workdir or --model_file is required")
     try:

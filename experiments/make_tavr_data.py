@@ -24,6 +24,9 @@ _SEED = flags.DEFINE_integer("seed", 0, "random seed (same seed, same bytes)")
 _SCHEMA = flags.DEFINE_string("schema", "paper11", "keypoint schema name or JSON path")
 _FIGURE = flags.DEFINE_string("figure", None, "also write a contact sheet of frames here")
 _WORKERS = flags.DEFINE_integer("workers", 1, "processes simulating cases (0: one per core)")
+_CINES = flags.DEFINE_string(
+    "cines", None, "also write each case as a DICOM cine (spacing, frame rate) in this folder"
+)
 _BENCH = flags.DEFINE_bool("bench", False, "measure frames/s on one core instead of writing")
 
 
@@ -58,6 +61,9 @@ def main(argv):
             workers=_WORKERS.value or os.cpu_count(),
         )
         print(f"wrote {_CASES.value * _FRAMES.value} frames to {root}")
+        if _CINES.value:
+            cines = simulate.write_cines(root, schema, _CINES.value)
+            print(f"wrote {len(cines)} DICOM cines to {_CINES.value}")
         if _FIGURE.value:
             project = supervisely.read_project(root, schema)
             print(f"wrote {stats.write_contact_sheet(project, _FIGURE.value)}")

@@ -363,3 +363,25 @@ def test_truth_draws_nothing_and_the_project_writes_it_per_frame(tmp_path):
         row = rows[f"{f.case_id}/img/{f.frame_name}"]
         assert row["stage"] == f.stage and row["mm_per_px"] == f.pixel_spacing_mm
     assert all(set(r["depth_mm"]) == {"FE1", "FE2"} for r in rows.values())
+
+
+def test_cases_written_as_dicom_cines_carry_spacing_rate_and_the_truth_names(tmp_path):
+    from cardiac_core.dicom import DicomCine
+    from tavr_jax.data import supervisely
+    from tavr_jax.infer.guidance import read_truth
+
+    root = simulate.simulate_project(tmp_path / "p", SCHEMA, cases=2, frames=3, size=64, seed=1,
+                                     progress=False)  # fmt: skip
+    cines = simulate.write_cines(root, SCHEMA, tmp_path / "cines")
+    project = supervisely.read_project(root, SCHEMA)
+    truth = read_truth(root)
+    assert len(cines) == 2
+    for path, names in cines:
+        cine = DicomCine(path)
+        assert len(cine) == 3 and set(names) <= set(truth)
+        rows = [i for i, f in enumerate(project.frames) if f.case_id == path.stem]
+        for k, i in enumerate(rows):
+            np.testing.assert_array_equal(cine.frame(k), project.load_image(i))
+        spacing = project.frames[rows[0]].pixel_spacing_mm
+        assert cine.pixel_spacing_rc == pytest.approx((spacing, spacing), rel=1e-5)  # DS digits
+        np.testing.assert_allclose(np.diff(cine.times_s), 1 / simulate.FPS, rtol=1e-6)

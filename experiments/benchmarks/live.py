@@ -40,9 +40,8 @@ import httpx
 import numpy as np
 import psutil
 
-from cardiac_core import dicom
 from cardiac_core.fileio import write_json_atomic
-from tavr_jax.data import simulate, supervisely
+from tavr_jax.data import simulate
 from tavr_jax.infer import guidance
 from tavr_jax.infer.live import LiveSession, read_records
 from tavr_jax.schema import get_schema
@@ -99,21 +98,8 @@ def held_out_cines(folder: pathlib.Path, cases: int, frames: int, size: int, see
     schema = get_schema("paper11")
     root = simulate.simulate_project(folder / "sim", schema, cases=cases, frames=frames,
                                      size=size, seed=seed, progress=False)  # fmt: skip
-    project = supervisely.read_project(root, schema)
-    by_case: dict[str, list] = {}
-    for i, frame in enumerate(project.frames):
-        by_case.setdefault(frame.case_id, []).append(i)
     # a folder of the cines alone: the browser mode serves it as the server's --live_dir
-    (folder / "cines").mkdir(exist_ok=True)
-    cines = []
-    for case, rows in sorted(by_case.items()):
-        images = np.stack([project.load_image(i) for i in rows])
-        spacing = project.frames[rows[0]].pixel_spacing_mm
-        path = dicom.write_test_cine(folder / "cines" / f"{case}.dcm", images,
-                                     frame_time_ms=1000.0 / simulate.FPS,
-                                     pixel_spacing=(spacing, spacing))  # fmt: skip
-        names = [f"{case}/img/{project.frames[i].frame_name}" for i in rows]
-        cines.append((path, names))
+    cines = simulate.write_cines(root, schema, folder / "cines")
     truth_file = root / guidance.GUIDANCE_TRUTH_FILE
     truth = guidance.read_truth(truth_file) if truth_file.is_file() else None
     return cines, truth

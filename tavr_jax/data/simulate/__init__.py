@@ -74,6 +74,7 @@ __all__ = [
     "frame_truth",
     "simulate_case",
     "simulate_project",
+    "write_cines",
 ]
 
 
@@ -224,3 +225,27 @@ def _write_case(
         )
         rows.append({"frame": f"{case_id}/img/{frame_name}", "case": case_id, **row})
     return c, rows
+
+
+def write_cines(root, schema: KeypointSchema, folder) -> list[tuple[pathlib.Path, list[str]]]:
+    """Each case of the simulated project at `root` as a DICOM cine in `folder` (its pixel
+    spacing and the simulator's frame rate in the header), for the frame sources and the live
+    replay: [(path, [the project-relative name of each frame, as the truth file has them])]."""
+    from cardiac_core import dicom  # here: the spawned simulator workers need no pydicom
+
+    project = supervisely.read_project(root, schema)
+    by_case: dict[str, list[int]] = {}
+    for i, frame in enumerate(project.frames):
+        by_case.setdefault(frame.case_id, []).append(i)
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cines = []
+    for case, rows in sorted(by_case.items()):
+        images = np.stack([project.load_image(i) for i in rows])
+        spacing = project.frames[rows[0]].pixel_spacing_mm
+        path = dicom.write_test_cine(
+            folder / f"{case}.dcm", images, frame_time_ms=1000.0 / FPS,
+            pixel_spacing=None if spacing is None else (spacing, spacing),
+        )  # fmt: skip
+        cines.append((path, [f"{case}/img/{project.frames[i].frame_name}" for i in rows]))
+    return cines
