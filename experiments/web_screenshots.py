@@ -20,6 +20,7 @@ flags.DEFINE_string("frame", None, "A frame, video or DICOM to upload.", require
 flags.DEFINE_string("out", "docs", "Folder for web_perfusion.png and web_tavr.png.")
 flags.DEFINE_string("live_replay", None, "A cine, video or image folder the Live tab replays.")
 flags.DEFINE_string("live_target", "3-6", "The Live tab's target depth range, mm.")
+flags.DEFINE_integer("live_frames", 5, "The Live tab is shot once this many frames were painted.")
 
 
 def live_screenshot(d, url: str, replay_name: str, path, *, target="3-6", fps=None, frames=5):
@@ -56,6 +57,7 @@ def main(argv):
     from cardiac_web.live import LiveOptions
 
     out = pathlib.Path(FLAGS.out)
+    out.mkdir(parents=True, exist_ok=True)  # selenium writes nothing into a missing folder
     replay = pathlib.Path(FLAGS.live_replay).resolve() if FLAGS.live_replay else None
     live = LiveOptions(replay_dir=replay.parent) if replay else None
     web = create_app(perfusion_dir=FLAGS.perfusion_model, tavr_workdir=FLAGS.tavr_workdir,
@@ -73,7 +75,8 @@ def main(argv):
         d.save_screenshot(str(out / "web_tavr.png"))
         if replay:
             name = replay.name + ("/" if replay.is_dir() else "")
-            live_screenshot(d, url, name, out / "images" / "live_tab.png", target=FLAGS.live_target)
+            live_screenshot(d, url, name, out / "images" / "live_tab.png", target=FLAGS.live_target,
+                            frames=FLAGS.live_frames)  # fmt: skip
     print(f"wrote {out / 'web_perfusion.png'} and {out / 'web_tavr.png'}"
           + (f" and {out / 'images' / 'live_tab.png'}" if replay else ""))  # fmt: skip
 
