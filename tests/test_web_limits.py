@@ -215,7 +215,7 @@ def test_a_bug_answers_a_one_line_500(engine, monkeypatch):
 
     monkeypatch.setattr(engine, "run_batches", broken)
     client = TestClient(create_app(tavr_engine=engine), raise_server_exceptions=False)
-    r = _predict(client, _png(np.zeros((8, 8), np.uint8)))
+    r = _predict(client, _png(np.zeros((16, 16), np.uint8)))
     _one_line_error(r, 500, "internal server error (RuntimeError)")
     assert "second line" not in r.text
 

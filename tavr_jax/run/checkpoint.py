@@ -306,8 +306,10 @@ class CheckpointStore:
         return self._managers["best"]
 
     def _note_leftovers(self) -> None:
-        # Orbax deletes them when a writer opens (cleanup_tmp_directories); say so once.
-        leftovers = sorted(self.root.glob(f"*/*{_TMP_SUFFIX}"))
+        # A writer holds the workdir's lock, so no save is in progress: what a killed save
+        # left is removed here, with one line (orbax's own clean-up only knows the names its
+        # current version writes, `<step>.orbax-checkpoint-tmp-<time>`).
+        leftovers = sorted(self.root.glob(f"*/*{_TMP_SUFFIX}*"))
         if leftovers:
             logging.info(
                 "%s: removing %d partial checkpoint(s) of an interrupted save: %s",
@@ -315,6 +317,8 @@ class CheckpointStore:
                 len(leftovers),
                 ", ".join(p.relative_to(self.root).as_posix() for p in leftovers),
             )
+            for path in leftovers:
+                shutil.rmtree(path, ignore_errors=True)
 
     def latest_step(self) -> int | None:
         return self._latest.latest_step()
