@@ -44,7 +44,7 @@ def main(argv):
     schema, size, runs = get_schema("paper11"), _SIZE.value, _RUNS.value
     engine = KeypointEngine.random_init(schema, _BACKBONE.value, size, head=_HEAD.value)
     graphs = {
-        "ours": onnx_export.build_model(engine.meta, engine.variables, frame_size=(size, size)),
+        "ours": onnx_export.engine_graph(engine.meta, engine.variables, frame_size=(size, size)),
         "torch export": export_onnx_bytes(
             keypoint_net(_BACKBONE.value, schema, size), (1, size, size)
         ),  # fmt: skip

@@ -287,15 +287,14 @@ def tune_thresholds(
     p_thr, p_f1 = _best_threshold(prob[None] > cand[:, None, None], vis, cand)
     groups, group_f1 = None, None
     if group is not None:
-        gp = np.asarray(group, np.float64)
-        if gp.shape != (prob.shape[0], schema.num_groups):
-            raise ValueError(
-                f"group must have shape ({prob.shape[0]}, {schema.num_groups}), got {gp.shape}"
-            )
+        presence = np.asarray(group, np.float64)
+        if presence.shape != (prob.shape[0], schema.num_groups):
+            want = (prob.shape[0], schema.num_groups)
+            raise ValueError(f"group must have shape {want}, got {presence.shape}")
         g_thr, g_f1 = _best_threshold(
-            gp[None] > cand[:, None, None], schema.group_presence(vis), cand
+            presence[None] > cand[:, None, None], schema.group_presence(vis), cand
         )
-        gate = (gp > g_thr)[:, schema.point_group]
+        gate = (presence > g_thr)[:, schema.point_group]
         gated_thr, gated_f1 = _best_threshold(
             (prob[None] > cand[:, None, None]) & gate[None], vis, cand
         )

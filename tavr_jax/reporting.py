@@ -53,14 +53,17 @@ def reported_points(
     None). Thresholds default to 0.5. This is the one rule: metrics count what it reports.
     """
     k, g = schema.num_points, schema.num_groups
-    vis = np.asarray(visibility, np.float64)
-    grp = np.ones((*vis.shape[:-1], g)) if group is None else np.asarray(group, np.float64)
-    if vis.shape[-1] != k or grp.shape[-1] != g or vis.shape[:-1] != grp.shape[:-1]:
+    probability = np.asarray(visibility, np.float64)
+    shape = probability.shape[:-1]
+    presence = np.ones((*shape, g)) if group is None else np.asarray(group, np.float64)
+    if probability.shape[-1] != k or presence.shape[-1] != g or presence.shape[:-1] != shape:
         raise ValueError(f"expected (..., {k}) visibility and (..., {g}) group, got "
-                         f"{vis.shape} and {grp.shape}")  # fmt: skip
+                         f"{probability.shape} and {presence.shape}")  # fmt: skip
     exp = expected if isinstance(expected, np.ndarray) else expected_groups(expected, schema)
-    group_on = exp if group is None else (grp > thresholds(group_thresholds, g, "group")) & exp
-    return (vis > thresholds(point_thresholds, k, "point")) & group_on[..., schema.point_group]
+    group_on = exp if group is None else (presence > thresholds(group_thresholds, g, "group")) & exp
+    return (probability > thresholds(point_thresholds, k, "point")) & group_on[
+        ..., schema.point_group
+    ]
 
 
 class Gate:

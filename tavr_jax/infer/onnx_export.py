@@ -438,7 +438,7 @@ def _stage_hw(image_hw, kind: str, keywords: dict) -> list[tuple[int, int]]:
     return sizes[1:]
 
 
-def build_model(meta: dict, variables, *, frame_size, batch: int | None = None,
+def engine_graph(meta: dict, variables, *, frame_size, batch: int | None = None,
                 winograd: bool = True, extra_metadata: dict | None = None):  # fmt: skip
     """The engine function (uint8 frames -> visibility, group, coords) as an onnx.ModelProto.
 
@@ -530,7 +530,7 @@ def artifact_meta(meta: dict, *, frame_size, batch, opset: int | None = None) ->
 
 
 def engine_model(engine, *, frame_size, batch: int | None = None, winograd: bool = True):
-    """A float32 `KeypointEngine`'s whole function as an ONNX ModelProto (`build_model`)."""
+    """A float32 `KeypointEngine`'s whole function as an ONNX ModelProto (`engine_graph`)."""
     if engine.dtype_name != "float32":
         raise ValueError(
             f"ONNX export is float32 only; this engine computes in {engine.dtype_name}"
@@ -539,7 +539,7 @@ def engine_model(engine, *, frame_size, batch: int | None = None, winograd: bool
 
     variables = jax.device_get(engine.variables)
     meta = {**engine.meta, "schema": engine.schema, "image_size": engine.image_size}
-    return build_model(meta, variables, frame_size=frame_size, batch=batch, winograd=winograd,
+    return engine_graph(meta, variables, frame_size=frame_size, batch=batch, winograd=winograd,
                        extra_metadata={"versions": library_versions()})  # fmt: skip
 
 
@@ -561,7 +561,7 @@ def read_metadata(path) -> dict:
     return parse_metadata({p.key: p.value for p in model.metadata_props}, path)
 
 
-def load_model(path):
+def read_model(path):
     """An ONNX file as a ModelProto."""
     return _import_onnx().load(str(path))
 

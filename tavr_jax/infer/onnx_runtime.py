@@ -24,10 +24,10 @@ from tavr_jax.infer.onnx_export import (
     INPUT_NAME,
     METADATA_KEY,
     OUTPUT_NAMES,
-    build_model,
     check_supported,
-    load_model,
+    engine_graph,
     parse_metadata,
+    read_model,
     set_metadata,
 )
 from tavr_jax.schema import KeypointSchema
@@ -167,7 +167,7 @@ def quantize_int8(model, calibration_frames):
         quantize_static(pre, out, Frames(), quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         per_channel=True, op_types_to_quantize=INT8_SCHEME["op_types"])  # fmt: skip
-        quantized = load_model(out)
+        quantized = read_model(out)
     info.update(dtype="int8", quantization={**INT8_SCHEME, "calibration_frames": len(frames)})
     return set_metadata(quantized, info)
 
@@ -221,7 +221,7 @@ class OnnxKeypointEngine:
         winograd = calibrate is None and select_providers(provider)[0] == PROVIDERS["cpu"]
 
         def model_for(hw):
-            model = build_model(meta, variables, frame_size=hw, batch=None, winograd=winograd)
+            model = engine_graph(meta, variables, frame_size=hw, batch=None, winograd=winograd)
             return model if calibrate is None else quantize_int8(model, calibrate(hw))
 
         return cls(meta, batch_size=batch_size or engine.batch_size, provider=provider,

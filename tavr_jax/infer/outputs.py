@@ -420,15 +420,16 @@ def run_inference(
         )
         for frames, out in engine.run_batches(batches):
             for j, fr in enumerate(frames):
-                vis, grp, xy = out["visibility"][j], out["group"][j], out["coords"][j]
+                probability, presence = out["visibility"][j], out["group"][j]
+                xy = out["coords"][j]
                 if tracker is not None:
-                    xy, reported = tracker.update(vis, grp, xy, fr.time_s)
+                    xy, reported = tracker.update(probability, presence, xy, fr.time_s)
                 else:
-                    reported = gate(vis, grp)
+                    reported = gate(probability, presence)
                 name = None if files is None else fr.name
-                sink.add(fr, name, vis, grp, xy, reported)
+                sink.add(fr, name, probability, presence, xy, reported)
                 if overlays is not None:
-                    overlays.write(fr, xy, reported, vis, name)
+                    overlays.write(fr, xy, reported, probability, name)
             n_frames += len(frames)
             bar.update(len(frames))
         bar.close()
