@@ -13,7 +13,10 @@ import pytest
 from experiments.benchmarks import campaign
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TOP_LEVEL = {"device", "jax", "date", "latency", "train_throughput", "training", "features"}
+TOP_LEVEL = {"device", "jax", "date", "latency", "train_throughput", "training", "features",
+             "live"}  # fmt: skip
+LIVE = {"rate_fps", "processed_fps", "dropped", "age_ready_p50_ms", "age_ready_p99_ms",
+        "frame_size", "depth_mae_mm", "range_agreement"}  # fmt: skip
 LATENCY = {"backbone", "image_size", "batch", "dtype", "end_to_end_p50_ms", "end_to_end_p99_ms",
            "frames_per_s"}  # fmt: skip
 THROUGHPUT = {"backbone", "image_size", "batch", "dtype", "images_per_s", "mfu"}
@@ -123,6 +126,11 @@ def test_smoke_run_goes_past_a_failed_stage_and_writes_the_contract(tmp_path):
         assert t[k] is None or isinstance(t[k], float), k  # None: nothing reported or found
     assert set(c["features"]) == {"maps_per_s_256", "maps_per_s_512"}
     assert all(isinstance(v, float) and v > 0 for v in c["features"].values())
+    # the trained run on a paced replay of held-out cines (the refiner on, as it was trained)
+    (row,) = c["live"]
+    assert set(row) == LIVE and row["rate_fps"] == 15.0 and row["frame_size"] == 64
+    assert row["processed_fps"] > 0 and 0 < row["age_ready_p50_ms"] <= row["age_ready_p99_ms"]
+    assert training["live"]["refine"] is True
 
 
 def test_gpu_plan_fits_its_budget_and_sizes_the_run_from_the_measured_rate(tmp_path):
@@ -130,9 +138,9 @@ def test_gpu_plan_fits_its_budget_and_sizes_the_run_from_the_measured_rate(tmp_p
     assert plan.budget_s <= 540 and plan.sim["cases"] * plan.sim["frames"] == 6000
     run = campaign.Campaign(plan, tmp_path / "out", tmp_path / "work")
     # The stages before training may take at most what leaves it its minimum, whatever
-    # their own limits: 540 - (60 + 60 + 60 + 30) = 330 s for preflight to throughput.
-    assert run.protected_s() == 210 and plan.budget_s - run.protected_s() == 330
-    assert plan.limits["preflight"] + plan.limits["simulate"] < 330
+    # their own limits: 540 - (60 + 60 + 60 + 45 + 30) = 285 s for preflight to throughput.
+    assert run.protected_s() == 255 and plan.budget_s - run.protected_s() == 285
+    assert plan.limits["preflight"] + plan.limits["simulate"] < 285
     run.work.mkdir()
     assert run._train_dtype() == "bfloat16"  # the paper-scale recipe
     assert run._steps_in(100.0, "bfloat16") is None  # nothing measured: the config's num_steps
@@ -165,8 +173,11 @@ def test_gpu_plan_trains_and_evaluates_without_the_second_stage(tmp_path):
     # The refiner did not pay at paper scale: the GPU run gives its minute to training.
     commands, limit, run = _training_stage(campaign.gpu_plan(), tmp_path / "gpu")
     launched = [c for c in commands if not callable(c)]
-    assert len(commands) == 2 and len(launched) == 1  # the training run, then its evaluation
-    assert not any("tavr_refine" in part or part == "--refine" for part in launched[0])
+    # the training run, its evaluation, then the live replay
+    assert len(commands) == 3 and len(launched) == 2
+    assert not any("tavr_refine" in part or part == "--refine" for c in launched for part in c)
+    live = launched[1]
+    assert live[1].endswith("bench_live.py") and "--rates=30" in live and "--size=1024" in live
     assert limit == pytest.approx(run.left() - 30, abs=1)  # all but the perfusion stage's
     commands, _, _ = _training_stage(campaign.smoke_plan(), tmp_path / "smoke")
-    assert len(commands) == 4  # the smoke run still covers the refiner and its evaluation
+    assert len(commands) == 5  # the smoke run still covers the refiner and its evaluation

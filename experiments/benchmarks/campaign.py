@@ -86,6 +86,7 @@ class Plan:
     features: tuple  # (size, batch) per bench_features run: 256 then 512
     cv: dict  # make_perfusion_data and perfusion_cv flags
     refine: dict | None  # tavr_refine flags: the second stage after the training run, or None
+    live: dict | None  # bench_live flags: the trained run on a paced replay, or None
     reserve_s: dict  # seconds kept for what follows the training run
     train_min_s: float  # training time the stages before it may not eat into
 
@@ -132,7 +133,9 @@ def gpu_plan() -> Plan:
         # No second stage: on the H200's first paper-scale run it raised the error (2.38 ->
         # 3.00 px at 512), so its minute (the refiner and a second evaluation) goes to training.
         refine=None,
-        reserve_s=dict(startup=60, evaluation=60, refine=0, perfusion=30),
+        # the live loop on held-out cines at 30 frames/s: frame age at the readout, drops, depth
+        live=dict(minutes=0.4, rates="30", cases=2, frames=40, size=1024),
+        reserve_s=dict(startup=60, evaluation=60, refine=0, live=45, perfusion=30),
         train_min_s=60,
     )
 
@@ -171,7 +174,8 @@ def smoke_plan() -> Plan:
         features=((256, 2), (512, 1)),
         cv=dict(n=12, model="rf", task="abnormal", folds=2, min_s=0),
         refine=dict(steps=3, max_frames=8, batch=8),
-        reserve_s=dict(startup=0, evaluation=60, refine=60, perfusion=0),
+        live=dict(minutes=0.05, rates="15", cases=1, frames=4, size=64),
+        reserve_s=dict(startup=0, evaluation=60, refine=60, live=60, perfusion=0),
         train_min_s=0,
     )
 
@@ -233,7 +237,22 @@ def maps_per_s(text: str | None) -> float | None:
     return float(match.group(1).replace(",", "")) if match else None
 
 
-def summary(preflight, latency, throughput, training, features) -> dict:
+def live_rows(result: dict | None) -> list[dict]:
+    """campaign.json `live` rows from a bench_live JSON: one per replay rate."""
+    rows = []
+    for rate in (result or {}).get("rates", {}).values():
+        guidance = rate.get("guidance") or {}
+        rows.append({
+            **{k: rate.get(k) for k in ("rate_fps", "processed_fps", "dropped",
+                                        "age_ready_p50_ms", "age_ready_p99_ms")},
+            "frame_size": (result or {}).get("size"),
+            "depth_mae_mm": guidance.get("depth_mae_mm"),
+            "range_agreement": guidance.get("range_agreement"),
+        })  # fmt: skip
+    return rows
+
+
+def summary(preflight, latency, throughput, training, features, live=()) -> dict:
     """campaign.json: exactly the fields of the campaign's contract (docs/gpu/README.md)."""
     preflight = preflight or {}
     return {
@@ -244,6 +263,7 @@ def summary(preflight, latency, throughput, training, features) -> dict:
         "train_throughput": throughput,
         "training": training,
         "features": features,
+        "live": list(live),
     }
 
 
@@ -486,7 +506,8 @@ class Campaign:
     def _training(self) -> None:
         reserve = self.plan.reserve_s
         limit = self.left() - reserve["perfusion"]
-        after = reserve["evaluation"] + reserve["refine"]  # kept for what follows training
+        # kept for what follows training
+        after = reserve["evaluation"] + reserve["refine"] + reserve["live"]
         budget = max(limit - after - reserve["startup"], 10.0)
         overrides = dict(self.plan.train)
         if not self.plan.smoke:
@@ -519,6 +540,11 @@ class Campaign:
                 batch_size=self.plan.eval_batch, out=self.work / "test_metrics_refined.json",
             )  # fmt: skip
             commands += [refine, evaluate_refined]
+        if self.plan.live is not None:
+            refined = ["--refine"] if self.plan.refine is not None else []
+            live = self._launcher("bench_live", *refined, workdir=workdir,
+                                  out=self.work / "live.json", **self.plan.live)  # fmt: skip
+            commands.append(live)
         self._stage("training", commands, limit)
 
     def _train_dtype(self) -> str:
@@ -585,6 +611,7 @@ class Campaign:
         test = _read_json(w / "test_metrics.json")
         refined = _read_json(w / "test_metrics_refined.json")
         config = _read_json(w / "run" / "config.json")
+        live = _read_json(w / "live.json")
         features = {
             "maps_per_s_256": maps_per_s(_read_text(w / "features_256.txt")),
             "maps_per_s_512": maps_per_s(_read_text(w / "features_512.txt")),
@@ -612,8 +639,9 @@ class Campaign:
         if train_metrics or test:
             write_json_atomic(
                 o / "training.json",
-                {"train": train_metrics, "test": test, "test_refined": refined, "config": config},
-            )
+                {"train": train_metrics, "test": test, "test_refined": refined, "config": config,
+                 "live": live},
+            )  # fmt: skip
         cv = _read_json(w / "perfusion_cv.json")
         if any(v is not None for v in features.values()) or cv:
             write_json_atomic(o / "perfusion.json", {"features": features, "cv": cv})
@@ -623,6 +651,7 @@ class Campaign:
             throughput_rows(bench_train),
             training_summary(train_metrics, test, config, refined),
             features,
+            live_rows(live),
         )
         write_json_atomic(o / "campaign.json", result)
         return result
