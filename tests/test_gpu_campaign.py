@@ -16,7 +16,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOP_LEVEL = {"device", "jax", "date", "latency", "train_throughput", "training", "features",
              "live"}  # fmt: skip
 LIVE = {"rate_fps", "processed_fps", "dropped", "age_ready_p50_ms", "age_ready_p99_ms",
-        "frame_size", "depth_mae_mm", "range_agreement"}  # fmt: skip
+        "frame_size", "depth_mae_mm", "range_agreement", "depth_mae_mm_carried"}  # fmt: skip
 LATENCY = {"backbone", "image_size", "batch", "dtype", "end_to_end_p50_ms", "end_to_end_p99_ms",
            "frames_per_s"}  # fmt: skip
 THROUGHPUT = {"backbone", "image_size", "batch", "dtype", "images_per_s", "mfu"}

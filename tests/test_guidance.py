@@ -166,6 +166,32 @@ def test_annulus_is_carried_with_the_pigtail_then_expires():
     assert tracker.update(18.2, *_frame(moved))["annulus"] is None  # gone for good
 
 
+def test_the_carried_annulus_is_the_injections_weighted_mean_relative_to_the_pigtail():
+    fe = {"FE1": (45.0, 110.0), "FE2": (75.0, 110.0)}
+
+    def root(dy, probability=1.0):
+        aa = {"AA1": (40.0, 100.0 + dy), "AA2": (80.0, 100.0 + dy)}
+        return _frame({**ROOT, **aa, **fe}, {"AA1": probability, "AA2": probability})
+
+    tracker = guidance.GuidanceTracker(SCHEMA)
+    tracker.update(0.0, *root(+1.0))  # the hinge points 1 px low, then 1 px high: the
+    tracker.update(0.1, *root(-1.0))  # carried line is their mean, the true one
+    carried = tracker.update(0.5, *_frame({"PT": ROOT["PT"], **fe}))
+    assert carried["annulus"] == "carried" and carried["depth_px"] == {"FE1": 10.0, "FE2": 10.0}
+    # weights 1 / sd^2: a frame seen at probability 0.5 counts a quarter as much
+    tracker = guidance.GuidanceTracker(SCHEMA)
+    tracker.update(0.0, *root(+2.0))
+    tracker.update(0.1, *root(-2.0, probability=0.5))
+    carried = tracker.update(0.5, *_frame({"PT": ROOT["PT"], **fe}))
+    # offsets' variance: AA sd (2 px / p)^2 plus PT's (2 px)^2 -> weights 1/8 and 1/20
+    mean_dy = (2.0 / 8 - 2.0 / 20) / (1 / 8 + 1 / 20)
+    assert carried["depth_px"]["FE1"] == pytest.approx(10.0 - mean_dy, abs=1e-3)
+    # a new injection starts a new mean
+    tracker.update(1.0, *root(+3.0))
+    again = tracker.update(1.5, *_frame({"PT": ROOT["PT"], **fe}))
+    assert again["depth_px"]["FE1"] == pytest.approx(7.0, abs=1e-3)
+
+
 def test_carried_annulus_is_dropped_when_the_pigtail_is_lost():
     fe = {"FE1": (45.0, 110.0), "FE2": (75.0, 110.0)}
     tracker = guidance.GuidanceTracker(SCHEMA)
@@ -272,6 +298,9 @@ def test_score_readouts_on_hand_made_records(tmp_path):
     assert score["depth_mae_mm"] == pytest.approx((1.0 + 0.5 + 0.2 + 0.2) / 4)
     # sides in/out of 3-5: (in, in) vs (in, in); (in, out) vs (in, out) -> 4 of 4 agree
     assert score["range_agreement"] == 1.0 and score["angle_mae_deg"] == 1.0
+    seen = score["seen"]  # the annulus on the frame: 0000 only
+    assert seen["n_frames"] == 1 and seen["depth_mae_mm"] == pytest.approx(0.75)
+    assert seen["angle_mae_deg"] == 1.0
     carried = score["carried"]
     assert carried["n_frames"] == 1 and carried["depth_mae_mm"] == pytest.approx(0.2)
     assert carried["coverage"] == 0.5  # of frames 0001 and 0002 (no contrast, a valve frame)

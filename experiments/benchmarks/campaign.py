@@ -246,8 +246,10 @@ def live_rows(result: dict | None) -> list[dict]:
             **{k: rate.get(k) for k in ("rate_fps", "processed_fps", "dropped",
                                         "age_ready_p50_ms", "age_ready_p99_ms")},
             "frame_size": (result or {}).get("size"),
-            "depth_mae_mm": guidance.get("depth_mae_mm"),
-            "range_agreement": guidance.get("range_agreement"),
+            # on frames with the annulus in view; a carried annulus is scored apart
+            "depth_mae_mm": (guidance.get("seen") or {}).get("depth_mae_mm"),
+            "range_agreement": (guidance.get("seen") or {}).get("range_agreement"),
+            "depth_mae_mm_carried": (guidance.get("carried") or {}).get("depth_mae_mm"),
         })  # fmt: skip
     return rows
 

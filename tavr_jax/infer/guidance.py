@@ -4,8 +4,9 @@
   frame's inflow edge (FE1, FE2) to the annular line AA1-AA2, positive toward the ventricle.
 - Coaxiality: the angle (0..90 degrees) between the inflow edge FE1-FE2 and the annular line.
 - The annulus between contrast injections: it shows only while contrast fills the root, so the
-  last annular line seen is carried forward with the pigtail tip (PT, which sits in a cusp and
-  moves with the root) for up to `carry_max_s`.
+  annular line of the last injection is carried forward with the pigtail tip (PT, which sits in
+  a cusp and moves with the root) for up to `carry_max_s`: the hinge points' offsets from PT,
+  averaged over the injection's frames (inverse-variance weights), placed at PT's position now.
 - The deployment stage, from the groups in view and where the delivery catheter is.
 
 Which side is the ventricle: it is decided per frame from anatomy, never from the image axes
@@ -240,6 +241,7 @@ class GuidanceTracker:
     def reset(self) -> None:
         """Forgets the stream: the last annulus seen, the ventricle side, the clock."""
         self._seen: dict | None = None  # the annulus when last seen, to carry
+        self._seen_run = False  # whether the previous frame saw the annulus
         self._normal: np.ndarray | None = None  # ventricle side last decided
         self._had_annulus = False
         self._last_time: float | None = None
@@ -273,30 +275,42 @@ class GuidanceTracker:
         if aa1 is not None and aa2 is not None and not np.array_equal(aa1, aa2):
             ref = _aortic_reference(pts, aa1, aa2)
             normal = ventricle_normal(aa1, aa2, ref, self._normal)
-            pt = pts.get("PT")
-            self._seen = dict(
-                aa=(aa1, aa2),
-                sd=(sds["AA1"], sds["AA2"]),
-                normal=normal,
-                pt=pt,
-                sd_pt=sds.get("PT", 0.0),
-                time=time_s,
-            )
+            self._remember(time_s, pts, sds, normal)
             return aa1, aa2, sds["AA1"], sds["AA2"], normal, "seen", 0.0
+        self._seen_run = False
         seen = self._seen
         if seen is None:
             return None
         age = time_s - seen["time"]
         pt = pts.get("PT")
-        if seen["pt"] is None or pt is None or age > self.carry_max_s:
+        if seen["weight"] is None or pt is None or age > self.carry_max_s:
             self._seen = None  # gone for good: it only comes back seen
             return None
-        shift = pt - seen["pt"]
-        a1, a2 = seen["aa"][0] + shift, seen["aa"][1] + shift
-        drift = CARRY_DRIFT_PER_S * float(np.hypot(*(a2 - a1))) * age
-        extra = sds["PT"] ** 2 + seen["sd_pt"] ** 2 + drift**2
-        s1, s2 = (math.sqrt(s**2 + extra) for s in seen["sd"])
+        # The hinge points where the injection put them relative to the pigtail, averaged over
+        # its frames (one frame's points at the end of a washing-out injection are the
+        # noisiest), moved with the pigtail now.
+        offsets = seen["sum"] / seen["weight"][:, None]
+        a1, a2 = pt + offsets[0], pt + offsets[1]
+        length = float(np.hypot(*(a2 - a1)))
+        drift = CARRY_DRIFT_PER_S * length * age
+        extra = sds["PT"] ** 2 + drift**2
+        s1, s2 = (math.sqrt(1.0 / w + extra) for w in seen["weight"])
         return a1, a2, s1, s2, seen["normal"], "carried", age
+
+    def _remember(self, time_s: float, pts: dict, sds: dict, normal) -> None:
+        """Adds a frame with the annulus in view to the running inverse-variance mean of the
+        hinge points' offsets from the pigtail; a new injection starts a new mean."""
+        run = self._seen if self._seen_run and self._seen is not None else None
+        self._seen_run = True
+        total = run["sum"] if run else np.zeros((2, 2))
+        weight = run["weight"] if run else None
+        pt = pts.get("PT")
+        if pt is not None:
+            var = np.array([sds["AA1"] ** 2, sds["AA2"] ** 2]) + sds["PT"] ** 2
+            offsets = np.stack([pts["AA1"] - pt, pts["AA2"] - pt])
+            total = total + offsets / var[:, None]
+            weight = (0.0 if weight is None else weight) + 1.0 / var
+        self._seen = dict(sum=total, weight=weight, normal=normal, time=time_s)
 
     def _stage(self, pts: dict, normal: np.ndarray | None) -> str:
         """positioning: no valve frame; deploying: the delivery catheter still crosses it;
@@ -464,14 +478,15 @@ def score_readouts(
     against the simulator's truth (`read_truth`).
 
     Scored frames: both sides read in mm and both known in the truth. Per set (all scored
-    frames, and those whose annulus was carried): `n_frames`, `depth_mae_mm` (over sides),
+    frames; `seen`, those whose annulus was on the frame; `carried`, those whose annulus was
+    carried forward with the pigtail): `n_frames`, `depth_mae_mm` (over sides),
     `range_agreement` (fraction of sides on the same side of `target_depth_mm` as the truth;
     None without a target), `angle_mae_deg`. `carried.coverage`: of the frames whose truth has
     a valve frame out and no contrast, the fraction read with a carried annulus.
     `unmatched_frames`: records whose frame the truth does not name.
     """
     target = _target(target_depth_mm)
-    scored, carried = [], []
+    scored, seen, carried = [], [], []
     unmatched = no_contrast = covered = 0
     for record in records:
         t = _lookup(truth, record.get("frame"))
@@ -488,10 +503,10 @@ def score_readouts(
             covered += both and is_carried
         if known and both:
             scored.append((record, t))
-            if is_carried:
-                carried.append((record, t))
+            (carried if is_carried else seen).append((record, t))
     return {
         **_summary(scored, target),
+        "seen": _summary(seen, target),
         "carried": {
             **_summary(carried, target),
             "coverage": _round(covered / no_contrast, 4) if no_contrast else None,
