@@ -258,6 +258,18 @@ def _split_onnx(data: bytes) -> tuple[bytes, str | None]:
     return b"".join(kept), record
 
 
+def onnx_properties(data: bytes) -> dict[str, str]:
+    """The metadata properties (key: value) of serialized ONNX bytes, read without the onnx
+    package, so a runtime that converts the model itself still checks the bytes it was given.
+    ValueError when the bytes are not a protobuf message."""
+    props = {}
+    for number, _, end, payload in _fields(data):
+        if number == _METADATA_FIELD:
+            key, value = _entry(data, payload, end)
+            props[key] = value
+    return props
+
+
 def _length_delimited(number: int, payload: bytes) -> bytes:
     def varint(n: int) -> bytes:
         out = bytearray()

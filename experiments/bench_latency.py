@@ -4,6 +4,9 @@
         --batch_sizes=1,8 --dtypes=float32 --out=bench.json --plot=docs/latency.png
     python experiments/bench_latency.py --backbones=resnet34 --batch_sizes=1,8 --dtypes=float32 \
         --backend=xla,onnxruntime --onnxruntime_peer --out=peers.json
+    python experiments/bench_latency.py --backbones=resnet34 --batch_sizes=1,8 --dtypes=float32 \
+        --backend=xla,onnxruntime,openvino --onnxruntime_peer --openvino_peer --torch_eager=false \
+        --profile=false --out=cpu_peers.json
     python experiments/bench_latency.py --backbones=resnet34 --stream=cine.dcm --out=stream.json
 """
 
@@ -15,6 +18,7 @@ from absl import app, flags
 from cardiac_core.fileio import write_json_atomic
 from cardiac_core.logs import quiet_third_party
 from experiments.benchmarks import latency as bench
+from experiments.benchmarks.peer_table import peer_table
 from tavr_jax.infer.engine import KeypointEngine
 
 _BACKBONES = flags.DEFINE_list("backbones", ["resnet18", "resnet34", "resnet50"], "backbones")
@@ -32,10 +36,13 @@ _TORCH_THREADS = flags.DEFINE_integer("torch_threads", None, "torch threads (def
 _PROFILE = flags.DEFINE_bool("profile", True, "time resize / backbone / head separately")
 _MIN_TIME = flags.DEFINE_float("min_time", 2.0, "seconds of timed runs per measurement")
 _BACKEND = flags.DEFINE_list(
-    "backend", ["xla"], "engine backends: xla, onnxruntime, onnxruntime_int8"
+    "backend", ["xla"], "engine backends: xla, onnxruntime, onnxruntime_int8, openvino"
 )
 _ORT_PEER = flags.DEFINE_bool(
     "onnxruntime_peer", False, "also time onnxruntime on torch's ONNX export of the network"
+)
+_OV_PEER = flags.DEFINE_bool(
+    "openvino_peer", False, "also time OpenVINO on torch's ONNX export of the network"
 )
 _PROVIDER = flags.DEFINE_enum(
     "provider", "auto", ["auto", "cpu", "cuda", "tensorrt"], "onnxruntime execution provider"
@@ -61,7 +68,7 @@ def main(argv):
                 workdir=_WORKDIR.value, torch_eager=_TORCH.value, timing=timing,
                 torch_threads=_TORCH_THREADS.value, profile=_PROFILE.value,
                 backends=_BACKEND.value, onnxruntime_peer=_ORT_PEER.value,
-                provider=_PROVIDER.value, out=_OUT.value,
+                openvino_peer=_OV_PEER.value, provider=_PROVIDER.value, out=_OUT.value,
             )  # fmt: skip
             if _PLOT.value:
                 earlier = [json.loads(open(p).read()) for p in _PLOT_WITH.value]
@@ -70,6 +77,8 @@ def main(argv):
         sys.exit(f"error: {e}")
     write_json_atomic(_OUT.value, result)
     print(json.dumps({k: v for k, v in result.items() if k not in ("rows", "profile")}, indent=1))
+    if "rows" in result:
+        print(peer_table(result))
 
 
 if __name__ == "__main__":

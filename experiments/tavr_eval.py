@@ -5,7 +5,8 @@
 --tune_thresholds first tunes per-point (and per-group) thresholds on the validation cases
 and writes W/thresholds.json; without --threshold the evaluation uses that file.
 --model_file scores a file exported from W (tavr_export.py; an ONNX file takes the frame
-size it was exported for) in place of W's checkpoint, on the same cases.
+size it was exported for) in place of W's checkpoint, on the same cases; --backend=openvino
+runs an .onnx file on OpenVINO instead of onnxruntime.
 """
 
 import sys
@@ -30,6 +31,10 @@ _REFINE = flags.DEFINE_bool("refine", False, "add the second stage trained into 
 _MODEL_FILE = flags.DEFINE_string(
     "model_file", None, "score this exported file (ONNX, int8 ONNX, jax.export) of W instead"
 )
+_BACKEND = flags.DEFINE_enum(
+    "backend", "xla", ["xla", "onnxruntime", "openvino"],
+    "runtime of an .onnx --model_file (xla: onnxruntime, as the file's default)",
+)  # fmt: skip
 
 
 def main(argv):
@@ -55,6 +60,7 @@ def main(argv):
             which=_WHICH.value,
             refine=_REFINE.value,
             model_file=_MODEL_FILE.value,
+            backend=_BACKEND.value,
         )
         if _OUT.value:
             write_json_atomic(_OUT.value, metrics)

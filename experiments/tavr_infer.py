@@ -7,8 +7,9 @@
 Writes OUT/predictions.jsonl (one line per frame), OUT/coco_keypoints.json and, with
 --overlay, OUT/overlay.avi (video/DICOM) or OUT/overlay/*.png (images). --format=supervisely
 writes OUT as a Supervisely project of the reported points instead (pre-annotation).
---backend=onnxruntime runs the workdir's network on onnxruntime; --model_file runs an exported
-file (tavr_export.py), checked against --workdir and --schema when they are given.
+--backend=onnxruntime|openvino runs the workdir's network on that runtime; --model_file runs an
+exported file (tavr_export.py; an .onnx on onnxruntime, or OpenVINO with --backend=openvino),
+checked against --workdir and --schema when they are given.
 --refine adds the second stage trained into W/refiner (experiments/tavr_refine.py).
 The outside libraries' INFO and WARNING logs are off unless --verbosity asks (0: INFO).
 """
@@ -32,7 +33,9 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute
 _WHICH = flags.DEFINE_enum("which", "best", ["best", "latest"], "checkpoint to load")
 _SCHEMA = flags.DEFINE_string("schema", None, "refuse a checkpoint of another schema")
 _BACKBONE = flags.DEFINE_string("backbone", None, "refuse a checkpoint of another backbone")
-_BACKEND = flags.DEFINE_enum("backend", "xla", ["xla", "onnxruntime"], "engine backend")
+_BACKEND = flags.DEFINE_enum(
+    "backend", "xla", ["xla", "onnxruntime", "openvino"], "engine backend (an .onnx file: runtime)"
+)
 _REFINE = flags.DEFINE_bool("refine", False, "add the second stage trained into W/refiner")
 _MODEL_FILE = flags.DEFINE_string("model_file", None, "exported .onnx or jax.export file")
 _PROVIDER = flags.DEFINE_enum(

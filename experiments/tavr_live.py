@@ -31,7 +31,9 @@ _STAGE = flags.DEFINE_string("stage_prior", None, "positioning, deploying or dep
 _EXPECT = flags.DEFINE_string("expect", None, "groups expected at this stage, e.g. anatomical")
 _TRACK = flags.DEFINE_enum("track", "kalman", ["oneeuro", "kalman", "none"], "temporal filter")
 _REFINE = flags.DEFINE_bool("refine", False, "add the second stage trained into W/refiner")
-_BACKEND = flags.DEFINE_enum("backend", "xla", ["xla", "onnxruntime"], "engine backend")
+_BACKEND = flags.DEFINE_enum(
+    "backend", "xla", ["xla", "onnxruntime", "openvino"], "engine backend (an .onnx file: runtime)"
+)
 _PROVIDER = flags.DEFINE_enum(
     "provider", "auto", ["auto", "cpu", "cuda", "tensorrt"], "onnxruntime execution provider"
 )

@@ -60,6 +60,7 @@ OWNERS = {
     "PIL": {"cardiac_core.images"},
     "onnx": {"tavr_jax.infer.onnx_export"},
     "onnxruntime": {"tavr_jax.infer.onnx_runtime"},
+    "openvino": {"tavr_jax.infer.openvino_runtime"},
     "fastapi": {"cardiac_web.app", "cardiac_web.live"},
     "tensorboardX": {"tavr_jax.training.train"},
     "torch": {"tavr_jax.models.convert"},  # reads .pth files when torch is installed

@@ -1,10 +1,11 @@
 """Latency and throughput of the keypoint engine per backend, beside the peers it must match.
 
 Backends: `xla` (the AOT-compiled `KeypointEngine`), `onnxruntime` (`OnnxKeypointEngine`,
-the same network exported by `tavr_jax.infer.onnx_export`) and `onnxruntime_int8` (that
-graph with int8 convolutions, calibrated on simulated frames). Peers: onnxruntime running the
-same architecture as exported by torch's own ONNX exporter (what a team shipping a PyTorch
-model would deploy) and eager PyTorch. Every contender of one (backbone, dtype, batch) runs in
+the same network exported by `tavr_jax.infer.onnx_export`), `onnxruntime_int8` (that
+graph with int8 convolutions, calibrated on simulated frames) and `openvino` (the float graph
+on OpenVINO's CPU plugin). Peers: onnxruntime and OpenVINO running the same architecture as
+exported by torch's own ONNX exporter (what a team shipping a PyTorch model would deploy) and
+eager PyTorch. Every contender of one (backbone, dtype, batch) runs in
 alternation with the others, so the ratios are of paired runs under the same machine load.
 
 Every timing is a warm-up followed by timed runs whose results are on the host, so
@@ -25,6 +26,7 @@ import numpy as np
 from cardiac_core.fileio import write_json_atomic
 from cardiac_core.xla import compile_lowered, kernel_census, model_flops
 from experiments.benchmarks.timing import (
+    cpu_model,
     device_description,
     peak_matmul,
     percentiles_ms,
@@ -32,13 +34,14 @@ from experiments.benchmarks.timing import (
     time_runs,
 )
 from tavr_jax.data.simulate import simulate_case
-from tavr_jax.infer import onnx_export, onnx_runtime
+from tavr_jax.infer import onnx_export, onnx_runtime, openvino_runtime
 from tavr_jax.infer.engine import KeypointEngine, keypoint_forward
 from tavr_jax.reporting import Gate
 from tavr_jax.schema import get_schema
 
 PAPER_MS_PER_FRAME = 18.0  # the paper's GPU figure (section 5)
-BACKENDS = ("xla", "onnxruntime", "onnxruntime_int8")
+BACKENDS = ("xla", "onnxruntime", "onnxruntime_int8", "openvino")
+PEERS = ("onnxruntime_peer", "openvino_peer")  # torch's ONNX export on each runtime
 
 
 def flops_per_batch(engine: KeypointEngine, frame_size: int) -> float | None:
@@ -105,18 +108,21 @@ def peak_kernels(provider: str = "auto", n: int = 2048, **timing) -> dict:
     }
 
 
-def ort_peer(backbone: str, schema, image_size: int, frame_size: int, provider: str = "auto"):
-    """onnxruntime running torch's ONNX export of the same network; (run(frames), why-not)."""
+def export_peers(backbone: str, schema, image_size: int, frame_size: int,
+                 provider: str = "auto", runtimes=PEERS):  # fmt: skip
+    """Torch's ONNX export of the same network on each runtime of `runtimes` (`PEERS`):
+    ({peer: run(frames)}, why-not)."""
     try:
         from experiments.benchmarks.torch_reference import export_onnx_bytes, keypoint_net
 
-        net = keypoint_net(backbone, schema, image_size)
-        session = onnx_runtime.make_session(
-            export_onnx_bytes(net, (1, frame_size, frame_size)), provider=provider
-        )
+        data = export_onnx_bytes(keypoint_net(backbone, schema, image_size),
+                                 (1, frame_size, frame_size))  # fmt: skip
+        sessions = {"onnxruntime_peer": lambda: onnx_runtime.make_session(data, provider=provider),
+                    "openvino_peer": lambda: openvino_runtime.Session(data)}  # fmt: skip
+        sessions = {peer: sessions[peer]() for peer in runtimes}
     except Exception as e:  # torch's exporter has many error types; the peer is optional
-        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    return (lambda frames: session.run(None, {"frames": frames})), None
+        return {}, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return {p: lambda f, s=s: s.run(None, {"frames": f}) for p, s in sessions.items()}, None
 
 
 def torch_baseline(backbone, schema, image_size, threads: int | None = None):
@@ -216,6 +222,13 @@ def bench_cell(engines: dict, frame_size: int, *, peak=None, peers=None, flops=N
             row["ratio_vs_onnxruntime"] = float(
                 np.median(t_e2e[backend] / t_peer["onnxruntime_peer"])
             )
+        if "openvino_peer" in t_peer:
+            row["openvino_peer"] = percentiles_ms(t_peer["openvino_peer"])
+            row["ratio_vs_openvino"] = float(np.median(t_e2e[backend] / t_peer["openvino_peer"]))
+        if any(p in t_peer for p in PEERS):  # the faster of torch's export's runtimes
+            row["best_peer"] = min((p for p in PEERS if p in t_peer),
+                                   key=lambda p: np.median(t_peer[p]))  # fmt: skip
+            row["ratio_vs_best_peer"] = float(np.median(t_e2e[backend] / t_peer[row["best_peer"]]))
         if "torch_eager" in t_peer:
             row["torch_eager"] = percentiles_ms(t_peer["torch_eager"])
             row["speedup_vs_torch"] = float(np.median(t_peer["torch_eager"] / t_e2e[backend]))
@@ -243,6 +256,8 @@ def make_backend(backend: str, engine: KeypointEngine, provider: str = "auto"):
         raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     if backend == "xla":
         return engine
+    if backend == "openvino":  # the exported file's graph (Winograd convolutions included)
+        return openvino_runtime.OpenVinoKeypointEngine.from_engine(engine)
     calibrate = None
     if backend == "onnxruntime_int8":  # calibrated on simulated frames of the timed size
 
@@ -316,6 +331,7 @@ def run_benchmark(
     torch_threads: int | None = None,
     backends=("xla",),
     onnxruntime_peer: bool = False,
+    openvino_peer: bool = False,
     provider: str = "auto",
     out=None,
     peak_size: int = 2048,
@@ -340,6 +356,8 @@ def run_benchmark(
         "date": datetime.date.today().isoformat(),
         "torch": _version("torch") if torch_eager else None,
         "onnxruntime": _version("onnxruntime"),
+        "openvino": _version("openvino"),
+        "cpu": cpu_model(),
         "threads": {
             "cpu_count": os.cpu_count(),
             "torch": torch_threads or os.cpu_count(),
@@ -365,6 +383,9 @@ def run_benchmark(
             if onnxruntime_peer:
                 onnxruntime_peer = False
                 skip("onnxruntime peer", why)
+    if ("openvino" in backends or openvino_peer) and _version("openvino") is None:
+        backends = [b for b in backends if b != "openvino"]
+        openvino_peer = skip("openvino backend and peer", openvino_runtime.MISSING) or False
     peak = None
     if on_cpu:
         kernels = peak_kernels(provider, peak_size, **timing)
@@ -382,12 +403,11 @@ def run_benchmark(
             base = KeypointEngine.from_workdir(workdir, backbone=backbone)
         else:
             base = KeypointEngine.random_init(schema, backbone, image_size)
-        peers = {}
-        if onnxruntime_peer:
-            fn, why = ort_peer(backbone, schema, image_size, frame_size, provider)
-            peers.update({"onnxruntime_peer": fn} if fn else {})
-            if why:
-                skip(f"onnxruntime peer for {backbone}", why)
+        runtimes = [p for p, on in zip(PEERS, (onnxruntime_peer, openvino_peer), strict=True) if on]
+        peers, why = (export_peers(backbone, schema, image_size, frame_size, provider, runtimes)
+                      if runtimes else ({}, None))  # fmt: skip
+        if why:
+            skip(f"torch export peers for {backbone}", why)
         torch_fn = None
         if torch_eager:
             torch_fn, why = torch_baseline(backbone, schema, image_size, torch_threads)
@@ -414,7 +434,7 @@ def run_benchmark(
                     peers=cell_peers, flops=flops, **timing,
                 )  # fmt: skip
                 for row in rows:
-                    row = {"backbone": backbone, "dtype": dtype, "batch": b,
+                    row = {"backbone": backbone, "dtype": dtype, "batch": b, "cpu": result["cpu"],
                            "image_size": image_size, "frame_size": frame_size, **row}  # fmt: skip
                     result["rows"].append(row)
                     progress(format_row(row))

@@ -92,17 +92,22 @@ def percentiles_ms(times) -> dict:
     return {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99), "runs": len(times)}
 
 
-def device_description() -> str:
-    d = jax.devices()[0]
-    if d.platform != "cpu":
-        return f"{d.platform}: {d.device_kind}"
+def cpu_model() -> str:
+    """The host CPU's model name (/proc/cpuinfo), whatever device jax runs on."""
     model = platform.processor() or "cpu"
     try:
         with open("/proc/cpuinfo") as f:
             model = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
     except (OSError, StopIteration):
         pass
-    return f"cpu: {model}, {os.cpu_count()} logical cores visible"
+    return model
+
+
+def device_description() -> str:
+    d = jax.devices()[0]
+    if d.platform != "cpu":
+        return f"{d.platform}: {d.device_kind}"
+    return f"cpu: {cpu_model()}, {os.cpu_count()} logical cores visible"
 
 
 def peak_matmul(n: int = 2048, dtype=jnp.float32):

@@ -1,4 +1,4 @@
-"""Which engine runs a launcher's request: XLA or onnxruntime, a workdir or an exported file.
+"""Which engine runs a launcher's request: XLA, onnxruntime or OpenVINO, a workdir or a file.
 
 `open_engine` gives every launcher the same call API whatever runs underneath;
 `export_workdir` writes a workdir's network as one deployable file and says what it wrote;
@@ -17,8 +17,11 @@ from tavr_jax.data.supervisely import read_project
 from tavr_jax.infer import onnx_export
 from tavr_jax.infer.engine import EXPORT_MAGIC, KeypointEngine, image_hw, load_exported
 from tavr_jax.infer.onnx_runtime import OnnxKeypointEngine, load_onnx, quantize_int8
+from tavr_jax.infer.openvino_runtime import OpenVinoKeypointEngine, load_openvino
 from tavr_jax.run.workdir import config_hash, data_split, read_config
 from tavr_jax.schema import get_schema
+
+BACKENDS = ("xla", "onnxruntime", "openvino")
 
 
 def is_jax_export(path) -> bool:
@@ -43,14 +46,15 @@ def open_engine(
     """The engine a launcher asks for, all with the same call API.
 
     Without `model_file`: the workdir's checkpoint on `backend` ("xla": `KeypointEngine`;
-    "onnxruntime": the same network as an ONNX graph on onnxruntime). With `model_file`: an
-    exported artifact (a `jax.export` file runs on XLA, an .onnx file on onnxruntime), refused
-    when it was made for another schema or, given `workdir`, another training run.
+    "onnxruntime" / "openvino": the same network as an ONNX graph on that runtime). With
+    `model_file`: an exported artifact (a `jax.export` file runs on XLA, an .onnx file on
+    onnxruntime, or OpenVINO when `backend` says so), refused when it was made for another
+    schema or, given `workdir`, another training run.
     refine: add the second stage trained into W/refiner (XLA only; an exported file has it
     when its engine had it).
     """
-    if backend not in ("xla", "onnxruntime"):
-        raise ValueError(f"unknown backend {backend!r}; expected xla or onnxruntime")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected {', '.join(BACKENDS)}")
     if model_file is not None:
         path = pathlib.Path(model_file)
         if not path.is_file():
@@ -58,10 +62,14 @@ def open_engine(
         if refine:
             raise ValueError("--refine applies to a workdir's checkpoint, not to an exported file")
         if is_jax_export(path):
+            if backend == "openvino":
+                raise ValueError(f"{path} is a jax.export file; --backend=openvino runs .onnx")
             exported = load_exported(path, workdir=workdir, schema=schema)
             if exported.meta.get("batch") is None:  # a symbolic batch takes any chunk size
                 exported.batch_size = int(batch_size)
             return exported
+        if backend == "openvino":
+            return load_openvino(path, workdir=workdir, schema=schema, batch_size=batch_size)
         return load_onnx(path, workdir=workdir, schema=schema, batch_size=batch_size,
                          provider=provider)  # fmt: skip
     if workdir is None:
@@ -71,6 +79,8 @@ def open_engine(
                                          refine=refine)  # fmt: skip
     if backend == "onnxruntime":
         return OnnxKeypointEngine.from_engine(engine, provider=provider)
+    if backend == "openvino":
+        return OpenVinoKeypointEngine.from_engine(engine)
     return engine
 
 

@@ -62,7 +62,9 @@ def _frame_arrays(project) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _load(workdir, data_dir, split: str, batch_size: int, which: str, refine: bool = False,
-          model_file=None):  # fmt: skip
+          model_file=None, backend: str = "xla"):  # fmt: skip
+    if backend != "xla" and model_file is None:
+        raise ValueError(f"--backend={backend} runs an exported --model_file; export W first")
     model, variables, meta = load_for_inference(workdir, which=which)
     # The training run's own case split, so "val"/"test" are cases it never trained on.
     project = read_project(data_dir, meta["schema"], split=split, **data_split(meta["config"]))
@@ -70,7 +72,7 @@ def _load(workdir, data_dir, split: str, batch_size: int, which: str, refine: bo
         raise ValueError(f"{data_dir}: split {split!r} has no frames (cases: {project.cases})")
     if model_file is not None:  # an exported file of this run, scored in its place
         engine = open_engine(workdir, model_file=model_file, batch_size=batch_size,
-                             schema=meta["schema"], refine=refine)  # fmt: skip
+                             schema=meta["schema"], refine=refine, backend=backend)  # fmt: skip
         return engine, meta, project
     refiner = workdir_refiner(workdir, meta["schema"].point_names) if refine else None
     engine = KeypointEngine(model, variables, meta, batch_size=batch_size, dtype=meta["dtype"],
@@ -122,6 +124,7 @@ def evaluate_project(
     which: str = "best",
     refine: bool = False,
     model_file=None,
+    backend: str = "xla",
 ) -> dict:
     """The paper's metrics of a trained workdir on one split of a Supervisely project.
 
@@ -137,6 +140,8 @@ def evaluate_project(
       refine: add the second stage trained into W/refiner.
       model_file: an ONNX or jax.export file exported from this workdir, run in place of the
         checkpoint (an int8 file is scored on the same frames as its float network).
+      backend: the runtime of an .onnx `model_file`: "onnxruntime" (also for "xla") or
+        "openvino".
 
     Returns:
       `keypoint_metrics` of the split, plus `split`, `n_cases`, `step`, `backbone`, `head`,
@@ -144,7 +149,7 @@ def evaluate_project(
       original frames.
     """
     engine, meta, project = _load(workdir, data_dir, split, batch_size, which, refine,
-                                  model_file)  # fmt: skip
+                                  model_file, backend)  # fmt: skip
     schema = meta["schema"]
     pred = predict_project(engine, project, desc=f"evaluate {split}")
     vis, xy, spacing = _frame_arrays(project)
@@ -171,6 +176,7 @@ def evaluate_project(
         frame_width_px=float(np.mean([f.width for f in project.frames])),
         refined=bool(refine),
         model_file=None if model_file is None else str(model_file),
+        backend=getattr(engine, "backend", "xla"),
     )
     if overlays_dir is not None:
         shown = shown_points(pred, schema, point_thr, group_thr)

@@ -184,6 +184,13 @@ class OnnxKeypointEngine:
 
     def __init__(self, meta: dict, *, batch_size: int = 1, provider: str = "auto",
                  threads: int | None = None, model_for=None, fixed=None):  # fmt: skip
+        self._setup(meta, batch_size=batch_size, threads=threads, model_for=model_for,
+                    fixed=fixed)  # fmt: skip
+        self.provider = provider
+        self.providers = select_providers(provider)
+
+    def _setup(self, meta: dict, *, batch_size: int, threads, model_for, fixed) -> None:
+        # What every runtime behind this call API keeps (openvino_runtime's engine too).
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.meta = dict(meta)
@@ -193,8 +200,7 @@ class OnnxKeypointEngine:
         )
         self.image_size = image_hw(meta["image_size"])
         self.batch_size = int(batch_size)
-        self.provider, self.threads = provider, threads
-        self.providers = select_providers(provider)
+        self.threads = threads
         self._model_for = model_for  # (H, W) -> ModelProto, or None for a fixed file
         self._fixed = fixed  # (session, frame (H, W), batch or None) of a file
         self._sessions: dict[tuple[int, int], Any] = {}
@@ -294,7 +300,23 @@ def load_onnx(
     except Exception as e:  # onnxruntime's own error types for unreadable models
         why = (str(e).splitlines() or [type(e).__name__])[0][:100]
         raise ValueError(f"{path} is not an ONNX model onnxruntime can load ({why})") from None
-    info = parse_metadata(session.get_modelmeta().custom_metadata_map, path)
+    props = session.get_modelmeta().custom_metadata_map
+    meta = checked_file_meta(path, data, props, workdir=workdir, schema=schema,
+                             batch_size=batch_size)  # fmt: skip
+    fixed_batch = meta.get("batch")
+    return OnnxKeypointEngine(
+        meta, batch_size=batch_size or fixed_batch or 1, provider=provider, threads=threads,
+        fixed=(session, tuple(meta["frame_size"]), fixed_batch),
+    )  # fmt: skip
+
+
+def checked_file_meta(path, data: bytes, props: dict, *, workdir=None, schema=None,
+                      batch_size: int | None = None) -> dict:  # fmt: skip
+    """The engine metadata of an exported ONNX file (its bytes and metadata properties), after
+    the checks every runtime makes before running it, each a one-line error: a keypoint engine,
+    unedited (integrity record), of `schema` and `workdir`'s run, `batch_size` within its batch.
+    """
+    info = parse_metadata(props, path)
     resave = "re-export it with experiments/tavr_export.py"
     integrity.check_onnx(data, path, role=METADATA_KEY, format_version=1, resave=resave)
     check_artifact(info, path, workdir=workdir, schema=schema)
@@ -305,11 +327,7 @@ def load_onnx(
         )
     meta = dict(info)
     meta["schema"] = KeypointSchema.from_json(info["schema"])
-    hw = tuple(info["frame_size"])
-    return OnnxKeypointEngine(
-        meta, batch_size=batch_size or fixed_batch or 1, provider=provider, threads=threads,
-        fixed=(session, hw, fixed_batch),
-    )  # fmt: skip
+    return meta
 
 
 @functools.cache
