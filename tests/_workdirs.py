@@ -75,3 +75,27 @@ def tiny_workdir_and_project(tmp_path):
     data = write_tiny_project(tmp_path / "data")
     model, variables = write_tiny_checkpoint(tmp_path / "w", TINY_CONFIG)
     return tmp_path / "w", data, model, variables, TINY_CONFIG
+
+
+def random_weights_workdir(root, *, transform=None):
+    """A workdir of the tiny training config for the export tests: config.json, one checkpoint
+    of random weights (passed through `transform` when given) and per-point thresholds."""
+    import _train_worker as worker
+
+    from cardiac_core.fileio import write_json_atomic
+    from tavr_jax.infer.engine import KeypointEngine
+
+    root = pathlib.Path(root)
+    config = worker.tiny_config()
+    write_json_atomic(root / "config.json", config.to_dict())
+    base = KeypointEngine.random_init(
+        SCHEMA, config.backbone, config.image_size, head=config.head, seed=2
+    )
+    variables = base.variables if transform is None else transform(base.variables)
+    with CheckpointStore(root) as store:
+        store.save(5, {"step": jnp.int32(5), **variables})
+        store.wait()
+    thresholds = {"points": {p: 0.3 + 0.02 * i for i, p in enumerate(SCHEMA.point_names)},
+                  "groups": {g: 0.4 for g in SCHEMA.group_names}}  # fmt: skip
+    (root / "thresholds.json").write_text(json.dumps(thresholds))
+    return root

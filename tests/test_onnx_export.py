@@ -3,19 +3,17 @@
 import hashlib
 import json
 
-import _train_worker as worker
 import jax
-import jax.numpy as jnp
 import numpy as np
 import onnx
 import pytest
+from _workdirs import random_weights_workdir
 
 from cardiac_core.fileio import write_json_atomic
 from tavr_jax.data.simulate import simulate_case
 from tavr_jax.infer import backends, onnx_export, onnx_runtime, winograd
 from tavr_jax.infer.engine import KeypointEngine
 from tavr_jax.models import create_model
-from tavr_jax.run.checkpoint import CheckpointStore
 from tavr_jax.run.workdir import config_hash
 from tavr_jax.schema import get_schema
 
@@ -217,25 +215,9 @@ def test_unsupported_networks_are_named():
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A training workdir: config.json, a checkpoint of random weights, tuned thresholds."""
-    root = tmp_path_factory.mktemp("workdir")
-    config = worker.tiny_config()
-    write_json_atomic(root / "config.json", config.to_dict())
-    base = KeypointEngine.random_init(
-        SCHEMA, config.backbone, config.image_size, head=config.head, seed=2
+    return random_weights_workdir(
+        tmp_path_factory.mktemp("workdir"), transform=lambda v: _perturbed(v, seed=2)
     )
-    variables = _perturbed(base.variables, seed=2)
-    with CheckpointStore(root) as store:
-        store.save(5, {"step": jnp.int32(5), **variables})
-        store.wait()
-    (root / "thresholds.json").write_text(
-        json.dumps(
-            {
-                "points": {p: 0.3 + 0.02 * i for i, p in enumerate(SCHEMA.point_names)},
-                "groups": {g: 0.4 for g in SCHEMA.group_names},
-            }
-        )
-    )
-    return root
 
 
 def test_onnx_file_metadata_and_fixed_batch(workdir, tmp_path):

@@ -6,10 +6,10 @@ import os
 import subprocess
 import sys
 
-import _train_worker as worker
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _workdirs import random_weights_workdir
 
 from cardiac_core.fileio import write_json_atomic
 from tavr_jax.data.simulate import simulate_case
@@ -29,19 +29,7 @@ SCHEMA = get_schema("paper11")
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A training workdir: config.json, a checkpoint of random weights, tuned thresholds."""
-    root = tmp_path_factory.mktemp("workdir")
-    config = worker.tiny_config()
-    write_json_atomic(root / "config.json", config.to_dict())
-    base = KeypointEngine.random_init(
-        SCHEMA, config.backbone, config.image_size, head=config.head, seed=2
-    )
-    with CheckpointStore(root) as store:
-        store.save(5, {"step": jnp.int32(5), **base.variables})
-        store.wait()
-    thresholds = {"points": {p: 0.3 + 0.02 * i for i, p in enumerate(SCHEMA.point_names)},
-                  "groups": {g: 0.4 for g in SCHEMA.group_names}}  # fmt: skip
-    (root / "thresholds.json").write_text(json.dumps(thresholds))
-    return root
+    return random_weights_workdir(tmp_path_factory.mktemp("workdir"))
 
 
 def _frames(n, size, seed=0):
