@@ -130,6 +130,11 @@ _CAUSES = {
 }
 
 
+def os_error_cause(e: OSError) -> str:
+    """The cause of a failed file operation as a launcher says it: "disk full", ..."""
+    return _CAUSES.get(e.errno) or e.strerror or type(e).__name__
+
+
 def os_error_line(e: OSError, path=None) -> str:
     """One line naming the path and the cause: "PATH: disk full (No space left on device)".
 

@@ -184,7 +184,7 @@ def test_a_step_saved_before_digests_falls_back_without_exit_noise(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "code, cause", [(errno.ENOSPC, "disk full"), (errno.EROFS, "read-only filesystem")]
+    "code, cause", [(errno.ENOSPC, "disk full"), (errno.EROFS, "read-only file system")]
 )
 def test_a_failed_save_is_one_line_and_leaves_no_partial_folder(tmp_path, code, cause, capfd):
     monkey = pytest.MonkeyPatch()

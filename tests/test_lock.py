@@ -112,6 +112,6 @@ def test_an_unwritable_workdir_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(lock.WriteError) as err:
         WorkdirLock(tmp_path).acquire()
     assert str(err.value) == f"{tmp_path / lock.LOCK_FILE}: cannot create the lock file " + (
-        "(read-only filesystem)"
+        "(read-only file system)"
     )
     assert err.value.errno == errno.EROFS

@@ -39,7 +39,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from cardiac_core.fileio import write_json_atomic
-from tavr_jax.run.lock import WriteError, os_error_cause
+from cardiac_core.logs import os_error_cause
+from tavr_jax.run.lock import WriteError
 
 
 class CheckpointError(ValueError):
@@ -98,7 +99,8 @@ logging.getLogger("asyncio").addFilter(_StrayTaskFilter())
 
 
 def _quiet_orphaned_callbacks() -> None:
-    """Silences the callbacks of reads (writes) orphaned by a failed restore (save).
+    """Silences the callbacks of reads (writes) orphaned by a failed restore (save); installed
+    when a store opens, since they can fire before orbax's error reaches us.
 
     Orbax runs a restore's reads in an asyncio loop that it closes as soon as one read fails;
     tensorstore then completes the others on its own threads, and each completion's callback
@@ -280,6 +282,8 @@ class CheckpointStore:
         self.restored_from: tuple[str, int] | None = None  # (which, step) of the last restore
         self._pending: dict[str, list[int]] = {"latest": [], "best": []}
         self._managers: dict[str, Any] = {}
+        # Before any read or write: an orphaned callback can fire as soon as orbax gives up.
+        _quiet_orphaned_callbacks()
         if not read_only:
             self._note_leftovers()
         kw = dict(async_save=async_save, read_only=read_only)
@@ -382,7 +386,6 @@ class CheckpointStore:
 
     def _discard(self, which: str, step: int) -> None:
         """Deletes a failed save's partial folder and forgets the step."""
-        _quiet_orphaned_callbacks()
         if jax.process_index() == 0:
             for name in (f"{step}{_TMP_SUFFIX}", str(step)):
                 _remove_settled(self.root / which / name)
@@ -494,7 +497,6 @@ class CheckpointStore:
             )
         except Exception as e:  # truncated files, missing metadata, another tree structure
             _take_failures()
-            _quiet_orphaned_callbacks()
             raise CheckpointError(
                 f"{step_dir}: cannot restore the checkpoint ({_one_line(e)})"
             ) from None

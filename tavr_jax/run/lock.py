@@ -39,6 +39,9 @@ try:
 except ImportError:  # a dependency, but the lock must not fail without it
     psutil = None
 
+from cardiac_core.logs import os_error_cause
+from cardiac_core.tempfiles import pid_alive
+
 LOCK_FILE = "lock.json"
 # errno values meaning "this filesystem does not do flock": fall back to the contents.
 _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
@@ -66,16 +69,6 @@ def _process_start(pid: int) -> float | None:
         return None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
 def _describe(info: dict) -> str:
     return (
         f"PID {info.get('pid', '?')} on host {info.get('host', '?')} "
@@ -101,7 +94,7 @@ def _stale_reason(info: dict) -> str | None:
     pid = info.get("pid")
     if not isinstance(pid, int) or pid <= 0:
         return "no valid PID recorded"
-    if not _pid_alive(pid):
+    if not pid_alive(pid):
         return "no longer running"
     recorded, now = info.get("process_start"), _process_start(pid)
     if isinstance(recorded, (int, float)) and now is not None and abs(now - recorded) > 1.0:
@@ -256,22 +249,8 @@ class WorkdirLock:
         self.release()
 
 
-_CAUSES = {
-    errno.EROFS: "read-only filesystem",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "permission denied",
-    errno.ENOSPC: "disk full",
-    errno.EDQUOT: "disk quota exceeded",
-}
-
-
 # The errnos of a write the user must make possible (not a bug, not missing input).
-WRITE_ERRNOS = frozenset(_CAUSES)
-
-
-def os_error_cause(e: OSError) -> str:
-    """A short cause for a failed write: "read-only filesystem", "disk full", ..."""
-    return _CAUSES.get(e.errno, e.strerror or type(e).__name__)
+WRITE_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT})
 
 
 @contextlib.contextmanager
