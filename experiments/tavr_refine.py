@@ -86,7 +86,7 @@ def measure(engine, refined, project) -> dict:
     for i, rec in enumerate(project.frames):
         frame = project.load_image(i)[None]
         new = np.asarray(refined(frame, pred["coords"][i : i + 1]))[0]
-        v = np.asarray(rec.visibility, bool)
+        v = np.asarray(rec.visible, bool)
         before.append(_errors_at_1024(pred["coords"][i][v], rec.coords[v], rec.width))
         after.append(_errors_at_1024(new[v], rec.coords[v], rec.width))
         shown.append(pred["visibility"][i][v] >= 0.5)

@@ -153,7 +153,7 @@ for ax in axes.ravel():
 for ax, i in zip(axes.ravel(), shown):
     record = project.frames[i]
     image = project.load_image(i)
-    ax.imshow(draw_keypoints(image, record.coords, record.visibility, schema, labels=False))
+    ax.imshow(draw_keypoints(image, record.coords, record.visible, schema, labels=False))
     ax.set_title(f"{record.case_id} / {record.stage}", fontsize=8)
 handles = [
     Patch(color=np.array(group_color(g)) / 255, label=name)

@@ -117,7 +117,7 @@ def _to_json_value(x) -> float | None:
 def keypoint_metrics(
     visibility: np.ndarray,
     coords: np.ndarray,
-    true_visibility: np.ndarray,
+    true_visible: np.ndarray,
     true_coords: np.ndarray,
     schema: KeypointSchema,
     *,
@@ -132,7 +132,7 @@ def keypoint_metrics(
     Args:
       visibility: (N, K) predicted visibility probabilities.
       coords: (N, K, 2) predicted (x, y) in pixels of the original frames.
-      true_visibility: (N, K) bool annotated visibility.
+      true_visible: (N, K) bool annotated flags (visible).
       true_coords: (N, K, 2) annotated (x, y) in pixels of the original frames.
       schema: the keypoint schema (K points in G groups).
       threshold: scalar or (K,) per-point visibility thresholds.
@@ -155,11 +155,11 @@ def keypoint_metrics(
             f"visibility must have shape (N, {k}) for schema {schema.name!r}, got {prob.shape}"
         )
     n = prob.shape[0]
-    vis = np.asarray(true_visibility).astype(bool)
+    vis = np.asarray(true_visible).astype(bool)
     pxy = np.asarray(coords, np.float64)
     txy = np.asarray(true_coords, np.float64)
     for name, arr, shape in (
-        ("true_visibility", vis, (n, k)),
+        ("true_visible", vis, (n, k)),
         ("coords", pxy, (n, k, 2)),
         ("true_coords", txy, (n, k, 2)),
     ):
@@ -254,7 +254,7 @@ def _best_threshold(pred: np.ndarray, truth: np.ndarray, candidates: np.ndarray)
 
 def tune_thresholds(
     visibility: np.ndarray,
-    true_visibility: np.ndarray,
+    true_visible: np.ndarray,
     schema: KeypointSchema,
     candidates: Sequence[float] | np.ndarray | None = None,
     *,
@@ -278,10 +278,10 @@ def tune_thresholds(
     if cand.size == 0:
         raise ValueError("tune_thresholds needs at least one candidate threshold")
     prob = np.asarray(visibility, np.float64)
-    vis = np.asarray(true_visibility).astype(bool)
+    vis = np.asarray(true_visible).astype(bool)
     if prob.ndim != 2 or prob.shape[1] != schema.num_points or vis.shape != prob.shape:
         raise ValueError(
-            f"visibility and true_visibility must both have shape (N, {schema.num_points}), "
+            f"visibility and true_visible must both have shape (N, {schema.num_points}), "
             f"got {prob.shape} and {vis.shape}"
         )
     p_thr, p_f1 = _best_threshold(prob[None] > cand[:, None, None], vis, cand)

@@ -125,9 +125,9 @@ class KeypointSchema:
     def group_of(self, point_name: str) -> str:
         return self.group_names[self.point_group[self.index(point_name)]]
 
-    def group_presence(self, visibility: np.ndarray) -> np.ndarray:
-        """(..., K) visibility -> (..., G) bool: a group is present if any of its points is."""
-        v = np.asarray(visibility, np.float32)
+    def group_presence(self, visible: np.ndarray) -> np.ndarray:
+        """(..., K) visible flags -> (..., G) bool: a group is present if any of its points is."""
+        v = np.asarray(visible, np.float32)
         return (v @ self.group_matrix.T) > 0
 
     def to_json(self) -> dict:

@@ -210,7 +210,7 @@ def synthetic_batch(batch_size, size, k, seed=0) -> dict:
     coords = rng.uniform(0, size, (batch_size, k, 2)).astype(np.float32) * visibility[..., None]
     return {
         "image": rng.integers(0, 256, (batch_size, size, size), dtype=np.uint8),
-        "visibility": visibility,
+        "visible": visibility,
         "coords": coords,
         "orig_size": np.full((batch_size, 2), size, np.int32),
         "pixel_spacing": np.zeros((batch_size,), np.float32),

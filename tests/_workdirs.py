@@ -29,7 +29,7 @@ def write_tiny_project(root, sizes=((64, 64), (48, 64)), cases=5):
                     case_id=f"case{c}",
                     frame_name=f"{f:04d}.png",
                     image=rng.integers(0, 256, (h, w), dtype=np.uint8),
-                    visibility=vis,
+                    visible=vis,
                     coords=xy.astype(np.float32),
                     pixel_spacing_mm=0.3 if c < 3 else None,
                 )

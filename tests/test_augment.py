@@ -30,7 +30,7 @@ def _batch(image, visibility, coords):
     b = len(image)
     return {
         "image": np.asarray(image),
-        "visibility": np.asarray(visibility, np.float32),
+        "visible": np.asarray(visibility, np.float32),
         "coords": np.asarray(coords, np.float32),
         "orig_size": np.full((b, 2), 128, np.int32),
         "pixel_spacing": np.full((b,), 0.25, np.float32),
@@ -76,7 +76,7 @@ def test_keypoints_follow_a_rendered_dot_and_the_numpy_affine():
         r = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
         expected = S / 2 + s * r @ f @ (batch["coords"][i, aa1] - S / 2)
         k = aa2 if flips[i] else aa1  # a flipped AA1 is the new AA2
-        vis = np.asarray(out["visibility"][i])
+        vis = np.asarray(out["visible"][i])
         assert vis[k] == 1 and vis.sum() == 1
         np.testing.assert_allclose(out["coords"][i, k], expected, atol=1e-3)
         np.testing.assert_allclose(_centroid(np.asarray(out["image"][i])), expected, atol=0.3)
@@ -87,7 +87,7 @@ def test_augment_batch_end_to_end_dot():
     batch = _dot_batch(rng, B, "CP")  # CP has no flip partner
     out = augment.augment_batch(_key(7), batch, SCHEMA, GEOMETRY_ONLY)
     k = SCHEMA.index("CP")
-    assert np.all(np.asarray(out["visibility"])[:, k] == 1)
+    assert np.all(np.asarray(out["visible"])[:, k] == 1)
     for i in range(B):
         centroid = _centroid(np.asarray(out["image"][i]))
         np.testing.assert_allclose(centroid, out["coords"][i, k], atol=0.3)
@@ -103,7 +103,7 @@ def test_identity_config_returns_input():
     batch = _batch(image, visibility, coords)
     out = augment.augment_batch(_key(0), batch, SCHEMA, AugmentConfig.identity())
     np.testing.assert_allclose(out["image"], image.astype(np.float32), atol=1e-3)
-    np.testing.assert_array_equal(out["visibility"], visibility)
+    np.testing.assert_array_equal(out["visible"], visibility)
     np.testing.assert_allclose(out["coords"], coords, atol=1e-4)
 
 
@@ -138,16 +138,16 @@ def test_points_leaving_the_image_become_invisible():
     params = augment.sample_params(_key(0), 1, (S, S), AugmentConfig.identity())
     params["scale"] = jnp.full(1, 1.3)
     out = augment.apply_augmentation(batch, params, flip_perm=tuple(range(K)), radius=1)
-    assert out["visibility"][0, 0] == 0
+    assert out["visible"][0, 0] == 0
     np.testing.assert_array_equal(out["coords"][0, 0], [0.0, 0.0])
-    assert out["visibility"][0, 1] == 1
+    assert out["visible"][0, 1] == 1
     np.testing.assert_allclose(out["coords"][0, 1], [32 + 1.3 * 8, 32 - 1.3 * 2], atol=1e-4)
     # random draws: every visible point is inside, every invisible one is zero
     rng = np.random.default_rng(4)
     coords = rng.uniform(0, S, (B, K, 2)).astype(np.float32)
     batch = _batch(np.zeros((B, S, S), np.uint8), np.ones((B, K)), coords)
     out = augment.augment_batch(_key(1), batch, SCHEMA, AugmentConfig(scale=0.5))
-    vis, xy = np.asarray(out["visibility"]), np.asarray(out["coords"])
+    vis, xy = np.asarray(out["visible"]), np.asarray(out["coords"])
     assert 0 < vis.mean() < 1
     assert np.all((xy[vis > 0] >= 0) & (xy[vis > 0] < S))
     assert np.all(xy[vis == 0] == 0)
@@ -188,7 +188,7 @@ def test_entry_point_pushed_out_moves_along_its_curve_to_the_image_edge():
         batch, params, flip_perm=tuple(range(K)), radius=1,
         entry_partner=tuple(SCHEMA.entry_partner.tolist()),
     )  # fmt: skip
-    vis, xy = np.asarray(out["visibility"]), np.asarray(out["coords"])
+    vis, xy = np.asarray(out["visible"]), np.asarray(out["coords"])
     for i, (p, q, _, expected) in enumerate(cases):
         assert vis[i, cp] == expected, cases[i]
         if expected:
@@ -200,7 +200,7 @@ def test_entry_point_pushed_out_moves_along_its_curve_to_the_image_edge():
             np.testing.assert_array_equal(xy[i, cp], [0.0, 0.0])
     # without the schema's entry points the same CP simply leaves (the rule of every point)
     plain = augment.apply_augmentation(batch, params, flip_perm=tuple(range(K)), radius=1)
-    assert not np.asarray(plain["visibility"])[:, cp].any()
+    assert not np.asarray(plain["visible"])[:, cp].any()
 
 
 def test_warp_matches_opencv_warp_affine():
@@ -253,7 +253,7 @@ def test_jit_vmap_shapes_dtypes_and_single_compile():
         out = augment.augment_batch(jax.random.fold_in(_key(0), step), batch, SCHEMA, config)
     assert augment._augment_batch._cache_size() == before + 1  # one trace for all steps
     assert out["image"].shape == (B, S, S) and out["image"].dtype == jnp.float32
-    assert out["visibility"].shape == (B, K) and out["visibility"].dtype == jnp.float32
+    assert out["visible"].shape == (B, K) and out["visible"].dtype == jnp.float32
     assert out["coords"].shape == (B, K, 2) and out["coords"].dtype == jnp.float32
     assert float(out["image"].min()) >= 0 and float(out["image"].max()) <= 255
     np.testing.assert_array_equal(out["orig_size"], batch["orig_size"])

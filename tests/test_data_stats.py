@@ -94,7 +94,7 @@ def test_sample_frames_cover_every_pattern(tmp_path):
     root = supervisely.write_project(tmp_path / "p", SCHEMA, frames)
     project = supervisely.read_project(root, SCHEMA)
     picked = stats.sample_frames(project, 3, seed=0)
-    patterns = {stats.presence_pattern(project.frames[i].visibility, SCHEMA) for i in picked}
+    patterns = {stats.presence_pattern(project.frames[i].visible, SCHEMA) for i in picked}
     assert patterns == {"contour", "instrumental", "none"}
     assert len(stats.sample_frames(project, 100)) == len(frames)
 

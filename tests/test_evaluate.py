@@ -39,7 +39,7 @@ def test_evaluate_project_matches_direct_forward(tmp_path):
     assert m["n_images"] == 2 * len(val_cases) and m["split"] == "val"
     images = [project.load_image(i) for i in range(len(project))]
     prob, xy = _direct_prediction(model, variables, images, 32)
-    vis = np.stack([f.visibility for f in project.frames])
+    vis = np.stack([f.visible for f in project.frames])
     txy = np.stack([f.coords for f in project.frames])
     spacing = np.array([f.pixel_spacing_mm or 0 for f in project.frames])
     want = metrics.keypoint_metrics(prob, xy, vis, txy, SCHEMA, pixel_spacing_mm=spacing)

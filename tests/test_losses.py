@@ -146,7 +146,7 @@ def _batch_and_outputs(visibility):
     rng = np.random.RandomState(1)
     b = visibility.shape[0]
     batch = {
-        "visibility": visibility.astype(np.float32),
+        "visible": visibility.astype(np.float32),
         "coords": (rng.rand(b, k, 2) * s * visibility[..., None]).astype(np.float32),
     }
     outputs = {

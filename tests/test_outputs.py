@@ -61,7 +61,7 @@ def test_supervisely_round_trip_is_exact(engine, tmp_path):
     names = [f"frame{i}.png" for i in range(5)]  # frame0.jpg is written as frame0.png
     assert sorted(f.frame_name for f in project.frames) == names
     for i, record in enumerate(sorted(project.frames, key=lambda f: f.frame_name)):
-        np.testing.assert_array_equal(record.visibility, reported[i])
+        np.testing.assert_array_equal(record.visible, reported[i])
         np.testing.assert_array_equal(record.coords[reported[i]], want["coords"][i][reported[i]])
         np.testing.assert_array_equal(project.load_image(project.frames.index(record)), frames[i])
         ann = json.loads((out / "patient7" / "ann" / f"{record.frame_name}.json").read_text())
@@ -91,7 +91,7 @@ def test_supervisely_from_a_cine(engine, tmp_path):
     assert project.cases == ["run3"] and len(project) == 3
     assert [f.frame_name for f in project.frames] == ["000000.png", "000001.png", "000002.png"]
     for record in project.frames:
-        assert record.visibility.all()  # none dropped by the reader
+        assert record.visible.all()  # none dropped by the reader
         assert record.pixel_spacing_mm == pytest.approx(0.3)
 
 
@@ -104,7 +104,7 @@ def test_points_on_or_past_the_border_are_clipped_into_the_frame(tmp_path):
     ones = np.ones(SCHEMA.num_points)
     sink.add(frame, None, ones, np.ones(SCHEMA.num_groups), coords, ones.astype(bool))
     (record,) = supervisely.read_project(tmp_path, SCHEMA).frames
-    assert record.frame_name == "000004.png" and record.visibility.all()
+    assert record.frame_name == "000004.png" and record.visible.all()
     last_x, last_y = np.nextafter(np.float32(30), 0), np.nextafter(np.float32(20), 0)
     np.testing.assert_array_equal(
         record.coords[:3], np.array([[last_x, last_y], [0, 5.5], [last_x, 0]], np.float32)

@@ -97,7 +97,7 @@ def test_build_without_tensorflow_and_examples_match_annotations(project, tfds_d
             resized = cv2.resize(r["image"], (S, S), interpolation=cv2.INTER_AREA)
             np.testing.assert_array_equal(ex["image"], resized)
             assert ex["image"].dtype == np.uint8 and ex["image"].shape == (S, S)
-            np.testing.assert_array_equal(ex["visibility"], r["vis"])
+            np.testing.assert_array_equal(ex["visible"], r["vis"])
             expected = (r["xy"] * [S / r["w"], S / r["h"]]).astype(np.float32)
             np.testing.assert_allclose(ex["coords"], expected, rtol=1e-6)
             if (r["h"], r["w"]) == (S, S):  # native size: exactly the annotated numbers
@@ -122,6 +122,36 @@ def test_fast_decoder_matches_tfds_decoder(tfds_dir):
             assert a[key].dtype == dtype
             np.testing.assert_array_equal(a[key], np.asarray(b[key], dtype))
         assert a["case_id"] == b["case_id"].decode() and a["stage"] == "aortogram"
+
+
+def test_a_dataset_built_before_the_rename_reads_its_flag_as_visible(
+    project, tfds_dir, tmp_path, monkeypatch
+):
+    """Datasets built before 1.1.0 stored the annotation flag as "visibility"."""
+    features, example = records._features, records.frame_example
+    monkeypatch.setattr(
+        records,
+        "_features",
+        lambda *a: tfds.features.FeaturesDict(
+            {("visibility" if k == "visible" else k): v for k, v in features(*a).items()}
+        ),
+    )
+    monkeypatch.setattr(
+        records,
+        "frame_example",
+        lambda *a: {("visibility" if k == "visible" else k): v for k, v in example(*a).items()},
+    )
+    old = records.build_tfds(
+        project, tmp_path / "old", image_size=S, schema=SCHEMA, seed=0, val_fraction=0.3
+    )
+    assert "visibility" in tfds.builder_from_directory(str(old)).info.features
+    monkeypatch.undo()
+    then, now = pipeline.open_split(old, "train"), pipeline.open_split(tfds_dir, "train")
+    assert len(then) == len(now)
+    for i in range(len(now)):
+        for key in records.TRAINING_DTYPES:
+            np.testing.assert_array_equal(then[i][key], now[i][key])
+    assert then[0]["visible"].sum() > 0
 
 
 def _collect(loader):

@@ -44,7 +44,7 @@ def test_round_trip_is_exact(tmp_path):
             "aortogram",
         )
         assert (rec.height, rec.width) == ref.image.shape
-        np.testing.assert_array_equal(rec.visibility, ref.visibility)
+        np.testing.assert_array_equal(rec.visible, ref.visible)
         np.testing.assert_array_equal(rec.coords, ref.coords)  # float32 survives JSON exactly
         np.testing.assert_array_equal(project.load_image(i), ref.image)
     assert project.counts["dropped_points"] == project.counts["ignored_points"] == 0
@@ -84,7 +84,7 @@ def test_reader_counts_dropped_ignored_and_reads_size_and_colour(tmp_path):
     project = sv.read_project(tmp_path, SCHEMA)
     rec = project.frames[0]
     assert (rec.height, rec.width) == (30, 50)
-    assert rec.visibility.sum() == 1 and rec.visibility[SCHEMA.index("AA1")]
+    assert rec.visible.sum() == 1 and rec.visible[SCHEMA.index("AA1")]
     np.testing.assert_allclose(rec.coords[SCHEMA.index("AA1")], [10.5, 20.25])
     assert project.dropped_points == {"CT": 1, "CM": 1}  # x=60 >= width 50; x=-1 < 0
     assert project.ignored_points == {"EC1": 1}
@@ -101,7 +101,7 @@ def test_reference_schema_ignores_cm(tmp_path):
     _write_raw(tmp_path, "p", "a.png", ann, np.zeros((8, 8), np.uint8))
     project = sv.read_project(tmp_path, ref)
     assert project.ignored_points == {"CM": 1}
-    assert project.frames[0].visibility[ref.index("FE1_o")]
+    assert project.frames[0].visible[ref.index("FE1_o")]
 
 
 @pytest.mark.parametrize(
@@ -211,7 +211,7 @@ def test_unannotated_cases_are_reported_and_copied_cases_found(tmp_path, caplog)
     rng = np.random.default_rng(2)
     frames = _frames(rng, "case_a", 2, 8, 8) + _frames(rng, "case_b", 1, 8, 8)
     sv.write_project(tmp_path, SCHEMA, frames)
-    copy = [sv.AnnotatedFrame("case_a_copy", f.frame_name, f.image, f.visibility, f.coords)
+    copy = [sv.AnnotatedFrame("case_a_copy", f.frame_name, f.image, f.visible, f.coords)
             for f in frames[:2]]  # fmt: skip
     sv.write_project(tmp_path, SCHEMA, copy)
     (tmp_path / "no_ann" / "img").mkdir(parents=True)

@@ -192,7 +192,7 @@ def test_nan_loss_stops_with_the_step(tmp_path, project, monkeypatch, fast_compi
     def poisoned(state, batch, **kw):
         # This test is about the loop, so a cheap step stands in for the network: it
         # advances the step and reports a loss that turns NaN at step 2.
-        loss = jnp.where(state["step"] >= 2, jnp.nan, jnp.mean(batch["visibility"]))
+        loss = jnp.where(state["step"] >= 2, jnp.nan, jnp.mean(batch["visible"]))
         return {**state, "step": state["step"] + 1}, {"loss": loss, "learning_rate": loss}
 
     monkeypatch.setattr(train, "train_step", poisoned)

@@ -95,7 +95,7 @@ def augment_rate(
     k = schema.num_points
     batch = {
         "image": rng.integers(0, 256, (batch_size, image_size, image_size), np.uint8),
-        "visibility": np.ones((batch_size, k), np.float32),
+        "visible": np.ones((batch_size, k), np.float32),
         "coords": rng.uniform(0, image_size, (batch_size, k, 2)).astype(np.float32),
     }
     batch = jax.device_put(batch)  # time the augmentation, not the host-to-device copy

@@ -53,7 +53,7 @@ def training_rate(
     b, s, k = config.batch_size, config.image_size, schema.num_points
     host_batch = {
         "image": rng.integers(0, 256, (b, s, s), dtype=np.uint8),
-        "visibility": (rng.random((b, k)) < 0.7).astype(np.float32),
+        "visible": (rng.random((b, k)) < 0.7).astype(np.float32),
         "coords": rng.uniform(0, s, (b, k, 2)).astype(np.float32),
     }
     batch = train.to_global(host_batch, batch_sharding)

@@ -109,7 +109,7 @@ def case_counts(
         raise ValueError(f"{data_dir}: split {split!r} has no frames")
     pred = predict_project(engine, project, desc=f"counts {split}")
     shown = shown_points(pred, schema, *reporting_thresholds(workdir, schema, threshold))
-    truth = np.stack([f.visibility for f in project.frames]).astype(bool)
+    truth = np.stack([f.visible for f in project.frames]).astype(bool)
     out: dict[str, list[int]] = {}
     for f, p, t in zip(project.frames, shown, truth, strict=True):
         c = out.setdefault(f.case_id, [0, 0, 0])

@@ -3,7 +3,7 @@
 Geometry: one random affine per frame (scale and rotation about the image centre, horizontal
 flip) is applied to the image by a single inverse-mapped bilinear sample and to the keypoints
 by the forward map; a flip also swaps left/right point indices with `schema.flip_permutation`.
-Points that leave the image become invisible (visibility 0, coords 0), except the schema's
+Points that leave the image become invisible (visible 0, coords 0), except the schema's
 entry points (where the catheter enters the field of view): the catheter still enters the
 zoomed or rotated image, at its edge, so the point moves there along the segment to the next
 point of the catheter, as long as that one is in the image.
@@ -132,7 +132,7 @@ def warp_image(image: jax.Array, matrix: jax.Array) -> jax.Array:
 
 def warp_points(
     coords: jax.Array,
-    visibility: jax.Array,
+    visible: jax.Array,
     matrix: jax.Array,
     size: tuple[int, int],
     entry_partner: tuple[int, ...] | None = None,
@@ -147,11 +147,11 @@ def warp_points(
     centre = jnp.array([[w / 2.0, h / 2.0]])  # (1, 2)
     moved = (coords - centre) @ matrix.T + centre
     inside = (moved[:, 0] >= 0) & (moved[:, 0] < w) & (moved[:, 1] >= 0) & (moved[:, 1] < h)
-    visible = (visibility > 0) & inside
+    kept = (visible > 0) & inside
     if entry_partner is not None and max(entry_partner) >= 0:
         partner = jnp.maximum(jnp.asarray(entry_partner), 0)
-        pushed_out = (jnp.asarray(entry_partner) >= 0) & (visibility > 0) & ~inside
-        pushed_out = pushed_out & visible[partner]
+        pushed_out = (jnp.asarray(entry_partner) >= 0) & (visible > 0) & ~inside
+        pushed_out = pushed_out & kept[partner]
         # the smallest t in [0, 1] that puts p + t (q - p) inside, per axis, then over both
         p, d = moved, moved[partner] - moved
         last = jnp.array([[w, h]], moved.dtype) - 1e-3  # (1, 2): inside is < w, < h
@@ -160,8 +160,8 @@ def warp_points(
         t = jnp.maximum(below, above)
         edge = p + jnp.clip(t.max(axis=-1), 0.0, 1.0)[:, None] * d
         moved = jnp.where(pushed_out[:, None], edge, moved)
-        visible = visible | pushed_out
-    return jnp.where(visible[:, None], moved, 0.0), visible.astype(jnp.float32)
+        kept = kept | pushed_out
+    return jnp.where(kept[:, None], moved, 0.0), kept.astype(jnp.float32)
 
 
 def gaussian_blur(image: jax.Array, sigma: jax.Array, radius: int) -> jax.Array:
@@ -189,18 +189,18 @@ def brightness_contrast(image: jax.Array, brightness, contrast) -> jax.Array:
     return ((image - mean) * contrast + mean) * brightness
 
 
-def _augment_one(params, image, visibility, coords, *, flip_perm, entry_partner, radius):
+def _augment_one(params, image, visible, coords, *, flip_perm, entry_partner, radius):
     image = image.astype(jnp.float32)
     matrix = affine_matrix(params["scale"], params["angle"], params["flip"])
     image = warp_image(image, matrix)
-    coords, visibility = warp_points(coords, visibility, matrix, image.shape, entry_partner)
+    coords, visible = warp_points(coords, visible, matrix, image.shape, entry_partner)
     # Point i of a flipped frame is point flip_perm[i] of the original (AA1 <-> AA2 ...).
     perm = jnp.where(params["flip"], jnp.asarray(flip_perm), jnp.arange(len(flip_perm)))
-    coords, visibility = coords[perm], visibility[perm]
+    coords, visible = coords[perm], visible[perm]
     image = brightness_contrast(image, params["brightness"], params["contrast"])
     image = gaussian_blur(image, params["blur_sigma"], radius)
     image = image + params["noise_std"] * params["noise"]
-    return jnp.clip(image, 0.0, 255.0), visibility, coords
+    return jnp.clip(image, 0.0, 255.0), visible, coords
 
 
 @functools.partial(jax.jit, static_argnames=("flip_perm", "entry_partner", "radius"))
@@ -216,10 +216,10 @@ def apply_augmentation(
     one = functools.partial(
         _augment_one, flip_perm=flip_perm, entry_partner=entry_partner, radius=radius
     )
-    image, visibility, coords = jax.vmap(one)(
-        params, batch["image"], batch["visibility"], batch["coords"]
+    image, visible, coords = jax.vmap(one)(
+        params, batch["image"], batch["visible"], batch["coords"]
     )
-    return {**batch, "image": image, "visibility": visibility, "coords": coords}
+    return {**batch, "image": image, "visible": visible, "coords": coords}
 
 
 @functools.partial(jax.jit, static_argnames=("flip_perm", "entry_partner", "config"))
@@ -229,7 +229,7 @@ def _augment_batch(rng, batch, *, flip_perm, entry_partner, config):
                               entry_partner=entry_partner)  # fmt: skip
 
 
-_AUGMENTED = ("image", "visibility", "coords")
+_AUGMENTED = ("image", "visible", "coords")
 
 
 def augment_batch(
@@ -242,13 +242,13 @@ def augment_batch(
 
     Args:
       rng: a JAX PRNG key (fold in the step number for a new draw each step).
-      batch: dict with image (B, S, S) uint8 or float, visibility (B, K), coords (B, K, 2);
+      batch: dict with image (B, S, S) uint8 or float, visible (B, K), coords (B, K, 2);
         other keys pass through unchanged.
       schema: gives the horizontal-flip permutation of the points and its entry points.
       config: AugmentConfig, dict or ConfigDict (None: the paper's defaults).
 
     Returns:
-      The batch with image (B, S, S) float32 in 0..255, visibility (B, K) float32 and
+      The batch with image (B, S, S) float32 in 0..255, visible (B, K) float32 and
       coords (B, K, 2) float32 transformed.
     """
     config = AugmentConfig.create(config)

@@ -4,7 +4,7 @@
 already resized to the training resolution S (uint8 `Tensor` features, decoded with NumPy
 only); `TfdsFrames` reads one split back by index. Every example is in the training layout:
 
-    image (S, S) uint8, visibility (K,) float32, coords (K, 2) float32 (pixels of the S x S
+    image (S, S) uint8, visible (K,) float32 (0/1), coords (K, 2) float32 (pixels of the S x S
     input, 0 where invisible), orig_size (2,) int32 (H, W), pixel_spacing () float32
 
 Coordinates scale with the image: x_S = x * S / W, y_S = y * S / H (continuous pixel
@@ -36,11 +36,14 @@ from tavr_jax.schema import KeypointSchema, get_schema
 
 TRAINING_DTYPES = {
     "image": np.uint8,
-    "visibility": np.float32,
+    "visible": np.float32,
     "coords": np.float32,
     "orig_size": np.int32,
     "pixel_spacing": np.float32,
 }
+# Datasets built before 1.1.0 stored the annotation flag as "visibility", the name the
+# engine now keeps for its probability; they are read under the new name.
+_STORED_NAMES = {"visible": ("visible", "visibility")}
 META_FILE = "tavr_meta.json"  # schema, image size and reader counts, beside dataset_info.json
 _TFDS_SPLITS = {"train": "train", "val": "validation", "validation": "validation", "test": "test"}
 
@@ -65,12 +68,12 @@ def frame_example(image: np.ndarray, record: supervisely.FrameRecord, image_size
     if (h, w) != (image_size, image_size):
         # INTER_AREA averages the source pixels each output pixel covers (no aliasing).
         image = cv2.resize(image, (image_size, image_size), interpolation=cv2.INTER_AREA)
-    visibility = np.asarray(record.visibility, np.float32)
+    visible = np.asarray(record.visible, np.float32)
     coords = to_input_pixels(record.coords, (h, w), image_size)
-    coords = np.where(visibility[:, None] > 0, coords, 0).astype(np.float32)
+    coords = np.where(visible[:, None] > 0, coords, 0).astype(np.float32)
     return {
         "image": np.ascontiguousarray(image, np.uint8),
-        "visibility": visibility,
+        "visible": visible,
         "coords": coords,
         "orig_size": np.array([h, w], np.int32),
         "pixel_spacing": np.float32(record.pixel_spacing_mm or 0.0),
@@ -88,7 +91,7 @@ def _features(schema: KeypointSchema, image_size: int) -> tfds.features.Features
             # Raw bytes: the default encoding widens every pixel to an int64 varint, which
             # is 1.5x larger on disk and parses 3x slower.
             "image": tensor(shape=(s, s), dtype=np.uint8, encoding=tfds.features.Encoding.BYTES),
-            "visibility": tensor(shape=(k,), dtype=np.float32),
+            "visible": tensor(shape=(k,), dtype=np.float32),
             "coords": tensor(shape=(k, 2), dtype=np.float32),
             "orig_size": tensor(shape=(2,), dtype=np.int32),
             "pixel_spacing": tensor(shape=(), dtype=np.float32),
@@ -102,8 +105,11 @@ def _features(schema: KeypointSchema, image_size: int) -> tfds.features.Features
 class TavrFrames(tfds.core.GeneratorBasedBuilder):
     """TFDS builder over a Supervisely project; built with NumPy/protobuf only (no TF)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Frames resized to the training resolution, uint8 Tensor."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Frames resized to the training resolution, uint8 Tensor.",
+        "1.1.0": 'The annotation flag is "visible" (was "visibility"; both are read).',
+    }
 
     @tfds.core.utils.classproperty
     @classmethod
@@ -330,7 +336,15 @@ class TfdsFrames(Sequence):
         names = list(builder.info.splits)
         self._tfds_split = "+".join(names) if split == "all" else _TFDS_SPLITS.get(split, split)
         features = builder.info.features
-        self._specs = {k: (features[k].shape, np.dtype(features[k].np_dtype)) for k in features}
+        self._stored = {}  # training key -> the name this dataset stores it under
+        for key in TRAINING_DTYPES:
+            found = [n for n in _STORED_NAMES.get(key, (key,)) if n in features]
+            if not found:
+                raise ValueError(f"{tfds_dir}: no feature {key!r}; rebuild it with build_tfds")
+            self._stored[key] = found[0]
+        self._specs = {
+            k: (features[n].shape, np.dtype(features[n].np_dtype)) for k, n in self._stored.items()
+        }
         self._records = None
         try:
             self._length = len(self._open())
@@ -362,7 +376,7 @@ class TfdsFrames(Sequence):
         out = {}
         for key, dtype in TRAINING_DTYPES.items():
             shape, stored = self._specs[key]
-            f = feature[key]
+            f = feature[self._stored[key]]
             if f.HasField("bytes_list"):  # Encoding.BYTES: raw little-endian array
                 value = np.frombuffer(f.bytes_list.value[0], stored)
             elif f.HasField("float_list"):

@@ -23,9 +23,9 @@ TILE_SIDE = 384
 SHOWN_UNREADABLE = 5  # frames listed by path in the report; the count covers all of them
 
 
-def presence_pattern(visibility: np.ndarray, schema: KeypointSchema) -> str:
+def presence_pattern(visible: np.ndarray, schema: KeypointSchema) -> str:
     """'anatomical+contour'-style name of the groups present in one frame ('none' if empty)."""
-    present = schema.group_presence(visibility)
+    present = schema.group_presence(visible)
     names = [g for g, p in zip(schema.group_names, present, strict=True) if p]
     return "+".join(names) if names else "none"
 
@@ -34,7 +34,7 @@ def project_stats(project: supervisely.Project) -> dict:
     """Counts of one read project (see docs/data.md for the keys)."""
     schema = project.schema
     frames = project.frames
-    vis = np.array([f.visibility for f in frames], bool).reshape(len(frames), schema.num_points)
+    vis = np.array([f.visible for f in frames], bool).reshape(len(frames), schema.num_points)
     per_name = vis.sum(axis=0)
     per_group = vis.astype(np.int64) @ schema.group_matrix.T.astype(np.int64)
     sizes = collections.Counter(f"{f.height}x{f.width}" for f in frames)
@@ -96,7 +96,7 @@ def augmentation_erasures(project: supervisely.Project, *, draws: int = 20, seed
     it is present: what the entry-point rule of `augment` is for (docs/training.md).
     """
     schema = project.schema
-    vis = np.array([f.visibility for f in project.frames], np.float32)
+    vis = np.array([f.visible for f in project.frames], np.float32)
     # frames of any size, scaled to the square the pipeline resizes them to
     scale = np.array([[1.0 / f.width, 1.0 / f.height] for f in project.frames], np.float32)
     side = 512.0
@@ -140,7 +140,7 @@ def sample_frames(
     for i, f in enumerate(project.frames):
         if i in skip:
             continue
-        by_pattern[presence_pattern(f.visibility, project.schema)].append(i)
+        by_pattern[presence_pattern(f.visible, project.schema)].append(i)
     queues = []
     for key in sorted(by_pattern):
         idx = by_pattern[key]
@@ -172,7 +172,7 @@ def contact_sheet_image(
     for i in indices:
         f = project.frames[i]
         tile = visualize.draw_keypoints(
-            project.load_image(i), f.coords, f.visibility, project.schema
+            project.load_image(i), f.coords, f.visible, project.schema
         )
         tile = visualize.draw_legend(tile, project.schema)
         scale = TILE_SIDE / max(tile.shape[:2])

@@ -42,7 +42,7 @@ class FrameRecord:
     image_path: pathlib.Path
     height: int
     width: int
-    visibility: np.ndarray  # (K,) bool
+    visible: np.ndarray  # (K,) bool: annotated and inside the frame
     coords: np.ndarray  # (K, 2) float32 pixels (x, y); 0 where invisible
     pixel_spacing_mm: float | None = None
     stage: str | None = None
@@ -55,7 +55,7 @@ class AnnotatedFrame:
     case_id: str
     frame_name: str
     image: np.ndarray  # (H, W) or (H, W, 3) uint8
-    visibility: np.ndarray  # (K,) bool
+    visible: np.ndarray  # (K,) bool: annotated and inside the frame
     coords: np.ndarray  # (K, 2) pixels (x, y)
     pixel_spacing_mm: float | None = None
     stage: str | None = None
@@ -212,7 +212,7 @@ def read_annotation(
     if height < 1 or width < 1:
         raise ValueError(f"{ann_path}: image size {width}x{height} is not positive")
     names = {name: k for k, name in enumerate(schema.point_names)}
-    visibility = np.zeros(schema.num_points, bool)
+    visible = np.zeros(schema.num_points, bool)
     coords = np.zeros((schema.num_points, 2), np.float32)
     for n, obj in enumerate(ann["objects"]):
         if not isinstance(obj, dict):
@@ -226,10 +226,10 @@ def read_annotation(
             continue
         x, y = _parse_point(obj, ann_path, n)
         k = names[title]
-        if visibility[k]:
+        if visible[k]:
             duplicate[title] += 1
         elif 0 <= x < width and 0 <= y < height:
-            visibility[k] = True
+            visible[k] = True
             coords[k] = x, y
         else:
             dropped[title] += 1
@@ -241,7 +241,7 @@ def read_annotation(
         image_path=image_path,
         height=height,
         width=width,
-        visibility=visibility,
+        visible=visible,
         coords=coords,
         pixel_spacing_mm=_pixel_spacing(spacing, ann_path),
         stage=str(stage) if stage is not None else None,
@@ -381,7 +381,7 @@ class ProjectWriter:
         if not ok:
             raise ValueError(f"frame {frame.case_id}/{frame.frame_name}: PNG encoding failed")
         atomic_write_bytes(case / "img" / frame.frame_name, png.tobytes())
-        visibility = np.asarray(frame.visibility, bool)
+        visible = np.asarray(frame.visible, bool)
         coords = np.asarray(frame.coords, np.float64)
         point_tags = frame.point_tags or {}
         objects = [
@@ -391,7 +391,7 @@ class ProjectWriter:
                 "points": {"exterior": [[float(x), float(y)]], "interior": []},
                 **({"tags": point_tags[name]} if name in point_tags else {}),
             }
-            for name, vis, (x, y) in zip(self.schema.point_names, visibility, coords, strict=True)
+            for name, vis, (x, y) in zip(self.schema.point_names, visible, coords, strict=True)
             if vis
         ]
         tags = list(frame.frame_tags or [])

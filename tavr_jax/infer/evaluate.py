@@ -55,7 +55,7 @@ def predict_project(engine, project, *, desc: str = "predict") -> dict[str, np.n
 
 
 def _frame_arrays(project) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    vis = np.stack([f.visibility for f in project.frames]).astype(bool)
+    vis = np.stack([f.visible for f in project.frames]).astype(bool)
     xy = np.stack([f.coords for f in project.frames]).astype(np.float64)
     spacing = np.array([f.pixel_spacing_mm or 0.0 for f in project.frames], np.float64)
     return vis, xy, spacing
@@ -191,7 +191,7 @@ def write_overlays(out_dir, project, coords: np.ndarray, shown: np.ndarray, prob
     schema = project.schema
     for i, f in enumerate(project.frames):
         image = project.load_image(i)
-        rgb = draw_keypoints(image, f.coords, f.visibility, schema, marker="circle", labels=False)
+        rgb = draw_keypoints(image, f.coords, f.visible, schema, marker="circle", labels=False)
         rgb = draw_keypoints(
             rgb,
             coords[i],

@@ -180,7 +180,7 @@ class SuperviselyPredictions:
                 case_id=self.case_id,
                 frame_name=f"{output_stem(name, frame.index, self._stems)}.png",
                 image=frame.image,
-                visibility=np.asarray(reported, bool),
+                visible=np.asarray(reported, bool),
                 coords=coords,
                 pixel_spacing_mm=self.pixel_spacing_mm,
                 point_tags={

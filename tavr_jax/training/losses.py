@@ -140,7 +140,7 @@ def total_loss(
     Args:
       outputs: the model's dict: group_logits (B, G), visibility_logits (B, K), coords (B, K, 2)
         normalised to [0, 1]; with heatmap_logits (B, h, w, K), the heatmap term is added.
-      batch: visibility (B, K) in {0, 1} and coords (B, K, 2) in pixels of the network input.
+      batch: visible (B, K) in {0, 1} and coords (B, K, 2) in pixels of the network input.
       image_size: the network input size S (or (height, width)); coords are scaled by it.
       grouped: False drops L_group (the ablation has no group classifier).
       config: `weights` {group, visibility, coords, heatmap}, `visibility_loss`,
@@ -153,13 +153,13 @@ def total_loss(
     c = PAPER_LOSS if config is None else config
     get = lambda key: c.get(key, PAPER_LOSS[key])  # noqa: E731
     w = {**PAPER_LOSS["weights"], **dict(c["weights"])}
-    visibility = jnp.asarray(batch["visibility"], jnp.float32)  # (B, K)
+    visible = jnp.asarray(batch["visible"], jnp.float32)  # (B, K) 0/1 labels
     target = jnp.asarray(batch["coords"], jnp.float32)  # (B, K, 2)
     size = jnp.broadcast_to(jnp.asarray(image_size, jnp.float32), (2,))  # (height, width)
     pred_px = outputs["coords"].astype(jnp.float32) * size[None, None, ::-1]  # x by w, y by h
 
     if grouped:
-        presence = (visibility @ jnp.asarray(schema.group_matrix).T > 0).astype(jnp.float32)
+        presence = (visible @ jnp.asarray(schema.group_matrix).T > 0).astype(jnp.float32)
         loss_group = jnp.mean(group_bce(outputs["group_logits"], presence))
     else:
         loss_group = jnp.zeros((), jnp.float32)
@@ -167,19 +167,19 @@ def total_loss(
     if kind == "focal":
         per_point = sigmoid_focal_loss(
             outputs["visibility_logits"],
-            visibility,
+            visible,
             alpha=get("focal_alpha"),
             gamma=get("focal_gamma"),
         )
     elif kind == "bce":
-        per_point = group_bce(outputs["visibility_logits"], visibility)
+        per_point = group_bce(outputs["visibility_logits"], visible)
     else:
         raise ValueError(f"unknown visibility_loss {kind!r}; known: {', '.join(VISIBILITY_LOSSES)}")
     loss_keypoint = jnp.mean(per_point)
 
-    visible = jnp.broadcast_to((visibility > 0)[..., None], target.shape)  # (B, K, 2)
-    wing = wing_loss(pred_px, target, w=get("wing_w"), eps=get("wing_eps"), where=visible)
-    n_visible = jnp.maximum(jnp.sum(visibility > 0), 1)
+    on_frame = jnp.broadcast_to((visible > 0)[..., None], target.shape)  # (B, K, 2)
+    wing = wing_loss(pred_px, target, w=get("wing_w"), eps=get("wing_eps"), where=on_frame)
+    n_visible = jnp.maximum(jnp.sum(visible > 0), 1)
     loss_reg = jnp.sum(wing) / (2 * n_visible)
 
     total = w["group"] * loss_group + w["visibility"] * loss_keypoint + w["coords"] * loss_reg
@@ -190,7 +190,7 @@ def total_loss(
             target,
             image_size=np.broadcast_to(np.asarray(image_size, np.float64), (2,)).tolist(),
             sigma=get("heatmap_sigma_px"),
-            where=visibility > 0,
+            where=visible > 0,
         )
         parts["heatmap"] = jnp.sum(per_heatmap) / n_visible
         total = total + w["heatmap"] * parts["heatmap"]

@@ -46,7 +46,7 @@ from tavr_jax.training.losses import total_loss
 
 State = dict[str, Any]
 # Keys of a host batch that the device step needs (orig_size/pixel_spacing stay on the host).
-TRAIN_KEYS = ("image", "visibility", "coords")
+TRAIN_KEYS = ("image", "visible", "coords")
 
 
 class NaNLossError(FloatingPointError):
@@ -296,10 +296,10 @@ def _pad(x: np.ndarray, n: int) -> np.ndarray:
 def evaluate_batches(eval_fn, state, batches: Iterator[dict], sharding, local_batch_size: int):
     """Runs the eval step over batches (the last one padded) -> host arrays of the split.
 
-    Returns `visibility`, `group`, `coords` (input pixels) predicted, and `true_visibility`,
+    Returns `visibility`, `group`, `coords` (input pixels) predicted, and `true_visible`,
     `true_coords` (input pixels), `orig_size` of the frames, in order.
     """
-    truth = {"true_visibility": "visibility", "true_coords": "coords", "orig_size": "orig_size"}
+    truth = {"true_visible": "visible", "true_coords": "coords", "orig_size": "orig_size"}
     out = {k: [] for k in ("visibility", "group", "coords", *truth)}
     for batch in batches:
         pad = local_batch_size - len(batch["image"])
@@ -320,7 +320,7 @@ def validation_metrics(arrays: dict, schema: KeypointSchema, image_size: int) ->
     """Validation F1 (visibility at 0.5, pooled) and the paper's metrics in original pixels."""
     if len(arrays["visibility"]) == 0:
         return {}
-    truth = arrays["true_visibility"] > 0.5
+    truth = arrays["true_visible"] > 0.5
     metrics = {"val_f1": float(visibility_f1(arrays["visibility"] > 0.5, truth))}
     # Input pixels -> original pixels: frames are resized to S x S, x by W/S and y by H/S.
     scale = arrays["orig_size"][:, None, ::-1].astype(np.float32) / image_size  # (N, 1, 2)

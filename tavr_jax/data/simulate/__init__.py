@@ -114,7 +114,7 @@ def simulate_case(
     schedule: list[FrameState] | None = None,
     truth: list[dict] | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, str]]:
-    """Simulates one case: a list of (image (S,S) uint8, visibility (K,), coords (K,2), stage).
+    """Simulates one case: a list of (image (S,S) uint8, visible (K,), coords (K,2), stage).
 
     `params` and `schedule` override the random draws (tests and figures use them). A list
     given as `truth` gets each frame's true guidance readouts appended (`truth.frame_truth`);
@@ -217,7 +217,7 @@ def _write_case(
                 case_id=case_id,
                 frame_name=frame_name,
                 image=img,
-                visibility=vis,
+                visible=vis,
                 coords=coords,
                 pixel_spacing_mm=round(params.spacing_mm, 6),
                 stage=stage,
