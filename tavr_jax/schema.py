@@ -77,7 +77,7 @@ class KeypointSchema:
 
     @property
     def group_matrix(self) -> np.ndarray:
-        """(G, K) float32 one-hot membership; `visibility @ group_matrix.T > 0` is presence."""
+        """(G, K) float32 one-hot membership; `visible @ group_matrix.T > 0` is presence."""
         m = np.zeros((self.num_groups, self.num_points), np.float32)
         m[self.point_group, np.arange(self.num_points)] = 1.0
         return m

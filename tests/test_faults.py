@@ -230,6 +230,34 @@ def test_a_full_disk_keeps_the_previous_outputs_and_no_temporaries(
     assert _hidden(out) == []
 
 
+def test_a_failed_pre_annotation_run_leaves_the_project_as_it_was(engine, tmp_path, monkeypatch):
+    frames = _frames(tmp_path / "frames", n=5)
+    out = tmp_path / "project"
+    outputs.run_inference(engine, frames, out, format="supervisely", progress=False)
+    before = _snapshot(out)
+    assert "frames/img/img4.png" in before
+    (frames / "img0.png").write_bytes((frames / "img2.png").read_bytes())  # a changed input
+    real_add = outputs.supervisely.ProjectWriter.add
+
+    def fail_at_the_fourth_frame(self, frame):
+        if frame.frame_name == "img3.png":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_add(self, frame)
+
+    monkeypatch.setattr(outputs.supervisely.ProjectWriter, "add", fail_at_the_fourth_frame)
+    with pytest.raises(OSError, match="No space left"):
+        outputs.run_inference(engine, frames, out, format="supervisely", progress=False)
+    assert _snapshot(out) == before and _hidden(out) == []  # no half case, no temporary
+    monkeypatch.undo()
+    # A run that completes replaces the case: a frame no longer in the input goes with it.
+    (frames / "img4.png").unlink()
+    outputs.run_inference(engine, frames, out, format="supervisely", progress=False)
+    assert sorted(p.name for p in (out / "frames" / "img").iterdir()) == [
+        f"img{i}.png" for i in range(4)
+    ]
+    assert _hidden(out) == []
+
+
 def test_a_read_only_output_folder_is_one_line_and_changes_nothing(engine, tmp_path, monkeypatch):
     frames = _frames(tmp_path / "frames")
     out = tmp_path / "out"

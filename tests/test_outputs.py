@@ -103,6 +103,7 @@ def test_points_on_or_past_the_border_are_clipped_into_the_frame(tmp_path):
     sink = SuperviselyPredictions(tmp_path, SCHEMA, "case")
     ones = np.ones(SCHEMA.num_points)
     sink.add(frame, None, ones, np.ones(SCHEMA.num_groups), coords, ones.astype(bool))
+    sink.close()
     (record,) = supervisely.read_project(tmp_path, SCHEMA).frames
     assert record.frame_name == "000004.png" and record.visible.all()
     last_x, last_y = np.nextafter(np.float32(30), 0), np.nextafter(np.float32(20), 0)

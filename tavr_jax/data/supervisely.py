@@ -140,6 +140,8 @@ def _case_dirs(root: pathlib.Path) -> tuple[list[pathlib.Path], list[str]]:
     """(case folders with ann/, names of folders with img/ but no ann/)."""
     cases, unannotated = [], []
     for p in sorted(root.iterdir()):
+        if p.name.startswith("."):
+            continue  # a writer's hidden temporary (a case still being written), not a case
         if p.is_dir() and (p / "ann").is_dir():
             cases.append(p)
         elif p.is_dir() and (p / "img").is_dir():

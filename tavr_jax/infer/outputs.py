@@ -12,12 +12,13 @@ from __future__ import annotations
 import errno
 import json
 import pathlib
+import shutil
 
 import cv2
 import numpy as np
 from tqdm import tqdm
 
-from cardiac_core.tempfiles import PidAtomicFile, remove_stale
+from cardiac_core.tempfiles import PidAtomicFile, make_temp_dir, remove_stale
 from tavr_jax.data import supervisely
 from tavr_jax.infer import streams
 from tavr_jax.infer.tracking import PointTracker
@@ -148,6 +149,10 @@ class SuperviselyPredictions:
     probability (`visibility`), and the group probabilities as frame tags (`group_<name>`).
     `supervisely.read_project` reads the points back exactly: coordinates are clipped into the
     frame, where the reader keeps them.
+
+    The case is written into a hidden PID-named folder and renamed into place by `close`,
+    replacing the case of an earlier run: a failed or killed run leaves the project as it was
+    (its temporary goes now, or at the next run when the process was killed).
     """
 
     def __init__(self, root, schema: KeypointSchema, case_id: str, pixel_spacing_mm=None):
@@ -158,6 +163,8 @@ class SuperviselyPredictions:
             self.writer = supervisely.ProjectWriter(
                 self.root, schema, [VISIBILITY_TAG, *group_tags]
             )
+            remove_stale(self.root, (case_id,), what="unfinished cases")
+            self.staging = make_temp_dir(self.root, case_id)
         except OSError as e:
             raise _naming(e, self.root) from None
         self._stems: set[str] = set()
@@ -177,7 +184,7 @@ class SuperviselyPredictions:
     def _add(self, frame, name, group, coords, reported, probability) -> None:
         self.writer.add(
             supervisely.AnnotatedFrame(
-                case_id=self.case_id,
+                case_id=self.staging.name,
                 frame_name=f"{output_stem(name, frame.index, self._stems)}.png",
                 image=frame.image,
                 visible=np.asarray(reported, bool),
@@ -194,11 +201,21 @@ class SuperviselyPredictions:
             )
         )
 
-    def close(self) -> None:  # every frame is complete on disk once added
-        pass
+    def close(self) -> None:
+        case = self.root / self.case_id
+        try:
+            if case.exists():  # an earlier run's case: moved aside, then removed
+                old = make_temp_dir(self.root, self.case_id)
+                case.rename(old / self.case_id)
+                self.staging.rename(case)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                self.staging.rename(case)
+        except OSError as e:
+            raise _naming(e, case) from None
 
     def abort(self) -> None:
-        pass
+        shutil.rmtree(self.staging, ignore_errors=True)
 
 
 def _write_file(path: pathlib.Path, data: bytes) -> None:
