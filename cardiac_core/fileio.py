@@ -8,26 +8,25 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import tempfile
 from collections.abc import Callable
 from typing import Any
+
+from cardiac_core import tempfiles
 
 
 class AtomicFile:
     """A file written in pieces (a stream of records, a video) that appears at `path` whole.
 
     Write to `tmp` (beside `path`, same suffix, so writers that pick a format by suffix
-    work), then `commit()` renames it into place; `abort()` deletes it.
+    work), then `commit()` renames it into place; `abort()` deletes it. The temporary is
+    named with the writer's PID, so a later run can remove what a killed one left
+    (`tempfiles.remove_stale`).
     """
 
     def __init__(self, path: os.PathLike):
         self.path = pathlib.Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(
-            dir=self.path.parent, prefix=f".{self.path.stem}.", suffix=self.path.suffix
-        )
-        os.close(fd)
-        self.tmp = pathlib.Path(tmp)
+        self.tmp = tempfiles.make_temp(self.path.parent, self.path.stem, self.path.suffix)
 
     def commit(self) -> pathlib.Path:
         os.chmod(self.tmp, 0o644)  # mkstemp makes 0600 files; outputs are meant to be shared

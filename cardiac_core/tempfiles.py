@@ -16,8 +16,6 @@ import re
 import shutil
 import tempfile
 
-from cardiac_core.fileio import AtomicFile
-
 _RANDOM = r"[a-z0-9_]{6,}"  # tempfile's random part (8 characters today)
 
 
@@ -35,15 +33,6 @@ def make_temp(folder: os.PathLike, stem: str, suffix: str = "") -> pathlib.Path:
 def make_temp_dir(folder: os.PathLike, stem: str) -> pathlib.Path:
     """An empty folder `.<stem>.<pid>.<random>` in `folder`."""
     return pathlib.Path(tempfile.mkdtemp(dir=folder, prefix=pid_prefix(stem)))
-
-
-class PidAtomicFile(AtomicFile):
-    """`fileio.AtomicFile` whose temporary carries the PID, so `remove_stale` can find it."""
-
-    def __init__(self, path: os.PathLike):  # replaces AtomicFile's mkstemp, keeps the rest
-        self.path = pathlib.Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = make_temp(self.path.parent, self.path.stem, self.path.suffix)
 
 
 def pid_alive(pid: int) -> bool:

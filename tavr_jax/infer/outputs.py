@@ -18,7 +18,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from cardiac_core.tempfiles import PidAtomicFile, make_temp_dir, remove_stale
+from cardiac_core.fileio import AtomicFile
+from cardiac_core.tempfiles import make_temp_dir, remove_stale
 from tavr_jax.data import supervisely
 from tavr_jax.infer import streams
 from tavr_jax.infer.tracking import PointTracker
@@ -222,7 +223,7 @@ def _write_file(path: pathlib.Path, data: bytes) -> None:
     """`data` into `path` atomically; an OSError names `path`."""
     f = None
     try:
-        f = PidAtomicFile(path)
+        f = AtomicFile(path)
         with open(f.tmp, "wb") as fh:
             fh.write(data)
         f.commit()
@@ -249,7 +250,7 @@ class OverlayWriter:
         self.out_dir, self.schema, self.fps = out_dir, schema, fps or 15.0
         self.video = video
         self._writer = None
-        self._file: PidAtomicFile | None = None
+        self._file: AtomicFile | None = None
         self._stems: set[str] = set()
         self._written = 0
         if not video:
@@ -270,7 +271,7 @@ class OverlayWriter:
             return
         if self._writer is None:
             try:
-                self._file = PidAtomicFile(self.out_dir / OVERLAY_VIDEO)
+                self._file = AtomicFile(self.out_dir / OVERLAY_VIDEO)
             except OSError as e:
                 raise _naming(e, self.out_dir / OVERLAY_VIDEO) from None
             h, w = bgr.shape[:2]
@@ -323,9 +324,9 @@ class JsonlPredictions:
     def __init__(self, out_dir: pathlib.Path, schema: KeypointSchema, source):
         self.path, self.schema, self.source = out_dir / PREDICTIONS_FILE, schema, source
         self.coco_path = out_dir / COCO_FILE
-        self.coco: PidAtomicFile | None = None
+        self.coco: AtomicFile | None = None
         try:
-            self.atomic = PidAtomicFile(self.path)
+            self.atomic = AtomicFile(self.path)
         except OSError as e:
             raise _naming(e, self.path) from None
         try:
@@ -351,7 +352,7 @@ class JsonlPredictions:
             raise _naming(e, self.path) from None
         coco = json.dumps(coco_keypoints(self.records, self.schema), indent=1) + "\n"
         try:
-            self.coco = PidAtomicFile(self.coco_path)
+            self.coco = AtomicFile(self.coco_path)
             with open(self.coco.tmp, "w") as fh:
                 fh.write(coco)
         except OSError as e:
