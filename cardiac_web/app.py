@@ -135,10 +135,10 @@ def _tavr_points(engine, out: dict, reported: np.ndarray, spacing) -> list[list[
     schema = engine.schema
     groups = [schema.group_names[g] for g in schema.point_group]
     frames = []
-    for vis, xy, rep in zip(out["visibility"], out["coords"], reported, strict=True):
+    for probability, xy, rep in zip(out["visibility"], out["coords"], reported, strict=True):
         points = []
         for k, name in enumerate(schema.point_names):
-            p = {"name": name, "group": groups[k], "visibility": round(float(vis[k]), 4),
+            p = {"name": name, "group": groups[k], "visibility": round(float(probability[k]), 4),
                  "x": round(float(xy[k, 0]), 2), "y": round(float(xy[k, 1]), 2),
                  "reported": bool(rep[k])}  # fmt: skip
             if spacing:

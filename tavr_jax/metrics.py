@@ -58,7 +58,7 @@ def visibility_f1(pred: np.ndarray, truth: np.ndarray, axis=None):
     return np.nan_to_num(_div(2 * tp, 2 * tp + fp + fn), nan=1.0)
 
 
-def calibration(prob: np.ndarray, truth: np.ndarray, *, bins: int = 10) -> dict:
+def calibration(probability: np.ndarray, truth: np.ndarray, *, bins: int = 10) -> dict:
     """Expected calibration error and reliability bins of binary probabilities.
 
     Bin b of `bins` equal-width bins holds probabilities in [b / bins, (b + 1) / bins), the
@@ -70,10 +70,12 @@ def calibration(prob: np.ndarray, truth: np.ndarray, *, bins: int = 10) -> dict:
     """
     if bins < 1:
         raise ValueError(f"calibration needs at least one bin, got {bins}")
-    p = np.asarray(prob, np.float64).ravel()
+    p = np.asarray(probability, np.float64).ravel()
     y = np.asarray(truth).astype(bool).ravel()
     if p.shape != y.shape:
-        raise ValueError(f"prob and truth must have the same size, got {p.size} and {y.size}")
+        raise ValueError(
+            f"probability and truth must have the same size, got {p.size} and {y.size}"
+        )
     index = np.clip(np.floor(p * bins).astype(np.int64), 0, bins - 1)
     count = np.bincount(index, minlength=bins)
     confidence = _div(np.bincount(index, weights=p, minlength=bins), count)
@@ -149,27 +151,28 @@ def keypoint_metrics(
       gating). See the module docstring for the definitions.
     """
     k = schema.num_points
-    prob = np.asarray(visibility, np.float64)
-    if prob.ndim != 2 or prob.shape[1] != k:
+    probability = np.asarray(visibility, np.float64)
+    if probability.ndim != 2 or probability.shape[1] != k:
         raise ValueError(
-            f"visibility must have shape (N, {k}) for schema {schema.name!r}, got {prob.shape}"
+            f"visibility must have shape (N, {k}) for schema {schema.name!r}, "
+            f"got {probability.shape}"
         )
-    n = prob.shape[0]
-    vis = np.asarray(true_visible).astype(bool)
+    n = probability.shape[0]
+    visible = np.asarray(true_visible).astype(bool)
     pxy = np.asarray(coords, np.float64)
     txy = np.asarray(true_coords, np.float64)
     for name, arr, shape in (
-        ("true_visible", vis, (n, k)),
+        ("true_visible", visible, (n, k)),
         ("coords", pxy, (n, k, 2)),
         ("true_coords", txy, (n, k, 2)),
     ):
         if arr.shape != shape:
             raise ValueError(f"{name} must have shape {shape}, got {arr.shape}")
     pred = reported_points(
-        prob, group, schema, point_thresholds=threshold, group_thresholds=group_threshold
+        probability, group, schema, point_thresholds=threshold, group_thresholds=group_threshold
     )
 
-    tp = pred & vis
+    tp = pred & visible
     dist = np.where(tp, np.linalg.norm(np.where(tp[..., None], pxy - txy, 0.0), axis=-1), 0.0)
     if np.isnan(dist).any():
         raise ValueError("non-finite coordinates for a point visible in truth and prediction")
@@ -182,8 +185,8 @@ def keypoint_metrics(
     has_mm = (spacing > 0)[:, None] & tp
     cells = {  # (N, K) per (image, point) counts; every breakdown sums these
         "tp": tp.astype(np.float64),
-        "fp": (pred & ~vis).astype(np.float64),
-        "fn": (~pred & vis).astype(np.float64),
+        "fp": (pred & ~visible).astype(np.float64),
+        "fn": (~pred & visible).astype(np.float64),
         "dist_sum": dist,
         "n_within": (tp & (dist <= dist_px)).astype(np.float64),
         "mm_sum": np.where(has_mm, dist * spacing[:, None], 0.0),
@@ -223,7 +226,7 @@ def keypoint_metrics(
         else _as_json_thresholds(group_threshold, schema.group_names),
         dist_px=float(dist_px),
         n_images=int(n),
-        visibility_calibration=calibration(prob, vis),
+        visibility_calibration=calibration(probability, visible),
     )
     return out
 
@@ -277,29 +280,35 @@ def tune_thresholds(
     cand = np.asarray(candidates, np.float64).reshape(-1)
     if cand.size == 0:
         raise ValueError("tune_thresholds needs at least one candidate threshold")
-    prob = np.asarray(visibility, np.float64)
-    vis = np.asarray(true_visible).astype(bool)
-    if prob.ndim != 2 or prob.shape[1] != schema.num_points or vis.shape != prob.shape:
+    probability = np.asarray(visibility, np.float64)
+    visible = np.asarray(true_visible).astype(bool)
+    if (
+        probability.ndim != 2
+        or probability.shape[1] != schema.num_points
+        or visible.shape != probability.shape
+    ):
         raise ValueError(
             f"visibility and true_visible must both have shape (N, {schema.num_points}), "
-            f"got {prob.shape} and {vis.shape}"
+            f"got {probability.shape} and {visible.shape}"
         )
-    p_thr, p_f1 = _best_threshold(prob[None] > cand[:, None, None], vis, cand)
+    p_thr, p_f1 = _best_threshold(probability[None] > cand[:, None, None], visible, cand)
     groups, group_f1 = None, None
     if group is not None:
         presence = np.asarray(group, np.float64)
-        if presence.shape != (prob.shape[0], schema.num_groups):
-            want = (prob.shape[0], schema.num_groups)
+        if presence.shape != (probability.shape[0], schema.num_groups):
+            want = (probability.shape[0], schema.num_groups)
             raise ValueError(f"group must have shape {want}, got {presence.shape}")
         g_thr, g_f1 = _best_threshold(
-            presence[None] > cand[:, None, None], schema.group_presence(vis), cand
+            presence[None] > cand[:, None, None], schema.group_presence(visible), cand
         )
         gate = (presence > g_thr)[:, schema.point_group]
         gated_thr, gated_f1 = _best_threshold(
-            (prob[None] > cand[:, None, None]) & gate[None], vis, cand
+            (probability[None] > cand[:, None, None]) & gate[None], visible, cand
         )
         # Gating is kept only when it raises the pooled validation F1 over ungated points.
-        if visibility_f1((prob > gated_thr) & gate, vis) > visibility_f1(prob > p_thr, vis):
+        if visibility_f1((probability > gated_thr) & gate, visible) > visibility_f1(
+            probability > p_thr, visible
+        ):
             p_thr, p_f1 = gated_thr, gated_f1
             groups = dict(zip(schema.group_names, g_thr.tolist(), strict=True))
             group_f1 = dict(zip(schema.group_names, g_f1.tolist(), strict=True))

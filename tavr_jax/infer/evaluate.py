@@ -55,10 +55,10 @@ def predict_project(engine, project, *, desc: str = "predict") -> dict[str, np.n
 
 
 def _frame_arrays(project) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    vis = np.stack([f.visible for f in project.frames]).astype(bool)
+    visible = np.stack([f.visible for f in project.frames]).astype(bool)
     xy = np.stack([f.coords for f in project.frames]).astype(np.float64)
     spacing = np.array([f.pixel_spacing_mm or 0.0 for f in project.frames], np.float64)
-    return vis, xy, spacing
+    return visible, xy, spacing
 
 
 def _load(workdir, data_dir, split: str, batch_size: int, which: str, refine: bool = False,
@@ -84,9 +84,12 @@ def tune_project(workdir, data_dir, *, batch_size: int = 16, which: str = "best"
     """Tunes visibility thresholds on the validation cases and writes W/thresholds.json."""
     engine, meta, project = _load(workdir, data_dir, "val", batch_size, which)
     pred = predict_project(engine, project, desc="tune on val")
-    vis, _, _ = _frame_arrays(project)
+    visible, _, _ = _frame_arrays(project)
     tuned = tune_thresholds(
-        pred["visibility"], vis, meta["schema"], group=pred["group"] if meta["grouped"] else None
+        pred["visibility"],
+        visible,
+        meta["schema"],
+        group=pred["group"] if meta["grouped"] else None,
     )
     tuned.update(split="val", n_images=len(project.frames), step=meta["step"])
     with writing(workdir, what="threshold tuning"):  # not while a training writes the workdir
@@ -152,12 +155,12 @@ def evaluate_project(
                                   model_file, backend)  # fmt: skip
     schema = meta["schema"]
     pred = predict_project(engine, project, desc=f"evaluate {split}")
-    vis, xy, spacing = _frame_arrays(project)
+    visible, xy, spacing = _frame_arrays(project)
     point_thr, group_thr = reporting_thresholds(workdir, schema, threshold)
     metrics = keypoint_metrics(
         pred["visibility"],
         pred["coords"],
-        vis,
+        visible,
         xy,
         schema,
         threshold=point_thr,
@@ -184,7 +187,9 @@ def evaluate_project(
     return metrics
 
 
-def write_overlays(out_dir, project, coords: np.ndarray, shown: np.ndarray, prob=None) -> int:
+def write_overlays(
+    out_dir, project, coords: np.ndarray, shown: np.ndarray, probability=None
+) -> int:
     """One PNG per frame: truth as circles, predictions as crosses, coloured by group."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -198,7 +203,7 @@ def write_overlays(out_dir, project, coords: np.ndarray, shown: np.ndarray, prob
             shown[i],
             schema,
             marker="cross",
-            probabilities=None if prob is None else prob[i],
+            probabilities=None if probability is None else probability[i],
         )
         draw_legend(rgb, schema)
         ok, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))

@@ -338,11 +338,11 @@ class LiveSession:
 
     def _process(self, frame, new_size: bool) -> None:
         out = self.engine(frame.image[None])
-        vis, group, xy = out["visibility"][0], out["group"][0], out["coords"][0]
+        probability, group, xy = out["visibility"][0], out["group"][0], out["coords"][0]
         arrival = frame.arrival_s - self._t0
-        coords, reported = self._tracker.update(vis, group, xy, arrival)
+        coords, reported = self._tracker.update(probability, group, xy, arrival)
         spacing = frame.pixel_spacing_mm or self.mm_per_px
-        readout = self._guidance.update(arrival, coords, vis, reported, mm_per_px=spacing)
+        readout = self._guidance.update(arrival, coords, probability, reported, mm_per_px=spacing)
         ready = time.monotonic() - self._t0
         names = self.schema.point_names
         index = {n: i for i, n in enumerate(names)}
@@ -365,7 +365,7 @@ class LiveSession:
                 n: [
                     round(float(coords[k, 0]), 2),
                     round(float(coords[k, 1]), 2),
-                    round(float(vis[k]), 4),
+                    round(float(probability[k]), 4),
                 ]
                 if reported[k]
                 else None  # fmt: skip
@@ -378,7 +378,7 @@ class LiveSession:
         }
         if new_size:
             record["new_size"] = True
-        draw = (frame.image, coords, reported, vis, record, annulus_xy)
+        draw = (frame.image, coords, reported, probability, record, annulus_xy)
         if self._video is not None:
             draw = draw_overlay(self.schema, *draw)
             self._video.write(draw, frame.arrival_s)

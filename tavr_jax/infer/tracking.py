@@ -130,11 +130,11 @@ class Hysteresis:
             raise ValueError("hysteresis needs t_off <= t_on")
         self.on = None
 
-    def update(self, prob: np.ndarray) -> np.ndarray:
-        prob = np.asarray(prob, np.float64)
+    def update(self, probability: np.ndarray) -> np.ndarray:
+        probability = np.asarray(probability, np.float64)
         if self.on is None:
-            self.on = np.zeros(prob.shape, bool)
-        self.on = np.where(self.on, prob >= self.t_off, prob > self.t_on)
+            self.on = np.zeros(probability.shape, bool)
+        self.on = np.where(self.on, probability >= self.t_off, probability > self.t_on)
         return self.on.copy()
 
 

@@ -32,9 +32,9 @@ def project_arrays(project) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
                 f"size ({first.width}x{first.height} from {first.image_path})"
             )
     frames = np.stack([project.load_image(i) for i in range(len(project.frames))])
-    vis = np.stack([f.visible for f in project.frames]).astype(bool)
+    visible = np.stack([f.visible for f in project.frames]).astype(bool)
     xy = np.stack([f.coords for f in project.frames]).astype(np.float32)
-    return frames, vis, xy
+    return frames, visible, xy
 
 
 def train_refiner(frames, visibility, coords, config: RefinerConfig = RefinerConfig(),
