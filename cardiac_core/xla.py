@@ -140,6 +140,22 @@ def _jaxpr_flops(jaxpr) -> float:
     return total
 
 
+def primitive_equations(fn, names, *args) -> list:
+    """The equations of `fn(*args)`'s jaxpr (nested ones included, in order) whose primitive
+    is one of `names`, e.g. every `conv_general_dilated` of a network, to time them alone."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name in names:
+                found.append(eqn)
+            for sub in _sub_jaxprs(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
 def _sub_jaxprs(params):
     for value in params.values():
         for v in value if isinstance(value, list | tuple) else (value,):

@@ -16,7 +16,8 @@ from absl import app, flags
 
 from cardiac_core.fileio import write_json_atomic
 from cardiac_core.logs import quiet_third_party
-from experiments.benchmarks.timing import device_description, time_interleaved
+from cardiac_core.timing import time_interleaved
+from experiments.benchmarks.timing import device_description
 from tavr_jax.infer.engine import KeypointEngine
 
 _BACKBONE = flags.DEFINE_string("backbone", "resnet34", "backbone")

@@ -7,6 +7,10 @@
     python experiments/bench_latency.py --backbones=resnet34 --batch_sizes=1,8 --dtypes=float32 \
         --backend=xla,onnxruntime,openvino --onnxruntime_peer --openvino_peer --torch_eager=false \
         --profile=false --out=cpu_peers.json
+    python experiments/bench_latency.py --backbones=resnet34 --image_size=512 --batch_sizes=1,8 \
+        --dtypes=float32 --backend=xla,onnxruntime,onnxruntime_int8,openvino,openvino_int8 \
+        --onnxruntime_peer --openvino_peer --torch_eager=false --profile=false \
+        [--background_load] --out=cpu_table.json
     python experiments/bench_latency.py --backbones=resnet34 --stream=cine.dcm --out=stream.json
 """
 
@@ -18,6 +22,7 @@ from absl import app, flags
 from cardiac_core.fileio import write_json_atomic
 from cardiac_core.logs import quiet_third_party
 from experiments.benchmarks import latency as bench
+from experiments.benchmarks.contenders import make_backend
 from experiments.benchmarks.peer_table import peer_table
 from tavr_jax.infer.engine import KeypointEngine
 
@@ -36,7 +41,15 @@ _TORCH_THREADS = flags.DEFINE_integer("torch_threads", None, "torch threads (def
 _PROFILE = flags.DEFINE_bool("profile", True, "time resize / backbone / head separately")
 _MIN_TIME = flags.DEFINE_float("min_time", 2.0, "seconds of timed runs per measurement")
 _BACKEND = flags.DEFINE_list(
-    "backend", ["xla"], "engine backends: xla, onnxruntime, onnxruntime_int8, openvino"
+    "backend", ["xla"],
+    "engine backends: xla, onnxruntime, onnxruntime_int8, openvino, openvino_int8",
+)  # fmt: skip
+_WINOGRAD = flags.DEFINE_enum(
+    "winograd", "measure", ["measure", "fixed", "off"],
+    "the float graphs' Winograd rule, as tavr_export's (measure: each layer shape timed first)",
+)  # fmt: skip
+_LOAD = flags.DEFINE_bool(
+    "background_load", False, "time every row under a competing job keeping one core busy"
 )
 _ORT_PEER = flags.DEFINE_bool(
     "onnxruntime_peer", False, "also time onnxruntime on torch's ONNX export of the network"
@@ -59,7 +72,8 @@ def main(argv):
             b = int(_BATCHES.value[0])
             engine = KeypointEngine.random_init("paper11", _BACKBONES.value[0], _SIZE.value,
                                                 batch_size=b, dtype=_DTYPES.value[0])  # fmt: skip
-            engine = bench.make_backend(_BACKEND.value[0], engine, _PROVIDER.value)
+            engine = make_backend(_BACKEND.value[0], engine, _PROVIDER.value,
+                                  winograd=_WINOGRAD.value)  # fmt: skip
             result = bench.bench_stream(engine, _STREAM.value)
         else:
             result = bench.run_benchmark(
@@ -68,7 +82,8 @@ def main(argv):
                 workdir=_WORKDIR.value, torch_eager=_TORCH.value, timing=timing,
                 torch_threads=_TORCH_THREADS.value, profile=_PROFILE.value,
                 backends=_BACKEND.value, onnxruntime_peer=_ORT_PEER.value,
-                openvino_peer=_OV_PEER.value, provider=_PROVIDER.value, out=_OUT.value,
+                openvino_peer=_OV_PEER.value, provider=_PROVIDER.value,
+                winograd=_WINOGRAD.value, load=_LOAD.value, out=_OUT.value,
             )  # fmt: skip
             if _PLOT.value:
                 earlier = [json.loads(open(p).read()) for p in _PLOT_WITH.value]

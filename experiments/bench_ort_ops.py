@@ -15,7 +15,7 @@ import numpy as np
 from absl import app, flags
 
 from cardiac_core.logs import quiet_third_party
-from experiments.benchmarks.timing import time_interleaved
+from cardiac_core.timing import time_interleaved
 from experiments.benchmarks.torch_reference import export_onnx_bytes, keypoint_net
 from tavr_jax.infer import onnx_export, onnx_runtime
 from tavr_jax.infer.engine import KeypointEngine

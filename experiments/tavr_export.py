@@ -4,10 +4,13 @@
         --batch=dynamic --frame_size=1024x1024
     python experiments/tavr_export.py --workdir=W --format=jax --out=engine.bin --batch=8
     python experiments/tavr_export.py --workdir=W --format=onnx --out=model_int8.onnx \
-        --frame_size=1024x1024 --int8_calibration=DATA
-Writes OUT and OUT.json (its sha256, size, config hash and library versions). With
---int8_calibration the convolutions are int8, calibrated on frames of the training cases of
-that Supervisely project (score the file with tavr_eval.py --model_file before shipping it).
+        --frame_size=1024x1024 --int8_calibration=DATA [--backend=openvino]
+Writes OUT and OUT.json (its sha256, size, config hash, Winograd rule and library versions).
+A float ONNX file's Winograd convolutions are chosen by timing each layer shape on this
+machine and --backend's runtime (--winograd=measure; fixed or off without timing). With
+--int8_calibration the convolutions are int8 (onnxruntime's quantiser, or NNCF's for
+--backend=openvino), calibrated on frames of the training cases of that Supervisely project
+(score the file with tavr_eval.py --model_file before shipping it).
 """
 
 import json
@@ -25,9 +28,15 @@ _OUT = flags.DEFINE_string("out", None, "output file")
 _BATCH = flags.DEFINE_string("batch", "dynamic", "fixed batch size, or 'dynamic'")
 _FRAME = flags.DEFINE_string("frame_size", None, "HxW of the input frames (default: network input)")
 _WHICH = flags.DEFINE_enum("which", "best", ["best", "latest"], "checkpoint to export")
-_WINOGRAD = flags.DEFINE_bool(
-    "winograd", True, "ONNX: wide 3x3 convolutions as Winograd F(4x4,3x3) (CPU onnxruntime)"
-)
+_BACKEND = flags.DEFINE_enum(
+    "backend", "onnxruntime", ["onnxruntime", "openvino"],
+    "ONNX: the runtime the file is meant for (Winograd measured on it; its int8 quantiser)",
+)  # fmt: skip
+_WINOGRAD = flags.DEFINE_enum(
+    "winograd", "measure", ["measure", "fixed", "off"],
+    "ONNX: which 3x3 convolutions are Winograd F(4x4,3x3): measure each layer shape on this "
+    "machine and --backend (seconds), the fixed rule, or none (GPU runtimes)",
+)  # fmt: skip
 _INT8 = flags.DEFINE_string(
     "int8_calibration", None, "Supervisely project: int8 convolutions calibrated on its frames"
 )
@@ -59,7 +68,7 @@ def main(argv):
                                 which=_WHICH.value, batch=batch, frame_size=frame_size,
                                 int8_calibration=_INT8.value,
                                 calibration_count=_CALIBRATION_FRAMES.value,
-                                winograd=_WINOGRAD.value)  # fmt: skip
+                                winograd=_WINOGRAD.value, backend=_BACKEND.value)  # fmt: skip
         write_json_atomic(f"{_OUT.value}.json", record)
     except ValueError as e:
         sys.exit(f"error: {e}")

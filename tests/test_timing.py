@@ -1,6 +1,7 @@
-"""The benchmarks' timing helper: every contender runs once per round, in order or shuffled."""
+"""The timing helper of the benchmarks and the Winograd measurement: every contender runs once
+per round, in order or shuffled."""
 
-from experiments.benchmarks.timing import time_interleaved
+from cardiac_core.timing import time_interleaved
 
 
 def _rounds(shuffle_seed):

@@ -129,3 +129,24 @@ ENTRY %main (a: f32[4], w: f32[3,3,8,8]) -> (f32[4], f32[4]) {
     )
     census = xla.kernel_census(exe)
     assert census["sort"] == 2 and not {"parameter", "tuple"} & set(census)
+
+
+def test_primitive_equations_find_nested_convolutions_and_the_profile_times_them():
+    """The XLA profile's equations: every convolution of the network, nested jits included;
+    the profile times each shape once and counts the rest."""
+    from experiments.benchmarks.xla_profile import profile_engine
+
+    x, w = jnp.ones((1, 8, 8, 2)), jnp.ones((3, 3, 2, 2))
+    nested = lambda x, w: jax.jit(lambda y: _conv(_conv(y, w, padding="SAME"), w))(x)  # noqa: E731
+    found = xla.primitive_equations(nested, ("conv_general_dilated",), x, w)
+    assert [e.invars[0].aval.shape for e in found] == [(1, 8, 8, 2), (1, 8, 8, 2)]
+    p = profile_engine("resnet_tiny", 32, min_time_s=0.0, warmup=1, min_runs=2)
+    # resnet_tiny: the stem, then two stages of one block (two 3x3 convolutions each, and a
+    # strided 1x1 shortcut where the width changes): 6 convolutions in 5 shapes.
+    assert (
+        sum(r["count"] for r in p["convolutions"]) == 6 == p["top_level_operations"]["convolution"]
+    )
+    assert all(r["xla_ms"] > 0 and r["onnxruntime_ms"] > 0 for r in p["convolutions"])
+    assert (
+        p["whole_ms"] > 0 and p["max_pool_ms"] > 0 and p["layout_changes"].get("transpose", 0) == 0
+    )

@@ -1,12 +1,10 @@
 """Latency and throughput of the keypoint engine per backend, beside the peers it must match.
 
-Backends: `xla` (the AOT-compiled `KeypointEngine`), `onnxruntime` (`OnnxKeypointEngine`,
-the same network exported by `tavr_jax.infer.onnx_export`), `onnxruntime_int8` (that
-graph with int8 convolutions, calibrated on simulated frames) and `openvino` (the float graph
-on OpenVINO's CPU plugin). Peers: onnxruntime and OpenVINO running the same architecture as
-exported by torch's own ONNX exporter (what a team shipping a PyTorch model would deploy) and
-eager PyTorch. Every contender of one (backbone, dtype, batch) runs in
-alternation with the others, so the ratios are of paired runs under the same machine load.
+The contenders (`contenders.py`): our backends `xla`, `onnxruntime`, `openvino` and the int8
+graphs `onnxruntime_int8`, `openvino_int8`; torch's own ONNX export on onnxruntime and on
+OpenVINO (the peers) and eager PyTorch. Every contender of one (backbone, dtype, batch) runs in
+alternation with the others, so the ratios are of paired runs under the same machine load;
+with `background_load` a competing job keeps one core busy while they are timed.
 
 Every timing is a warm-up followed by timed runs whose results are on the host, so
 asynchronous dispatch never hides work. Percentiles are over runs.
@@ -18,30 +16,35 @@ import datetime
 import os
 import time
 
-import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from cardiac_core.fileio import write_json_atomic
+from cardiac_core.timing import cpu_model, time_interleaved
 from cardiac_core.xla import compile_lowered, kernel_census, model_flops
+from experiments.benchmarks.contenders import (
+    BACKENDS,
+    LOAD_WORKLOAD,
+    PEERS,
+    background_load,
+    export_peers,
+    make_backend,
+    runtime_of,
+    torch_baseline,
+)
 from experiments.benchmarks.timing import (
-    cpu_model,
     device_description,
     peak_matmul,
     percentiles_ms,
-    time_interleaved,
     time_runs,
 )
-from tavr_jax.data.simulate import simulate_case
-from tavr_jax.infer import onnx_export, onnx_runtime, openvino_runtime
+from tavr_jax.infer import onnx_export, onnx_runtime, openvino_runtime, winograd_measure
 from tavr_jax.infer.engine import KeypointEngine, keypoint_forward
 from tavr_jax.reporting import Gate
 from tavr_jax.schema import get_schema
 
 PAPER_MS_PER_FRAME = 18.0  # the paper's GPU figure (section 5)
-BACKENDS = ("xla", "onnxruntime", "onnxruntime_int8", "openvino")
-PEERS = ("onnxruntime_peer", "openvino_peer")  # torch's ONNX export on each runtime
 
 
 def flops_per_batch(engine: KeypointEngine, frame_size: int) -> float | None:
@@ -108,51 +111,6 @@ def peak_kernels(provider: str = "auto", n: int = 2048, **timing) -> dict:
     }
 
 
-def export_peers(backbone: str, schema, image_size: int, frame_size: int,
-                 provider: str = "auto", runtimes=PEERS):  # fmt: skip
-    """Torch's ONNX export of the same network on each runtime of `runtimes` (`PEERS`):
-    ({peer: run(frames)}, why-not)."""
-    try:
-        from experiments.benchmarks.torch_reference import export_onnx_bytes, keypoint_net
-
-        data = export_onnx_bytes(keypoint_net(backbone, schema, image_size),
-                                 (1, frame_size, frame_size))  # fmt: skip
-        sessions = {"onnxruntime_peer": lambda: onnx_runtime.make_session(data, provider=provider),
-                    "openvino_peer": lambda: openvino_runtime.Session(data)}  # fmt: skip
-        sessions = {peer: sessions[peer]() for peer in runtimes}
-    except Exception as e:  # torch's exporter has many error types; the peer is optional
-        return {}, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    return {p: lambda f, s=s: s.run(None, {"frames": f}) for p, s in sessions.items()}, None
-
-
-def torch_baseline(backbone, schema, image_size, threads: int | None = None):
-    """Eager PyTorch of the same network on CUDA when jax runs on a GPU and torch has CUDA,
-    on the CPU when jax does; (forward(frames), why-not)."""
-    try:
-        import torch
-
-        from experiments.benchmarks.torch_reference import keypoint_net
-    except ImportError as e:
-        return None, f"torch not installed ({e})"
-    on_gpu = jax.devices()[0].platform != "cpu"
-    if on_gpu and not torch.cuda.is_available():
-        return (
-            None,
-            f"jax runs on {jax.devices()[0].platform} but torch {torch.__version__} has no CUDA",
-        )
-    device = "cuda" if on_gpu else "cpu"
-    if not on_gpu:
-        torch.set_num_threads(threads or os.cpu_count() or 1)
-    net = keypoint_net(backbone, schema, image_size).to(device)
-
-    def forward(frames_u8: np.ndarray):
-        with torch.inference_mode():
-            out = net(torch.from_numpy(frames_u8).to(device))
-            return [o.cpu().numpy() for o in out]
-
-    return forward, None
-
-
 def pipelined_frames_per_s(engine, frames: np.ndarray, *, batches: int = 8, runs: int = 3) -> float:
     """Sustained frames/s of host batches through `run_batches`, where the next batch's copy
     and launch overlap the current one's compute: what a folder or a cine gets, where one
@@ -168,12 +126,13 @@ def pipelined_frames_per_s(engine, frames: np.ndarray, *, batches: int = 8, runs
 
 
 def bench_cell(engines: dict, frame_size: int, *, peak=None, peers=None, flops=None,
-               **timing) -> list[dict]:  # fmt: skip
+               load: bool = False, **timing) -> list[dict]:  # fmt: skip
     """One row per backend for engines of one network and batch size.
 
     engines: {backend: engine}; peak: (fn, flops) of the peak-FLOP/s kernel, timed in
     alternation with each backend's model-only run; peers: {name: fn(frames)} timed in
-    alternation with every backend's end-to-end run.
+    alternation with every backend's end-to-end run; load: a competing job keeps one core
+    busy while they are timed (`contenders.background_load`), not while sessions are made.
     """
     peers = peers or {}
     b = next(iter(engines.values())).batch_size
@@ -197,25 +156,27 @@ def bench_cell(engines: dict, frame_size: int, *, peak=None, peers=None, flops=N
             return gate(out["visibility"], out["group"])
 
         end_to_end[backend] = e2e
-    times = time_interleaved(
-        [*end_to_end.values(), *(lambda f=f: f(frames) for f in peers.values())],
-        shuffle_seed=0,
-        **timing,
-    )
+    with background_load(load):  # the sessions are made: only the timed runs see the load
+        times = time_interleaved(
+            [*end_to_end.values(), *(lambda f=f: f(frames) for f in peers.values())],
+            shuffle_seed=0,
+            **timing,
+        )
+        with_peak = peak is not None and flops
+        t_models = {b: time_interleaved([model_only[b], peak[0]], **timing) if with_peak
+                    else (time_runs(model_only[b], **timing), None) for b in engines}  # fmt: skip
     t_e2e = dict(zip(end_to_end, times, strict=False))
     t_peer = dict(zip(peers, times[len(end_to_end) :], strict=True))
     rows = []
     for backend, engine in engines.items():
-        row = {"backend": backend}
-        if peak is not None and flops:
-            t_model, t_peak = time_interleaved([model_only[backend], peak[0]], **timing)
-            row["model"] = percentiles_ms(t_model)
+        row = {"backend": backend, "background_load": load}
+        t_model, t_peak = t_models[backend]
+        row["model"] = percentiles_ms(t_model)
+        if with_peak:
             # Achieved / peak FLOP/s of paired runs (each pair saw about the same machine load).
             row["fraction_of_peak"] = float(np.median((flops / t_model) / (peak[1] / t_peak)))
             row["gflops_per_s"] = float(flops / np.median(t_model) / 1e9)
             row["peak_gflops_per_s"] = float(peak[1] / np.median(t_peak) / 1e9)
-        else:
-            row["model"] = percentiles_ms(time_runs(model_only[backend], **timing))
         row["end_to_end"] = percentiles_ms(t_e2e[backend])
         if "onnxruntime_peer" in t_peer:
             row["onnxruntime_peer"] = percentiles_ms(t_peer["onnxruntime_peer"])
@@ -248,25 +209,6 @@ def bench_cell(engines: dict, frame_size: int, *, peak=None, peers=None, flops=N
             assert engine.trace_count == 1, "the benchmark must not retrace"
         rows.append(row)
     return rows
-
-
-def make_backend(backend: str, engine: KeypointEngine, provider: str = "auto"):
-    """The engine of `backend` for a KeypointEngine's network (the engine itself for xla)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
-    if backend == "xla":
-        return engine
-    if backend == "openvino":  # the exported file's graph (Winograd convolutions included)
-        return openvino_runtime.OpenVinoKeypointEngine.from_engine(engine)
-    calibrate = None
-    if backend == "onnxruntime_int8":  # calibrated on simulated frames of the timed size
-
-        def calibrate(hw):
-            case = simulate_case(np.random.default_rng(0), engine.schema, frames=8, size=hw[0])
-            return np.stack([cv2.resize(image, hw[::-1]) for image, *_ in case])
-
-    return onnx_runtime.OnnxKeypointEngine.from_engine(engine, provider=provider,
-                                                       calibrate=calibrate)  # fmt: skip
 
 
 def profile_split(engine: KeypointEngine, frame_size: int, **timing) -> dict:
@@ -333,15 +275,21 @@ def run_benchmark(
     onnxruntime_peer: bool = False,
     openvino_peer: bool = False,
     provider: str = "auto",
+    winograd: str = "fixed",
+    load: bool = False,
     out=None,
     peak_size: int = 2048,
     progress=print,
 ) -> dict:
     """The full table: one row per (backbone, dtype, batch, backend); see docs/latency.md.
 
-    With `out`, the results JSON is rewritten after every row, so a run stopped by a time
-    limit keeps what it measured. A backend or peer that cannot run here (no onnxruntime, no
-    GPU provider, no torch) is skipped with its reason printed and kept in `skipped`.
+    winograd: the float graphs' Winograd rule, as the export's --winograd: "measure" (each
+    layer shape timed once per runtime and run, `winograd_measure.MeasuredRule`; recorded in
+    `winograd`; bench_latency's default), "fixed" or "off"; load: time every cell under a
+    competing job (`contenders.background_load`). With `out`, the results JSON is rewritten
+    after every row, so a run stopped by a time limit keeps what it measured. A backend or peer
+    that cannot run here (no onnxruntime, no openvino or nncf, no GPU provider, no torch) is
+    skipped with its reason printed and kept in `skipped`.
     """
     timing = timing or {}
     frame_size = frame_size or image_size
@@ -358,6 +306,8 @@ def run_benchmark(
         "onnxruntime": _version("onnxruntime"),
         "openvino": _version("openvino"),
         "cpu": cpu_model(),
+        "background_load": LOAD_WORKLOAD if load else None,
+        "winograd": {},
         "threads": {
             "cpu_count": os.cpu_count(),
             "torch": torch_threads or os.cpu_count(),
@@ -383,9 +333,17 @@ def run_benchmark(
             if onnxruntime_peer:
                 onnxruntime_peer = False
                 skip("onnxruntime peer", why)
-    if ("openvino" in backends or openvino_peer) and _version("openvino") is None:
-        backends = [b for b in backends if b != "openvino"]
-        openvino_peer = skip("openvino backend and peer", openvino_runtime.MISSING) or False
+    on_ov = [b for b in backends if runtime_of(b) == "openvino"]
+    why = _openvino_problem() if on_ov or openvino_peer else None
+    if why:
+        backends = [b for b in backends if b not in on_ov]
+        openvino_peer = skip("openvino backends and peer", why) or False
+    if "openvino_int8" in backends and _version("nncf") is None:
+        backends.remove("openvino_int8")
+        skip("backend openvino_int8", openvino_runtime.NNCF_MISSING)
+    # One rule per runtime for the run: each layer shape is measured once, on batch 1, as for
+    # an export with a free batch size.
+    rules = {rt: winograd_measure.rule_for(winograd, rt) for rt in winograd_measure.RUNTIMES}
     peak = None
     if on_cpu:
         kernels = peak_kernels(provider, peak_size, **timing)
@@ -422,7 +380,8 @@ def run_benchmark(
                 for backend in backends:
                     if backend != "xla" and dtype != "float32":
                         continue  # the ONNX graph is float32
-                    engines[backend] = make_backend(backend, xla, provider)
+                    rule = rules.get(runtime_of(backend), False)  # xla: no ONNX graph
+                    engines[backend] = make_backend(backend, xla, provider, winograd=rule)
                 if not engines:
                     continue
                 cell_peers = dict(peers) if dtype == "float32" else {}
@@ -431,8 +390,10 @@ def run_benchmark(
                 flops = flops_per_batch(xla, frame_size)
                 rows = bench_cell(
                     engines, frame_size, peak=peak if dtype == "float32" else None,
-                    peers=cell_peers, flops=flops, **timing,
+                    peers=cell_peers, flops=flops, load=load, **timing,
                 )  # fmt: skip
+                result["winograd"] = {rt: rule.metadata() for rt, rule in rules.items()
+                                      if hasattr(rule, "metadata") and rule.layers}  # fmt: skip
                 for row in rows:
                     row = {"backbone": backbone, "dtype": dtype, "batch": b, "cpu": result["cpu"],
                            "image_size": image_size, "frame_size": frame_size, **row}  # fmt: skip
@@ -455,6 +416,15 @@ def _onnxruntime_problem(provider: str, on_cpu: bool) -> str | None:
         return str(e)
     if not on_cpu and chosen == "CPUExecutionProvider":
         return "jax runs on a GPU but this onnxruntime has only the CPU provider (onnxruntime-gpu)"
+    return None
+
+
+def _openvino_problem() -> str | None:
+    """Why OpenVINO cannot be compared here (missing, too old; None when it can)."""
+    try:
+        openvino_runtime.version()
+    except ValueError as e:
+        return str(e)
     return None
 
 

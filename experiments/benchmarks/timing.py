@@ -1,4 +1,5 @@
-"""Timing helpers shared by every benchmark: warm-up, medians and percentiles, side-by-side runs.
+"""Timing helpers shared by every benchmark: warm-up, medians and percentiles (side-by-side runs:
+`cardiac_core.timing.time_interleaved`).
 
 Every benchmark of the project times through these, so "p50" and "interleaved" mean the same
 thing in every table of docs/.
@@ -7,7 +8,6 @@ thing in every table of docs/.
 from __future__ import annotations
 
 import os
-import platform
 import time
 
 import jax
@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import psutil
 
+from cardiac_core.timing import cpu_model
 from cardiac_core.xla import compile_lowered
 
 
@@ -31,31 +32,6 @@ def time_runs(fn, *, warmup: int = 2, min_runs: int = 5, min_time_s: float = 2.0
         fn()
         times.append(time.perf_counter() - t0)
     return np.asarray(times)
-
-
-def time_interleaved(fns, *, warmup: int = 2, min_runs: int = 5, min_time_s: float = 2.0,
-                     max_runs=200, shuffle_seed=None) -> list[np.ndarray]:  # fmt: skip
-    """Seconds per call of each of `fns`, run in alternation so that load from other processes
-    on a shared machine falls on all of them alike; ratios of paired runs are robust.
-
-    shuffle_seed: run each round's contenders in a new random order. Thread pools linger after
-    a call (onnxruntime's and OpenMP's threads spin for a while), so in a fixed order each
-    contender would always start in the wake of the same neighbour.
-    """
-    rng = None if shuffle_seed is None else np.random.default_rng(shuffle_seed)
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    times = [[] for _ in fns]
-    start = time.perf_counter()
-    while len(times[0]) < max_runs and (
-        len(times[0]) < min_runs or time.perf_counter() - start < min_time_s * len(fns)
-    ):
-        for i in range(len(fns)) if rng is None else rng.permutation(len(fns)):
-            t0 = time.perf_counter()
-            fns[i]()
-            times[i].append(time.perf_counter() - t0)
-    return [np.asarray(t) for t in times]
 
 
 def cpu_seconds() -> float:
@@ -90,17 +66,6 @@ def time_runs_cpu(fn, *, warmup: int = 1, runs: int = 5) -> tuple[np.ndarray, np
 def percentiles_ms(times) -> dict:
     p50, p90, p99 = np.percentile(np.asarray(times) * 1e3, [50, 90, 99])
     return {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99), "runs": len(times)}
-
-
-def cpu_model() -> str:
-    """The host CPU's model name (/proc/cpuinfo), whatever device jax runs on."""
-    model = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    return model
 
 
 def device_description() -> str:

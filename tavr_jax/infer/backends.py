@@ -17,7 +17,13 @@ from tavr_jax.data.supervisely import read_project
 from tavr_jax.infer import onnx_export
 from tavr_jax.infer.engine import EXPORT_MAGIC, KeypointEngine, image_hw, load_exported
 from tavr_jax.infer.onnx_runtime import OnnxKeypointEngine, load_onnx, quantize_int8
-from tavr_jax.infer.openvino_runtime import OpenVinoKeypointEngine, load_openvino
+from tavr_jax.infer.openvino_runtime import (
+    OpenVinoKeypointEngine,
+    check_nncf,
+    load_openvino,
+    quantize_nncf,
+)
+from tavr_jax.infer.winograd_measure import rule_for
 from tavr_jax.run.workdir import config_hash, data_split, read_config
 from tavr_jax.schema import get_schema
 
@@ -86,37 +92,50 @@ def open_engine(
 
 def export_workdir(workdir, out, *, format: str = "onnx", which: str = "best",
                    batch: int | None = None, frame_size=None, int8_calibration=None,
-                   calibration_count: int = 64, winograd: bool = True) -> dict:  # fmt: skip
+                   calibration_count: int = 64, winograd: str = "fixed",
+                   backend: str = "onnxruntime") -> dict:  # fmt: skip
     """Exports a workdir's checkpoint as one file: "onnx" or "jax" (`jax.export`).
 
     frame_size: (H, W) of the frames the artifact takes (default: the network input);
-    batch: a fixed batch size, or None for a symbolic one; int8_calibration: a Supervisely
-    project: the ONNX file's convolutions are then int8 (`onnx_runtime.quantize_int8`),
-    calibrated on `calibration_count` frames of its training cases (`calibration_frames`);
-    winograd: the wide 3x3 convolutions of a float ONNX file as Winograd F(4x4, 3x3), faster
-    on onnxruntime's CPU kernels (`winograd.pays`); off for a GPU runtime.
-    Returns what to record beside it: the file's sha256 and size, the config hash and the
-    library versions.
+    batch: a fixed batch size, or None for a symbolic one; backend: the runtime an ONNX file
+    is meant for, "onnxruntime" or "openvino": a measured Winograd rule is timed on it, and
+    int8 is its quantiser's; int8_calibration: a Supervisely project: the ONNX file's
+    convolutions are then int8 (onnxruntime's static quantisation, `onnx_runtime.quantize_int8`,
+    or NNCF's for OpenVINO, `openvino_runtime.quantize_nncf`), calibrated on
+    `calibration_count` frames of its training cases (`calibration_frames`);
+    winograd: which 3x3 convolutions of a float ONNX file are Winograd F(4x4, 3x3): "measure"
+    (each layer shape timed on this machine and `backend`, `winograd_measure.MeasuredRule`:
+    the launcher's default), "fixed" (`winograd.pays`: no timing, the default here so that
+    tests export in a blink) or "off" (a GPU runtime).
+    Returns what to record beside it: the file's sha256 and size, the config hash, the
+    Winograd rule and the library versions.
     """
     if format not in ("onnx", "jax"):
         raise ValueError(f"unknown export format {format!r}; expected onnx or jax")
+    if backend not in ("onnxruntime", "openvino"):
+        raise ValueError(f"unknown backend {backend!r} for an ONNX file; expected onnxruntime "
+                         "or openvino")  # fmt: skip
     if int8_calibration is not None and format != "onnx":
         raise ValueError("int8 quantisation is for the ONNX format only")
+    quantize = {"onnxruntime": quantize_int8, "openvino": quantize_nncf}[backend]
+    if int8_calibration is not None and backend == "openvino":
+        check_nncf()  # a missing quantiser before the network is built
+    # int8 quantises the direct convolutions (`onnx_runtime.calibration_batches` says why).
+    rule = rule_for("off" if int8_calibration is not None else winograd, backend, batch=batch)
     engine = KeypointEngine.from_workdir(workdir, which=which)
     h, w = image_hw(frame_size if frame_size is not None else engine.image_size)
     if format == "onnx":
-        # int8 quantises the direct convolutions (`quantize_int8` says why not Winograd's).
-        winograd = winograd and int8_calibration is None
-        model = onnx_export.engine_model(engine, frame_size=(h, w), batch=batch, winograd=winograd)
+        model = onnx_export.engine_model(engine, frame_size=(h, w), batch=batch, winograd=rule)
         if int8_calibration is not None:
             frames = calibration_frames(workdir, int8_calibration, (h, w),
                                         count=calibration_count)  # fmt: skip
-            model = quantize_int8(model, frames)
+            model = quantize(model, frames)
         path = onnx_export.save_model(model, out)
+        info = onnx_export.parse_metadata({p.key: p.value for p in model.metadata_props}, path)
     else:
         path = engine.export(out, h, w, batch=batch)
     data = path.read_bytes()
-    return {
+    record = {
         "file": str(path),
         "format": format,
         "dtype": "int8" if int8_calibration is not None else "float32",
@@ -129,6 +148,10 @@ def export_workdir(workdir, out, *, format: str = "onnx", which: str = "best",
         "step": engine.meta.get("step"),
         "versions": onnx_export.library_versions(),
     }
+    if format == "onnx":
+        record.update({"backend": backend, "winograd_rule": info["winograd_rule"],
+                       "winograd_convolutions": info["winograd_convolutions"]})  # fmt: skip
+    return record
 
 
 def calibration_frames(workdir, data_dir, frame_size, *, count: int = 64) -> np.ndarray:

@@ -8,7 +8,8 @@ the Flax modules apply them, so every operation is one we chose:
   MatMuls with the exact resampling matrices of `jax.image.resize` (ONNX's Resize has no
   antialiasing before opset 18, and its kernel support differs); the normalisation;
 - the backbone in NCHW with every batch norm folded into its convolution; the wide 3x3
-  convolutions as Winograd F(4x4, 3x3) where that pays (`winograd.pays`);
+  convolutions as Winograd F(4x4, 3x3) where a rule picks them (fixed, or measured on this
+  machine: `winograd_measure`);
 - the head; sigmoids; coordinates scaled to frame pixels; the same outputs as
   `KeypointEngine`: visibility (B, K), group (B, G), coords (B, K, 2).
 
@@ -45,7 +46,8 @@ def library_versions() -> dict:
     import importlib.metadata
 
     versions = {}
-    for dist in ("cardiac-jax", "jax", "jaxlib", "flax", "numpy", "onnx", "onnxruntime"):
+    for dist in ("cardiac-jax", "jax", "jaxlib", "flax", "numpy", "onnx", "onnxruntime",
+                 "openvino", "nncf"):  # fmt: skip
         try:
             versions[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -69,16 +71,24 @@ def _import_onnx():
 class Graph:
     """Nodes and float32 initializers of one ONNX graph; `op` returns its output's name.
 
-    winograd: write the 3x3 convolutions where `winograd.pays` as Winograd F(4x4, 3x3);
+    winograd: which 3x3 stride-1 convolutions on whole tiles are written as Winograd
+    F(4x4, 3x3): a rule (c_in, c_out, (h, w)) -> bool with `metadata()`, such as
+    `winograd.FIXED` (True) or a `winograd_measure.MeasuredRule`; False: none.
     `winograd_convolutions` counts them.
     """
 
-    def __init__(self, *, winograd: bool = True):
+    def __init__(self, *, winograd=True):
         self.onnx = _import_onnx()
         self.nodes, self.initializers = [], []
         self._n = 0
-        self.winograd = winograd
+        self.winograd_rule = _rule(winograd)
         self.winograd_convolutions = 0
+
+    def winograd_metadata(self) -> dict:
+        """What the file records about its Winograd convolutions: the rule and the count."""
+        rule = self.winograd_rule
+        info = winograd.OFF_METADATA if rule is None else rule.metadata()
+        return {**info, "winograd_convolutions": self.winograd_convolutions}
 
     def _name(self, hint: str) -> str:
         self._n += 1
@@ -117,8 +127,9 @@ class Graph:
             kernel = kernel * scale[:, None, None, None]
             bias = (bias - np.asarray(bn["mean"])) * scale + np.asarray(bn["bias"])
         c_out, c_in = kernel.shape[:2]
-        if (self.winograd and hw is not None and kernel.shape[2:] == (3, 3) and stride == 1
-                and pad == 1 and winograd.pays(c_in, c_out, hw)):  # fmt: skip
+        if (self.winograd_rule is not None and hw is not None and kernel.shape[2:] == (3, 3)
+                and stride == 1 and pad == 1 and winograd.whole_tiles(hw)
+                and self.winograd_rule(c_in, c_out, hw)):  # fmt: skip
             return self.winograd_conv(x, kernel, bias, hw)
         return self.op(
             "Conv", x, self.const(kernel, "conv_w"), self.const(bias, "conv_b"),
@@ -126,53 +137,10 @@ class Graph:
         )  # fmt: skip
 
     def winograd_conv(self, x: str, kernel: np.ndarray, bias: np.ndarray, hw) -> str:
-        """A 3x3, stride-1, SAME convolution (OIHW kernel) of an (N, C, H, W) input, H and W
-        multiples of 4, as Winograd F(4x4, 3x3):
-
-        1. the input transform B^T d B of every 6x6 tile (stride 4, one pixel of zero padding):
-           a convolution with C groups of 36 fixed 6x6 filters -> (N, C*36, H/4, W/4);
-        2. the product with the transformed kernel G g G^T: for each of the 36 tile positions a
-           C -> K matrix product, one 1x1 convolution with 36 groups once the channels are
-           ordered (position, channel);
-        3. the output transform A^T m A as one (16, 36) matrix product, DepthToSpace to place
-           each 4x4 tile, and the bias. (A transposed convolution with K groups does the same
-           in one node but took 0.8 ms a layer more.)
-
-        In float32 each layer agrees with the direct convolution to about 1e-5 of its range.
-        """
+        """A 3x3, stride-1, SAME convolution (OIHW kernel) on whole 4x4 tiles as Winograd
+        F(4x4, 3x3) (`winograd.write_conv`), counted."""
         self.winograd_convolutions += 1
-        a, m = winograd.TILE, winograd.OUT  # 6x6 tiles in, 4x4 out
-        t = a * a
-        c_out, c_in = kernel.shape[:2]
-        th, tw = hw[0] // m, hw[1] // m  # tiles
-
-        def shape(*dims):  # 0 keeps the batch
-            return self.const(np.array(dims, np.int64), "shape")
-
-        # The file stores the 3x3 kernel and one copy of each transform; the nodes that tile
-        # and transform them have constant inputs only, so onnxruntime folds them once when
-        # the session is made (the transformed kernel is 4x the size: in memory, not on disk).
-        # v[n, 36c + 6i + j] = sum_{y, x} BT[i, y] d[n, c, y, x] BT[j, x]
-        v_filters = self.const(winograd.input_filters(), "winograd_bt")
-        v_filters = self.op("Tile", v_filters, shape(c_in, 1, 1, 1))
-        v = self.op("Conv", x, v_filters, kernel_shape=[a, a], strides=[m, m], pads=[1] * 4,
-                    group=c_in)  # fmt: skip
-        v = self.op("Transpose", self.op("Reshape", v, shape(0, c_in, t, th * tw)),
-                    perm=[0, 2, 1, 3])  # fmt: skip
-        v = self.op("Reshape", v, shape(0, t * c_in, th, tw))
-        # u[K(6i + j) + k, c] = (G g[k, c] G^T)[i, j]
-        u = self.op("Reshape", self.const(kernel, "conv_w"), shape(c_out * c_in, 3, 3))
-        u = self.op("MatMul", self.op("MatMul", self.const(winograd.G, "winograd_g"), u),
-                    self.const(winograd.G.T, "winograd_gt"))  # fmt: skip
-        u = self.op("Transpose", self.op("Reshape", u, shape(c_out, c_in, t)), perm=[2, 0, 1])
-        u = self.op("Reshape", u, shape(t * c_out, c_in, 1, 1))
-        prod = self.op("Conv", v, u, kernel_shape=[1, 1], group=t)
-        # y[n, k, 4p + r, 4q + s] = sum_{i, j} AT[r, i] prod[n, K(6i + j) + k, p, q] AT[s, j]
-        y = self.op("MatMul", self.const(winograd.output_matrix(), "winograd_at"),
-                    self.op("Reshape", prod, shape(0, t, c_out * th * tw)))  # fmt: skip
-        y = self.op("DepthToSpace", self.op("Reshape", y, shape(0, m * m * c_out, th, tw)),
-                    blocksize=m, mode="DCR")  # fmt: skip
-        return self.op("Add", y, self.const(bias.reshape(c_out, 1, 1), "conv_b"))
+        return winograd.write_conv(self, x, kernel, bias, hw)
 
     def model(self, name: str, inputs: list, outputs: list, doc_string: str = ""):
         """The graph as a ModelProto; inputs and outputs are `onnx.helper` value infos."""
@@ -439,14 +407,15 @@ def _stage_hw(image_hw, kind: str, keywords: dict) -> list[tuple[int, int]]:
 
 
 def engine_graph(meta: dict, variables, *, frame_size, batch: int | None = None,
-                winograd: bool = True, extra_metadata: dict | None = None):  # fmt: skip
+                winograd=True, extra_metadata: dict | None = None):  # fmt: skip
     """The engine function (uint8 frames -> visibility, group, coords) as an onnx.ModelProto.
 
     meta: the engine's meta (`schema`, `backbone`, `head`, `grouped`, `image_size`);
     variables: `{"params", "batch_stats"}` of the network (float32); frame_size: (H, W) of
     the frames the graph takes; batch: a fixed batch size, or None for a symbolic one;
-    winograd: the large 3x3 convolutions as Winograd F(4x4, 3x3) (`Graph.winograd_conv`).
-    The metadata's `winograd_convolutions` counts them.
+    winograd: the rule for the 3x3 convolutions written as Winograd F(4x4, 3x3) (`Graph`;
+    True: `winograd.FIXED`, False: none). The metadata records the rule (`winograd_rule`, and
+    a measured rule's per-shape timings) and counts them (`winograd_convolutions`).
     """
     onnx = _import_onnx()
     from tavr_jax.models.keypoint_net import GRAY_MEAN, GRAY_STD
@@ -488,7 +457,7 @@ def engine_graph(meta: dict, variables, *, frame_size, batch: int | None = None,
         doc_string="uint8 frames (B, H, W) -> visibility (B, K), group (B, G), coords (B, K, 2)",
     )
     info = artifact_meta(meta, frame_size=(fh, fw), batch=batch, opset=OPSET)
-    info["winograd_convolutions"] = g.winograd_convolutions
+    info.update(g.winograd_metadata())
     info.update(extra_metadata or {})
     return set_metadata(model, info)
 
@@ -529,7 +498,7 @@ def artifact_meta(meta: dict, *, frame_size, batch, opset: int | None = None) ->
     return info
 
 
-def engine_model(engine, *, frame_size, batch: int | None = None, winograd: bool = True):
+def engine_model(engine, *, frame_size, batch: int | None = None, winograd=True):
     """A float32 `KeypointEngine`'s whole function as an ONNX ModelProto (`engine_graph`)."""
     if engine.dtype_name != "float32":
         raise ValueError(
@@ -580,6 +549,11 @@ def parse_metadata(props: dict, path) -> dict:
     if METADATA_KEY not in props:
         raise ValueError(f"{path} is an ONNX model but not an exported keypoint engine")
     return json.loads(props[METADATA_KEY])
+
+
+def _rule(choice):
+    """A Graph's Winograd rule from its `winograd` argument: True is the fixed rule."""
+    return winograd.FIXED if choice is True else choice or None
 
 
 def _pair(size) -> tuple[int, int]:

@@ -67,6 +67,11 @@ def _import_ort():
     return onnxruntime
 
 
+def version() -> str:
+    """The installed onnxruntime's version."""
+    return _import_ort().__version__
+
+
 def select_providers(which: str = "auto") -> list[str]:
     """onnxruntime providers for 'auto' | 'cpu' | 'cuda' | 'tensorrt' (CPU as the fallback)."""
     ort = _import_ort()
@@ -132,24 +137,7 @@ def quantize_int8(model, calibration_frames):
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    info = parse_metadata({p.key: p.value for p in model.metadata_props}, "model")
-    if info.get("dtype") != "float32":
-        raise ValueError(f"only a float32 graph can be quantised, not {info.get('dtype')}")
-    if info.get("winograd_convolutions"):
-        # The transformed kernels G g G^T span a wider range than g, and the product with the
-        # input transform amplifies the rounding: int8 wants the direct convolutions.
-        raise ValueError("a graph with Winograd convolutions cannot be quantised; "
-                         "build it with winograd=False")  # fmt: skip
-    frames = np.asarray(calibration_frames)
-    hw = tuple(info["frame_size"])
-    if frames.dtype != np.uint8 or frames.ndim != 3 or frames.shape[1:] != hw or not len(frames):
-        raise ValueError(
-            f"calibration frames must be uint8 (N, {hw[0]}, {hw[1]}) with N >= 1, got "
-            f"{frames.dtype} {frames.shape}"
-        )
-    batch = info.get("batch") or 1
-    chunks = [frames[i : i + batch] for i in range(0, len(frames), batch)]
-    chunks = [np.resize(c, (batch, *hw)) for c in chunks]  # a short last chunk wraps around
+    info, chunks = calibration_batches(model, calibration_frames)
 
     class Frames(CalibrationDataReader):
         def __init__(self):
@@ -168,8 +156,34 @@ def quantize_int8(model, calibration_frames):
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         per_channel=True, op_types_to_quantize=INT8_SCHEME["op_types"])  # fmt: skip
         quantized = read_model(out)
-    info.update(dtype="int8", quantization={**INT8_SCHEME, "calibration_frames": len(frames)})
+    count = len(calibration_frames)
+    info.update(dtype="int8", quantization={**INT8_SCHEME, "calibration_frames": count})
     return set_metadata(quantized, info)
+
+
+def calibration_batches(model, calibration_frames) -> tuple[dict, list[np.ndarray]]:
+    """(the metadata of `model`, its calibration frames in batches) for an int8 quantiser
+    (`quantize_int8`, `openvino_runtime.quantize_nncf`), after the checks both make: a float32
+    graph without Winograd convolutions, uint8 (N, H, W) frames at its frame size. A
+    fixed-batch graph gets batches of its size, the last one wrapping around."""
+    info = parse_metadata({p.key: p.value for p in model.metadata_props}, "model")
+    if info.get("dtype") != "float32":
+        raise ValueError(f"only a float32 graph can be quantised, not {info.get('dtype')}")
+    if info.get("winograd_convolutions"):
+        # The transformed kernels G g G^T span a wider range than g, and the product with the
+        # input transform amplifies the rounding: int8 wants the direct convolutions.
+        raise ValueError("a graph with Winograd convolutions cannot be quantised; "
+                         "build it with winograd=False")  # fmt: skip
+    frames = np.asarray(calibration_frames)
+    hw = tuple(info["frame_size"])
+    if frames.dtype != np.uint8 or frames.ndim != 3 or frames.shape[1:] != hw or not len(frames):
+        raise ValueError(
+            f"calibration frames must be uint8 (N, {hw[0]}, {hw[1]}) with N >= 1, got "
+            f"{frames.dtype} {frames.shape}"
+        )
+    batch = info.get("batch") or 1
+    chunks = [frames[i : i + batch] for i in range(0, len(frames), batch)]
+    return info, [np.resize(c, (batch, *hw)) for c in chunks]
 
 
 class OnnxKeypointEngine:
@@ -208,12 +222,14 @@ class OnnxKeypointEngine:
 
     @classmethod
     def from_engine(cls, engine, *, provider: str = "auto", threads: int | None = None,
-                    batch_size: int | None = None,
-                    calibrate=None) -> OnnxKeypointEngine:  # fmt: skip
+                    batch_size: int | None = None, calibrate=None,
+                    winograd=True) -> OnnxKeypointEngine:  # fmt: skip
         """The same network and thresholds as a float32 `KeypointEngine`, on onnxruntime.
 
         calibrate: (H, W) -> uint8 frames (N, H, W): each frame size's graph is then int8,
-        calibrated on the frames it returns (`quantize_int8`).
+        calibrated on the frames it returns (`quantize_int8`); winograd: the graph's Winograd
+        rule on the CPU provider (`onnx_export.Graph`: True is the fixed rule, or a
+        `winograd_measure.MeasuredRule`).
         """
         import jax
 
@@ -222,9 +238,10 @@ class OnnxKeypointEngine:
         variables = jax.device_get(engine.variables)
         meta = {**engine.meta, "schema": engine.schema, "image_size": engine.image_size}
         check_supported(meta)  # refuse an unsupported network before any frame
-        # Winograd pays on onnxruntime's CPU kernels; GPU providers pick their own algorithms,
+        # Winograd is for onnxruntime's CPU kernels; GPU providers pick their own algorithms,
         # and int8 quantises the direct convolutions.
-        winograd = calibrate is None and select_providers(provider)[0] == PROVIDERS["cpu"]
+        on_cpu = select_providers(provider)[0] == PROVIDERS["cpu"]
+        winograd = winograd if calibrate is None and on_cpu else False
 
         def model_for(hw):
             model = engine_graph(meta, variables, frame_size=hw, batch=None, winograd=winograd)

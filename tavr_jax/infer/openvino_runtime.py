@@ -1,11 +1,12 @@
-"""OpenVINO behind the engine's call API (the one module that imports openvino, lazily).
+"""OpenVINO behind the engine's call API (the one module importing openvino and nncf, lazily).
 
 `OpenVinoKeypointEngine` runs the graphs of `onnx_export` on OpenVINO's CPU plugin: built from
 a trained network (one graph per frame size) or loaded from an exported ONNX file, which goes
 through the same checks as on onnxruntime (`onnx_runtime.checked_file_meta`: schema, training
 run, integrity record). The exported .onnx stays the contract; the OpenVINO IR (.xml/.bin)
 written beside it is only a cache of its conversion, named by the .onnx's sha256, so a changed
-file is converted again and never runs a stale IR.
+file is converted again and never runs a stale IR. `quantize_nncf` makes the int8 file for
+OpenVINO (NNCF's post-training quantisation, still an .onnx file).
 """
 
 from __future__ import annotations
@@ -22,10 +23,34 @@ import numpy as np
 
 from cardiac_core import integrity
 from cardiac_core.fileio import atomic_write_bytes
-from tavr_jax.infer.onnx_export import METADATA_KEY, OUTPUT_NAMES, check_supported
+from tavr_jax.infer.onnx_export import INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, check_supported
 from tavr_jax.infer.onnx_runtime import OnnxKeypointEngine, checked_file_meta
 
-MISSING = "--backend=openvino needs the openvino package: pip install -e '.[openvino]'"
+# Each error about a missing or too old package says which backend does without it.
+INSTEAD, INSTEAD_INT8 = "or use --backend=onnxruntime", "or quantise for --backend=onnxruntime"
+MISSING = f"--backend=openvino needs the openvino package: pip install -e '.[openvino]' ({INSTEAD})"
+NNCF_MISSING = (
+    f"int8 for --backend=openvino needs the nncf package: pip install -e '.[openvino]' "
+    f"({INSTEAD_INT8})"
+)
+# The oldest releases the openvino extra allows (setup.cfg), each one line when older.
+MIN_OPENVINO, MIN_NNCF = (2026, 4), (3, 4)
+# What `quantize_nncf` does, recorded in the file's metadata: NNCF's post-training quantisation
+# for OpenVINO's CPU plugin, written as ONNX QuantizeLinear / DequantizeLinear pairs that
+# OpenVINO reads as int8. Only the convolutions, as `onnx_runtime.INT8_SCHEME`: left to its
+# defaults NNCF also quantised the decoding's arithmetic on the heatmap peak's index (Div, Sub,
+# Mul), which moved the quick network's points by 2.8-5.1 px more on average (docs/deploy.md).
+NNCF_SCHEME = {
+    "quantizer": "NNCF post-training quantization",
+    "runtime": "openvino",
+    "preset": "performance",
+    "target_device": "CPU",
+    "weights": "int8, symmetric, per output channel",
+    "activations": "uint8 after ReLU, else int8, per tensor",
+    "format": "QDQ",
+    "op_types": ["Conv"],
+    "fast_bias_correction": True,
+}
 IR_KEY = "tavr_source_sha256"  # the IR's rt_info entry naming the .onnx it was converted from
 CONVERSION = 1  # bumped when `_core`'s conversion changes: IRs of an older one are not reused
 _IR_NAME = re.compile(r"\.[0-9a-f]{16}\.openvino\.(xml|bin)")  # after the .onnx's stem
@@ -36,7 +61,37 @@ def _import_ov():
         import openvino
     except ImportError:
         raise ValueError(MISSING) from None
+    if _release(openvino.__version__) < MIN_OPENVINO:
+        raise ValueError(
+            f"--backend=openvino needs openvino >= {'.'.join(map(str, MIN_OPENVINO))}, found "
+            f"{openvino.__version__.split('-')[0]}: pip install -e '.[openvino]' ({INSTEAD})"
+        )
     return openvino
+
+
+def check_nncf():
+    """The nncf module; a one-line ValueError when it is missing or older than MIN_NNCF."""
+    try:
+        import nncf
+    except ImportError:
+        raise ValueError(NNCF_MISSING) from None
+    if _release(nncf.__version__) < MIN_NNCF:
+        raise ValueError(
+            f"int8 for --backend=openvino needs nncf >= {'.'.join(map(str, MIN_NNCF))}, found "
+            f"{nncf.__version__}: pip install -e '.[openvino]' ({INSTEAD_INT8})"
+        )
+    return nncf
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(major, minor) of a version string such as '2026.4.1-22982-e213a14' or '3.4.0'."""
+    found = re.match(r"(\d+)\.(\d+)", version)
+    return tuple(map(int, found.groups())) if found else (0, 0)
+
+
+def version() -> str:
+    """The installed openvino's release, e.g. '2026.4.1'."""
+    return _import_ov().__version__.split("-")[0]
 
 
 @functools.cache
@@ -98,7 +153,9 @@ def read_onnx(data: bytes, path="model"):
     except Exception as e:  # OpenVINO raises RuntimeError with a multi-line trace of its own
         lines = [ln for ln in str(e).splitlines() if ln and not ln.startswith("Exception from")]
         why = (lines or [type(e).__name__])[0][:100]
-        raise ValueError(f"{path} is not an ONNX model OpenVINO can load ({why})") from None
+        raise ValueError(
+            f"{path} is not an ONNX model OpenVINO can load ({why}); try --backend=onnxruntime"
+        ) from None
 
 
 def compile_model(model, *, threads: int | None = None):
@@ -108,6 +165,36 @@ def compile_model(model, *, threads: int | None = None):
     if isinstance(model, bytes):
         model = read_onnx(model)
     return _core().compile_model(model, "CPU", compile_config(threads))
+
+
+def quantize_nncf(model, calibration_frames):
+    """`model` (an `onnx_export` graph) quantised to int8 for OpenVINO by NNCF, as a new
+    ModelProto (`NNCF_SCHEME`): ranges from running the float graph on `calibration_frames`,
+    uint8 (N, H, W) at the graph's frame size, in batches of a fixed-batch graph's size. The
+    metadata says so (`dtype` "int8", `quantization`)."""
+    import contextlib
+    import logging
+    import sys
+
+    from tavr_jax.infer.onnx_export import set_metadata
+    from tavr_jax.infer.onnx_runtime import calibration_batches
+
+    nncf = check_nncf()
+    info, chunks = calibration_batches(model, calibration_frames)
+    nncf.set_log_level(logging.WARNING)  # not a line per operation it leaves in float
+    dataset = nncf.Dataset(chunks, lambda chunk: {INPUT_NAME: chunk})
+    others = sorted({n.op_type for n in model.graph.node} - set(NNCF_SCHEME["op_types"]))
+    # Its progress bars on stderr: stdout is the launcher's record of what it wrote.
+    with contextlib.redirect_stdout(sys.stderr):
+        quantized = nncf.quantize(
+            model, dataset, preset=nncf.QuantizationPreset.PERFORMANCE,
+            target_device=nncf.TargetDevice.CPU, subset_size=len(chunks),
+            ignored_scope=nncf.IgnoredScope(types=others, validate=False),
+        )  # fmt: skip
+    count = len(calibration_frames)
+    info.update(dtype="int8", quantization={**NNCF_SCHEME, "nncf": nncf.__version__,
+                                            "calibration_frames": count})  # fmt: skip
+    return set_metadata(quantized, info)
 
 
 def ir_paths(path, sha256: str) -> tuple[pathlib.Path, pathlib.Path]:
@@ -161,14 +248,14 @@ class Session:
     `session.run(output_names, feeds)`, so that the engine's batching and the benchmarks drive
     either runtime the same way."""
 
-    def __init__(self, model, *, threads: int | None = None):
+    def __init__(self, model, *, threads: int | None = None, outputs=OUTPUT_NAMES):
         self.compiled = compiled = compile_model(model, threads=threads)
         self.request = compiled.create_infer_request()
-        self._outputs = {name: compiled.output(name) for name in OUTPUT_NAMES}
+        self._outputs = {name: compiled.output(name) for name in outputs}
 
     def run(self, output_names, feeds: dict) -> list[np.ndarray]:
         result = self.request.infer(feeds)  # outputs copied out of the request's buffers
-        return [np.asarray(result[self._outputs[n]]) for n in output_names or OUTPUT_NAMES]
+        return [np.asarray(result[self._outputs[n]]) for n in output_names or self._outputs]
 
 
 class OpenVinoKeypointEngine(OnnxKeypointEngine):
@@ -190,11 +277,13 @@ class OpenVinoKeypointEngine(OnnxKeypointEngine):
 
     @classmethod
     def from_engine(cls, engine, *, threads: int | None = None, batch_size: int | None = None,
-                    winograd: bool = True) -> OpenVinoKeypointEngine:  # fmt: skip
+                    winograd=True, calibrate=None) -> OpenVinoKeypointEngine:  # fmt: skip
         """The same network and thresholds as a float32 `KeypointEngine`, on OpenVINO.
 
-        winograd: the graph of the exported file (wide 3x3 convolutions as Winograd, as
-        `export_workdir` writes it by default), or the direct convolutions.
+        winograd: the graph's Winograd rule (`onnx_export.Graph`: True is the fixed rule, or
+        a `winograd_measure.MeasuredRule`; False: the direct convolutions); calibrate:
+        (H, W) -> uint8 frames (N, H, W): each frame size's graph is then int8 by NNCF,
+        calibrated on the frames it returns (`quantize_nncf`; direct convolutions).
         """
         import jax
 
@@ -207,8 +296,13 @@ class OpenVinoKeypointEngine(OnnxKeypointEngine):
         meta = {**engine.meta, "schema": engine.schema, "image_size": engine.image_size}
         check_supported(meta)  # refuse an unsupported network before any frame
 
+        if calibrate is not None:
+            check_nncf()  # a missing quantiser is its own error, before any frame
+            winograd = False  # int8 quantises the direct convolutions
+
         def model_for(hw):
-            return engine_graph(meta, variables, frame_size=hw, batch=None, winograd=winograd)
+            model = engine_graph(meta, variables, frame_size=hw, batch=None, winograd=winograd)
+            return model if calibrate is None else quantize_nncf(model, calibrate(hw))
 
         return cls(meta, batch_size=batch_size or engine.batch_size, threads=threads,
                    model_for=model_for)  # fmt: skip
