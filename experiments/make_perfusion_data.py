@@ -2,6 +2,7 @@
 
 python experiments/make_perfusion_data.py --out=data/perfusion --n=300 --seed=0
 python experiments/make_perfusion_data.py --out=data/hard --n=600 --seed=0 --difficulty=clinical
+python experiments/make_perfusion_data.py --out=data/shots --n=40 --export_style=screenshot
 """
 
 import dataclasses
@@ -10,7 +11,7 @@ import sys
 from absl import app, flags
 
 from cardiac_core.logs import quiet_third_party
-from perfusion import colormaps, simulate
+from perfusion import colormaps, exports, simulate
 
 _OUT = flags.DEFINE_string("out", None, "output study folder", required=True)
 _N = flags.DEFINE_integer("n", 300, "number of studies")
@@ -19,6 +20,13 @@ _SIZE = flags.DEFINE_integer("size", 128, "canonical polar grid of the ground tr
 _DISK = flags.DEFINE_integer("disk_px", 200, "disk diameter in the exported image (pixels)")
 _CMAP = flags.DEFINE_enum("colormap", "spectrum", colormaps.COLORMAP_NAMES, "export colormap")
 _LAYOUT = flags.DEFINE_enum("layout", "side", simulate.LAYOUTS, "export layout")
+_STYLE = flags.DEFINE_enum(
+    "export_style",
+    "plain",
+    exports.EXPORT_STYLES,
+    "plain exports (--colormap, --disk_px, --layout) or workstation screenshots drawn at random "
+    "(window chrome, segment grid and scores, cursor, several tables, PNG or JPEG)",
+)
 _DIFFICULTY = flags.DEFINE_enum(
     "difficulty", "easy", tuple(simulate.DIFFICULTIES), "preset (perfusion.simulate.Difficulty)"
 )
@@ -43,6 +51,7 @@ def main(argv):
             disk_px=_DISK.value,
             difficulty=difficulty,
             layout=_LAYOUT.value,
+            export_style=_STYLE.value,
             progress=True,
         )
     except (ValueError, OSError) as e:

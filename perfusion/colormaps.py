@@ -101,7 +101,11 @@ def rgb_to_uptake(rgb, colormap="spectrum", *, return_distance: bool = False):
     best = np.empty(len(unique), np.int64)
     dist = np.empty(len(unique), np.float32)
     for start in range(0, len(unique), 4096):  # bounded memory: 4096 x N distances per chunk
-        d2 = ((colours[start : start + 4096, None, :] - table[None]) ** 2).sum(-1)
+        chunk = colours[start : start + 4096]
+        # summed channel by channel in place: no (chunk, N, 3) temporary; exact for 8 bits
+        d2 = (chunk[:, 0, None] - table[None, :, 0]) ** 2
+        for c in (1, 2):
+            d2 += (chunk[:, c, None] - table[None, :, c]) ** 2
         best[start : start + 4096] = d2.argmin(1)
         dist[start : start + 4096] = np.sqrt(d2.min(1))
     uptake = (best / (len(table) - 1)).astype(np.float32)[inverse].reshape(rgb.shape[:-1])
@@ -110,16 +114,26 @@ def rgb_to_uptake(rgb, colormap="spectrum", *, return_distance: bool = False):
     return uptake
 
 
-def best_colormap(rgb_pixels) -> str:
-    """The named colormap whose colours lie nearest to the given (N, 3) pixels (median distance)."""
+def rank_colormaps(rgb_pixels, *, cap: float = 30.0, names=COLORMAP_NAMES) -> list:
+    """[(name, score)] of `names`, nearest to the given (N, 3) pixels first.
+
+    The score is the mean distance with each pixel's capped at `cap`: pixels of drawings over
+    the map (a grid, scores) are far from every table and weigh the same for each, however
+    many there are, while the map's pixels decide.
+    """
     px = np.asarray(rgb_pixels).reshape(-1, 3)
     if len(px) > 20000:  # a strided subsample is plenty to rank the tables
         px = px[:: len(px) // 20000]
     scores = {
-        name: float(np.median(rgb_to_uptake(px, name, return_distance=True)[1]))
-        for name in COLORMAP_NAMES
+        name: float(np.minimum(rgb_to_uptake(px, name, return_distance=True)[1], cap).mean())
+        for name in names
     }
-    return min(scores, key=scores.get)
+    return sorted(scores.items(), key=lambda item: item[1])
+
+
+def best_colormap(rgb_pixels, *, cap: float = 30.0, names=COLORMAP_NAMES) -> str:
+    """The colormap of `names` whose colours lie nearest to the given (N, 3) pixels."""
+    return rank_colormaps(rgb_pixels, cap=cap, names=names)[0][0]
 
 
 def match_named(table, *, tolerance: float = 6.0) -> str | None:
@@ -146,29 +160,31 @@ def colorbar_from_image(image, *, background=None, min_length: int = 40, min_asp
     through the central third; a vertical bar runs low uptake at the bottom to high at the top,
     a horizontal bar low at the left to high at the right (the usual workstation layouts).
     """
-    box = find_colorbar(image, background=background, min_length=min_length, min_aspect=min_aspect)
-    if box is None:
-        return None
-    return colorbar_table(np.asarray(image), box)
+    fg = foreground_mask(image, background=background)
+    boxes = find_colorbars(fg, min_length=min_length, min_aspect=min_aspect)
+    return colorbar_table(np.asarray(image), boxes[0]) if boxes else None
 
 
-def find_colorbar(image, *, background=None, min_length: int = 40, min_aspect: float = 4.0):
-    """(x, y, w, h) of the colour bar component in an RGB image, or None."""
+def find_colorbars(foreground, *, min_length: int = 40, min_aspect: float = 4.0) -> list:
+    """(x, y, w, h) of the bar-like components of a (H, W) foreground, most elongated first.
+
+    A bar fills its bounding box; text and disks do not look like this. A title bar or a
+    tool strip does too: which bar belongs to the maps is for the caller to judge by colour.
+    """
     import cv2
 
-    image = np.asarray(image)
-    fg = foreground_mask(image, background=background)
-    n, _, stats, _ = cv2.connectedComponentsWithStats(fg.astype(np.uint8), connectivity=8)
-    best, best_aspect = None, 0.0
+    # a 3-px opening cuts ticks and frame lines that touch a bar without thinning the bar
+    fg = cv2.morphologyEx(
+        np.asarray(foreground, np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)
+    )
+    n, _, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
+    found = []
     for i in range(1, n):
-        x, y, w, h, area = stats[i]
+        x, y, w, h, area = (int(v) for v in stats[i])
         long, short = max(w, h), max(min(w, h), 1)
-        aspect = long / short
-        # a bar fills its bounding box; text and disks do not look like this
-        if long >= min_length and aspect >= min_aspect and area >= 0.7 * w * h:
-            if aspect > best_aspect:
-                best, best_aspect = (int(x), int(y), int(w), int(h)), aspect
-    return best
+        if long >= min_length and long / short >= min_aspect and area >= 0.7 * w * h:
+            found.append((long / short, (x, y, w, h)))
+    return [box for _, box in sorted(found, key=lambda t: -t[0])]
 
 
 def colorbar_table(image: np.ndarray, box) -> np.ndarray:

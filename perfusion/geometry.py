@@ -150,3 +150,13 @@ def territory_segments(territories) -> list[int]:
             raise ValueError(f"unknown territory {t!r}; expected one of {TERRITORY_NAMES}")
         out.update(TERRITORIES[t])
     return sorted(out)
+
+
+def segment_grid_lines() -> tuple[tuple[float, float, float], ...]:
+    """The 17-segment grid's radial boundaries as (radius from, radius to, angle deg).
+
+    With the ring circles at RING_RADII they draw the grid a workstation puts over a map.
+    """
+    basal_mid = tuple((APICAL_RADIUS, 1.0, float(deg)) for deg in range(60, 420, 60))
+    apical = tuple((APEX_RADIUS, APICAL_RADIUS, float(deg)) for deg in (45, 135, 225, 315))
+    return basal_mid + apical

@@ -18,8 +18,8 @@ import os
 import cv2
 import numpy as np
 
-from cardiac_core.fileio import atomic_write_with
-from perfusion import colormaps, geometry
+from cardiac_core.fileio import atomic_write_bytes, atomic_write_with
+from perfusion import colormaps, exports, geometry
 
 LABELS = ("normal", "ischemia", "infarction")
 # A pixel is in the true defect mask when its uptake is reduced by at least this much
@@ -315,16 +315,10 @@ def render_study_image(
         origins = [(left, top), (left, top + disk_px + gap)]
         titles = [(10, y + disk_px // 2) for _, y in origins]
     image = np.full((height, width, 3), bg, np.uint8)
-    yy, xx = np.mgrid[:disk_px, :disk_px]
-    rr = np.hypot(xx + 0.5 - disk_px / 2, yy + 0.5 - disk_px / 2) / (disk_px / 2)
-    alpha = np.clip((1.0 - rr) * disk_px / 2 + 0.5, 0.0, 1.0)[..., None]  # anti-aliased rim
     for u, (x0, y0), org, title in zip(
         (stress, rest), origins, titles, ("STRESS", "REST"), strict=True
     ):
-        up = cv2.resize(u.astype(np.float32), (disk_px, disk_px), interpolation=cv2.INTER_LINEAR)
-        rgb = colormaps.uptake_to_rgb(up, colormap).astype(np.float32)
-        tile = image[y0 : y0 + disk_px, x0 : x0 + disk_px].astype(np.float32)
-        image[y0 : y0 + disk_px, x0 : x0 + disk_px] = np.round(alpha * rgb + (1 - alpha) * tile)
+        exports.paste_disk(image, u, x0, y0, disk_px, colormap)
         if text:
             _put_text(image, title, org, 0.8, 2)
     if colorbar and layout == "side":
@@ -373,12 +367,20 @@ def simulate_dataset(
     disk_px: int = 200,
     difficulty: Difficulty | str = EASY,
     layout: str = "side",
+    export_style: str = "plain",
     progress: bool = False,
 ) -> list[SimulatedStudy]:
     """Write a study folder: images/<id>.png, masks/<id>.npz, labels.csv (with sex and depth).
 
-    Label counts are exact (`Difficulty.label_counts`), in a shuffled order.
+    Label counts are exact (`Difficulty.label_counts`), in a shuffled order. export_style
+    "plain" draws `render_study_image` exports in colormap, disk_px and layout; "screenshot"
+    draws workstation screenshots (`exports.random_style`: their own table, size and layout,
+    PNG or JPEG, so some images are <id>.jpg).
     """
+    if export_style not in exports.EXPORT_STYLES:
+        raise ValueError(
+            f"unknown export style {export_style!r}; expected one of {exports.EXPORT_STYLES}"
+        )
     out = os.fspath(out)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -401,12 +403,18 @@ def simulate_dataset(
     for i in items:
         srng = np.random.default_rng([seed, i])  # per-study stream: any study can be redone alone
         sim = simulate_study(srng, size, label=labels[i], difficulty=difficulty)
-        name = f"study_{i:04d}.png"
-        image = render_study_image(
-            sim.stress, sim.rest, colormap=colormap, disk_px=disk_px, rng=srng, layout=layout
-        )
-        _write_png(os.path.join(out, "images", name), image)
-        _write_masks(os.path.join(out, "masks", name.replace(".png", ".npz")), sim)
+        if export_style == "screenshot":
+            style = exports.random_style(srng)
+            image = exports.render_screenshot(sim.stress, sim.rest, style, srng)
+            name = f"study_{i:04d}.{style.file_format}"
+            atomic_write_bytes(os.path.join(out, "images", name), exports.encode(image, style))
+        else:
+            name = f"study_{i:04d}.png"
+            image = render_study_image(
+                sim.stress, sim.rest, colormap=colormap, disk_px=disk_px, rng=srng, layout=layout
+            )
+            _write_png(os.path.join(out, "images", name), image)
+        _write_masks(os.path.join(out, "masks", f"study_{i:04d}.npz"), sim)
         rows.append(
             (
                 name,

@@ -5,10 +5,15 @@ in the header is checked against a pixel limit before decoding) and DICOM second
 through cardiac_core.dicom. Every study ends up on the canonical polar grid of perfusion.geometry:
 (S, S) with the disk inscribed, apex at the centre.
 
+Workstation screenshots are read too: the maps are found among window chrome and panels
+(perfusion.panels), and what is drawn over them (segment grid, scores, labels, a cursor) is
+masked and filled from the map around it (perfusion.overlays); `Study.masked_fraction` says how
+much.
+
 A picture that does not read as a polar map is refused with one line naming the file, rather
 than scored: no disk, a missing or an extra disk, disks of different sizes, grey disks
-without a grey table chosen on purpose, colours far from the colour table, a flat disk, or a
-disk whose hottest part is far below 100%.
+without a grey table chosen on purpose, areas of colours far from the colour table, too much
+of a disk drawn over, a flat disk, or a disk whose hottest part is far below 100%.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import cv2
 import numpy as np
 
 from cardiac_core import dicom, images
-from perfusion import colormaps, geometry
+from perfusion import colormaps, geometry, overlays, panels
+from perfusion.panels import Disk, find_disks  # the reading API: studies.find_disks
 
 LABELS = ("normal", "ischemia", "infarction")
 _LABEL_SYNONYMS = {"ischaemia": "ischemia", "infarct": "infarction", "mi": "infarction"}
@@ -44,76 +50,25 @@ class Study:
     segments: tuple[int, ...] = ()
     sex: str | None = None  # "M" / "F" when known
     path: str = ""
+    # of the read disk area hidden by drawings (grid, scores, labels, cursor) and filled from
+    # around them: the larger of stress and rest
+    masked_fraction: float = 0.0
 
     @property
     def size(self) -> int:
         return self.mask.shape[0]
 
 
-@dataclasses.dataclass(frozen=True)
-class Disk:
-    """A detected disk: centre (x, y) in pixel coordinates and radius to its edge."""
-
-    cx: float
-    cy: float
-    radius: float
-
-
-def _support(points: np.ndarray, circle) -> float:
-    """Fraction of contour points within 2 pixels of the circle (cx, cy, r)."""
-    pts = points.reshape(-1, 2).astype(np.float64)
-    cx, cy, r = circle
-    return float(np.mean(np.abs(np.hypot(pts[:, 0] - cx, pts[:, 1] - cy) - r) < 2.0))
-
-
-def find_disks(image: np.ndarray, *, min_area_fraction: float = 0.002) -> list[Disk]:
-    """Colour-coded disks in an RGB image, largest first.
-
-    Non-background pixels are closed (bridging thin grid lines), split into connected
-    components, and each component's min enclosing circle is taken (robust to a dark defect
-    eating less than half of the rim). Text (small components), the colour bar (a filled
-    elongated rectangle) and anything that does not fill its circle are ignored.
-    """
-    h, w = image.shape[:2]
-    fg = colormaps.foreground_mask(image).astype(np.uint8)
-    k = max(3, min(h, w) // 120) | 1
-    fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, np.ones((k, k), np.uint8))
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
-    disks = []
-    for i in range(1, n):
-        x, y, bw, bh, area = stats[i]
-        if area < max(min_area_fraction * h * w, 50):
-            continue
-        aspect = max(bw, bh) / max(min(bw, bh), 1)
-        if aspect > 1.5:  # colour bar, text lines
-            continue
-        comp = (labels[y : y + bh, x : x + bw] == i).astype(np.uint8)
-        contours, _ = cv2.findContours(comp, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        points = np.concatenate(contours, axis=0)
-        (cx, cy), r = cv2.minEnclosingCircle(points)
-        solid = cv2.drawContours(np.zeros_like(comp), contours, -1, 1, thickness=-1)
-        filled = solid.sum()
-        # Two candidate circles: the min enclosing one (right when a dark defect eats into the
-        # rim) and the largest inscribed one, the distance-transform peak (right when a label or
-        # a tick touches the disk). Keep the one more boundary points lie on.
-        dist = cv2.distanceTransform(solid, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-        iy, ix = np.unravel_index(dist.argmax(), dist.shape)
-        inscribed = (float(ix), float(iy), float(dist.max()) - 1.0)
-        if _support(points, inscribed) > _support(points, (cx, cy, r)):
-            cx, cy, r = inscribed
-        if r < 4 or filled < 0.6 * np.pi * r * r:  # text blobs and rings do not fill a disk
-            continue
-        # contour points are pixel centres: the disk edge lies half a pixel further out
-        disks.append((area, Disk(float(cx + x), float(cy + y), float(r + 0.5))))
-    disks.sort(key=lambda t: -t[0])
-    return [d for _, d in disks]
+def _read_radius(disk: Disk) -> float:
+    """The radius read: inside the anti-aliased rim (about a pixel), which blends with the
+    background."""
+    return max(disk.radius - 2.0, 1.0)
 
 
 def _resample_disk(array: np.ndarray, disk: Disk, size: int, interpolation) -> np.ndarray:
     """Sample the disk onto the canonical (size, size) grid (disk inscribed)."""
     idx = (np.arange(size, dtype=np.float32) + 0.5 - size / 2) / (size / 2)
-    # stay inside the edge: the anti-aliased rim (about a pixel) blends with the background
-    r = max(disk.radius - 2.0, 1.0)
+    r = _read_radius(disk)
     map_x = np.broadcast_to(disk.cx + idx[None, :] * r, (size, size)).astype(np.float32)
     map_y = np.broadcast_to(disk.cy + idx[:, None] * r, (size, size)).astype(np.float32)
     scale = 2 * r / size
@@ -122,23 +77,43 @@ def _resample_disk(array: np.ndarray, disk: Disk, size: int, interpolation) -> n
     return cv2.remap(array, map_x, map_y, interpolation, borderMode=cv2.BORDER_REPLICATE)
 
 
-def _orient_table(table: np.ndarray) -> np.ndarray:
-    """Low uptake first: the darker end of a bar is low uptake for clinical colormaps."""
+def _read_bar(table: np.ndarray) -> tuple[str | None, np.ndarray]:
+    """(name or None, table low uptake first) of a bar's colours read in the usual direction.
+
+    A stretch of a known table says which way it runs (either way round); otherwise the
+    darker end is low uptake, as in clinical colormaps (turbo, dark at both ends, is known).
+    """
+    for oriented in (table, table[::-1]):
+        named = colormaps.match_named(oriented)
+        if named:
+            return named, oriented
     lum = table.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
     n = max(len(table) // 20, 1)
     low, high = lum[:n].mean(), lum[-n:].mean()
-    return table[::-1] if low - high > 10 else table
+    return None, (table[::-1] if low - high > 10 else table)
 
 
 # Reading checks: a picture that is not a polar map in a known table is refused, not scored.
 _GREY_SPREAD = 12  # max - min over R, G, B at or below which a pixel counts as grey
 _GREY_FRACTION = 0.95  # disks this grey were exported (or converted) without colour
 _FAR_FROM_TABLE = 30.0  # RGB distance beyond which a pixel's colour is not in the table
-_MAX_FAR_FRACTION = 0.1  # JPEG and anti-aliasing put a few percent of pixels off the table
+# Areas (wider than any drawn stroke) of off-table colours: the table does not fit. Lines
+# and text in off-table colours are drawings, masked instead.
+_MAX_FAR_FRACTION = 0.1
+# Drawn over, masked and filled: the 17-segment grid with scores covers 5-60% of a map (3 px
+# coloured lines, which JPEG's half-resolution colour widens to 7-9 px, on a 140 px map the
+# most). Strokes are thin, so the fill bridges a few pixels and the uptake read stays within
+# about 0.04 even then; past half, though, a disk is more fill than map.
+_MAX_MASKED = 0.5
 _MIN_HOTTEST = 0.6  # polar maps are normalised to their hottest region (100%)
 _MIN_UPTAKE_SD = 0.01  # a flat disk of one colour is no perfusion map
 _MIN_DISK_RATIO = 0.8  # radii of the stress and rest disks in one export
 _EXTRA_DISK_RATIO = 0.5  # a further disk at least this large makes the layout ambiguous
+
+
+def _within(cx: float, cy: float, radius: float, y0: int, y1: int, x0: int, x1: int):
+    yy, xx = np.ogrid[y0:y1, x0:x1]
+    return (xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 < radius**2
 
 
 def _inner(disk: Disk, shape) -> tuple[slice, slice, np.ndarray]:
@@ -146,27 +121,38 @@ def _inner(disk: Disk, shape) -> tuple[slice, slice, np.ndarray]:
     x0, y0 = max(int(disk.cx - disk.radius - 2), 0), max(int(disk.cy - disk.radius - 2), 0)
     x1 = min(int(disk.cx + disk.radius + 3), shape[1])
     y1 = min(int(disk.cy + disk.radius + 3), shape[0])
-    yy, xx = np.ogrid[y0:y1, x0:x1]
-    inside = (xx + 0.5 - disk.cx) ** 2 + (yy + 0.5 - disk.cy) ** 2 < (0.9 * disk.radius) ** 2
+    inside = _within(disk.cx, disk.cy, 0.9 * disk.radius, y0, y1, x0, x1)
     return slice(y0, y1), slice(x0, x1), inside
 
 
 def _canonical_maps(image: np.ndarray, disk: Disk, table: np.ndarray, size: int, what: str):
-    """(rgb (S,S,3) uint8, uptake (S,S) float32) of one disk, black / 0 outside it.
+    """(rgb (S,S,3) uint8, uptake (S,S) float32, masked fraction) of one disk, 0 outside it.
 
-    Refuses (ValueError naming `what`) a disk whose colours are not in the table, which is one
-    flat colour, or whose hottest part is far below 100%.
+    Drawings over the disk are masked and filled from the map around them
+    (`overlays.mask_and_fill`). Refuses (ValueError naming `what`) a disk with areas of
+    colours far from the table, too much of it drawn over, one flat colour, or whose hottest
+    part is far below 100%.
     """
     rows, cols, inside = _inner(disk, image.shape)
     crop = np.ascontiguousarray(image[rows, cols])
     local = Disk(disk.cx - cols.start, disk.cy - rows.start, disk.radius)
     # colour -> uptake at the native resolution, before any interpolation mixes colours
     uptake, distance = colormaps.rgb_to_uptake(crop, table, return_distance=True)
-    far = float(np.mean(distance[inside] > _FAR_FROM_TABLE))
-    if far > _MAX_FAR_FRACTION:
+    far = distance > _FAR_FROM_TABLE
+    far_area = float(np.mean(overlays.broad(far, disk.radius)[inside]))
+    if far_area > _MAX_FAR_FRACTION:
         raise ValueError(
-            f"{what}: {far:.0%} of the disk's colours are far from the colour table (not a "
-            "polar map in a known colormap, or a colour bar that does not belong to it)"
+            f"{what}: {far_area:.0%} of the disk is in colours far from the colour table (not "
+            "a polar map in a known colormap, or a colour bar that does not belong to it)"
+        )
+    radius = _read_radius(local)
+    uptake, drawn = overlays.mask_and_fill(crop, uptake, far, local.cx, local.cy, radius)
+    read = _within(local.cx, local.cy, radius, 0, crop.shape[0], 0, crop.shape[1])
+    masked = float(drawn[read].mean())
+    if masked > _MAX_MASKED:
+        raise ValueError(
+            f"{what}: {masked:.0%} of the disk is drawn over or far from the colour table; "
+            f"with over {_MAX_MASKED:.0%} masked too little of the map is left to read"
         )
     values = uptake[inside]
     if values.std() < _MIN_UPTAKE_SD:
@@ -177,25 +163,48 @@ def _canonical_maps(image: np.ndarray, disk: Disk, table: np.ndarray, size: int,
             f"{what}: the hottest part of the disk reads {hottest:.0%}; polar maps are "
             "normalised to their hottest region, so the colour table does not fit"
         )
+    # drawn pixels take the colour of their filled uptake, so the RGB map agrees with it
+    index = np.round(np.clip(uptake, 0, 1) * (len(table) - 1)).astype(np.int64)
+    crop[drawn] = table[index[drawn]]
     mask = geometry.disk_mask(size)
     uptake = _resample_disk(uptake.astype(np.float32), local, size, cv2.INTER_LINEAR)
     rgb = _resample_disk(crop, local, size, cv2.INTER_LINEAR)
     rgb[~mask] = 0
     uptake = np.where(mask, np.clip(uptake, 0.0, 1.0), 0.0).astype(np.float32)
-    return rgb, uptake
+    return rgb, uptake, masked
 
 
-def _colour_table(image, colormap, disk_pixels, what) -> np.ndarray:
+def _bar_table(image, foreground, disk_pixels):
+    """(name or None, table) of the colour bar that explains the disks' colours, or (None, None).
+
+    A screenshot may hold several bar-like rectangles (a title bar, a tool strip, a second
+    map's bar): the maps' bar is the one whose table holds the most disk pixels (within
+    _FAR_FROM_TABLE). A bar that is a stretch of a known table (then named) is a colour bar
+    whatever is drawn over the disks and needs to hold a quarter of them; any other rectangle
+    half of them.
+    """
+    pixels = disk_pixels[:: max(len(disk_pixels) // 20000, 1)]
+    best, best_share = (None, None), 0.0
+    for box in colormaps.find_colorbars(foreground):
+        table = colormaps.colorbar_table(image, box)
+        if len(table) < 16:
+            continue
+        named, table = _read_bar(table)
+        full = colormaps.get_colormap(named) if named else table
+        distance = colormaps.rgb_to_uptake(pixels, full, return_distance=True)[1]
+        share = float(np.mean(distance <= _FAR_FROM_TABLE))
+        if share > best_share and share >= (0.25 if named else 0.5):
+            best, best_share = (named, table), share
+    return best
+
+
+def _colour_table(image, foreground, colormap, disk_pixels, what) -> np.ndarray:
     """The table that maps the disks' colours to uptake; grey disks only on purpose."""
     if colormap is not None:
         return colormaps.get_colormap(colormap)
     spread = disk_pixels.max(axis=-1).astype(np.int16) - disk_pixels.min(axis=-1)
     grey = np.mean(spread <= _GREY_SPREAD) >= _GREY_FRACTION
-    table = colormaps.colorbar_from_image(image)
-    named = None
-    if table is not None and len(table) >= 16:
-        table = _orient_table(table)
-        named = colormaps.match_named(table)
+    named, table = _bar_table(image, foreground, disk_pixels)
     if grey and named != "gray":
         # The luminance of a rainbow table is not monotonic: a colour export converted to grey
         # cannot be read back, and a grey export needs its grey table named.
@@ -205,36 +214,59 @@ def _colour_table(image, colormap, disk_pixels, what) -> np.ndarray:
         )
     if named:
         return colormaps.get_colormap(named)
-    if table is not None and len(table) >= 16:
+    if table is not None:
         return table
-    return colormaps.get_colormap(colormaps.best_colormap(disk_pixels))
+    # colour disks: the grey table would read grey drawings over them as map, and a grey
+    # export is read only with its table named
+    colour_tables = [name for name in colormaps.COLORMAP_NAMES if name != "gray"]
+    ranked = colormaps.rank_colormaps(disk_pixels, names=colour_tables)
+    sample = disk_pixels[:: max(len(disk_pixels) // 20000, 1)]
+    # Tables can share a stretch (the red end of jet is the middle of hot). A polar map is
+    # normalised to its hottest region: of the tables that fit alike (within twice the best
+    # score), the first that reads the hottest part near the top is the map's.
+    for name, score in ranked:
+        if score > 2 * ranked[0][1]:
+            break
+        if np.percentile(colormaps.rgb_to_uptake(sample, name), 99) >= _MIN_HOTTEST:
+            return colormaps.get_colormap(name)
+    return colormaps.get_colormap(ranked[0][0])
 
 
 def _disk_pixels(image: np.ndarray, disks) -> np.ndarray:
-    """(N, 3) the pixels within 0.9 of each disk's radius."""
-    parts = []
+    """(N, 3) the map's pixels within 0.9 of each disk's radius, without what is drawn over.
+
+    All of them when drawings hide most of a disk: the checks then see that.
+    """
+    parts, maps = [], []
     for d in disks:
         rows, cols, inside = _inner(d, image.shape)
         parts.append(image[rows, cols][inside])
-    return np.concatenate(parts)
+        maps.append(overlays.map_colours(image[rows, cols], inside, d.radius))
+    every, agree = np.concatenate(parts), np.concatenate(maps)
+    return agree if len(agree) >= 0.5 * len(every) else every
 
 
 def _maps_from_image(image: np.ndarray, what, expected: int, colormap, size: int):
-    disks = find_disks(image)
+    """[(rgb, uptake, masked fraction)] of the `expected` disks, stress first."""
+    foreground = panels.map_foreground(image)
+    disks = find_disks(image, foreground=foreground)
     if not disks:
         raise ValueError(f"{what}: no disk found")
     if len(disks) < expected:
         raise ValueError(f"{what}: one disk where {expected} (stress and rest) are expected")
     smallest = min(d.radius for d in disks[:expected])
-    extra = [d for d in disks[expected:] if d.radius >= _EXTRA_DISK_RATIO * smallest]
-    if extra:
+    found = [d for d in disks if d.radius >= _EXTRA_DISK_RATIO * smallest]
+    radii = [d.radius for d in found]
+    # Stress and rest are the first two maps in reading order (left to right, top to bottom);
+    # a third map of their size after them (reversibility, difference) is left out.
+    third_map = expected == 2 and len(found) == 3 and min(radii) >= _MIN_DISK_RATIO * max(radii)
+    if len(found) > expected and not third_map:
         want = "2 (stress and rest)" if expected == 2 else "1"
         raise ValueError(
-            f"{what}: {expected + len(extra)} disks found where {want} expected; crop the "
+            f"{what}: {len(found)} disks found where {want} expected; crop the "
             "export to the study's disks"
         )
-    disks = disks[:expected]
-    # stress left, rest right (top / bottom when the disks are stacked)
+    disks = panels.reading_order(found)[:expected]
     if expected == 2:
         a, b = disks
         if min(a.radius, b.radius) < _MIN_DISK_RATIO * max(a.radius, b.radius):
@@ -242,9 +274,8 @@ def _maps_from_image(image: np.ndarray, what, expected: int, colormap, size: int
                 f"{what}: the two disks differ in size (radius {a.radius:.0f} and "
                 f"{b.radius:.0f} px), so they are not a stress/rest pair of one export"
             )
-        horizontal = abs(a.cx - b.cx) >= abs(a.cy - b.cy)
-        disks.sort(key=(lambda d: d.cx) if horizontal else (lambda d: d.cy))
-    table = _colour_table(image, colormap, _disk_pixels(image, disks), what)
+    pixels = _disk_pixels(image, disks)
+    table = _colour_table(image, foreground, colormap, pixels, what)
     phases = ("stress", "rest") if expected == 2 else ("",)
     return [
         _canonical_maps(image, d, table, size, f"{what} {phase} disk".replace("  ", " "))
@@ -267,8 +298,10 @@ def _stem(path: str) -> str:
 
 
 def _study(name, maps, size, path) -> Study:
-    (s_rgb, s_up), (r_rgb, r_up) = maps
-    return Study(name, s_rgb, r_rgb, s_up, r_up, geometry.disk_mask(size).copy(), path=path)
+    (s_rgb, s_up, s_masked), (r_rgb, r_up, r_masked) = maps
+    mask = geometry.disk_mask(size).copy()
+    masked = max(s_masked, r_masked)
+    return Study(name, s_rgb, r_rgb, s_up, r_up, mask, path=path, masked_fraction=masked)
 
 
 def read_study_file(path, *, colormap=None, size: int = 128, skipped=None) -> list[Study]:
@@ -347,14 +380,17 @@ def _map_from_array(array, colormap, size: int, what: str):
     u = np.where(mask, np.clip(u, 0.0, 1.0), 0.0).astype(np.float32)
     rgb = colormaps.uptake_to_rgb(u, "spectrum" if colormap is None else colormap)
     rgb[~mask] = 0
-    return rgb, u
+    return rgb, u, 0.0
 
 
 def study_from_arrays(stress, rest, *, colormap=None, size: int = 128, name="arrays", **meta):
     """A study from numpy arrays: (H,W) uptake polar maps or (H,W,3) RGB images of one disk."""
-    s_rgb, s_up = _map_from_array(stress, colormap, size, f"{name} (stress)")
-    r_rgb, r_up = _map_from_array(rest, colormap, size, f"{name} (rest)")
-    return Study(name, s_rgb, r_rgb, s_up, r_up, geometry.disk_mask(size).copy(), **meta)
+    maps = [
+        _map_from_array(a, colormap, size, f"{name} ({p})")
+        for a, p in ((stress, "stress"), (rest, "rest"))
+    ]
+    study = _study(name, maps, size, "")
+    return dataclasses.replace(study, **meta)
 
 
 def parse_label(value: str, where: str) -> str:

@@ -1,0 +1,164 @@
+"""Workstation screenshots: drawn by perfusion.exports, read back by perfusion.studies.
+
+The uptake read from a screenshot is compared with the simulated truth: mean absolute error
+inside r < 0.95 of the 64 px grid, the same measure as tests/test_perfusion_studies.py.
+"""
+
+import cv2
+import numpy as np
+import pytest
+
+from perfusion import exports, geometry, overlays, panels, simulate, studies
+
+SIZE = 64
+INNER = geometry.polar_coords(SIZE)[0] < 0.95
+WHITE, BLACK, GREY, CYAN = (255, 255, 255), (0, 0, 0), (128, 128, 128), (0, 255, 255)
+
+
+def _screenshot(tmp_path, name, *, seed=0, **style):
+    """(truth, path) of a screenshot of a clinical-difficulty ischemia study in `style`."""
+    rng = np.random.default_rng(seed)
+    sim = simulate.simulate_study(rng, SIZE, label="ischemia", difficulty="clinical")
+    style = exports.random_style(rng, **style)
+    image = exports.render_screenshot(sim.stress, sim.rest, style, rng)
+    path = tmp_path / f"{name}.{style.file_format}"
+    path.write_bytes(exports.encode(image, style))
+    return sim, path
+
+
+def _errors(study, sim):
+    return [
+        float(np.abs(read - truth)[INNER].mean())
+        for read, truth in ((study.stress_uptake, sim.stress), (study.rest_uptake, sim.rest))
+    ]
+
+
+# Each case fixes what it is about; the rest of the style is drawn from the seed.
+CASES = {
+    "grid and scores, white over hot": dict(
+        chrome=False, layout="side", colormap="hot", grid_colour=WHITE, score_colour=WHITE,
+        third_map=None, file_format="png", disk_px=200,
+    ),
+    "stacked, black grid, JPEG 85": dict(
+        layout="stacked", colormap="spectrum", grid_colour=BLACK, grid_thickness=2,
+        third_map=None, file_format="jpg", jpeg_quality=85, disk_px=180,
+    ),
+    "third map in a row": dict(
+        layout="side", third_map="reversibility", colormap="thermal", grid_colour=GREY,
+        file_format="png", disk_px=170,
+    ),
+    "third map below, 2 x 2": dict(
+        layout="grid", third_map="difference", colormap="jet", grid_colour=WHITE,
+        file_format="jpg", jpeg_quality=90, disk_px=170,
+    ),
+    "window chrome, cursor, bar": dict(
+        chrome=True, colorbar="right", cursor="arrow", colormap="turbo", grid_colour=CYAN,
+        third_map=None, file_format="png", disk_px=200,
+    ),
+    "JPEG quality 60": dict(
+        chrome=True, colormap="spectrum", grid_colour=WHITE, grid_thickness=1, third_map=None,
+        file_format="jpg", jpeg_quality=60, disk_px=200,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_screenshots_read_back_within_tolerance(tmp_path, case):
+    sim, path = _screenshot(tmp_path, "shot", seed=list(CASES).index(case), **CASES[case])
+    study = studies.read_study_image(path, size=SIZE)
+    # A clean export reads within 0.004-0.02; a drawn-over screenshot within 0.03. A third
+    # map taken as rest would be off by 0.1 or more.
+    assert max(_errors(study, sim)) < 0.03, case
+    # the 17-segment grid and its scores cover part of the disk, never most of it
+    assert 0.03 < study.masked_fraction < 0.5, (case, study.masked_fraction)
+
+
+def test_a_clean_export_has_next_to_nothing_masked(tmp_path):
+    sim = simulate.simulate_study(np.random.default_rng(1), SIZE, label="infarction")
+    image = simulate.render_study_image(sim.stress, sim.rest, colormap="hot", disk_px=150)
+    cv2.imwrite(str(tmp_path / "clean.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    study = studies.read_study_image(tmp_path / "clean.png", size=SIZE)
+    # what is masked (1%): a defect's sharpest corners and clipped hot specks, filled
+    assert study.masked_fraction < 0.03 and max(_errors(study, sim)) < 0.02
+
+
+def _refused(path, message):
+    with pytest.raises(ValueError, match=message) as info:
+        studies.read_study_image(path, size=SIZE)
+    assert path.name in str(info.value) and "\n" not in str(info.value)
+
+
+def test_refuses_a_screen_without_maps_and_a_map_drawn_over_too_much(tmp_path):
+    rng = np.random.default_rng(2)
+    style = exports.random_style(rng, chrome=True, file_format="png")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(exports.encode(exports.render_screenshot(None, None, style, rng), style))
+    _refused(empty, "no disk found")
+    # a 3 px cyan grid and bold scores on 140 px maps, JPEG at 60: its colour smeared to
+    # 7-9 px wide lines, 62-74% of a disk is hidden on such screenshots (seeds 0-7); read
+    # anyway, they would be off by 0.04-0.18
+    _, heavy = _screenshot(
+        tmp_path, "heavy", chrome=False, layout="side", third_map=None, colormap="spectrum",
+        grid_colour=CYAN, grid_thickness=3, score_colour=WHITE, font_thickness=2,
+        font_scale=0.7, disk_px=140, file_format="jpg", jpeg_quality=60,
+    )  # fmt: skip
+    _refused(heavy, "too little of the map is left")
+
+
+def test_third_map_of_another_size_is_still_ambiguous(tmp_path):
+    sim, path = _screenshot(
+        tmp_path, "three", chrome=False, third_map=None, layout="side", colorbar=None,
+        grid_colour=None, score_colour=None, cursor=None, file_format="png", disk_px=160,
+    )  # fmt: skip
+    image = cv2.imread(str(path))
+    wide = cv2.copyMakeBorder(image, 0, 0, 0, 200, cv2.BORDER_REPLICATE)
+    cv2.circle(wide, (image.shape[1] + 100, image.shape[0] // 2), 50, (0, 120, 255), -1)
+    cv2.imwrite(str(tmp_path / "three.png"), wide)
+    _refused(tmp_path / "three.png", "3 disks found where 2")
+
+
+def test_stress_and_rest_follow_reading_order():
+    d = panels.Disk
+    row = [d(300, 102, 50), d(100, 98, 50), d(500, 100, 50)]
+    assert [p.cx for p in panels.reading_order(row)] == [100, 300, 500]
+    square = [d(300, 100, 50), d(100, 300, 50), d(100, 100, 50)]  # 2 x 2, bottom right empty
+    assert [(p.cx, p.cy) for p in panels.reading_order(square)] == [
+        (100, 100),
+        (300, 100),
+        (100, 300),
+    ]
+    column = [d(100, 400, 50), d(104, 100, 50)]
+    assert [p.cy for p in panels.reading_order(column)] == [100, 400]
+
+
+def test_drawn_lines_are_masked_and_filled_from_the_map_around():
+    size = 120
+    yy, xx = np.mgrid[:size, :size].astype(np.float32)
+    truth = 0.5 + 0.4 * xx / size  # a smooth map: uptake rising to the right
+    uptake = truth.copy()
+    uptake[:, 40:43] = 1.0  # a white line, in the table (its top)
+    uptake[70:72, :] = 0.0  # a black line, in the table (its bottom)
+    far = np.zeros_like(uptake, bool)
+    far[20:23, :] = True  # a grey line, off the table
+    rgb = np.zeros((size, size, 3), np.uint8)
+    filled, drawn = overlays.mask_and_fill(rgb, uptake, far, 60, 60, 58)
+    inside = (xx + 0.5 - 60) ** 2 + (yy + 0.5 - 60) ** 2 < 55**2
+    lines = inside & ((xx >= 40) & (xx < 43) | (yy >= 70) & (yy < 72) | (yy >= 20) & (yy < 23))
+    assert drawn[lines].all()
+    assert drawn[inside & ~lines].mean() < 0.02  # the map beside the lines is kept
+    assert np.abs(filled - truth)[inside].max() < 0.01
+
+
+def test_simulated_screenshot_folder_reads_with_its_labels(tmp_path):
+    sims = simulate.simulate_dataset(
+        tmp_path, 3, seed=4, size=32, difficulty="clinical", export_style="screenshot"
+    )
+    skipped = []
+    found = studies.read_study_folder(tmp_path, size=32, skipped=skipped)
+    rows = studies.read_labels(tmp_path / "labels.csv")
+    assert {r["filename"].rsplit(".", 1)[1] for r in rows} <= {"png", "jpg"}
+    assert len(found) + len(skipped) == 3 and len(found) >= 2
+    for study in found:
+        i = int(study.name.split("_")[1])
+        assert study.label == sims[i].label and study.segments == sims[i].segments
+        assert (tmp_path / "masks" / f"{study.name}.npz").exists()
