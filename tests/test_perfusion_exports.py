@@ -96,7 +96,7 @@ def test_refuses_a_screen_without_maps_and_a_map_drawn_over_too_much(tmp_path):
     _refused(empty, "no disk found")
     # a 3 px cyan grid and bold scores on 140 px maps, JPEG at 60: its colour smeared to
     # 7-9 px wide lines, 62-74% of a disk is hidden on such screenshots (seeds 0-7); read
-    # anyway, they would be off by 0.04-0.18
+    # anyway, they would be off by 0.13-0.19 (measured 2026-12-06)
     _, heavy = _screenshot(
         tmp_path, "heavy", chrome=False, layout="side", third_map=None, colormap="spectrum",
         grid_colour=CYAN, grid_thickness=3, score_colour=WHITE, font_thickness=2,
@@ -162,3 +162,16 @@ def test_simulated_screenshot_folder_reads_with_its_labels(tmp_path):
         i = int(study.name.split("_")[1])
         assert study.label == sims[i].label and study.segments == sims[i].segments
         assert (tmp_path / "masks" / f"{study.name}.npz").exists()
+
+
+def test_a_thin_grid_costs_its_own_width(tmp_path):
+    # A 1 px white grid over 200 px maps, PNG: its inner circles and radial lines, about
+    # 1400 px long and 2-3 px wide anti-aliased, are 9-14% of a disk; the mask is that line
+    # and no band around it (measured 0.12)
+    _, path = _screenshot(
+        tmp_path, "thin", chrome=False, layout="side", third_map=None, colormap="jet",
+        grid_colour=WHITE, grid_thickness=1, score_colour=None, cursor=None, disk_px=200,
+        file_format="png",
+    )  # fmt: skip
+    study = studies.read_study_image(path, size=SIZE)
+    assert 0.09 < study.masked_fraction < 0.15, study.masked_fraction
