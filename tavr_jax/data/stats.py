@@ -171,9 +171,7 @@ def contact_sheet_image(
     tiles, titles = [], []
     for i in indices:
         f = project.frames[i]
-        tile = visualize.draw_keypoints(
-            project.load_image(i), f.coords, f.visible, project.schema
-        )
+        tile = visualize.draw_keypoints(project.load_image(i), f.coords, f.visible, project.schema)
         tile = visualize.draw_legend(tile, project.schema)
         scale = TILE_SIDE / max(tile.shape[:2])
         if scale < 1:
