@@ -6,7 +6,9 @@ TAVR: simulate a Supervisely project, train the small preset (`runlocal`: ResNet
 width, 128 px, heatmap head, 800 steps, about 6 CPU minutes), tune thresholds on the
 validation cases, evaluate held-out test cases with the paper's metrics and write overlays.
 Perfusion: simulate study folders, cross-validate the feature classifier for both tasks, fit
-the clinical model on one folder and analyse another (scores, territories, overlays).
+the clinical model on one folder, its normal-vs-abnormal call at the sensitivity-first
+operating point of experiments/configs/perfusion.py, and analyse another (scores, territories,
+overlays).
 """
 
 import json
@@ -84,7 +86,10 @@ def run_perfusion(out: pathlib.Path) -> dict:
     }
     (out / "perfusion_cv.json").write_text(json.dumps(cv, indent=1, default=str))
     print("[5/5] fitting normal limits + classifiers, analysing the held-out folder")
-    analyze.fit(train_dir, out / "perfusion_model", progress=True)
+    from experiments.configs import perfusion as perfusion_config
+
+    operating_point = perfusion_config.get_config().operating_point  # sensitivity first
+    analyze.fit(train_dir, out / "perfusion_model", operating_point=operating_point, progress=True)
     analyze.analyze_path(
         out / "perfusion_model", test_dir, out / "perfusion_report.json",
         overlay_dir=out / "perfusion_overlays", metrics_out=out / "perfusion_metrics.json",
@@ -123,6 +128,8 @@ def main(argv):
     held = perf["heldout"]
     rows += [
         ("Perfusion fit/analyze, held-out folder", "label accuracy", _fmt(held["label_accuracy"])),
+        ("", "sensitivity at the operating point", _fmt(held["sensitivity"])),
+        ("", "specificity at the operating point", _fmt(held["specificity"])),
         ("", "territory accuracy (exact set)", _fmt(held["territory_exact_accuracy"])),
         ("", "per-segment defect F1", _fmt(held["segment"]["f1"])),
     ]

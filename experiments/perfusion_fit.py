@@ -1,6 +1,7 @@
 """Fit the perfusion analysis model: normal limits, calibrated classifiers, segment model.
 
-python experiments/perfusion_fit.py --data=data/perfusion_train --out=models/perfusion [--unet]
+python experiments/perfusion_fit.py --data=data/perfusion_train --out=models/perfusion [--unet] \
+    [--operating_point=sensitivity:0.95]
 
 Settings come from experiments/configs/perfusion.py (`--config=` another file); a flag given
 on the command line wins over the config.
@@ -37,13 +38,17 @@ flags.DEFINE_bool("unet", None, "also train the U-Net on the folder's masks/")
 flags.DEFINE_integer("unet_steps", None, "U-Net training steps")
 flags.DEFINE_integer("unet_size", None, "U-Net input size (pixels, divisible by 4)")
 flags.DEFINE_list("uncertain_band", None, "LOW,HIGH: probabilities in here are reported uncertain")
+flags.DEFINE_string(
+    "operating_point", None, "abnormal threshold: sensitivity:X, specificity:X or balanced"
+)
 flags.DEFINE_integer("seed", None, "random seed")
 
 
 def _settings():
     """The config with the flags given on the command line applied."""
     c = _CONFIG.value
-    for name in ("model", "size", "colormap", "k", "unet", "unet_steps", "unet_size", "seed"):
+    names = ("model", "size", "colormap", "k", "unet", "unet_steps", "unet_size", "seed")
+    for name in (*names, "operating_point"):
         if flags.FLAGS[name].present:
             c[name] = flags.FLAGS[name].value
     if flags.FLAGS["uncertain_band"].present:
@@ -70,6 +75,7 @@ def main(argv):
             colormap=c.colormap,
             k=c.k,
             uncertain_band=tuple(float(v) for v in c.uncertain_band),
+            operating_point=c.operating_point,
             unet=c.unet,
             unet_config=unet_config,
             seed=c.seed,
@@ -77,7 +83,8 @@ def main(argv):
         )
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
-    print(json.dumps({"score_config": meta["score_config"], "fit": meta["fit"]}, indent=1))
+    shown = ("score_config", "operating_point", "fit")
+    print(json.dumps({k: meta[k] for k in shown}, indent=1))
     print(f"wrote {_OUT.value}")
 
 

@@ -1,10 +1,11 @@
 """Analyze end to end: read studies, apply a fitted model, write the clinical report.
 
 `fit` and `load_model` (perfusion.fitting) make and read the model directory; this module
-applies it: normal limits -> scores, blackout, calibrated label probabilities, defect segments
-and territories per study, and a study whose probability falls inside the abstention band is
-reported as uncertain, with the reason. Folders are read and analysed in chunks, unreadable
-studies are skipped and listed; overlays draw the blackout on the 17-segment grid.
+applies it: normal limits -> scores, blackout, calibrated label probabilities, the
+normal-vs-abnormal call at the model's operating point, defect segments and territories per
+study, and a study whose probability falls inside the abstention band is reported as
+uncertain, with the reason. Folders are read and analysed in chunks, unreadable studies are
+skipped and listed; overlays draw the blackout on the 17-segment grid.
 """
 
 from __future__ import annotations
@@ -66,30 +67,52 @@ def analyze_arrays(model: AnalysisModel, studies_list) -> tuple[list[dict], dict
         *model.calibration["ischemia_vs_infarction"],
     )
     probs = np.stack([1 - p_abn, p_abn * (1 - p_inf), p_abn * p_inf], axis=1)
+    # The call is made at the model's operating point, not at the most probable label: a
+    # sensitivity-first threshold calls abnormal studies whose p(normal) is still the largest.
+    point = model.operating_point
+    abnormal = p_abn >= point.threshold
+    abnormal_band = reliability.band_around(point.threshold, model.uncertain_band)
+    territory_p = None
     if model.segments is not None:
         b = len(studies_list)
         p_seg = model.segments.predict_proba(per_segment.reshape(b * scores.NUM_SEGMENTS, -1))
-        calls = p_seg[:, 1].reshape(b, scores.NUM_SEGMENTS) >= model.segment_threshold
+        p_seg = p_seg[:, 1].reshape(b, scores.NUM_SEGMENTS)
+        calls = p_seg >= model.segment_threshold
         territories = evaluation.territories_of(calls)
+        # a territory is called when its most probable segment reaches the threshold
+        territory_p = evaluation.per_territory(p_seg, "max")
     else:  # no segment labels to learn from: the scores' own calls
         calls, territories = out["scores"][:, 0] >= 1, out["territories"]
     reports = []
     for i in range(len(studies_list)):
-        label = LABELS[int(np.argmax(probs[i]))]
+        label = "normal" if not abnormal[i] else ("infarction" if p_inf[i] > 0.5 else "ischemia")
         defect = [int(q) + 1 for q in np.flatnonzero(calls[i])]
         terr = scores.territory_names(territories[i])
         if model.gate_by_label and label == "normal":
             # The classifier decides normality; its errors are rarer than spurious segments.
             defect, terr = [], []
         reason = reliability.uncertain_reason(
-            float(p_abn[i]), float(p_inf[i]) if label != "normal" else None, model.uncertain_band
+            float(p_abn[i]),
+            float(p_inf[i]) if label != "normal" else None,
+            model.uncertain_band,
+            abnormal_band=abnormal_band,
         )
         s_sc, r_sc = out["scores"][i, 0], out["scores"][i, 1]
+        terr_p = None
+        if territory_p is not None:
+            named = zip(scores.TERRITORY_NAMES, territory_p[i], strict=True)
+            terr_p = {n: round(float(v), 6) for n, v in named}
         reports.append(
             {
                 "label": label,
                 "probabilities": {
                     n: round(float(p), 6) for n, p in zip(LABELS, probs[i], strict=True)
+                },
+                "decision": {
+                    "abnormal": bool(abnormal[i]),
+                    "abnormal_probability": round(float(p_abn[i]), 6),
+                    "threshold": round(point.threshold, 6),
+                    "operating_point": point.rule,
                 },
                 "uncertain": reason is not None,
                 "uncertain_reason": reason,
@@ -103,6 +126,9 @@ def analyze_arrays(model: AnalysisModel, studies_list) -> tuple[list[dict], dict
                 "extent_stress_pct": round(float(out["extent_pct"][i, 0]), 3),
                 "defect_segments": defect,
                 "territories": terr,
+                "territory_probabilities": terr_p,
+                # of the disk drawn over in the image (grid, scores, a cursor) and filled
+                "masked_fraction": round(float(studies_list[i].masked_fraction), 3),
             }
         )
     return reports, out

@@ -150,6 +150,13 @@ def bootstrap_intervals(y, probs, *, n_boot: int = 1000, seed: int = 0, alpha: f
     return out
 
 
+def stratified_folds(y, folds: int = 5, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, test) indices of stratified k-fold, shuffled with a fixed seed: the folds of
+    every cross-validated row (perfusion_cv, the clinical cross-validation)."""
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return list(splitter.split(np.zeros(len(y)), y))
+
+
 def cross_validate(
     X,
     y,
@@ -179,11 +186,10 @@ def cross_validate(
         raise ValueError(
             f"each class needs at least {folds} studies for {folds}-fold CV, got {counts}"
         )
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     probs = np.zeros((len(y), n_classes))
     fold_of = np.zeros(len(y), np.int64)
     per_fold = []
-    splits = list(splitter.split(np.zeros(len(y)), y))
+    splits = stratified_folds(y, folds, seed)
     if progress:
         from tqdm import tqdm
 

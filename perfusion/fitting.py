@@ -4,7 +4,8 @@ Model directory (written by `fit`, read by `load_model`; model.json is written l
 directory without it is incomplete). Nothing in it can run code when loaded: plain arrays in
 .npz files read with allow_pickle=False, xgboost's JSON model inside them, JSON for the rest.
   model.json                   version, grid size, colormap, score thresholds, feature names,
-                               calibration, segment threshold, abstention band, fit summary
+                               calibration, operating point, segment threshold, abstention
+                               band, fit summary
   normal_limits.npz            perfusion.scores.NormalLimits (per sex when enough normals)
   abnormal.npz                 normal vs abnormal on label_features (PortableModel)
   ischemia_vs_infarction.npz   ischemia vs infarction, the same features
@@ -14,9 +15,12 @@ directory without it is incomplete). Nothing in it can run code when loaded: pla
   manifest.json                written last: each file's role, format version and sha256
                                (cardiac_core.integrity); a swapped or edited file is refused
 
-Training studies are scored against cross-fitted limits (a normal study never against limits
-that include itself). Probabilities are Platt-calibrated on out-of-fold predictions of the
-training folder. `perfusion.analyze` applies the model (and offers `fit` and `load_model` too).
+`fit_model` fits in memory on a list of studies (the clinical cross-validation fits it in
+each fold), `save_model` writes the directory, `fit` does both for a study folder. Training
+studies are scored against cross-fitted limits (a normal study never against limits that
+include itself). Probabilities are Platt-calibrated on out-of-fold predictions of the
+training folder, and the abnormal threshold (the operating point) is chosen on them.
+`perfusion.analyze` applies the model (and offers `fit` and `load_model` too).
 """
 
 from __future__ import annotations
@@ -32,6 +36,12 @@ from cardiac_core import integrity
 from cardiac_core.fileio import atomic_write_bytes
 from perfusion import classifiers, evaluation, features, geometry, reliability, scores, studies
 from perfusion.evaluation import segments_bool, territories_bool, territories_of
+from perfusion.operating_point import (
+    LEGACY,
+    OperatingPoint,
+    choose_operating_point,
+    parse_rule,
+)
 from perfusion.scores import ScoreConfig
 
 LABELS = studies.LABELS
@@ -39,7 +49,10 @@ MODEL_VERSION = 4  # 3: the defect-persistence features; 4: the uptake strip/rin
 TASK_MODELS = ("abnormal", "ischemia_vs_infarction")
 MANIFEST_KIND = "perfusion_model"
 RESAVE = "re-fit it (experiments/perfusion_fit.py) or seal it as is (perfusion.fitting.seal_model)"
-DEFAULT_BAND = (0.25, 0.75)  # abstain when a probability lies in here
+DEFAULT_BAND = (0.25, 0.75)  # abstain when a probability lies in here (around 0.5)
+# Sensitivity first: the test is there to rule disease out, so a missed defect costs more
+# than a normal study sent on to a reader (docs/perfusion_clinical.md, Operating point).
+DEFAULT_OPERATING_POINT = "sensitivity:0.95"
 # model="auto": per task, the candidate with the lowest out-of-fold log loss on the training
 # folder. No one model wins everywhere: on 150 studies with large defects, logistic regression
 # on the polar features (the 135 before the persistence ones) is 0.93 accurate out of fold for
@@ -67,6 +80,7 @@ class AnalysisModel:
     segments: classifiers.PortableModel | None = None
     segment_threshold: float = 0.5
     uncertain_band: tuple[float, float] = DEFAULT_BAND
+    operating_point: OperatingPoint = LEGACY  # the abnormal threshold and its rule
     colormap: str | None = None
     gate_by_label: bool = True
     unet: object | None = None
@@ -153,31 +167,64 @@ def fit(
     data_dir,
     out_dir,
     *,
+    colormap: str | None = None,
+    size: int = 128,
+    progress: bool = False,
+    **settings,
+) -> dict:
+    """Fit a model on a labelled study folder (`fit_model`) and write its directory
+    (`save_model`). settings: `fit_model`'s. Returns the model.json dict."""
+    train = studies.read_study_folder(data_dir, colormap=colormap, size=size, progress=progress)
+    masks = evaluation.load_true_masks(data_dir, [s.name for s in train], size)
+    model = fit_model(
+        train,
+        masks,
+        size=size,
+        colormap=colormap,
+        source=str(data_dir),
+        progress=progress,
+        **settings,
+    )
+    save_model(model, out_dir)
+    return model.meta
+
+
+def fit_model(
+    train,
+    masks: np.ndarray | None = None,
+    *,
     model: str = "auto",
     size: int = 128,
     colormap: str | None = None,
     k: float | None = None,
     uncertain_band: tuple[float, float] = DEFAULT_BAND,
+    operating_point: str = DEFAULT_OPERATING_POINT,
     unet: bool = False,
     unet_config=None,
     seed: int = 0,
+    source: str = "the training studies",
     progress: bool = False,
-) -> dict:
-    """Fit normal limits, thresholds, the label and segment models on a labelled study folder.
+) -> AnalysisModel:
+    """Normal limits, thresholds, label and segment models and the operating point, fitted in
+    memory on labelled studies (perfusion.studies.Study); what `fit` saves and what the
+    clinical cross-validation fits in each fold.
 
-    model: the label models' classifier ("auto": chosen per task by `choose_label_model`).
-    k: blackout threshold in SDs; None tunes it by Dice on the folder's masks/ when present,
-    else keeps ScoreConfig's default. Returns the fit summary also stored in model.json.
+    masks: (N, 2, S, S) bool true defect masks, or None. model: the label models' classifier
+    ("auto": chosen per task by `choose_label_model`). k: blackout threshold in SDs; None
+    tunes it by Dice on the masks when given, else keeps ScoreConfig's default.
+    operating_point: the rule that sets the abnormal threshold on the out-of-fold calibrated
+    probabilities (perfusion.operating_point). source: names the studies in errors.
     """
     low, high = uncertain_band
     if not 0.0 <= low <= 0.5 <= high <= 1.0:
         raise ValueError(f"uncertain band {uncertain_band} must hold 0.5 within [0, 1]")
-    train = studies.read_study_folder(data_dir, colormap=colormap, size=size, progress=progress)
+    parse_rule(operating_point)  # a bad rule fails before minutes of fitting
+    if unet and masks is None:
+        raise ValueError(f"{source}: --unet needs the true defect masks in masks/<name>.npz")
     labels = np.array([s.label for s in train])
     sexes = [s.sex for s in train]
     stress, rest = stack_uptake(train, size)
     limits, mean, sd = scores.cross_fitted_limits(stress, rest, labels, sexes, seed=seed)
-    masks = evaluation.load_true_masks(data_dir, [s.name for s in train], size)
     summary: dict = {
         "n_train": len(train),
         "label_counts": {v: int((labels == v).sum()) for v in LABELS},
@@ -199,35 +246,40 @@ def fit(
     summary.update({f"{k_}_train": v for k_, v in tuned.items()})
 
     polar, per_segment = learned_features(stress, rest, mean, sd)
-    fitted, calibration = {}, {}
+    fitted, calibration, oof_calibrated = {}, {}, {}
     for task in TASK_MODELS:
         idx, y, _ = classifiers.task_targets(labels, task)
         if len(np.unique(y)) < 2 or np.bincount(y).min() < 5:
-            raise ValueError(f"{data_dir}: task {task} needs at least 5 studies of each class")
+            raise ValueError(f"{source}: task {task} needs at least 5 studies of each class")
         pipeline, oof, chosen = choose_label_model(polar[idx], y, model, seed=seed)
         fitted[task] = classifiers.export_model(pipeline)
         calibration[task] = classifiers.fit_platt(oof, y)
-        calibrated = classifiers.apply_platt(oof, *calibration[task])
+        calibrated = oof_calibrated[task] = classifiers.apply_platt(oof, *calibration[task])
         summary[f"{task}_oof"] = {
             **chosen,
             "accuracy": float(((calibrated > 0.5) == y).mean()),
             "brier": reliability.brier_score(calibrated, y),
             "ece": reliability.expected_calibration_error(calibrated, y),
-            "uncertain_rate": float(reliability.in_band(calibrated, uncertain_band).mean()),
         }
+    # The abnormal threshold is chosen on the same out-of-fold probabilities the calibration
+    # was fitted on: the training folder only, each study scored by a model that never saw it.
+    chosen_point = choose_operating_point(
+        oof_calibrated["abnormal"], labels != "normal", operating_point
+    )
+    bands = {
+        "abnormal": reliability.band_around(chosen_point.threshold, uncertain_band),
+        "ischemia_vs_infarction": uncertain_band,
+    }
+    for task in TASK_MODELS:
+        in_band = reliability.in_band(oof_calibrated[task], bands[task])
+        summary[f"{task}_oof"]["uncertain_rate"] = float(in_band.mean())
     segment_model, segment_threshold = None, 0.5
     if true_seg.any():
         segment_model, segment_threshold, summary["segments_oof"] = _fit_segment_model(
             per_segment, true_seg, labels, seed=seed
         )
-
-    out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # model.json goes first and comes back last: a folder half rewritten never loads
-    (out_dir / "model.json").unlink(missing_ok=True)
+    unet_model = None
     if unet:
-        if masks is None:
-            raise ValueError(f"{data_dir}: --unet needs the true defect masks in masks/<name>.npz")
         from perfusion import cnn
 
         unet_model, losses = cnn.train_unet(
@@ -238,14 +290,7 @@ def fit(
             unet_config or cnn.UNetConfig(seed=seed),
             progress=progress,
         )
-        unet_model.save(out_dir / "unet")
         summary["unet_final_loss"] = float(np.mean(losses[-20:]))
-    limits.save(out_dir / "normal_limits.npz")
-    for task, portable in fitted.items():
-        portable.save(out_dir / f"{task}.npz")
-    (out_dir / "segments.npz").unlink(missing_ok=True)
-    if segment_model is not None:
-        segment_model.save(out_dir / "segments.npz")
     meta = {
         "version": MODEL_VERSION,
         "size": size,
@@ -255,15 +300,47 @@ def fit(
         "segment_features": list(scores.SEGMENT_FEATURE_NAMES),
         "score_config": config.to_dict(),
         "calibration": {t: list(ab) for t, ab in calibration.items()},
+        "operating_point": chosen_point.to_dict(),
         "segment_threshold": segment_threshold if segment_model is not None else None,
         "uncertain_band": [float(low), float(high)],
         "gate_by_label": True,
         "unet": bool(unet),
         "fit": summary,
     }
-    atomic_write_bytes(out_dir / "model.json", json.dumps(meta, indent=1).encode())
+    return AnalysisModel(
+        size=size,
+        limits=limits,
+        config=config,
+        abnormal=fitted["abnormal"],
+        ischemia_vs_infarction=fitted["ischemia_vs_infarction"],
+        calibration=calibration,
+        segments=segment_model,
+        segment_threshold=segment_threshold,
+        uncertain_band=(float(low), float(high)),
+        operating_point=chosen_point,
+        colormap=colormap,
+        unet=unet_model,
+        meta=meta,
+    )
+
+
+def save_model(model: AnalysisModel, out_dir) -> pathlib.Path:
+    """Write a model fitted by `fit_model` as a model directory (see the module docstring)."""
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # model.json goes first and comes back last: a folder half rewritten never loads
+    (out_dir / "model.json").unlink(missing_ok=True)
+    if model.unet is not None:
+        model.unet.save(out_dir / "unet")
+    model.limits.save(out_dir / "normal_limits.npz")
+    for task in TASK_MODELS:
+        getattr(model, task).save(out_dir / f"{task}.npz")
+    (out_dir / "segments.npz").unlink(missing_ok=True)
+    if model.segments is not None:
+        model.segments.save(out_dir / "segments.npz")
+    atomic_write_bytes(out_dir / "model.json", json.dumps(model.meta, indent=1).encode())
     seal_model(out_dir)
-    return meta
+    return out_dir
 
 
 def _roles(d: pathlib.Path) -> dict[str, tuple[str, int]]:
@@ -386,6 +463,10 @@ def load_model(model_dir) -> AnalysisModel:
         "calibration", lambda c: {t: (float(c[t][0]), float(c[t][1])) for t in TASK_MODELS}
     )
     band = field("uncertain_band", lambda b: (float(b[0]), float(b[1])))
+    # Folders fitted before operating points load at 0.5, and their reports say so.
+    point = LEGACY
+    if "operating_point" in meta:
+        point = field("operating_point", OperatingPoint.from_dict)
     # After parsing, so a broken file keeps its own message; before use, so two readable
     # files swapped (each a valid model, silently wrong answers) are refused here.
     loaded = ["model.json", "normal_limits.npz", *(f"{t}.npz" for t in TASK_MODELS)]
@@ -404,6 +485,7 @@ def load_model(model_dir) -> AnalysisModel:
         segments=segments,
         segment_threshold=float(meta.get("segment_threshold") or 0.5),
         uncertain_band=band,
+        operating_point=point,
         colormap=meta.get("colormap"),
         gate_by_label=bool(meta.get("gate_by_label", True)),
         unet=unet,

@@ -1,9 +1,9 @@
 """Saying when unsure: calibration of binary probabilities, and abstention.
 
 Pure numpy, shared by the fit (the log loss that chooses the label model; Platt scaling is
-fitted in perfusion.classifiers), the report
-(`uncertain_reason`) and the evaluation (reliability bins, expected calibration error, Brier
-score, abstention rate against accuracy).
+fitted in perfusion.classifiers), the report (`uncertain_reason`, with the band moved to the
+operating point by `band_around`) and the evaluation (reliability bins, expected calibration
+error, Brier score, abstention rate against accuracy).
 """
 
 from __future__ import annotations
@@ -83,16 +83,41 @@ def abstention_curve(p, y, *, half_widths=np.arange(0.0, 0.5, 0.05)) -> list[dic
     return out
 
 
-def uncertain_reason(p_abnormal: float, p_infarction: float | None, band) -> str | None:
+def band_around(threshold: float, band) -> tuple[float, float]:
+    """The abstention band, given around 0.5, moved to a decision threshold: the same odds
+    ratios either side of it (logits shifted by logit(threshold)).
+
+    A band around 0.5 says how far the odds may sit from even before the call is trusted;
+    around a threshold of 0.05 the even point is odds 1:19, so [0.25, 0.75] (odds 1/3 to 3
+    times the threshold's) becomes 0.017-0.136. Unchanged for a threshold of 0.5.
+    """
+    t = float(np.clip(threshold, 1e-6, 1.0 - 1e-6))
+    shift = np.log(t / (1.0 - t))
+
+    def moved(q):
+        q = float(np.clip(q, 1e-12, 1.0 - 1e-12))
+        return float(1.0 / (1.0 + np.exp(-(np.log(q / (1.0 - q)) + shift))))
+
+    low, high = band
+    return (0.0 if low <= 0 else moved(low)), (1.0 if high >= 1 else moved(high))
+
+
+def uncertain_reason(
+    p_abnormal: float, p_infarction: float | None, band, *, abnormal_band=None
+) -> str | None:
     """Why a study's call is uncertain, or None: a probability inside the abstention band.
 
     p_infarction: the probability of infarction given abnormal; only asked about when the
-    study is called abnormal (None otherwise).
+    study is called abnormal (None otherwise). abnormal_band: the band of the abnormal
+    probability when it differs from `band` (around an operating point, `band_around`).
     """
-    low, high = band
-    within = f"is within the abstention band {low:.2f}-{high:.2f}"
-    if low <= p_abnormal <= high:
-        return f"abnormal probability {p_abnormal:.2f} {within}"
-    if p_infarction is not None and low <= p_infarction <= high:
-        return f"infarction (vs ischemia) probability {p_infarction:.2f} {within}"
+
+    def within(b):
+        return f"is within the abstention band {b[0]:.2f}-{b[1]:.2f}"
+
+    abnormal_band = band if abnormal_band is None else abnormal_band
+    if in_band(p_abnormal, abnormal_band):
+        return f"abnormal probability {p_abnormal:.2f} {within(abnormal_band)}"
+    if p_infarction is not None and in_band(p_infarction, band):
+        return f"infarction (vs ischemia) probability {p_infarction:.2f} {within(band)}"
     return None

@@ -59,10 +59,13 @@ def test_perfusion_fit_takes_the_config_and_a_given_flag_wins(tmp_path):
     fit = [sys.executable, "experiments/perfusion_fit.py", f"--data={tmp_path / 'data'}"]
     run = subprocess.run(
         [*fit, f"--out={tmp_path / 'm'}", "--config.model=logistic", "--config.size=48",
-         "--size=64"],  # fmt: skip
+         "--size=64", "--config.operating_point=balanced",
+         "--operating_point=specificity:0.9"],  # fmt: skip
         capture_output=True, text=True, timeout=300, cwd=pathlib.Path(__file__).parents[1],
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     meta = json.loads((tmp_path / "m" / "model.json").read_text())
     assert meta["size"] == 64  # the flag over the config
+    assert meta["operating_point"]["rule"] == "specificity:0.9"
+    assert meta["operating_point"]["oof_specificity"] >= 0.9
     assert '"model": "logistic"' in (tmp_path / "m" / "model.json").read_text()

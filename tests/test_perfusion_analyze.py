@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from perfusion import analyze, evaluation, geometry, scores, simulate, studies
+from perfusion import analyze, evaluation, geometry, reliability, scores, simulate, studies
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 REPORT_KEYS = {
@@ -28,6 +28,9 @@ REPORT_KEYS = {
     "extent_stress_pct",
     "defect_segments",
     "territories",
+    "decision",  # the abnormal call at the model's operating point
+    "territory_probabilities",
+    "masked_fraction",  # of a disk drawn over in the image and filled
 }
 
 
@@ -68,7 +71,9 @@ def test_fit_writes_a_loadable_model(fitted):
 
 
 def test_analyze_path_report_overlays_and_consistency(fitted, tmp_path):
-    data, model_dir, _ = fitted
+    data, model_dir, meta = fitted
+    threshold = meta["operating_point"]["threshold"]
+    abnormal_band = reliability.band_around(threshold, (0.25, 0.75))
     out = tmp_path / "report.json"
     report = analyze.analyze_path(
         model_dir, data, out, overlay_dir=tmp_path / "ov", metrics_out=tmp_path / "m.json"
@@ -93,10 +98,27 @@ def test_analyze_path_report_overlays_and_consistency(fitted, tmp_path):
             assert r["territories"] == geometry.segments_to_territories(r["defect_segments"])
         p_abn = 1 - r["probabilities"]["normal"]
         p_inf = r["probabilities"]["infarction"] / p_abn
-        in_band = 0.25 <= p_abn <= 0.75 or (r["label"] != "normal" and 0.25 <= p_inf <= 0.75)
+        # the call is the operating point's, the kind of abnormality the likelier one
+        assert r["decision"] == {
+            "abnormal": p_abn >= threshold - 1e-6,
+            "abnormal_probability": pytest.approx(p_abn, abs=1e-5),
+            "threshold": pytest.approx(threshold, abs=1e-6),
+            "operating_point": "sensitivity:0.95",
+        }
+        want = "normal" if p_abn < threshold else ("infarction" if p_inf > 0.5 else "ischemia")
+        assert r["label"] == want
+        # the abstention band lies around the threshold; the ischemia one around 0.5
+        in_abnormal_band = abnormal_band[0] <= p_abn <= abnormal_band[1]
+        in_band = in_abnormal_band or (r["label"] != "normal" and 0.25 <= p_inf <= 0.75)
         assert r["uncertain"] == in_band == (r["uncertain_reason"] is not None)
-        if r["uncertain"]:
-            assert "within the abstention band 0.25-0.75" in r["uncertain_reason"]
+        if in_abnormal_band:
+            low, high = abnormal_band
+            assert f"within the abstention band {low:.2f}-{high:.2f}" in r["uncertain_reason"]
+        # a territory is reported when its most probable segment reaches the threshold
+        terr_p = r["territory_probabilities"]
+        if r["label"] != "normal":
+            called = [t for t, v in terr_p.items() if v >= meta["segment_threshold"]]
+            assert called == r["territories"]
         png = cv2.imread(str(tmp_path / "ov" / r["file"]))
         assert png is not None and png.shape[1] > 2 * 64
     # The library entry point gives the same entry as the folder run.
@@ -139,7 +161,7 @@ def test_evaluate_report_by_hand(tmp_path):
         "c.png,infarction,RCA+LCX,4+5\n"
     )
 
-    def row(f, label, terr, segs, p_abnormal, p_infarction, uncertain=False):
+    def row(f, label, terr, segs, p_abnormal, p_infarction, tpd, terr_p, uncertain=False):
         probabilities = {
             "normal": 1 - p_abnormal,
             "ischemia": p_abnormal * (1 - p_infarction),
@@ -152,19 +174,33 @@ def test_evaluate_report_by_hand(tmp_path):
             "defect_segments": segs,
             "probabilities": probabilities,
             "uncertain": uncertain,
+            "TPD_stress": tpd,
+            "stress_scores": [0] * 17,
+            "territory_probabilities": dict(zip(("LAD", "LCX", "RCA"), terr_p, strict=True)),
         }
 
     report = {
         "studies": [
-            row("a.png", "normal", [], [], 0.1, 0.5),
-            row("b.png", "infarction", ["LAD"], [1, 2, 13], 0.8, 0.7, True),  # 2 TP, 1 FP, 1 FN
-            row("c.png", "infarction", ["RCA"], [4, 5], 0.6, 0.9),  # 2 TP; LCX missed
+            row("a.png", "normal", [], [], 0.1, 0.5, 1.0, (0.2, 0.1, 0.3)),
+            # 2 TP, 1 FP, 1 FN
+            row("b.png", "infarction", ["LAD"], [1, 2, 13], 0.8, 0.7, 5.0, (0.9, 0.3, 0.1), True),
+            # 2 TP; LCX missed
+            row("c.png", "infarction", ["RCA"], [4, 5], 0.6, 0.9, 0.5, (0.2, 0.3, 0.8)),
         ],
         "skipped": [{"file": "d.png", "reason": "unreadable"}],
     }
     m = evaluation.evaluate_report(report, tmp_path / "labels.csv")
     assert m["label_accuracy"] == pytest.approx(2 / 3)
-    assert m["abnormal_accuracy"] == 1.0
+    assert m["abnormal_accuracy"] == m["sensitivity"] == m["specificity"] == 1.0
+    roc = m["roc_auc"]
+    assert roc["patient"]["value"] == 1.0  # 0.8 and 0.6 above the normal study's 0.1
+    assert roc["patient_tpd"]["value"] == 0.5  # TPD 5.0 above 1.0, 0.5 below
+    vessel = {k: v["value"] for k, v in roc["vessel"].items()}
+    # LCX: c's 0.3 above a's 0.1, tied with b's 0.3 (counts half); pooled: 0.9 and 0.8 above
+    # all six negatives, 0.3 above four and tied with two
+    assert vessel == {"LAD": 1.0, "LCX": 0.75, "RCA": 1.0, "pooled": pytest.approx(17 / 18)}
+    assert roc["vessel"]["pooled"]["n_positive"] == 3 and roc["vessel"]["pooled"]["n"] == 9
+    assert roc["vessel_sss"]["LAD"]["value"] == 0.5  # all stress scores 0: all tied
     assert m["ischemia_vs_infarction_accuracy"] == pytest.approx(0.5)
     assert m["territory_exact_accuracy"] == pytest.approx(2 / 3)
     assert m["territory_accuracy"] == {"LAD": 1.0, "LCX": pytest.approx(2 / 3), "RCA": 1.0}
@@ -375,3 +411,39 @@ def test_auto_label_model_is_the_lowest_out_of_fold_log_loss():
     # a named model is used as is
     _, _, named = fitting.choose_label_model(X, y, "logistic", seed=0)
     assert named["model"] == "logistic" and set(named["oof_log_loss"]) == {"logistic"}
+
+
+def test_operating_point_is_stored_applied_and_old_folders_load_at_one_half(fitted, tmp_path):
+    from perfusion import fitting, operating_point
+
+    data, model_dir, meta = fitted
+    point = meta["operating_point"]
+    assert point["rule"] == "sensitivity:0.95" and 0.0 <= point["threshold"] <= 1.0
+    assert point["oof_sensitivity"] >= 0.95 and 0.0 <= point["oof_specificity"] <= 1.0
+    assert analyze.load_model(model_dir).operating_point.to_dict() == point
+    found = studies.read_study_folder(data, size=32)
+
+    def calls(change):
+        d = tmp_path / f"m{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(model_dir, d)
+        meta = json.loads((d / "model.json").read_text())
+        change(meta)
+        (d / "model.json").write_text(json.dumps(meta))
+        fitting.seal_model(d)  # as the folder would have been written
+        model = analyze.load_model(d)
+        return model, analyze.analyze_arrays(model, found)[0]
+
+    # a threshold above every probability calls every study normal, with no territories
+    model, reports = calls(lambda m: m["operating_point"].update(threshold=1.0))
+    assert {r["label"] for r in reports} == {"normal"}
+    assert all(r["territories"] == [] and not r["decision"]["abnormal"] for r in reports)
+    # a folder fitted before operating points: the call at 0.5, and the report says why
+    model, reports = calls(lambda m: m.pop("operating_point"))
+    assert model.operating_point == operating_point.LEGACY
+    for r in reports:
+        assert r["decision"]["abnormal"] == (r["decision"]["abnormal_probability"] >= 0.5)
+        assert r["decision"]["operating_point"].startswith("0.5 (model folder fitted before")
+        if r["uncertain_reason"] and r["uncertain_reason"].startswith("abnormal"):
+            assert "band 0.25-0.75" in r["uncertain_reason"]
+    with pytest.raises(ValueError, match="unusable 'operating_point'"):
+        calls(lambda m: m["operating_point"].update(threshold="high"))

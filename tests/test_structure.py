@@ -44,6 +44,7 @@ ENTRY_MODULES = {
     "tavr_jax.infer.live": "tavr_live and the web page's Live tab",
     "perfusion.simulate": "make_perfusion_data",
     "perfusion.analyze": "perfusion_fit, perfusion_analyze and the web page",
+    "perfusion.clinical_cv": "perfusion_cv --model=clinical",
 }
 
 # Each outside library is imported by one module of the libraries or the web page (tests,
@@ -61,6 +62,7 @@ OWNERS = {
     "onnx": {"tavr_jax.infer.onnx_export"},
     "onnxruntime": {"tavr_jax.infer.onnx_runtime"},
     "openvino": {"tavr_jax.infer.openvino_runtime"},
+    "nncf": {"tavr_jax.infer.openvino_runtime"},  # OpenVINO's int8 quantiser
     "fastapi": {"cardiac_web.app", "cardiac_web.live"},
     "tensorboardX": {"tavr_jax.training.train"},
     "torch": {"tavr_jax.models.convert"},  # reads .pth files when torch is installed

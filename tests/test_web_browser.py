@@ -94,6 +94,10 @@ def test_polar_map_view_shows_class_scores_overlay_and_uncertainty(tmp_path, mon
         d.find_element(By.ID, "perf-file").send_keys(str(path))
         d.find_element(By.ID, "perf-submit").click()
         assert _wait_text(d, "perf-label") == report["label"]
+        # the call and the operating point it was made at
+        decision = d.find_element(By.ID, "perf-decision").text
+        assert decision.startswith("Abnormal" if report["decision"]["abnormal"] else "Normal")
+        assert decision.endswith("(operating point sensitivity:0.95)")
         assert d.find_element(By.ID, "perf-sss").text == str(report["SSS"])
         assert d.find_element(By.ID, "perf-sds").text == str(report["SDS"])
         shown = d.find_element(By.ID, "perf-territories").text

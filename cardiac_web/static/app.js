@@ -50,6 +50,12 @@ function fillPerfusion(data) {
   $("perf-rest").src = data.images.rest;
   $("perf-overlay").src = data.images.overlay;
   $("perf-label").textContent = r.label;
+  // The call is made at the model's operating point (sensitivity first by default), not at 50%.
+  const d = r.decision;
+  $("perf-decision").hidden = !d;
+  $("perf-decision").textContent = d
+    ? `${d.abnormal ? "Abnormal" : "Normal"}: abnormal probability ${(100 * d.abnormal_probability).toFixed(1)}% `
+      + `${d.abnormal ? "≥" : "<"} threshold ${(100 * d.threshold).toFixed(1)}% (operating point ${d.operating_point})` : "";
   // Reports of newer models say when the reading of the image itself is doubtful.
   $("perf-uncertain").hidden = !r.uncertain;
   $("perf-uncertain").textContent = r.uncertain
