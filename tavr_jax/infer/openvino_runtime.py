@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import importlib
 import io
 import os
 import pathlib
@@ -56,31 +57,30 @@ CONVERSION = 1  # bumped when `_core`'s conversion changes: IRs of an older one 
 _IR_NAME = re.compile(r"\.[0-9a-f]{16}\.openvino\.(xml|bin)")  # after the .onnx's stem
 
 
-def _import_ov():
+def _import_checked(name: str, minimum: tuple[int, int], needed_for: str, missing: str,
+                    instead: str):  # fmt: skip
+    """The module `name`; a one-line ValueError when it is missing or older than `minimum`."""
     try:
-        import openvino
+        module = importlib.import_module(name)
     except ImportError:
-        raise ValueError(MISSING) from None
-    if _release(openvino.__version__) < MIN_OPENVINO:
+        raise ValueError(missing) from None
+    if _release(module.__version__) < minimum:
         raise ValueError(
-            f"--backend=openvino needs openvino >= {'.'.join(map(str, MIN_OPENVINO))}, found "
-            f"{openvino.__version__.split('-')[0]}: pip install -e '.[openvino]' ({INSTEAD})"
+            f"{needed_for} needs {name} >= {'.'.join(map(str, minimum))}, found "
+            f"{module.__version__.split('-')[0]}: pip install -e '.[openvino]' ({instead})"
         )
-    return openvino
+    return module
+
+
+def _import_ov():
+    return _import_checked("openvino", MIN_OPENVINO, "--backend=openvino", MISSING, INSTEAD)
 
 
 def check_nncf():
     """The nncf module; a one-line ValueError when it is missing or older than MIN_NNCF."""
-    try:
-        import nncf
-    except ImportError:
-        raise ValueError(NNCF_MISSING) from None
-    if _release(nncf.__version__) < MIN_NNCF:
-        raise ValueError(
-            f"int8 for --backend=openvino needs nncf >= {'.'.join(map(str, MIN_NNCF))}, found "
-            f"{nncf.__version__}: pip install -e '.[openvino]' ({INSTEAD_INT8})"
-        )
-    return nncf
+    return _import_checked(
+        "nncf", MIN_NNCF, "int8 for --backend=openvino", NNCF_MISSING, INSTEAD_INT8
+    )
 
 
 def _release(version: str) -> tuple[int, ...]:
