@@ -37,12 +37,12 @@ def project_arrays(project) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return frames, visible, xy
 
 
-def train_refiner(frames, visibility, coords, config: RefinerConfig = RefinerConfig(),
+def train_refiner(frames, visible, coords, config: RefinerConfig = RefinerConfig(),
                   *, progress: bool = True):  # fmt: skip
     """(PatchRefiner, params, per-step losses) trained on the visible points of the frames."""
     frames = jnp.asarray(frames)
-    n_points = visibility.shape[1]
-    pairs = np.argwhere(visibility)  # (M, 2): frame, point
+    n_points = visible.shape[1]
+    pairs = np.argwhere(visible)  # (M, 2): frame, point
     if len(pairs) == 0:
         raise ValueError("no visible points to train the refiner on")
     model = refine.PatchRefiner(n_points, width=config.width)
