@@ -25,6 +25,10 @@ _MIN_PANEL_SIDE = 40  # px; a colour bar or a strip of text is narrower
 # specks: a reconstructed map is noisy at the pixel level.
 _PANEL_COLOUR_SHARE = 0.2
 _PANEL_FLATNESS = 0.6
+_SAME_PANEL_COLOUR = 6  # levels: JPEG's drift of a flat area, not another panel
+_PANEL_NOISE = 12.0  # RGB distance: JPEG's noise over a flat panel, away from edges
+_PANEL_REACH = 8  # px from its flat area: a JPEG halo around what lies on the panel
+_PANEL_CORE = 7  # px: the flat area is where a square of this side is all the panel's colour
 _MAX_DEPTH = 5  # window, body, side or maps panel, ...: deeper nests are not seen in practice
 # Share of a component's outline on its circle: a disk's (even with a defect eating into the
 # rim, or a label touching it) is 0.7-1; a square's about 0.2.
@@ -118,6 +122,32 @@ def _panel_colour(box: np.ndarray, part: np.ndarray) -> tuple[np.ndarray, float,
     return colour, count / int(part.sum()), inner / max(count, 1)
 
 
+def _near_panel(box, background_pixels, background, tolerance: float) -> np.ndarray:
+    """(h, w) bool: the pixels within tolerance of a panel whose colour is near the background.
+
+    A panel less than the tolerance away from the colour around it (a grey maps panel in a
+    grey frame) is background with it, but its JPEG noise straddles the tolerance's edge:
+    speckles of it would stand out and, closed, swell every map and label they touch. The
+    most common colour of what reads as background, when it is not the background's own and
+    covers a flat fifth of it, is background too: within the tolerance of that colour and
+    _PANEL_REACH of its flat area, so that another panel's pixels stay as they were.
+    """
+    if not background_pixels.any():
+        return background_pixels
+    colour, share, flatness = _panel_colour(box, background_pixels)
+    own = np.abs(colour - np.asarray(background, np.float32)).max() <= _SAME_PANEL_COLOUR
+    if own or share < _PANEL_COLOUR_SHARE or flatness < _PANEL_FLATNESS:
+        return np.zeros(background_pixels.shape, bool)
+    # the panel's own flat area, not the stray pixels of its colour elsewhere (the blend of
+    # a map's anti-aliased rim with another panel), and the halo within reach of it
+    flat = ~colormaps.foreground_mask(box, background=colour, tolerance=_PANEL_NOISE)
+    core = cv2.erode(flat.astype(np.uint8), np.ones((_PANEL_CORE, _PANEL_CORE), np.uint8))
+    size = 2 * (_PANEL_REACH + _PANEL_CORE // 2) + 1
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
+    reach = cv2.dilate(core, kernel) > 0
+    return reach & ~colormaps.foreground_mask(box, background=colour, tolerance=tolerance)
+
+
 def map_foreground(image: np.ndarray, *, tolerance: float = 40.0) -> np.ndarray:
     """(H, W) bool: the pixels that stand out from the panel they lie on.
 
@@ -125,7 +155,9 @@ def map_foreground(image: np.ndarray, *, tolerance: float = 40.0) -> np.ndarray:
     `colormaps.foreground_mask`; in a screenshot each panel (a large component, not a disk,
     most of it one flat colour) is opened and its own background removed in turn (see the
     module docstring). A panel need not be a rectangle: around a side panel of another
-    colour, the maps panel and the strips above it make one L-shaped component.
+    colour, the maps panel and the strips above it make one L-shaped component. A panel
+    whose colour is within the tolerance of the one around it is background with it
+    (`_near_panel`).
     """
     h, w = image.shape[:2]
     out = np.zeros((h, w), bool)
@@ -137,6 +169,7 @@ def map_foreground(image: np.ndarray, *, tolerance: float = 40.0) -> np.ndarray:
         fg = colormaps.foreground_mask(box, background=background, tolerance=tolerance)
         if within is not None:
             fg &= within
+        fg &= ~_near_panel(box, ~fg if within is None else within & ~fg, background, tolerance)
         n, labels, stats, _ = cv2.connectedComponentsWithStats(fg.astype(np.uint8), connectivity=8)
         for i in range(1, n):
             x, y, bw, bh, _ = (int(v) for v in stats[i])

@@ -108,6 +108,9 @@ _MAX_FAR_FRACTION = 0.1
 # cells left between them, are 0.62-0.74 masked and off by 0.13-0.19: above 0.6 the fraction
 # no longer says whether the fill holds, and the disk is refused.
 _MAX_MASKED = 0.6
+# Share of a disk's pixels in the map's own colours (`overlays.map_colours`) that the table is
+# chosen on; up to 60% of a disk may be drawn over, its edges blurred further by JPEG.
+_MIN_MAP_COLOURS = 0.25
 _MIN_HOTTEST = 0.6  # polar maps are normalised to their hottest region (100%)
 _MIN_UPTAKE_SD = 0.01  # a flat disk of one colour is no perfusion map
 _MIN_DISK_RATIO = 0.8  # radii of the stress and rest disks in one export
@@ -238,7 +241,11 @@ def _colour_table(image, foreground, colormap, disk_pixels, what) -> np.ndarray:
 def _disk_pixels(image: np.ndarray, disks) -> np.ndarray:
     """(N, 3) the map's pixels within 0.9 of each disk's radius, without what is drawn over.
 
-    All of them when drawings hide most of a disk: the checks then see that.
+    All of them when fewer than _MIN_MAP_COLOURS of them agree with the median around them
+    (no smooth map there at all): the checks then see that. A 3 px grid with bold scores,
+    its anti-aliased and JPEG edges, leaves about half of a map in its own colours; taken
+    with the grid's colour, the tables are ranked on the grid too, and one holding that
+    colour (magenta: gist_rainbow's top) can read it as the hottest part and win.
     """
     parts, maps = [], []
     for d in disks:
@@ -246,7 +253,7 @@ def _disk_pixels(image: np.ndarray, disks) -> np.ndarray:
         parts.append(image[rows, cols][inside])
         maps.append(overlays.map_colours(image[rows, cols], inside, d.radius))
     every, agree = np.concatenate(parts), np.concatenate(maps)
-    return agree if len(agree) >= 0.5 * len(every) else every
+    return agree if len(agree) >= _MIN_MAP_COLOURS * len(every) else every
 
 
 def _maps_from_image(image: np.ndarray, what, expected: int, colormap, size: int):

@@ -13,6 +13,7 @@ from perfusion import exports, geometry, overlays, panels, simulate, studies
 SIZE = 64
 INNER = geometry.polar_coords(SIZE)[0] < 0.95
 WHITE, BLACK, GREY, CYAN = (255, 255, 255), (0, 0, 0), (128, 128, 128), (0, 255, 255)
+MAGENTA = (255, 0, 255)
 
 
 def _screenshot(tmp_path, name, *, seed=0, **style):
@@ -162,6 +163,37 @@ def test_simulated_screenshot_folder_reads_with_its_labels(tmp_path):
         i = int(study.name.split("_")[1])
         assert study.label == sims[i].label and study.segments == sims[i].segments
         assert (tmp_path / "masks" / f"{study.name}.npz").exists()
+
+
+def test_a_maps_panel_near_the_frame_colour_is_background(tmp_path):
+    # A dark grey maps panel (67) in a grey window frame (90; seed 5 draws it): 40 RGB levels
+    # apart, at the foreground's tolerance, so JPEG's noise of the panel stood out in
+    # speckles that, closed, swelled the maps and joined one to its label and the bar's
+    # numbers: "one disk where 2" (seeds 5, 6, 10 of 12; study_0142, 0063 of the e2e folder)
+    sim, path = _screenshot(
+        tmp_path, "near", seed=5, chrome=True, background=67, layout="side", third_map=None,
+        colormap="turbo", grid_colour=GREY, grid_thickness=3, colorbar="above",
+        file_format="jpg", jpeg_quality=91, disk_px=190,
+    )  # fmt: skip
+    assert np.abs(cv2.imread(str(path))[0, 0].astype(int) - 90).max() <= 3  # the frame, JPEG
+    study = studies.read_study_image(path, size=SIZE)
+    assert max(_errors(study, sim)) < 0.03  # measured 0.017
+
+
+@pytest.mark.parametrize("seed", [4, 10])
+def test_the_table_is_chosen_on_the_map_not_its_grid(tmp_path, seed):
+    # A 3 px magenta grid with bold grey scores over jet: about half of each disk is left in
+    # the map's own colours. Ranked on every pixel, grid included, gist_rainbow (magenta at
+    # its top) won: seed 4 was read off by 0.72, seed 10 refused as 17% far from the table
+    # (study_0049 of the e2e folder, and study_0001 read off by 0.09)
+    sim, path = _screenshot(
+        tmp_path, "magenta", seed=seed, chrome=False, layout="side", third_map=None,
+        colormap="jet", grid_colour=MAGENTA, grid_thickness=3, score_colour=GREY, font=4,
+        font_scale=0.53, font_thickness=2, colorbar=None, file_format="jpg", jpeg_quality=83,
+        disk_px=186,
+    )  # fmt: skip
+    study = studies.read_study_image(path, size=SIZE)
+    assert max(_errors(study, sim)) < 0.03  # measured 0.019 and 0.013
 
 
 def test_a_thin_grid_costs_its_own_width(tmp_path):
