@@ -352,17 +352,8 @@ def _draw_segment_grid(img: np.ndarray) -> None:
         cv2.circle(
             img, (int(round(c)), int(round(c))), int(round(r * radius)), white, 1, cv2.LINE_AA
         )
-    for deg in range(60, 420, 60):  # basal and mid: six sectors from 60 deg
-        cv2.line(img, pt(geometry.APICAL_RADIUS, deg), pt(1.0, deg), white, 1, cv2.LINE_AA)
-    for deg in (45, 135, 225, 315):  # apical: four sectors centred on 90, 180, 270, 0
-        cv2.line(
-            img,
-            pt(geometry.APEX_RADIUS, deg),
-            pt(geometry.APICAL_RADIUS, deg),
-            white,
-            1,
-            cv2.LINE_AA,
-        )
+    for inner, outer, deg in geometry.segment_grid_lines():
+        cv2.line(img, pt(inner, deg), pt(outer, deg), white, 1, cv2.LINE_AA)
     scale = size / 128 * 0.4
     for k, (x, y) in enumerate(geometry.segment_centroids(size), start=1):
         text = str(k)
