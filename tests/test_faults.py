@@ -127,6 +127,12 @@ def test_os_error_lines_name_the_path_and_the_cause():
     )
 
 
+def _run_launcher(script: str) -> subprocess.CompletedProcess:
+    """`script` (a launcher run with some writes made to fail) as its own process."""
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, env=ENV, cwd=ROOT)  # fmt: skip
+
+
 def _other_lines(run) -> list[str]:
     """Printed lines that are neither tqdm progress nor the result."""
     text = (run.stdout + run.stderr).replace("\r", "\n")
@@ -305,8 +311,7 @@ outputs.open = full
 sys.argv = ["tavr_infer.py", "--workdir={workdir}", "--input={frames}", "--out={out}"]
 runpy.run_path("experiments/tavr_infer.py", run_name="__main__")
 """
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=300, env=ENV, cwd=ROOT)  # fmt: skip
+    run = _run_launcher(script)
     assert run.returncode == 1
     lines = _other_lines(run)
     assert lines[-1] == f"error: {out / 'predictions.jsonl'}: disk full (No space left on device)"
@@ -376,8 +381,7 @@ records._rewrite_array_record = full
 sys.argv = ["build_tfds.py", "--data={project}", "--out={out}", "--image_size=16"]
 runpy.run_path("experiments/build_tfds.py", run_name="__main__")
 """
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=300, env=ENV, cwd=ROOT)  # fmt: skip
+    run = _run_launcher(script)
     assert run.returncode == 1
     text = (run.stdout + run.stderr).replace("\r", "\n")
     lines = [x for x in text.splitlines() if x.strip() and not x.startswith("build ")]
