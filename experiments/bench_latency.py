@@ -12,6 +12,8 @@
         --onnxruntime_peer --openvino_peer --torch_eager=false --profile=false \
         [--background_load] --out=cpu_table.json
     python experiments/bench_latency.py --backbones=resnet34 --stream=cine.dcm --out=stream.json
+    python experiments/bench_latency.py --backbones=resnet34 --dtypes=bfloat16 --notorch_eager \
+        --torch_modes=eager,max-autotune-no-cudagraphs,reduce-overhead --out=gpu_peers.json
 """
 
 import json
@@ -57,6 +59,17 @@ _ORT_PEER = flags.DEFINE_bool(
 _OV_PEER = flags.DEFINE_bool(
     "openvino_peer", False, "also time OpenVINO on torch's ONNX export of the network"
 )
+_TORCH_MODES = flags.DEFINE_list(
+    "torch_modes", [],
+    "torch peers beside every row, on jax's device: eager, max-autotune-no-cudagraphs, "
+    "reduce-overhead (torch.compile modes; compile time reported apart)",
+)  # fmt: skip
+_TORCH_BACKEND = flags.DEFINE_string(
+    "torch_backend", None, "torch.compile backend of the compiled modes (default: inductor)"
+)
+_TORCH_BUDGET = flags.DEFINE_float(
+    "torch_compile_budget_s", None, "compile seconds per torch mode, after which it is skipped"
+)
 _PROVIDER = flags.DEFINE_enum(
     "provider", "auto", ["auto", "cpu", "cuda", "tensorrt"], "onnxruntime execution provider"
 )
@@ -84,6 +97,8 @@ def main(argv):
                 backends=_BACKEND.value, onnxruntime_peer=_ORT_PEER.value,
                 openvino_peer=_OV_PEER.value, provider=_PROVIDER.value,
                 winograd=_WINOGRAD.value, load=_LOAD.value, out=_OUT.value,
+                torch_modes=_TORCH_MODES.value, torch_backend=_TORCH_BACKEND.value,
+                torch_compile_budget_s=_TORCH_BUDGET.value,
             )  # fmt: skip
             if _PLOT.value:
                 earlier = [json.loads(open(p).read()) for p in _PLOT_WITH.value]

@@ -3,7 +3,7 @@ r"""The GPU campaign: every GPU measurement of the project in one device call (d
     bash experiments/gpu_campaign.sh                     # on the GPU machine, results in $OUT
     python experiments/gpu_campaign.py --smoke --out=/tmp/smoke   # the same stages, tiny, CPU
 
-Runs the stages of `experiments.benchmarks.campaign` (preflight, simulate, latency,
+Runs the stages of `experiments.benchmarks.campaign` (preflight, simulate, latency, engine,
 train_throughput, training, perfusion) each under its own time limit, then writes
 `campaign.json`. Exits 1 when any stage failed or ran out of time (the others still ran).
 """

@@ -4,6 +4,8 @@
 # Results go to $OUT (the device tool's folder; ./campaign_out when unset), scratch to
 # /tmp/campaign_work. Extra arguments go to experiments/gpu_campaign.py, e.g. --head=integral,
 # --config_overrides=--config.dtype=bfloat16, or --smoke for the CPU smoke run of `make test`.
+# Campaign 2 (issue 29) adds the torch peers, the engine stage and the training variants;
+# the same one call runs them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-$PWD/campaign_out}"

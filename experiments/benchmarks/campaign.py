@@ -4,14 +4,21 @@ Stages, in order of value, each a few launcher runs under its own time limit:
   a. preflight: install the carried wheels, record versions and the device, import every entry
      module (a failure here stops the campaign: nothing after it could run);
   b. simulate a TAVR project on every core;
-  c. inference latency and throughput of the compiled engine;
-  d. training throughput (device-resident and real input pipeline) and the input loader;
-  e. the paper-scale training run for the remaining budget, threshold tuning on validation
+  c. inference latency and throughput of the compiled engine, with the torch peers of every
+     row on the same device (eager, and `torch.compile`'s max-autotune-no-cudagraphs and
+     reduce-overhead modes);
+  d. the engine: a profile of the batch-1 engine (kernels, the 15 slowest, idle time), its
+     variants (jit against AOT, packed outputs, bf16 from the input onward, XLA flags each in
+     a process of its own) and the pipelined rate at the larger batches;
+  e. the input loader's own rate, then training throughput per variant (batch size, dtype,
+     bf16 state, augmentation off), each rate net of the step's compilation;
+  f. the paper-scale training run for the remaining budget, threshold tuning on validation
      patients and evaluation of held-out test patients; then, where the plan has one, the
      second-stage refiner trained on the run's training cases and the test patients evaluated
-     again with it (the CPU smoke run; not the GPU run, where it did not pay);
-  f. perfusion features (maps/s), then the perfusion CNN cross-validation if time is left;
-  g. `campaign.json`, the machine-readable summary.
+     again with it (the CPU smoke run; not the GPU run, where it did not pay); recall per
+     point (CP first); the live replay of held-out cines;
+  g. perfusion features (maps/s), then the perfusion CNN cross-validation if time is left;
+  h. `campaign.json`, the machine-readable summary.
 A failed or timed-out stage does not stop the next. After every stage the results so far are
 collected from the work folder (partial JSON included) into the output folder, and
 `campaign.json` is rewritten, so a campaign cut short still leaves its summary.
@@ -41,7 +48,9 @@ from cardiac_core.fileio import write_json_atomic
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 EXPERIMENTS = ROOT / "experiments"
-STAGES = ("preflight", "simulate", "latency", "train_throughput", "training", "perfusion")
+STAGES = (
+    "preflight", "simulate", "latency", "engine", "train_throughput", "training", "perfusion",
+)  # fmt: skip
 SITE = "/tmp/campaign_site"  # where the carried wheels are installed
 _CAMPAIGN = (
     "from experiments.benchmarks import campaign"  # child processes call this module's helpers
@@ -54,7 +63,8 @@ ENTRY_MODULES = (
     "tavr_jax.data.pipeline", "tavr_jax.data.simulate",
     "tavr_jax.infer.engine", "perfusion.features", "perfusion.classifiers", "perfusion.cnn",
     "experiments.benchmarks.latency", "experiments.benchmarks.training",
-    "experiments.benchmarks.input",
+    "experiments.benchmarks.input", "experiments.benchmarks.engine_study",
+    "experiments.benchmarks.torch_peers",
 )  # fmt: skip
 PACKAGES = (
     "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "opencv-python-headless",
@@ -76,8 +86,12 @@ class Plan:
     budget_s: float  # wall-clock for all stages
     limits: dict  # stage -> seconds (training: what is left, see `Campaign._training`)
     sim: dict  # make_tavr_data flags
-    latency_runs: tuple  # (backbone, dtype) pairs, one bench_latency run each, in this order
+    latency_runs: tuple  # (backbone, dtype, torch modes) of each bench_latency run, in order
     latency: dict  # bench_latency flags shared by the runs
+    torch: dict  # bench_latency flags of the torch peers (torch_backend, compile budget)
+    onnxruntime: bool  # also an ONNX Runtime run (on the CPU cores) when bench_latency has one
+    engine: dict  # engine_study.engine_study arguments
+    engine_flags: tuple  # (name, XLA_FLAGS) variants, one process each (engine_study.flag_variant)
     throughput: dict  # bench_train flags
     input: dict  # bench_input flags
     train_config: str  # --config of tavr_train
@@ -89,6 +103,7 @@ class Plan:
     live: dict | None  # bench_live flags: the trained run on a paced replay, or None
     reserve_s: dict  # seconds kept for what follows the training run
     train_min_s: float  # training time the stages before it may not eat into
+    latency_env: dict = dataclasses.field(default_factory=dict)  # more environment, latency
 
 
 def _config_file(spec: pathlib.Path):
@@ -105,24 +120,61 @@ def gpu_plan() -> Plan:
     return Plan(
         smoke=False,
         budget_s=540.0,
-        # measured on an H200 (2026-11-28): preflight 22 s, simulate 9 s, a latency run 25 s,
-        # one bench_train dtype ~60 s (47 s of it compiling)
-        limits=dict(preflight=90, simulate=60, latency=100, train_throughput=150, perfusion=45),
+        # Measured on an H200 (2026-11-28): preflight 22 s, simulate 9 s, a latency run 25 s
+        # (4 batches, compile included), one bench_train row ~60 s (47 s of it compiling),
+        # the training stage 192 s (84 s training, 40 s of it compiling), features 12 s.
+        # Campaign 2 (not yet run): the bf16 latency run with its compiled torch peers
+        # (~25 s, plus each mode's first compilation, unknown: tens of seconds), the fp32 run
+        # with eager torch (~30 s); the engine stage ~35 s in one process plus ~10-15 s per
+        # XLA-flag process; the training variants in order of value, so a limit cuts the least
+        # valuable (at 47 s of compilation a row, one or two fit; the rest are
+        # `gpu_followup.sh`'s with FOLLOWUP=train_variants). The stages before training are
+        # clamped to leave it its minimum (`protected_s`).
+        limits=dict(
+            preflight=60, simulate=40, latency=150, engine=75, train_throughput=130, perfusion=30
+        ),
         sim=dict(cases=150, frames=40, size=512, seed=0, workers=0),  # 6,000 frames
+        # ResNet18 ran in the first campaign (docs/gpu/README.md); its time goes to the peers.
+        # The compiled torch peers beside the bf16 rows (the targets'), eager beside the fp32
+        # ones: Inductor compiles each (batch, dtype) anew, tens of seconds each.
         latency_runs=(
-            ("resnet34", "bfloat16"),
-            ("resnet34", "float32"),
-            ("resnet18", "bfloat16"),
-        ),  # fmt: skip
+            ("resnet34", "bfloat16", "eager,reduce-overhead,max-autotune-no-cudagraphs"),
+            ("resnet34", "float32", "eager"),
+        ),
         latency=dict(image_size=512, batch_sizes="1,8,32,128", min_time=0.3),
+        # a compiled mode compiles until 25 s are spent in a run (batch 1 first); the cells
+        # after that say so in their row
+        torch=dict(torch_compile_budget_s=25),
+        onnxruntime=False,  # the image's onnxruntime is the CPU build: no GPU row to be had
+        engine=dict(
+            backbone="resnet34",
+            image_size=512,
+            dtype="bfloat16",
+            batch=1,
+            pipelined_batches=(32, 128, 256),
+            profile_calls=20,
+            min_time=0.3,
+        ),
+        engine_flags=(
+            (
+                "command_buffer",
+                "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUDNN,"
+                "CUSTOM_CALL --xla_gpu_graph_min_graph_size=1",
+            ),
+            ("command_buffer_off", "--xla_gpu_enable_command_buffer="),
+            ("autotune_level_0", "--xla_gpu_autotune_level=0"),
+        ),
         throughput=dict(
             backbones="resnet34",
-            dtypes="bfloat16,float32",
+            # in order of value: the first run's row, the fp32 row it did not reach, the
+            # larger batches, bf16 state, augmentation off, the largest batch
+            variants="bfloat16:64,float32:64,bfloat16:128,bfloat16:64:bf16_state,"
+            "bfloat16:64:noaug,bfloat16:256",
+            pipeline_rows=1,  # the real input pipeline feeds the first row only
             image_size=512,
-            batch_size=64,
             steps=10,
             repeats=3,
-        ),  # fmt: skip
+        ),
         input=dict(image_size=512, batch_size=64, variants="memory,0:2", batches=20, repeats=3),
         # the paper-scale recipe (ResNet34 at 512 px) in bf16, with a test split
         train_config="experiments/configs/tavr_gpu_campaign.py",
@@ -135,8 +187,10 @@ def gpu_plan() -> Plan:
         refine=None,
         # the live loop on held-out cines at 30 frames/s: frame age at the readout, drops, depth
         live=dict(minutes=0.4, rates="30", cases=2, frames=40, size=1024),
-        reserve_s=dict(startup=60, evaluation=60, refine=0, live=45, perfusion=30),
+        reserve_s=dict(startup=50, evaluation=45, refine=0, live=40, perfusion=20),
         train_min_s=60,
+        # torch shares the GPU with jax in the latency runs: jax takes half, not 75%
+        latency_env={"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5"},
     )
 
 
@@ -145,18 +199,35 @@ def smoke_plan() -> Plan:
     return Plan(
         smoke=True,
         budget_s=420.0,
-        limits=dict(preflight=60, simulate=60, latency=90, train_throughput=120, perfusion=60),
+        limits=dict(
+            preflight=60, simulate=60, latency=90, engine=90, train_throughput=120, perfusion=60
+        ),
         sim=dict(cases=4, frames=6, size=64, seed=0, workers=2),
-        latency_runs=(("resnet_tiny", "float32"),),
+        # the compiled modes' path with dynamo's eager backend: Inductor would compile C++ here
+        latency_runs=(
+            ("resnet_tiny", "float32", "eager,max-autotune-no-cudagraphs,reduce-overhead"),
+        ),
         latency=dict(image_size=32, batch_sizes="1,2", min_time=0.05),
+        torch=dict(torch_backend="eager", torch_compile_budget_s=60),
+        onnxruntime=True,
+        engine=dict(
+            backbone="resnet_tiny",
+            image_size=32,
+            dtype="float32",
+            batch=1,
+            pipelined_batches=(2, 4),
+            profile_calls=5,
+            min_time=0.05,
+        ),
+        engine_flags=(("autotune_level_0", "--xla_gpu_autotune_level=0"),),
         throughput=dict(
             backbones="resnet_tiny",
-            dtypes="float32",
+            variants="float32:8,float32:8:noaug:bf16_state",
+            pipeline_rows=1,
             image_size=32,
-            batch_size=8,
             steps=2,
             repeats=1,
-        ),  # fmt: skip
+        ),
         input=dict(image_size=32, batch_size=8, variants="memory", batches=2, repeats=1),
         train_config="experiments/configs/tavr.py:runlocal,noaug",
         train={
@@ -184,24 +255,119 @@ def smoke_plan() -> Plan:
 
 
 def latency_rows(results: list[dict]) -> list[dict]:
-    """campaign.json `latency` rows from bench_latency JSON files (end-to-end timings)."""
+    """campaign.json `latency` rows from bench_latency JSON files (end-to-end timings), with
+    our time over the best torch peer's (None without peers)."""
     return [
         {**{k: r[k] for k in ("backbone", "image_size", "batch", "dtype")},
          "end_to_end_p50_ms": r["end_to_end"]["p50_ms"],
          "end_to_end_p99_ms": r["end_to_end"]["p99_ms"],
-         "frames_per_s": r["end_to_end"]["frames_per_s"]}
+         "frames_per_s": r["end_to_end"]["frames_per_s"],
+         "best_torch_peer": r.get("best_torch_peer"),
+         "ratio_vs_best_torch_peer": r.get("ratio_vs_best_torch_peer")}
         for result in results
         for r in result.get("rows", [])
     ]  # fmt: skip
 
 
+def peer_rows(results: list[dict], failures=()) -> list[dict]:
+    """campaign.json `peer_rows`: one per latency row and torch peer, with the peer's p50 and
+    `our_ratio`, our end-to-end time over the peer's (the median of paired runs; < 1: we are
+    faster), its compile time (reported, never counted) or its error; and one error row per
+    latency run that failed with its peers (`failures`: it ran again without them)."""
+    rows = [{"backbone": f["backbone"], "batch": None, "dtype": f["dtype"],
+             "peer": f"torch {f.get('modes')}", "p50_ms": None, "our_ratio": None,
+             "our_p50_ms": None, "compile_s": None, "best": False, "error": f["error"]}
+            for f in failures]  # fmt: skip
+    for result in results:
+        for r in result.get("rows", []):
+            for mode, peer in (r.get("torch_peers") or {}).items():
+                rows.append({
+                    **{k: r[k] for k in ("backbone", "batch", "dtype")},
+                    "peer": f"torch {mode}",
+                    "p50_ms": peer.get("p50_ms"),
+                    "our_ratio": peer.get("ratio"),
+                    "our_p50_ms": r["end_to_end"]["p50_ms"],
+                    "compile_s": peer.get("compile_s"),
+                    "best": mode == r.get("best_torch_peer"),
+                    "error": peer.get("error"),
+                })  # fmt: skip
+    return rows
+
+
 def throughput_rows(result: dict | None) -> list[dict]:
-    """campaign.json `train_throughput` rows from a bench_train JSON (device-resident rate)."""
+    """campaign.json `train_throughput` rows from a bench_train JSON: one per training variant
+    (batch, dtype, state dtype, augmentation), the device-resident rate and MFU, the real
+    input pipeline's rate where measured, the compile time taken out of both, or its error."""
+    keys = ("backbone", "image_size", "dtype", "images_per_s", "mfu")
+    more = ("state_dtype", "augment", "layout", "images_per_s_pipeline", "compile_s", "error")
     return [
-        {**{k: r[k] for k in ("backbone", "image_size", "dtype", "images_per_s", "mfu")},
-         "batch": r["batch_size"]}
+        {**{k: r[k] for k in keys}, "batch": r["batch_size"], **{k: r.get(k) for k in more}}
         for r in (result or {}).get("results", [])
-    ]  # fmt: skip
+    ]
+
+
+def loader_rows(result: dict | None) -> list[dict]:
+    """campaign.json `loader` rows from a bench_input JSON: the input loader's own rate."""
+    return [{k: r.get(k) for k in ("source", "variant", "frames_per_s")}
+            for r in (result or {}).get("rows", [])]  # fmt: skip
+
+
+def profile_summary(engine: dict | None, top: int = 15) -> dict | None:
+    """campaign.json `profile`: the batch-1 engine's kernels per call, the share of its `top`
+    slowest kernels, idle time between kernels and the rest of the call (medians per call,
+    microseconds), and the slowest kernels themselves; or the profiler's error."""
+    profile = (engine or {}).get("profile")
+    if not profile or "error" in profile:
+        return profile
+    keys = ("kernels", f"top{top}_share", "idle_us", "call_us", "kernel_us", "busy_us",
+            "span_us", "before_us", "after_us", "copies_per_call", "calls",
+            "clocks_aligned")  # fmt: skip
+    out = {k: profile.get(k) for k in keys}
+    out.update({k: engine.get(k) for k in ("backbone", "image_size", "dtype", "batch")})
+    out["top"] = [{k: t[k] for k in ("name", "us", "share")} for t in profile.get("top", [])]
+    return out
+
+
+def engine_variant_rows(engine: dict | None, flagged: list[dict]) -> list[dict]:
+    """campaign.json `engine_variants`: the engine's variants (same process, timed in
+    alternation: `ratio_vs_aot` of paired runs) and its XLA-flag variants (a process each:
+    the ratio of p50s to the default's), end to end at batch 1, or their errors."""
+    rows = []
+    aot = None
+    for v in (engine or {}).get("variants", []):
+        e2e = v.get("end_to_end") or {}
+        if v["variant"] == "aot":
+            aot = e2e.get("p50_ms")
+        rows.append({"variant": v["variant"], "p50_ms": e2e.get("p50_ms"),
+                     "p99_ms": e2e.get("p99_ms"), "ratio_vs_aot": v.get("ratio_vs_aot"),
+                     "compile_s": v.get("compile_s"), "xla_flags": None,
+                     "error": v.get("error")})  # fmt: skip
+    for v in flagged:
+        e2e = v.get("end_to_end") or {}
+        p50 = e2e.get("p50_ms")
+        rows.append({"variant": v["variant"], "p50_ms": p50, "p99_ms": e2e.get("p99_ms"),
+                     "ratio_vs_aot": p50 / aot if p50 and aot else None,
+                     "compile_s": v.get("compile_s"), "xla_flags": v.get("xla_flags"),
+                     "error": v.get("error")})  # fmt: skip
+    return rows
+
+
+def pipelined_rows(engine: dict | None) -> list[dict]:
+    """campaign.json `pipelined_frames_per_s`: per batch, one call at a time against the
+    pipelined rate from pageable and from pinned host memory (frames/s, end to end)."""
+    keys = ("batch", "one_call_frames_per_s", "pipelined_frames_per_s",
+            "pipelined_pinned_frames_per_s", "error")  # fmt: skip
+    return [{k: r.get(k) for k in keys} for r in (engine or {}).get("pipelined", [])]
+
+
+def per_point_recall(test: dict | None, first: str = "CP") -> dict | None:
+    """campaign.json `per_point_recall`: {point: recall} of the test metrics, `first` (CP, the
+    point the first paper-scale run missed) first, then the schema's order."""
+    per_point = (test or {}).get("per_point")
+    if not per_point:
+        return None
+    names = sorted(per_point, key=lambda name: name != first)  # stable: the schema's order
+    return {name: per_point[name].get("recall") for name in names}
 
 
 def _at_1024(metrics: dict) -> float | None:
@@ -254,7 +420,9 @@ def live_rows(result: dict | None) -> list[dict]:
     return rows
 
 
-def summary(preflight, latency, throughput, training, features, live=()) -> dict:
+def summary(preflight, latency, throughput, training, features, live=(), *, peers=(),
+            profile=None, engine_variants=(), pipelined=(), loader=(),
+            recall_per_point=None) -> dict:  # fmt: skip
     """campaign.json: exactly the fields of the campaign's contract (docs/gpu/README.md)."""
     preflight = preflight or {}
     return {
@@ -262,8 +430,14 @@ def summary(preflight, latency, throughput, training, features, live=()) -> dict
         "jax": preflight.get("versions", {}).get("jax"),
         "date": datetime.date.today().isoformat(),
         "latency": latency,
+        "peer_rows": list(peers),
+        "profile": profile,
+        "engine_variants": list(engine_variants),
+        "pipelined_frames_per_s": list(pipelined),
         "train_throughput": throughput,
+        "loader": list(loader),
         "training": training,
+        "per_point_recall": recall_per_point,
         "features": features,
         "live": list(live),
     }
@@ -345,10 +519,12 @@ class Campaign:
         """Seconds the stages before training leave: its minimum and what follows it."""
         return self.plan.train_min_s + sum(self.plan.reserve_s.values())
 
-    def _exec(self, cmd: list[str], limit_s: float, *, capture: str | None = None) -> str:
+    def _exec(self, cmd: list[str], limit_s: float, *, capture: str | None = None,
+              env: dict | None = None) -> str:  # fmt: skip
         """Runs one command in its own process group: "ok", "failed (exit N)" or "timeout".
 
-        Output goes to this process's stdout (the campaign log), and also to `work/capture`.
+        Output goes to this process's stdout (the campaign log), and also to `work/capture`;
+        `env` adds to the campaign's environment for this command.
         """
         limit_s = min(limit_s, self.left())
         if limit_s <= 1:
@@ -357,7 +533,7 @@ class Campaign:
         proc = subprocess.Popen(
             cmd,
             cwd=ROOT,
-            env=self.env,
+            env={**self.env, **(env or {})},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -396,18 +572,18 @@ class Campaign:
         t0 = time.monotonic()
         deadline = t0 + limit_s
         statuses = []
-        if self.fail_stage == name:  # tests: a stage that fails must not stop the next
+        if self.fail_stage == name:  # tests: a stage that fails must not stop the next; its
+            # own commands still run after the failed one, so the smoke run covers them all
             injected = [self.python, "-c", "raise SystemExit('injected failure')"]
             statuses.append(self._exec(injected, limit_s))
-        else:
-            for command in commands:
-                remaining = deadline - time.monotonic()
-                if callable(command):
-                    statuses.append(command(remaining))
-                else:
-                    statuses.append(self._exec(command, remaining))
-                if stop_on_failure and statuses[-1] != "ok":
-                    break
+        for command in commands:
+            remaining = deadline - time.monotonic()
+            if callable(command):
+                statuses.append(command(remaining))
+            else:
+                statuses.append(self._exec(command, remaining))
+            if stop_on_failure and statuses[-1] != "ok":
+                break
         bad = [s for s in statuses if s != "ok"]
         self.stages[name] = {
             "status": bad[0] if bad else "ok",
@@ -473,15 +649,68 @@ class Campaign:
         self._stage("simulate", [cmd], self.plan.limits["simulate"])
 
     def _latency(self) -> None:
-        commands = [
-            self._launcher("bench_latency", "--noprofile", "--notorch_eager", backbones=backbone,
-                           dtypes=dtype, out=self.work / f"latency_{backbone}_{dtype}.json",
-                           **self.plan.latency)
-            for backbone, dtype in self.plan.latency_runs
-        ]  # fmt: skip
+        def run(backbone, dtype, modes):
+            out = self.work / f"latency_{backbone}_{dtype}.json"
+
+            def command(peers: str) -> list[str]:
+                return self._launcher("bench_latency", "--noprofile", "--notorch_eager",
+                                      backbones=backbone, dtypes=dtype, out=out,
+                                      torch_modes=peers, **self.plan.latency,
+                                      **self.plan.torch)  # fmt: skip
+
+            def go(limit_s):
+                t0 = time.monotonic()
+                status = self._exec(command(modes), limit_s, env=self.plan.latency_env)
+                if status.startswith("failed") and modes:
+                    # torch in the same process must not cost our own rows: again without it
+                    # (the compilation cache serves the engine's executables)
+                    print(f"latency: {backbone} {dtype} with torch peers {status}; again "
+                          "without them", flush=True)  # fmt: skip
+                    failure = {"backbone": backbone, "dtype": dtype, "modes": modes,
+                               "error": f"the run with torch peers: {status}"}  # fmt: skip
+                    write_json_atomic(self.work / f"peer_failure_{backbone}_{dtype}.json", failure)
+                    left = limit_s - (time.monotonic() - t0)
+                    return self._exec(command(""), left, env=self.plan.latency_env)
+                return status
+
+            return go
+
+        commands = [run(*spec) for spec in self.plan.latency_runs]
+        if self.plan.onnxruntime:
+            commands.append(self._onnxruntime_row)
         plot = f"campaign.plot_latency({str(self.work)!r}, {str(self.out)!r})"
-        commands += [self._onnxruntime_row, [self.python, "-c", f"{_CAMPAIGN}; {plot}"]]
+        commands.append([self.python, "-c", f"{_CAMPAIGN}; {plot}"])
         self._stage("latency", commands, self.plan.limits["latency"])
+
+    def _engine(self) -> None:
+        out = self.work / "engine.json"
+        code = ("from experiments.benchmarks import engine_study; "
+                f"engine_study.engine_study({str(out)!r}, **{self.plan.engine!r})")  # fmt: skip
+        commands = [[self.python, "-c", code]]
+        commands += [self._flag_variant(name, flags) for name, flags in self.plan.engine_flags]
+        self._stage("engine", commands, self.plan.limits["engine"])
+
+    def _flag_variant(self, name: str, flags: str):
+        """The default engine in a process of its own under XLA flags. A process that fails
+        (XLA rejecting a flag, say) is that variant's row with its error, not a failed stage."""
+        out = self.work / f"engine_flags_{name}.json"
+        args = {k: self.plan.engine[k] for k in ("backbone", "image_size", "dtype", "batch",
+                                                  "min_time")}  # fmt: skip
+        code = ("from experiments.benchmarks import engine_study; "
+                f"engine_study.flag_variant({str(out)!r}, name={name!r}, **{args!r})")  # fmt: skip
+        xla_flags = " ".join(f for f in (self.env.get("XLA_FLAGS", ""), flags) if f)
+
+        def run(limit_s):
+            status = self._exec([self.python, "-c", code], limit_s, env={"XLA_FLAGS": xla_flags})
+            if status.startswith("failed"):
+                if _read_json(out) is None:
+                    row = {"variant": name, "xla_flags": xla_flags, "error": status}
+                    write_json_atomic(out, row)
+                print(f"engine: variant {name} failed ({status}); kept as its row's error")
+                return "ok"
+            return status
+
+        return run
 
     def _onnxruntime_row(self, limit_s) -> str:
         """ONNX Runtime, when the latency launcher offers a backend flag (another engineer's)."""
@@ -561,11 +790,12 @@ class Campaign:
     def _steps_in(self, budget_s: float, dtype: str) -> int | None:
         """Steps that fit the budget at the measured rate of the config's backbone and dtype."""
         measured = _read_json(self.work / "bench_train.json") or {}
-        rows = [
+        rows = [  # the training run's own recipe: fp32 state, augmentation on
             r
             for r in measured.get("results", [])
-            if r["backbone"] == "resnet34" and r["dtype"] == dtype
-        ]
+            if r["backbone"] == "resnet34" and r["dtype"] == dtype and r.get("images_per_s")
+            and r.get("state_dtype", "float32") == "float32" and r.get("augment", True)
+        ]  # fmt: skip
         if not rows:
             return None
         rate = rows[0].get("images_per_s_pipeline") or rows[0]["images_per_s"]
@@ -614,6 +844,10 @@ class Campaign:
         refined = _read_json(w / "test_metrics_refined.json")
         config = _read_json(w / "run" / "config.json")
         live = _read_json(w / "live.json")
+        engine = _read_json(w / "engine.json")
+        flagged = [r for r in map(_read_json, sorted(w.glob("engine_flags_*.json"))) if r]
+        peer_failures = [r for r in map(_read_json, sorted(w.glob("peer_failure_*.json"))) if r]
+        bench_input = _read_json(w / "bench_input.json")
         features = {
             "maps_per_s_256": maps_per_s(_read_text(w / "features_256.txt")),
             "maps_per_s_512": maps_per_s(_read_text(w / "features_512.txt")),
@@ -629,14 +863,16 @@ class Campaign:
             },
         )
         onnxruntime = _read_json(w / "onnxruntime_latency.json")
-        if latency_results or onnxruntime:
+        if latency_results or onnxruntime or engine or flagged:
+            # the engine stage's results travel in latency.json: at most 8 files come back
             write_json_atomic(
-                o / "latency.json", {"runs": latency_results, "onnxruntime": onnxruntime}
-            )
-        if bench_train or (w / "bench_input.json").exists():
+                o / "latency.json",
+                {"runs": latency_results, "onnxruntime": onnxruntime,
+                 "engine": engine, "engine_flags": flagged},
+            )  # fmt: skip
+        if bench_train or bench_input:
             write_json_atomic(
-                o / "train_throughput.json",
-                {"train": bench_train, "input": _read_json(w / "bench_input.json")},
+                o / "train_throughput.json", {"train": bench_train, "input": bench_input}
             )
         if train_metrics or test:
             write_json_atomic(
@@ -654,6 +890,12 @@ class Campaign:
             training_summary(train_metrics, test, config, refined),
             features,
             live_rows(live),
+            peers=peer_rows(latency_results, peer_failures),
+            profile=profile_summary(engine),
+            engine_variants=engine_variant_rows(engine, flagged),
+            pipelined=pipelined_rows(engine),
+            loader=loader_rows(bench_input),
+            recall_per_point=per_point_recall(test),
         )
         write_json_atomic(o / "campaign.json", result)
         return result

@@ -126,13 +126,15 @@ def pipelined_frames_per_s(engine, frames: np.ndarray, *, batches: int = 8, runs
 
 
 def bench_cell(engines: dict, frame_size: int, *, peak=None, peers=None, flops=None,
-               load: bool = False, **timing) -> list[dict]:  # fmt: skip
+               load: bool = False, peer_info=None, **timing) -> list[dict]:  # fmt: skip
     """One row per backend for engines of one network and batch size.
 
     engines: {backend: engine}; peak: (fn, flops) of the peak-FLOP/s kernel, timed in
     alternation with each backend's model-only run; peers: {name: fn(frames)} timed in
     alternation with every backend's end-to-end run; load: a competing job keeps one core
-    busy while they are timed (`contenders.background_load`), not while sessions are made.
+    busy while they are timed (`contenders.background_load`), not while sessions are made;
+    peer_info: {"torch:MODE": info} of the torch peers (`torch_peers.make_peer`'s info, or
+    an error), kept in each row's `torch_peers`.
     """
     peers = peers or {}
     b = next(iter(engines.values())).batch_size
@@ -145,7 +147,7 @@ def bench_cell(engines: dict, frame_size: int, *, peak=None, peers=None, flops=N
             ops = sum(kernel_census(exe).values())
             x_dev = engine.put(frames)
             model_only[backend] = lambda exe=exe, e=engine, x=x_dev: jax.device_get(
-                exe(e.variables, x)
+                exe(e.run_variables, x)
             )
         else:
             session = engine.session(frame_size, frame_size)
@@ -193,6 +195,8 @@ def bench_cell(engines: dict, frame_size: int, *, peak=None, peers=None, flops=N
         if "torch_eager" in t_peer:
             row["torch_eager"] = percentiles_ms(t_peer["torch_eager"])
             row["speedup_vs_torch"] = float(np.median(t_peer["torch_eager"] / t_e2e[backend]))
+        if peer_info or any(p.startswith("torch:") for p in t_peer):
+            row.update(torch_peer_fields(t_e2e[backend], t_peer, peer_info or {}))
         for k in ("model", "end_to_end"):
             row[k]["frames_per_s"] = b * 1e3 / row[k]["p50_ms"]
             row[k]["ms_per_frame"] = row[k]["p50_ms"] / b
@@ -209,6 +213,63 @@ def bench_cell(engines: dict, frame_size: int, *, peak=None, peers=None, flops=N
             assert engine.trace_count == 1, "the benchmark must not retrace"
         rows.append(row)
     return rows
+
+
+def torch_peer_fields(ours, t_peer: dict, peer_info: dict) -> dict:
+    """`torch_peers` ({mode: p50/p90/p99 ms, runs, `ratio` = ours over the peer's, the
+    median of paired runs, and its info: compile_s, backend... or an error}), `best_torch_peer`
+    and `ratio_vs_best_torch_peer` of one row; `ours`: its end-to-end times."""
+    peers = {}
+    for name, info in peer_info.items():
+        peers[name.split(":", 1)[1]] = dict(info)
+    timed = {name: t for name, t in t_peer.items() if name.startswith("torch:")}
+    for name, t in timed.items():
+        entry = peers.setdefault(name.split(":", 1)[1], {})
+        entry.update(percentiles_ms(t))
+        entry["ratio"] = float(np.median(ours / t))
+    fields = {"torch_peers": peers}
+    if timed:
+        best = min(timed, key=lambda name: float(np.median(timed[name])))
+        fields["best_torch_peer"] = best.split(":", 1)[1]
+        fields["ratio_vs_best_torch_peer"] = float(np.median(ours / timed[best]))
+    return fields
+
+
+def torch_cell_peers(modes, backbone: str, schema, image_size: int, *, batch: int,
+                     frame_size: int, dtype: str, backend=None, budget_s=None,
+                     spent: dict | None = None, progress=print) -> tuple[dict, dict]:  # fmt: skip
+    """({"torch:MODE": run(frames)}, {"torch:MODE": info or error}) of one cell.
+
+    A compiled mode whose compilations in this run (`spent`, seconds per mode, updated here)
+    reach `budget_s` is not compiled again: its later cells say so. A peer that fails to
+    build is an error in its info, never an exception.
+    """
+    from experiments.benchmarks import torch_peers
+
+    spent = {} if spent is None else spent
+    fns, info = {}, {}
+    try:
+        torch_peers.new_cell()
+    except Exception as e:  # no torch at all
+        why = f"{type(e).__name__}: {e}"
+        return {}, {torch_peers.peer_name(m): {"mode": m, "error": why} for m in modes}
+    for mode in modes:
+        name = torch_peers.peer_name(mode)
+        if mode != "eager" and budget_s is not None and spent.get(mode, 0.0) >= budget_s:
+            info[name] = {"mode": mode, "error": f"compile budget of {budget_s:.0f} s spent"}
+            continue
+        t0 = time.perf_counter()
+        try:
+            fns[name], info[name] = torch_peers.make_peer(
+                backbone, schema, image_size, batch=batch, frame_size=frame_size, dtype=dtype,
+                mode=mode, backend=backend,
+            )  # fmt: skip
+        except Exception as e:  # compilers fail in many ways; the peer is a row, not a crash
+            first = str(e).splitlines()[0] if str(e) else ""
+            info[name] = {"mode": mode, "error": f"{type(e).__name__}: {first}"[:300]}
+            progress(f"torch {mode} b={batch} {dtype}: {info[name]['error']}")
+        spent[mode] = spent.get(mode, 0.0) + time.perf_counter() - t0
+    return fns, info
 
 
 def profile_split(engine: KeypointEngine, frame_size: int, **timing) -> dict:
@@ -280,13 +341,20 @@ def run_benchmark(
     out=None,
     peak_size: int = 2048,
     progress=print,
+    torch_modes=(),
+    torch_backend: str | None = None,
+    torch_compile_budget_s: float | None = None,
 ) -> dict:
     """The full table: one row per (backbone, dtype, batch, backend); see docs/latency.md.
 
     winograd: the float graphs' Winograd rule, as the export's --winograd: "measure" (each
     layer shape timed once per runtime and run, `winograd_measure.MeasuredRule`; recorded in
     `winograd`; bench_latency's default), "fixed" or "off"; load: time every cell under a
-    competing job (`contenders.background_load`). With `out`, the results JSON is rewritten
+    competing job (`contenders.background_load`); torch_modes: torch peers of every cell
+    (`torch_peers.MODES`, on the device jax runs on, every dtype and batch; each row's
+    `torch_peers`), `torch_backend` for their compiled modes (default Inductor; "eager" tests
+    the path cheaply), `torch_compile_budget_s` the compile seconds per mode and run after
+    which that mode is no longer compiled. With `out`, the results JSON is rewritten
     after every row, so a run stopped by a time limit keeps what it measured. A backend or peer
     that cannot run here (no onnxruntime, no openvino or nncf, no GPU provider, no torch) is
     skipped with its reason printed and kept in `skipped`.
@@ -316,7 +384,11 @@ def run_benchmark(
         "rows": [],
         "profile": {},
         "skipped": [],
+        "torch_modes": list(torch_modes),
+        "torch_backend": torch_backend,
     }
+    if torch_modes and result["torch"] is None:
+        result["torch"] = _version("torch")
 
     def skip(what, why):
         progress(f"skipping {what}: {why}")
@@ -366,6 +438,7 @@ def run_benchmark(
                       if runtimes else ({}, None))  # fmt: skip
         if why:
             skip(f"torch export peers for {backbone}", why)
+        torch_spent: dict[str, float] = {}  # compile seconds per torch mode in this run
         torch_fn = None
         if torch_eager:
             torch_fn, why = torch_baseline(backbone, schema, image_size, torch_threads)
@@ -387,10 +460,18 @@ def run_benchmark(
                 cell_peers = dict(peers) if dtype == "float32" else {}
                 if torch_fn is not None and dtype == "float32" and b <= 8:
                     cell_peers["torch_eager"] = torch_fn
+                peer_info = None
+                if torch_modes:
+                    fns, peer_info = torch_cell_peers(
+                        torch_modes, backbone, schema, image_size, batch=b,
+                        frame_size=frame_size, dtype=dtype, backend=torch_backend,
+                        budget_s=torch_compile_budget_s, spent=torch_spent, progress=progress,
+                    )  # fmt: skip
+                    cell_peers.update(fns)
                 flops = flops_per_batch(xla, frame_size)
                 rows = bench_cell(
                     engines, frame_size, peak=peak if dtype == "float32" else None,
-                    peers=cell_peers, flops=flops, load=load, **timing,
+                    peers=cell_peers, flops=flops, load=load, peer_info=peer_info, **timing,
                 )  # fmt: skip
                 result["winograd"] = {rt: rule.metadata() for rt, rule in rules.items()
                                       if hasattr(rule, "metadata") and rule.layers}  # fmt: skip
@@ -453,6 +534,8 @@ def format_row(r: dict) -> str:
         s += f" ORT {peer:.1f} ms (ours/ORT {ratio:.3f})"
     if r.get("torch_eager"):
         s += f" torch {r['torch_eager']['p50_ms']:.1f} ms (x{r['speedup_vs_torch']:.2f})"
+    if r.get("best_torch_peer"):
+        s += f" ours/best torch ({r['best_torch_peer']}) {r['ratio_vs_best_torch_peer']:.3f}"
     return s
 
 

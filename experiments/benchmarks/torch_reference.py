@@ -173,7 +173,8 @@ def _classes() -> SimpleNamespace:
                 x = nn.functional.interpolate(
                     x, size=(self.image_size,) * 2, mode="bilinear", antialias=True
                 )
-            x = (x / 255.0 - 0.449) / 0.226
+            # standardised in float32, then the network's dtype (bf16 after `.to(torch.bfloat16)`)
+            x = ((x / 255.0 - 0.449) / 0.226).to(self.group_classifier.weight.dtype)
             h = self.shared(self.backbone.forward_features(x).mean((2, 3)))
             out = torch.stack([head(h) for head in self.heads], 1)
             out = out.reshape(x.shape[0], self.groups * self.max_size, 3)[:, self.flat]

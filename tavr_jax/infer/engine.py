@@ -96,11 +96,30 @@ class KeypointEngine:
         dtype: str = "float32",
         device: jax.Device | None = None,
         refiner: tuple | None = None,
+        fused_input: bool = False,
+        packed_outputs: bool = False,
+        call: str = "aot",
     ):
         """refiner: optional second stage, (PatchRefiner, params, patch size) as
-        `run.refiner.load_refiner` gives; it runs in the same executable, after the network."""
+        `run.refiner.load_refiner` gives; it runs in the same executable, after the network.
+
+        The options below are variants the GPU campaign times against the default (each off
+        by default; docs/gpu/README.md):
+          fused_input: the uint8 frames go to the compute dtype directly (exact for 0..255 in
+            bf16) and their standardisation is folded into the first convolution's kernel and
+            batch-norm mean (ResNet backbones only). Exact inside the frame; the first
+            convolution's zero padding then stands for black, not for the mean grey, so its
+            border band of outputs differs slightly.
+          packed_outputs: the executable returns one float32 array (B, 3K + G), so one
+            device-to-host copy is made per call; `fetch` unpacks it.
+          call: "aot" runs the ahead-of-time compiled executable (`compiled`), "jit" the
+            jitted function through jax's dispatch (on a GPU the same program; on a CPU
+            without the engine's CPU compile options).
+        """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if call not in ("aot", "jit"):
+            raise ValueError(f"call must be 'aot' or 'jit', got {call!r}")
         self.meta = dict(meta)
         self.schema = _as_schema(meta["schema"])
         self.image_size = image_hw(meta["image_size"])
@@ -120,6 +139,14 @@ class KeypointEngine:
             model_r, params_r, patch = refiner
             self.refiner = (model_r, jax.device_put(params_r, self.device), int(patch))
             self.meta["refiner"] = True
+        self.fused_input, self.packed_outputs = bool(fused_input), bool(packed_outputs)
+        self.call = call
+        self._fused = None  # (backbone, head) modules of the fused-input network
+        # What the executable takes: the network's variables, or the fused network's.
+        self.run_variables = self.variables
+        if fused_input:
+            backbone, head, self.run_variables = _fused_input_network(self.model, self.variables)
+            self._fused = (backbone, head)
         self.trace_count = 0  # incremented each time the forward pass is traced
         self._compiled: dict[tuple[int, int, int], Any] = {}
         self._jitted = jax.jit(self._traced_forward)
@@ -186,15 +213,24 @@ class KeypointEngine:
 
     def _traced_forward(self, variables, frames):
         self.trace_count += 1  # Python side effect: runs at trace time only
-        out = keypoint_forward(
-            self.model, variables, frames, image_size=self.image_size, dtype=self.dtype
-        )
+        if self._fused is not None:
+            out = _fused_forward(*self._fused, variables, frames, image_size=self.image_size,
+                                 dtype=self.dtype)  # fmt: skip
+        else:
+            out = keypoint_forward(
+                self.model, variables, frames, image_size=self.image_size, dtype=self.dtype
+            )
         if self.refiner is not None:
             model_r, params_r, patch = self.refiner
             if frames.ndim == 4:
                 frames = frames[..., 0]
             out["coords"] = refine.refine_points(model_r, params_r, frames, out["coords"],
                                                  size=patch)  # fmt: skip
+        if self.packed_outputs:  # (B, K + G + 2K) float32: one array, one copy to the host
+            b = out["visibility"].shape[0]
+            return jnp.concatenate(
+                [out["visibility"], out["group"], out["coords"].reshape(b, -1)], axis=1
+            )
         return out
 
     def with_batch_size(self, batch_size: int) -> KeypointEngine:
@@ -213,7 +249,8 @@ class KeypointEngine:
         exe = self._compiled.get(key)
         if exe is None:
             spec = jax.ShapeDtypeStruct(key, jnp.uint8)
-            exe = compile_lowered(self._jitted.lower(self.variables, spec), self.device.platform)
+            lowered = self._jitted.lower(self.run_variables, spec)
+            exe = compile_lowered(lowered, self.device.platform)
             self._compiled[key] = exe
         return exe
 
@@ -242,11 +279,19 @@ class KeypointEngine:
         if not isinstance(frames, jax.Array) or frames.shape[0] != self.batch_size:
             frames = self.put(np.asarray(frames))
         _, h, w = frames.shape
-        return self.compiled(h, w)(self.variables, frames)
+        if self.call == "jit":
+            out = self._jitted(self.run_variables, frames)
+        else:
+            out = self.compiled(h, w)(self.run_variables, frames)
+        if self.packed_outputs:
+            return _Packed(out, self.schema.num_points, self.schema.num_groups)
+        return out
 
     @staticmethod
-    def fetch(outputs: dict[str, jax.Array], n: int | None = None) -> dict[str, np.ndarray]:
+    def fetch(outputs, n: int | None = None) -> dict[str, np.ndarray]:
         """Blocks for one dispatched batch and returns its first n rows as numpy."""
+        if isinstance(outputs, _Packed):
+            return outputs.unpack(n)
         host = jax.device_get(outputs)
         return {k: np.asarray(v)[:n] for k, v in host.items()}
 
@@ -327,6 +372,66 @@ class KeypointEngine:
         path = pathlib.Path(path)
         atomic_write_bytes(path, payload)
         return path
+
+
+class _Packed:
+    """One dispatched batch of an engine with `packed_outputs`: (B, K + G + 2K) on the device."""
+
+    def __init__(self, array: jax.Array, points: int, groups: int):
+        self.array, self.points, self.groups = array, points, groups
+
+    def unpack(self, n: int | None = None) -> dict[str, np.ndarray]:
+        host = np.asarray(jax.device_get(self.array))[:n]
+        k, g = self.points, self.groups
+        return {
+            "visibility": host[:, :k],
+            "group": host[:, k : k + g],
+            "coords": host[:, k + g :].reshape(len(host), k, 2),
+        }
+
+
+def _fused_input_network(model, variables) -> tuple:
+    """(backbone, head, {"backbone": variables, "head": variables}) of a KeypointNet whose first
+    convolution takes the raw 0..255 frames: conv(W, (x / 255 - m) / s) equals
+    conv(W / (255 s), x) - (m / s) sum(W) inside the frame, and bn1 subtracts its running
+    mean right after, so the constant joins that mean."""
+    from cardiac_core.backbones import BACKBONES
+    from tavr_jax.models.heads import HEADS
+    from tavr_jax.models.keypoint_net import GRAY_MEAN, GRAY_STD
+
+    params, stats = variables["params"]["backbone"], variables["batch_stats"]["backbone"]
+    if "conv1" not in params or "bn1" not in stats:
+        raise ValueError(f"fused_input needs a ResNet backbone, not {model.backbone!r}")
+    head_cls = HEADS[model.head]
+    backbone = BACKBONES[model.backbone](dtype=model.dtype, return_stages=head_cls.multiscale)
+    options = {"dense_visibility": True} if model.dense_visibility else {}
+    head = head_cls(model.schema, grouped=model.grouped, dtype=model.dtype, **options)
+    kernel = params["conv1"]["kernel"]  # (7, 7, 1, C) HWIO
+    k32 = kernel.astype(jnp.float32)
+    shift = (GRAY_MEAN / GRAY_STD) * k32.sum(axis=(0, 1, 2))  # (C,)
+    bn1 = dict(stats["bn1"])
+    bn1["mean"] = (bn1["mean"].astype(jnp.float32) + shift).astype(bn1["mean"].dtype)
+    backbone_vars = {
+        "params": {**params, "conv1": {"kernel": (k32 / (255.0 * GRAY_STD)).astype(kernel.dtype)}},
+        "batch_stats": {**stats, "bn1": bn1},
+    }
+    head_vars = {"params": variables["params"]["head"]}
+    return backbone, head, {"backbone": backbone_vars, "head": head_vars}
+
+
+def _fused_forward(backbone, head, variables, frames, *, image_size, dtype):
+    """`keypoint_forward` of a `_fused_input_network`: uint8 frames straight to `dtype`."""
+    if frames.ndim == 4 and frames.shape[-1] == 1:
+        frames = frames[..., 0]
+    b, h, w = frames.shape
+    sh, sw = image_hw(image_size)
+    if (h, w) != (sh, sw):
+        x = jax.image.resize(frames.astype(jnp.float32), (b, sh, sw), "linear", antialias=True)
+        x = x.astype(dtype)
+    else:
+        x = frames.astype(dtype)  # 0..255 are exact in bf16
+    features = backbone.apply(variables["backbone"], x[..., None], train=False)  # NHWC
+    return predictions(head.apply(variables["head"], features, train=False), width=w, height=h)
 
 
 class ExportedEngine:
