@@ -100,18 +100,22 @@ _FAR_FROM_TABLE = 30.0  # RGB distance beyond which a pixel's colour is not in t
 # Areas (wider than any drawn stroke) of off-table colours: the table does not fit. Lines
 # and text in off-table colours are drawings, masked instead.
 _MAX_FAR_FRACTION = 0.1
-# Drawn over, masked and filled: the 17-segment grid with scores covers 5-70% of a map. The
+# Drawn over, masked and filled: the 17-segment grid with scores covers 5-75% of a map. The
 # mask is what is drawn (an anti-aliased line of 1-3 px covers 3-5) and about a pixel of its
-# JPEG edge: on simulated screenshots 1.5% of a disk beyond that. Read, every simulated
-# screenshot up to 0.68 masked was within 0.023 of the truth (64 px grid), but 3 px cyan
-# grids with bold scores on 140 px maps at JPEG 60, whose chroma smears the lines over the
-# cells left between them, are 0.62-0.74 masked and off by 0.13-0.19: above 0.6 the fraction
-# no longer says whether the fill holds, and the disk is refused.
-_MAX_MASKED = 0.6
+# JPEG edge: on simulated screenshots 1.5% of a disk beyond that. 3 px grids with bold scores
+# on 140-160 px maps at JPEG 60, whose chroma smears the lines over the cells left between
+# them, are 0.55-0.77 masked: read, such studies were 0.009-0.040 off the truth (37 simulated,
+# mean 0.018; a clean PNG 0.003) once the fill takes the map from 1 px beyond the strokes
+# where little is left beyond 2 (`overlays.mask_and_fill`; from 2 they were off by 0.13-0.19,
+# and 60% was the limit). One at 0.85 was off by 0.5: above 80% too little of the map is left
+# to say what it is, and the disk is refused.
+_MAX_MASKED = 0.8
 # Share of a disk's pixels in the map's own colours (`overlays.map_colours`) that the table is
-# chosen on; up to 60% of a disk may be drawn over, its edges blurred further by JPEG.
+# chosen on; a 3 px grid with bold scores leaves about half, its edges blurred by JPEG.
 _MIN_MAP_COLOURS = 0.25
 _MIN_HOTTEST = 0.6  # polar maps are normalised to their hottest region (100%)
+_HOT_PERCENTILE = 90  # of the map's uptake: most of it, without the grid's specks
+_HOTTEST_TIE = 0.05  # tables reading the hottest part this close to each other fit alike
 _MIN_UPTAKE_SD = 0.01  # a flat disk of one colour is no perfusion map
 _MIN_DISK_RATIO = 0.8  # radii of the stress and rest disks in one export
 _EXTRA_DISK_RATIO = 0.5  # a further disk at least this large makes the layout ambiguous
@@ -227,14 +231,24 @@ def _colour_table(image, foreground, colormap, disk_pixels, what) -> np.ndarray:
     colour_tables = [name for name in colormaps.COLORMAP_NAMES if name != "gray"]
     ranked = colormaps.rank_colormaps(disk_pixels, names=colour_tables)
     sample = disk_pixels[:: max(len(disk_pixels) // 20000, 1)]
-    # Tables can share a stretch (the red end of jet is the middle of hot). A polar map is
-    # normalised to its hottest region: of the tables that fit alike (within twice the best
-    # score), the first that reads the hottest part near the top is the map's.
+    # Tables can share a stretch (the red end of jet is the middle of hot, run the other way).
+    # A polar map is normalised to its hottest region: of the tables that fit alike (within
+    # twice the best score) and read its hottest part (99th percentile) above _MIN_HOTTEST,
+    # the one reading most of the map highest (90th percentile; the 99th is the grid's white
+    # specks left by JPEG) is the map's: the first in ranked order within _HOTTEST_TIE of it.
+    # Taking merely the first above _MIN_HOTTEST, a jet map of 60-100% uptake (yellow to dark
+    # red) without a bar, white grid over it, was read through hot, upside down: off by 0.45-
+    # 0.55 or refused as far below 100% (11 of 40 such screenshots, 0 now).
+    hottest = []
     for name, score in ranked:
         if score > 2 * ranked[0][1]:
             break
-        if np.percentile(colormaps.rgb_to_uptake(sample, name), 99) >= _MIN_HOTTEST:
-            return colormaps.get_colormap(name)
+        top, high = np.percentile(colormaps.rgb_to_uptake(sample, name), [99, _HOT_PERCENTILE])
+        if top >= _MIN_HOTTEST:
+            hottest.append((name, float(high)))
+    if hottest:
+        best = max(top for _, top in hottest)
+        return colormaps.get_colormap(next(n for n, t in hottest if t >= best - _HOTTEST_TIE))
     return colormaps.get_colormap(ranked[0][0])
 
 
