@@ -28,6 +28,7 @@ from perfusion.fitting import (  # the entry points of the model directory, offe
     learned_features,
     load_model,
     stack_uptake,
+    task_columns,
 )
 
 __all__ = [
@@ -59,12 +60,12 @@ def analyze_arrays(model: AnalysisModel, studies_list) -> tuple[list[dict], dict
         stress, rest, mean, sd, geometry.segment_map(model.size), model.config
     )
     polar, per_segment = learned_features(stress, rest, mean, sd)
-    p_abn = classifiers.apply_platt(
-        model.abnormal.predict_proba(polar)[:, 1], *model.calibration["abnormal"]
-    )
-    p_inf = classifiers.apply_platt(
-        model.ischemia_vs_infarction.predict_proba(polar)[:, 1],
-        *model.calibration["ischemia_vs_infarction"],
+    p_abn, p_inf = (
+        classifiers.apply_platt(
+            getattr(model, task).predict_proba(polar[:, task_columns(task)])[:, 1],
+            *model.calibration[task],
+        )
+        for task in TASK_MODELS
     )
     probs = np.stack([1 - p_abn, p_abn * (1 - p_inf), p_abn * p_inf], axis=1)
     # The call is made at the model's operating point, not at the most probable label: a

@@ -36,7 +36,7 @@ import zipfile
 import numpy as np
 
 from cardiac_core.fileio import atomic_write_bytes
-from perfusion.geometry import NUM_SEGMENTS, TERRITORIES, TERRITORY_NAMES
+from perfusion.geometry import NUM_SEGMENTS, TERRITORIES, TERRITORY_NAMES, polar_coords
 
 PHASES = ("stress", "rest")
 REVERSIBILITY = ("normal", "reversible", "partially_reversible", "fixed")
@@ -369,6 +369,7 @@ def tune_config(
 # ------------------------------------------------------------------ features for learned models
 
 _SEG = [str(i) for i in range(1, NUM_SEGMENTS + 1)]
+REVERSAL_FEATURES = ("core", "rim", "core_minus_rim", "area", "correlation", "peak")
 FEATURE_K = 2.0  # extent features count pixels more than 2 SD below the normal mean
 POLAR_FEATURE_NAMES = tuple(
     [f"z_{p}_{s}" for p in PHASES for s in _SEG]
@@ -379,6 +380,7 @@ POLAR_FEATURE_NAMES = tuple(
     + [f"{g}_{p}" for g in ("tpd", "extent", "z_sum", "z_max") for p in PHASES]
     + ["z_sum_change", "rest_over_stress"]
     + [f"persistence_{u}{c}" for u in ("deficit", "z") for c in ("", "_core")]
+    + [f"reversal_{n}" for n in REVERSAL_FEATURES]
 )
 PERSISTENCE_CORE = 0.97  # the stress defect's core: LV pixels above this quantile of its deficit
 SEGMENT_FEATURE_NAMES = tuple(
@@ -424,6 +426,7 @@ def polar_features(stress, rest, mean, sd, segments) -> np.ndarray:
         np.maximum(z[:, 0] - z[:, 1], 0.0).sum(-1, keepdims=True),
         ((z_sum[:, 1] + 1.0) / (z_sum[:, 0] + 1.0))[:, None],
         defect_persistence(stress, rest, mean, sd, segments),
+        defect_reversal(stress, rest, mean, sd, segments),
     ]  # fmt: skip
     return np.concatenate(cols, axis=1).astype(np.float32)
 
@@ -451,6 +454,90 @@ def defect_persistence(stress, rest, mean, sd, segments) -> np.ndarray:
         core = s >= np.maximum(np.quantile(s, PERSISTENCE_CORE, axis=-1, keepdims=True), 1e-6)
         out.append((r * core).sum(-1) / ((s * core).sum(-1) + 1e-6))
     return np.stack(out, axis=1).astype(np.float32)
+
+
+# Where the stress defect is "healthy" enough to learn how rest differs from stress: z-deficit
+# below this. The smoothing (in units of the map's size) averages out the pixel noise of a
+# reconstruction before deficits are compared pixel by pixel.
+REVERSAL_HEALTHY_Z = 2.0
+REVERSAL_SMOOTH = 1.0 / 64.0
+
+
+def defect_reversal(stress, rest, mean, sd, segments) -> np.ndarray:
+    """(B, 6) float32: where and in what shape the stress defect is still there at rest.
+
+    An ischemic defect recovers at rest in proportion: its rest deficit is the stress deficit
+    scaled down, the same shape. An infarct keeps most of its depth, and with peri-infarct
+    ischemia only its core stays: the stress defect is wider than the rest defect. Mean
+    ratios (`defect_persistence`) mix the two patterns, so these compare shape:
+
+    1. How rest differs from stress on the healthy pixels (z-deficit < REVERSAL_HEALTHY_Z),
+       rest - stress ~ b + c r cos(angle) + d r sin(angle) by least squares: the two
+       acquisitions' own offset and tilt. What rest has above stress beyond that is the
+       reversal e. The study's own pattern (attenuation, apical thinning) is in both maps, so
+       it cancels here, which the normal limits cannot do. (A free scale on stress, fitted
+       too, can absorb a defect's tails as if rest were stress scaled down: on a flat map it
+       explains an ischemic defect away. Out of fold it was also worse: 0.967 against 0.983.)
+    2. Stress deficit s = max(mean_stress - stress, 0) over the LV; rest deficit
+       r = max(s - e, 0); both smoothed (Gaussian, REVERSAL_SMOOTH of the map's size).
+    3. core       sum r / sum s over the core (s >= 0.8 max s)
+       rim        sum r / sum s over the rim (0.3 max s <= s < 0.6 max s)
+       core_minus_rim   a fixed core inside a reversible rim; about 0 for a scaled defect
+       area       area(r >= max r / 2) / (area(s >= max s / 2) + 1)
+       correlation      Pearson correlation of r and s over the LV
+       peak       max r / max s
+    On 240 abnormal clinical-difficulty training studies, ischemia vs infarction out of fold
+    went from 0.925 to 0.983 accurate with these (logistic regression; docs/perfusion.md).
+    """
+    lv = np.asarray(segments) > 0
+    size = lv.shape[-1]
+    stress = np.asarray(stress, np.float32)
+    rest = np.asarray(rest, np.float32)
+    mean = np.broadcast_to(np.asarray(mean, np.float32), (len(stress), 2, size, size))
+    sd = np.broadcast_to(np.asarray(sd, np.float32), mean.shape)
+    radius, angle = polar_coords(size)
+    s_lv, r_lv = stress[:, lv], rest[:, lv]
+    tilt = [radius[lv] * np.cos(np.radians(angle[lv])), radius[lv] * np.sin(np.radians(angle[lv]))]
+    design = np.stack([np.ones_like(tilt[0]), *tilt], axis=-1)  # (P, 3)
+    healthy = (((mean[:, 0] - stress) / sd[:, 0])[:, lv] < REVERSAL_HEALTHY_Z).astype(np.float32)
+    gram = np.einsum("pk,bp,pl->bkl", design, healthy, design) + 1e-6 * np.eye(3)
+    coef = np.linalg.solve(gram, np.einsum("pk,bp,bp->bk", design, healthy, r_lv - s_lv)[..., None])
+    reversal = r_lv - s_lv - coef[..., 0] @ design.T
+    s_def = np.maximum(mean[:, 0][:, lv] - s_lv, 0.0)
+    r_def = np.maximum(s_def - reversal, 0.0)
+    s_def, r_def = (_smooth_lv(d, lv, REVERSAL_SMOOTH * size) for d in (s_def, r_def))
+    s_max = s_def.max(-1, keepdims=True) + 1e-6
+    r_max = r_def.max(-1, keepdims=True) + 1e-6
+    core = s_def >= 0.8 * s_max
+    rim = (s_def >= 0.3 * s_max) & (s_def < 0.6 * s_max)
+
+    def ratio(region):
+        return (r_def * region).sum(-1) / ((s_def * region).sum(-1) + 1e-6)
+
+    area = (r_def >= 0.5 * r_max).sum(-1) / ((s_def >= 0.5 * s_max).sum(-1) + 1.0)
+    sc = s_def - s_def.mean(-1, keepdims=True)
+    rc = r_def - r_def.mean(-1, keepdims=True)
+    correlation = (sc * rc).sum(-1) / np.sqrt((sc * sc).sum(-1) * (rc * rc).sum(-1) + 1e-9)
+    cols = [ratio(core), ratio(rim), ratio(core) - ratio(rim), area, correlation,
+            r_max[:, 0] / s_max[:, 0]]  # fmt: skip
+    return np.stack(cols, axis=1).astype(np.float32)
+
+
+def _smooth_lv(values, lv, sigma: float) -> np.ndarray:
+    """(B, P) LV pixel values Gaussian-smoothed on the (S, S) grid (zero outside the LV and the
+    grid), as two matrix products with the 1-D kernel matrix (separable; no image library)."""
+    size = lv.shape[-1]
+    offset = np.arange(-size + 1, size, dtype=np.float64)
+    weights = np.exp(-0.5 * (offset / sigma) ** 2)
+    x = np.arange(size)
+    kernel = (weights[x[:, None] - x[None, :] + size - 1] / weights.sum()).astype(np.float32)
+    grid = np.zeros((len(values), size, size), np.float32)
+    grid[:, lv] = values
+    # The kernel is symmetric: smooth the rows, transpose, smooth the rows again, each one
+    # 2-D matrix product (a stacked product with a transposed view runs ~100x slower).
+    for _ in range(2):
+        grid = (grid.reshape(-1, size) @ kernel).reshape(grid.shape).transpose(0, 2, 1)
+    return grid[:, lv]
 
 
 def segment_features(stress, rest, mean, sd, segments) -> np.ndarray:

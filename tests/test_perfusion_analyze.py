@@ -68,6 +68,11 @@ def test_fit_writes_a_loadable_model(fitted):
     for task in analyze.TASK_MODELS:
         a, b = model.calibration[task]
         assert a > 0  # calibration keeps the order of the probabilities
+    # The reversal features go to ischemia vs infarction only.
+    names = meta["task_features"]
+    assert names["ischemia_vs_infarction"] == meta["features"]
+    assert names["abnormal"] == [n for n in meta["features"] if not n.startswith("reversal_")]
+    assert len(meta["features"]) - len(names["abnormal"]) == len(scores.REVERSAL_FEATURES)
 
 
 def test_analyze_path_report_overlays_and_consistency(fitted, tmp_path):

@@ -240,7 +240,8 @@ def test_defect_persistence_against_a_pixel_loop_and_its_meaning():
     got = scores.defect_persistence(stress, rest, mean, sd, seg)
     names = scores.POLAR_FEATURE_NAMES
     polar = scores.polar_features(stress, rest, mean, sd, seg)
-    np.testing.assert_array_equal(polar[:, names.index("persistence_deficit") :], got)
+    persistence = slice(names.index("persistence_deficit"), names.index("reversal_core"))
+    np.testing.assert_array_equal(polar[:, persistence], got)
     for i in range(2):
         for j, scale in enumerate((np.ones_like(sd[i]), sd[i])):
             s = [max(mean[i, 0, y, x] - stress[i, y, x], 0) / scale[0, y, x] for y, x in lv_pixels]
@@ -259,3 +260,85 @@ def test_defect_persistence_against_a_pixel_loop_and_its_meaning():
     reversible = scores.defect_persistence(defect[None], normal[None], limits_mean, limits_sd, seg)
     np.testing.assert_allclose(fixed, 1.0, atol=1e-4)
     np.testing.assert_allclose(reversible, 0.0, atol=1e-6)
+
+
+def _reversal_by_loops(stress, rest, mean, sd, seg):
+    """defect_reversal written plainly: per study, lstsq on the healthy pixels and cv2's blur."""
+    import cv2
+
+    lv = seg > 0
+    size = seg.shape[0]
+    radius, angle = geometry.polar_coords(size)
+    sigma = scores.REVERSAL_SMOOTH * size
+    out = []
+    for i in range(len(stress)):
+        s, r, m, d = stress[i], rest[i], mean[i], sd[i]
+        healthy = lv & ((m[0] - s) / d[0] < scores.REVERSAL_HEALTHY_Z)
+        basis = [np.ones_like(s), radius * np.cos(np.radians(angle)),
+                 radius * np.sin(np.radians(angle))]  # fmt: skip
+        a = np.stack([b[healthy] for b in basis], 1)
+        coef = np.linalg.lstsq(a, (r - s)[healthy], rcond=None)[0]
+        reversal = r - s - sum(c * b for c, b in zip(coef, basis, strict=True))
+        s_def = np.where(lv, np.maximum(m[0] - s, 0.0), 0.0)
+        r_def = np.where(lv, np.maximum(s_def - reversal, 0.0), 0.0)
+        k = 2 * int(np.ceil(5 * sigma)) + 1
+        blur = [cv2.GaussianBlur(x, (k, k), sigma, borderType=cv2.BORDER_CONSTANT)[lv]
+                for x in (s_def, r_def)]  # fmt: skip
+        sv, rv = blur
+        core = sv >= 0.8 * sv.max()
+        rim = (sv >= 0.3 * sv.max()) & (sv < 0.6 * sv.max())
+        c_ratio, r_ratio = rv[core].sum() / sv[core].sum(), rv[rim].sum() / sv[rim].sum()
+        area = (rv >= 0.5 * rv.max()).sum() / ((sv >= 0.5 * sv.max()).sum() + 1)
+        corr = np.corrcoef(sv, rv)[0, 1]
+        out.append([c_ratio, r_ratio, c_ratio - r_ratio, area, corr, rv.max() / sv.max()])
+    return np.array(out)
+
+
+def _one_defect(size, widen=1.0):
+    """(S, S) a smooth defect of depth 1 in the lateral wall (wider with widen > 1)."""
+    radius, angle = geometry.polar_coords(size)
+    da = (angle - 10.0 + 180.0) % 360.0 - 180.0
+    return np.exp(-((da / (25.0 * widen)) ** 2) - ((radius - 0.7) / (0.15 * widen)) ** 2)
+
+
+def test_defect_reversal_against_a_plain_implementation_and_its_meaning():
+    size = 64
+    seg = geometry.segment_map(size)
+    rng = np.random.default_rng(0)
+    mean = np.full((2, size, size), 0.8) + rng.normal(0.0, 0.01, (2, size, size))
+    sd = np.full((2, size, size), 0.05)
+    normal = 0.8 + rng.normal(0.0, 0.01, (3, size, size))
+    stress = normal - 0.3 * _one_defect(size)[None] * np.array([1.0, 1.0, 0.6])[:, None, None]
+    rest = normal - 0.3 * _one_defect(size)[None] * np.array([0.2, 0.8, 0.1])[:, None, None]
+    means, sds = np.broadcast_to(mean, (3, 2, size, size)), np.broadcast_to(sd, (3, 2, size, size))
+    got = scores.defect_reversal(stress, rest, mean, sd, seg)
+    np.testing.assert_allclose(got, _reversal_by_loops(stress, rest, means, sds, seg), atol=2e-3)
+    names = scores.POLAR_FEATURE_NAMES
+    polar = scores.polar_features(stress, rest, mean, sd, seg)
+    np.testing.assert_array_equal(polar[:, names.index("reversal_core") :], got)
+
+    # The defect scaled down at rest (ischemia, 20% of it left; infarction, 80%): the share is
+    # the same at the core and at the rim, the shape the same. (The defect's faint tails count
+    # as healthy pixels and lift the learnt offset a little: 0.25 is read for 0.2.)
+    col = {n: i for i, n in enumerate(scores.REVERSAL_FEATURES)}
+    for i, left in ((0, 0.2), (1, 0.8)):
+        assert got[i, col["core"]] == pytest.approx(left, abs=0.06)
+        assert got[i, col["rim"]] == pytest.approx(left, abs=0.1)
+        assert got[i, col["peak"]] == pytest.approx(left, abs=0.06)
+        assert abs(got[i, col["core_minus_rim"]]) < 0.05
+        assert got[i, col["correlation"]] > 0.9
+    # A fixed core (80% left) in a reversible rim twice as wide: the rim recovers, the core
+    # does not, and the rest defect is smaller than the stress defect.
+    mixed_stress = normal[0] - 0.3 * np.maximum(_one_defect(size), _one_defect(size, widen=2.0))
+    mixed_rest = normal[0] - 0.3 * 0.8 * _one_defect(size)
+    mixed = scores.defect_reversal(mixed_stress[None], mixed_rest[None], mean, sd, seg)[0]
+    assert mixed[col["core"]] == pytest.approx(0.8, abs=0.06)
+    assert mixed[col["core_minus_rim"]] > 0.25
+    assert mixed[col["area"]] < 0.5 < got[0, col["area"]]
+    # Rest acquired brighter and tilted against stress over the whole map: learnt on the
+    # healthy pixels and taken out, so the features of the scaled defects hardly move.
+    radius, angle = geometry.polar_coords(size)
+    tilted = 1.05 * rest + 0.02 + 0.03 * radius * np.cos(np.radians(angle + 40.0))
+    moved = scores.defect_reversal(stress, tilted, mean, sd, seg)
+    for k in ("core", "rim", "peak"):
+        np.testing.assert_allclose(moved[:2, col[k]], got[:2, col[k]], atol=0.05)
