@@ -247,8 +247,8 @@ def _colour_table(image, foreground, colormap, disk_pixels, what) -> np.ndarray:
         if top >= _MIN_HOTTEST:
             hottest.append((name, float(high)))
     if hottest:
-        best = max(top for _, top in hottest)
-        return colormaps.get_colormap(next(n for n, t in hottest if t >= best - _HOTTEST_TIE))
+        best = max(high for _, high in hottest)
+        return colormaps.get_colormap(next(n for n, h in hottest if h >= best - _HOTTEST_TIE))
     return colormaps.get_colormap(ranked[0][0])
 
 
