@@ -107,7 +107,7 @@ LABEL_FEATURE_NAMES = scores.POLAR_FEATURE_NAMES + features.UPTAKE_FEATURE_NAMES
 # they tell ischemia from infarction (0.949 -> 0.974 and 0.897 -> 0.981 on two held-out
 # clinical folders), not a defect from a normal map. Given to normal vs abnormal as well, they
 # tipped its automatic choice to logistic regression on the easy folder, held out 0.992 ->
-# 0.985 (docs/perfusion.md).
+# 0.985 (docs/perfusion_clinical.md).
 TASK_FEATURES = {
     "abnormal": tuple(n for n in LABEL_FEATURE_NAMES if not n.startswith("reversal_")),
     "ischemia_vs_infarction": LABEL_FEATURE_NAMES,

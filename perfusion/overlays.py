@@ -35,9 +35,10 @@ _STROKE_COLOUR_SHARE = 0.2
 _MIN_STROKE_PIXELS = 50
 
 
-def _within(shape, cx: float, cy: float, radius: float) -> np.ndarray:
-    """(H, W) bool: the pixels whose centres are within the radius of (cx, cy)."""
-    yy, xx = np.ogrid[: shape[0], : shape[1]]
+def within(cx: float, cy: float, radius: float, y0: int, y1: int, x0: int, x1: int):
+    """(y1 - y0, x1 - x0) bool: the pixels of rows y0:y1, columns x0:x1 whose centres are
+    within the radius of (cx, cy)."""
+    yy, xx = np.ogrid[y0:y1, x0:x1]
     return (xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 < radius**2
 
 
@@ -151,7 +152,7 @@ def mask_and_fill(rgb, uptake, far, cx: float, cy: float, radius: float):
     # the strokes. Between the 3 px lines of a grid on a 140-160 px map it does not (under 15%
     # of the disk is over 2 px from every stroke): the fill reached across a cell to the next
     # and was off by 0.13-0.19 where 60-75% was masked; from beyond 1 px, 0.017-0.041.
-    disk = _within(drawn.shape, cx, cy, radius)
+    disk = within(cx, cy, radius, 0, drawn.shape[0], 0, drawn.shape[1])
     halo = cv2.dilate(drawn.astype(np.uint8), np.ones((3, 3), np.uint8), iterations=2) > 0
     guard = 2 if 1 - halo[disk].mean() >= _MIN_BEYOND_HALO else 1
     return fill_from_neighbours(uptake, drawn, guard=guard), drawn

@@ -477,7 +477,7 @@ def defect_reversal(stress, rest, mean, sd, segments) -> np.ndarray:
        reversal e. The study's own pattern (attenuation, apical thinning) is in both maps, so
        it cancels here, which the normal limits cannot do. (A free scale on stress, fitted
        too, can absorb a defect's tails as if rest were stress scaled down: on a flat map it
-       explains an ischemic defect away. Out of fold it was also worse: 0.967 against 0.983.)
+       explains an ischemic defect away. Out of fold it was also worse.)
     2. Stress deficit s = max(mean_stress - stress, 0) over the LV; rest deficit
        r = max(s - e, 0); both smoothed (Gaussian, REVERSAL_SMOOTH of the map's size).
     3. core       sum r / sum s over the core (s >= 0.8 max s)
@@ -487,7 +487,7 @@ def defect_reversal(stress, rest, mean, sd, segments) -> np.ndarray:
        correlation      Pearson correlation of r and s over the LV
        peak       max r / max s
     On 240 abnormal clinical-difficulty training studies, ischemia vs infarction out of fold
-    went from 0.925 to 0.983 accurate with these (logistic regression; docs/perfusion.md).
+    went from 0.925 to 0.971 accurate with these (docs/perfusion_clinical.md).
     """
     lv = np.asarray(segments) > 0
     size = lv.shape[-1]

@@ -121,17 +121,12 @@ _MIN_DISK_RATIO = 0.8  # radii of the stress and rest disks in one export
 _EXTRA_DISK_RATIO = 0.5  # a further disk at least this large makes the layout ambiguous
 
 
-def _within(cx: float, cy: float, radius: float, y0: int, y1: int, x0: int, x1: int):
-    yy, xx = np.ogrid[y0:y1, x0:x1]
-    return (xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 < radius**2
-
-
 def _inner(disk: Disk, shape) -> tuple[slice, slice, np.ndarray]:
     """The crop around a disk and, inside it, the pixels within 0.9 of the radius."""
     x0, y0 = max(int(disk.cx - disk.radius - 2), 0), max(int(disk.cy - disk.radius - 2), 0)
     x1 = min(int(disk.cx + disk.radius + 3), shape[1])
     y1 = min(int(disk.cy + disk.radius + 3), shape[0])
-    inside = _within(disk.cx, disk.cy, 0.9 * disk.radius, y0, y1, x0, x1)
+    inside = overlays.within(disk.cx, disk.cy, 0.9 * disk.radius, y0, y1, x0, x1)
     return slice(y0, y1), slice(x0, x1), inside
 
 
@@ -157,7 +152,7 @@ def _canonical_maps(image: np.ndarray, disk: Disk, table: np.ndarray, size: int,
         )
     radius = _read_radius(local)
     uptake, drawn = overlays.mask_and_fill(crop, uptake, far, local.cx, local.cy, radius)
-    read = _within(local.cx, local.cy, radius, 0, crop.shape[0], 0, crop.shape[1])
+    read = overlays.within(local.cx, local.cy, radius, 0, crop.shape[0], 0, crop.shape[1])
     masked = float(drawn[read].mean())
     if masked > _MAX_MASKED:
         raise ValueError(

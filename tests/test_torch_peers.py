@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
+pytest.importorskip("torch", reason="torch is not installed: the peers are torch networks")
 
 from experiments.benchmarks import torch_peers  # noqa: E402
 from experiments.benchmarks.latency import torch_cell_peers  # noqa: E402

@@ -19,9 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cardiac_core.backbones import BACKBONES
 from cardiac_core.fileio import atomic_write_bytes
 from cardiac_core.xla import compile_lowered, cost_analysis
 from tavr_jax.models import create_model, predictions, refine
+from tavr_jax.models.heads import HEADS
+from tavr_jax.models.keypoint_net import GRAY_MEAN, GRAY_STD
 from tavr_jax.run.workdir import config_hash, load_for_inference, read_config
 from tavr_jax.schema import KeypointSchema, get_schema
 
@@ -395,10 +398,6 @@ def _fused_input_network(model, variables) -> tuple:
     convolution takes the raw 0..255 frames: conv(W, (x / 255 - m) / s) equals
     conv(W / (255 s), x) - (m / s) sum(W) inside the frame, and bn1 subtracts its running
     mean right after, so the constant joins that mean."""
-    from cardiac_core.backbones import BACKBONES
-    from tavr_jax.models.heads import HEADS
-    from tavr_jax.models.keypoint_net import GRAY_MEAN, GRAY_STD
-
     params, stats = variables["params"]["backbone"], variables["batch_stats"]["backbone"]
     if "conv1" not in params or "bn1" not in stats:
         raise ValueError(f"fused_input needs a ResNet backbone, not {model.backbone!r}")
